@@ -1,0 +1,102 @@
+"""Publishing artifacts so that no later stage (or make) ever sees half a file.
+
+Every artifact is written to ``<name>.partial`` beside its final path and moved into place only when
+complete: fsync the file, ``os.replace`` (atomic on POSIX), then fsync the directory so the rename
+itself survives a power cut.  A second writer on the same output fails at once (``flock`` on a
+the partial file) instead of corrupting the first.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline.errors import BusyError
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path (h5py's flush only reaches the OS, not the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(partial: Path, final: Path) -> Path:
+    """fsync ``partial``, rename it onto ``final``, fsync the directory; returns ``final``."""
+    fsync_path(partial)
+    os.replace(partial, final)
+    fsync_path(final.parent)
+    return final
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[Path]:
+    """Lock ``path``'s ``.partial`` twin for writing and yield it; BusyError if another process has it.
+
+    The lock (``flock``, released by the kernel even on SIGKILL) sits on the partial file itself, so
+    no lock files are left beside the artifacts.  The partial is created empty if missing and is
+    never truncated here: a resuming writer decides what its content is worth.  Writers must keep
+    its inode (open for writing, not unlink-and-create; HDF5 files with ``locking=False``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(path)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BusyError(f"{path}: another process is writing this file") from None
+        yield tmp
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield an empty, locked ``.partial`` path to write; publish it on success, delete it on failure."""
+    path = Path(path)
+    with exclusive(path) as tmp:
+        os.truncate(tmp, 0)
+        try:
+            yield tmp
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        publish(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write JSON atomically: a kill mid-write leaves the previous valid file in place."""
+    with atomic_output(Path(path)) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+            f.write("\n")
+    return Path(path)
+
+
+def write_text(path: Path, text: str) -> Path:
+    with atomic_output(Path(path)) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

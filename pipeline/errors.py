@@ -1,0 +1,41 @@
+"""Error classes and the exit codes they map to (documented in README "Failure modes").
+
+Every error a user can cause ends the command with one line on stderr and one of these codes:
+
+====  =====================  ==========================================================
+code  class                  meaning
+====  =====================  ==========================================================
+2     UsageError             bad option or setting (click's own usage errors use 2 too)
+3     DataError              an input file or dataset is malformed or inconsistent
+4     IntegrityError         provenance/hash mismatch, stale input, incomplete artifact
+5     RuntimeUnavailable     the requested execution provider or device cannot run
+6     BusyError              another writer holds the output
+====  =====================  ==========================================================
+"""
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class: a user-facing failure with a one-line message and an exit code."""
+
+    exit_code = 1
+
+
+class UsageError(PipelineError):
+    exit_code = 2
+
+
+class DataError(PipelineError):
+    exit_code = 3
+
+
+class IntegrityError(PipelineError):
+    exit_code = 4
+
+
+class RuntimeUnavailable(PipelineError):
+    exit_code = 5
+
+
+class BusyError(PipelineError):
+    exit_code = 6

@@ -1,0 +1,81 @@
+"""Provenance: what every artifact records about how it was made, and the checks that use it.
+
+A provenance record is a JSON-ready dict: the stage, its settings, the sha256 of each input file,
+package versions, and (where a runtime ran) the execution provider that actually ran.  A stage
+refuses an input whose recorded hash does not match the file it is asked to combine it with, and
+says which make target rebuilds it.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import IntegrityError
+
+PACKAGE = "edge-distill"
+_CHUNK = 1 << 20  # 1 MiB reads: large enough to be I/O bound, small enough to bound memory
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes (memoised on path, size and mtime within one process)."""
+    st = os.stat(path)
+    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages whose behaviour an artifact depends on."""
+    out = {"python": platform.python_version()}
+    for name in (PACKAGE, "torch", "onnx", "onnxruntime-gpu", "onnxruntime", "numpy", "h5py"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def git_revision() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def record(stage: str, settings: dict[str, Any], inputs: dict[str, Path], **extra: Any) -> dict[str, Any]:
+    """A provenance record for an artifact of ``stage`` made from ``inputs`` (name -> file)."""
+    return {
+        "stage": stage,
+        "settings": settings,
+        "inputs": {name: {"path": str(p), "sha256": sha256_file(p)} for name, p in inputs.items()},
+        "versions": versions(),
+        **extra,
+    }
+
+
+def check_hash(path: Path, expected: str, what: str, rebuild: str) -> None:
+    """Refuse ``path`` unless its sha256 is ``expected``; the message names the make target."""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise IntegrityError(
+            f"{path}: {what} has changed since it was recorded (sha256 {actual[:12]} != {expected[:12]}); "
+            f"rebuild with `{rebuild}`")

@@ -1,0 +1,146 @@
+"""Runtimes: onnxruntime sessions on an explicit provider, ONNX file checks, torch threads.
+
+onnxruntime-gpu lists CUDA in ``get_available_providers()`` even where its libraries are missing,
+and asking for CUDA then logs an error and runs on the CPU.  So the provider is always read back
+from ``session.get_providers()`` and compared with what was asked: never a silent CPU run.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from pipeline.errors import DataError, RuntimeUnavailable, UsageError
+
+MAX_IR_VERSION = 13  # onnxruntime 1.31 refuses IR above 13 ("Unsupported model IR version")
+DEVICES = ("auto", "cpu", "cuda")
+_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def set_torch_threads(n: int) -> None:
+    """Set torch's intra-op threads (on 2 shared cores one thread trains a small MLP far faster)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(n)))
+
+
+def progress(iterable: Iterable | None = None, **kw: Any):
+    """A tqdm progress bar on stderr, quiet when stderr is not a terminal unless forced."""
+    from tqdm.auto import tqdm
+
+    disable = kw.pop("disable", None)
+    if disable is None:
+        disable = not sys.stderr.isatty() and not os.environ.get("DISTILL_PROGRESS")
+    return tqdm(iterable, disable=disable, dynamic_ncols=True, **kw)
+
+
+def check_onnx_file(path: Path) -> Any:
+    """Load an ONNX model's graph (no weights) and refuse it before any long work starts.
+
+    Refuses: a file that is not an ONNX protobuf, an IR version onnxruntime cannot read, and
+    external-data references that leave the model's folder (``../``, absolute paths, symlinks or
+    hard links), which would let a model read arbitrary files.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such ONNX file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as e:
+        raise DataError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    if not model.graph.output or not model.graph.input:
+        raise DataError(f"{path}: not a usable ONNX model (no graph inputs or outputs)")
+    if model.ir_version > MAX_IR_VERSION:
+        raise DataError(f"{path}: ONNX IR version {model.ir_version} is newer than onnxruntime reads "
+                        f"(at most {MAX_IR_VERSION}); re-export with ir_version <= {MAX_IR_VERSION}")
+    _check_external_data(path, model)
+    return model
+
+
+def _check_external_data(path: Path, model: Any) -> None:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    folder = path.resolve().parent
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        loc = {e.key: e.value for e in tensor.external_data}.get("location", "")
+        target = (path.parent / loc)
+        if os.path.isabs(loc) or ".." in Path(loc).parts:
+            raise DataError(f"{path}: external data {loc!r} points outside the model's folder")
+        if target.is_symlink():
+            raise DataError(f"{path}: external data {loc!r} is a symbolic link")
+        if not target.is_file():
+            raise DataError(f"{path}: external data file {loc!r} is missing")
+        if target.resolve().parent != folder and folder not in target.resolve().parents:
+            raise DataError(f"{path}: external data {loc!r} points outside the model's folder")
+        if os.stat(target).st_nlink > 1:
+            raise DataError(f"{path}: external data {loc!r} is a hard link")
+
+
+def cuda_driver_present() -> bool:
+    """Whether an NVIDIA driver is loaded (without one, trying CUDA only prints loader errors)."""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
+
+
+def _preload_cuda() -> None:
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:  # loads the CUDA/cuDNN libraries the onnxruntime-gpu wheel expects (from pip's nvidia-*)
+            preload()
+        except Exception:  # noqa: BLE001 - absence is reported by the provider check below
+            pass
+
+
+def session(path: Path, device: str = "cpu", threads: int = 1, log=None) -> Any:
+    """An InferenceSession on ``device`` (auto|cpu|cuda) with ``threads`` intra-op threads.
+
+    ``cuda`` that cannot run is a RuntimeUnavailable error; ``auto`` tries CUDA when onnxruntime
+    lists it and falls back to CPU, saying so through ``log``.
+    """
+    import onnxruntime as ort
+
+    if device not in DEVICES:
+        raise UsageError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    check_onnx_file(path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, int(threads))
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3  # CUDA load failures are reported by our own check, not as log noise
+    ort.set_default_logger_severity(3)
+    want_cuda = device == "cuda" or (device == "auto" and cuda_driver_present())
+    if want_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        _preload_cuda()
+        sess = _try_session(ort, path, opts, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        if sess is not None and sess.get_providers()[0] == "CUDAExecutionProvider":
+            return sess
+    if device == "cuda":
+        raise RuntimeUnavailable(f"{path}: CUDA was requested but onnxruntime cannot run on CUDA here "
+                                 f"(available: {ort.get_available_providers()}); use --device cpu")
+    if device == "auto" and log is not None:
+        why = "cannot run on CUDA here" if cuda_driver_present() else "no NVIDIA driver"
+        log(f"device auto: onnxruntime {why}; running on CPUExecutionProvider")
+    sess = _try_session(ort, path, opts, ["CPUExecutionProvider"], raise_errors=True)
+    return sess
+
+
+def _try_session(ort: Any, path: Path, opts: Any, providers: list[str], raise_errors: bool = False):
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        if raise_errors:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"{path}: onnxruntime cannot load this model: {msg[:300]}") from None
+        return None
+
+
+def provider_name(sess: Any) -> str:
+    """The execution provider that actually runs the graph (the first one the session kept)."""
+    return sess.get_providers()[0]

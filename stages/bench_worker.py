@@ -1,0 +1,274 @@
+"""Measure one (model, threads, batch, provider) in a fresh process; print one JSON object.
+
+Internal worker of the bench stage (DESIGN section 5, after onnxruntime_perf_test / MLPerf
+LoadGen): session creation and the first run are timed apart from the steady state; warm-up lasts
+until both a count and a duration are reached; each of several trials lasts until both a minimum
+count and a minimum duration are reached; batches are cycled from a pool of real rows; the
+execution provider that actually ran is asserted (exit 5, never a silent CPU fallback).
+
+    python -m stages.bench_worker --model m.onnx --inputs pool.npy --threads 1 --batch 1
+
+Only the JSON object goes to stdout: anything a library prints there is redirected to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import timeit
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from pipeline.errors import PipelineError, RuntimeUnavailable
+from stages import benchstats
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+TIMING_DEFAULTS = {"warmup_count": 50, "warmup_s": 0.5, "min_count": 200, "min_s": 1.0, "trials": 5}
+POOL_CACHE_BYTES = 64 << 20  # at most this much of pre-cut batches is kept
+IDENTITY_OPSET, IDENTITY_IR = 17, 10  # onnxruntime 1.31 reads IR <= 13 (DESIGN 7)
+
+
+# ---------------------------------------------------------------- session and inputs
+def make_session(model: str | Path, threads: int, provider: str = "cpu") -> ort.InferenceSession:
+    """Session: explicit threads, sequential mode, full graph optimisation; provider asserted."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    wanted = PROVIDERS[provider]
+    providers = [wanted] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    sess = ort.InferenceSession(str(model), sess_options=so, providers=providers)
+    used = sess.get_providers()
+    if not used or used[0] != wanted:
+        raise RuntimeUnavailable(f"provider {provider!r} requested but onnxruntime runs {used}: "
+                                 f"{wanted} is not available here")
+    return sess
+
+
+def load_pool(inputs: str | Path | np.ndarray) -> np.ndarray:
+    """The pool of input rows, from an array or a .npy file; at least one row."""
+    pool = inputs if isinstance(inputs, np.ndarray) else np.load(inputs, allow_pickle=False)
+    if pool.ndim < 1 or pool.shape[0] < 1:
+        raise ValueError(f"input pool needs at least one row, got shape {pool.shape}")
+    return pool
+
+
+def cut_batches(pool: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Contiguous batches of ``batch`` rows cycling through the pool (wrapping around).
+
+    One full cycle of distinct batches when it fits in POOL_CACHE_BYTES, else as many as fit
+    (at least one); cut before timing so slicing never enters a measurement.
+    """
+    n = pool.shape[0]
+    period = n // math.gcd(n, batch)
+    per_batch = max(1, batch * pool[0].nbytes)
+    count = max(1, min(period, POOL_CACHE_BYTES // per_batch))
+    rows = np.arange(batch)
+    return [np.ascontiguousarray(np.take(pool, (i * batch + rows) % n, axis=0))
+            for i in range(count)]
+
+
+Runner = Callable[[], object]
+
+
+def cpu_runners(sess: ort.InferenceSession, batches: list[np.ndarray]) -> list[Runner]:
+    name = sess.get_inputs()[0].name
+    return [lambda feed={name: b}: sess.run(None, feed) for b in batches]
+
+
+def iobinding_runners(sess: ort.InferenceSession, batches: list[np.ndarray],
+                      device: str = "cuda") -> list[Runner]:
+    """Device path (CUDA is not testable on a CPU-only machine; the same code runs with "cpu"):
+    inputs copied to the device once, outputs bound to the device, so host<->device transfers
+    stay outside the timed run_with_iobinding."""
+    name = sess.get_inputs()[0].name
+    outs = [o.name for o in sess.get_outputs()]
+    runners = []
+    for b in batches:
+        binding = sess.io_binding()
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(b, device, 0))
+        for out in outs:
+            binding.bind_output(out, device, 0)
+        runners.append(lambda bd=binding: sess.run_with_iobinding(bd))
+    return runners
+
+
+# ---------------------------------------------------------------- measurement
+def rss_mb() -> dict[str, float | None]:
+    """Current (VmRSS) and peak (VmHWM) resident set size in MiB from /proc/self/status."""
+    found: dict[str, float | None] = {"VmRSS": None, "VmHWM": None}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                if key in found:
+                    found[key] = int(rest.split()[0]) / 1024.0  # kB -> MiB
+    except OSError:
+        pass
+    return found
+
+
+def timed_loop(runners: list, start: int, min_count: int, min_s: float) -> tuple[np.ndarray, int]:
+    """Run until both ``min_count`` runs and ``min_s`` wall seconds; per-run latencies in s."""
+    lat_ns: list[int] = []
+    clock = time.perf_counter_ns
+    k, deadline = start, clock() + int(min_s * 1e9)
+    while len(lat_ns) < min_count or clock() < deadline:
+        fn = runners[k % len(runners)]
+        t0 = clock()
+        fn()
+        lat_ns.append(clock() - t0)
+        k += 1
+    return np.asarray(lat_ns, dtype=np.float64) * 1e-9, k
+
+
+def measure(model: str, inputs: str, threads: int, batch: int, provider: str,
+            warmup_count: int, warmup_s: float, min_count: int, min_s: float, trials: int) -> dict:
+    """The whole measurement of one configuration, as the JSON-ready dict the worker prints."""
+    batches = cut_batches(load_pool(inputs), batch)
+    before = rss_mb()["VmRSS"]
+    t0 = time.perf_counter_ns()
+    sess = make_session(model, threads, provider)
+    create_s = (time.perf_counter_ns() - t0) * 1e-9
+    after = rss_mb()["VmRSS"]
+    runners = iobinding_runners(sess, batches) if provider == "cuda" else cpu_runners(sess, batches)
+    gc.collect()
+    gc.disable()  # as timeit does: no collector pauses inside the timed runs
+    try:
+        first, k = timed_loop(runners, 0, 1, 0.0)
+        _, k = timed_loop(runners, k, max(0, warmup_count - 1), warmup_s)
+        details, lats = [], []
+        for _ in range(trials):
+            lat, k = timed_loop(runners, k, min_count, min_s)
+            details.append(benchstats.summarize(lat))
+            lats.append(lat)
+    finally:
+        gc.enable()
+    mid = benchstats.median_trial_index(details)
+    steady = benchstats.combine_trials(details)
+    steady["throughput_rows_s"] = benchstats.throughput(batch, lats[mid])
+    return {
+        "model": str(model), "provider_requested": provider, "providers_used": sess.get_providers(),
+        "threads": threads, "batch": batch,
+        "load": {"session_create_s": create_s, "rss_before_mb": before, "rss_after_mb": after,
+                 "rss_added_mb": None if None in (before, after) else after - before},
+        "first_run_s": float(first[0]), "steady": steady, "trials_detail": details,
+        "latencies_s": lats[mid].tolist(), "peak_rss_mb": rss_mb()["VmHWM"],
+    }
+
+
+# ---------------------------------------------------------------- command line
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m stages.bench_worker",
+                                description=__doc__.split("\n")[0])
+    pos_int = lambda s: _checked(int(s), 1, s)  # noqa: E731
+    nonneg_int = lambda s: _checked(int(s), 0, s)  # noqa: E731
+    nonneg = lambda s: _checked(float(s), 0.0, s)  # noqa: E731
+    p.add_argument("--model", required=True)
+    p.add_argument("--inputs", required=True)
+    p.add_argument("--threads", type=pos_int, required=True)
+    p.add_argument("--batch", type=pos_int, required=True)
+    p.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu")
+    p.add_argument("--warmup-count", type=nonneg_int, default=TIMING_DEFAULTS["warmup_count"])
+    p.add_argument("--warmup-s", type=nonneg, default=TIMING_DEFAULTS["warmup_s"])
+    p.add_argument("--min-count", type=pos_int, default=TIMING_DEFAULTS["min_count"])
+    p.add_argument("--min-s", type=nonneg, default=TIMING_DEFAULTS["min_s"])
+    p.add_argument("--trials", type=pos_int, default=TIMING_DEFAULTS["trials"])
+    return p.parse_args(argv)
+
+
+def _checked(value, low, text):
+    if not (value >= low and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= {low}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    real_stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # libraries that print to stdout now print to stderr
+    try:
+        result = measure(**vars(args))
+    except PipelineError as exc:
+        print(f"bench_worker: {exc}", file=sys.stderr)
+        return exc.exit_code
+    json.dump(result, real_stdout)
+    real_stdout.write("\n")
+    real_stdout.flush()
+    return 0
+
+
+# ---------------------------------------------------------------- helpers for the bench stage
+def run_isolated(model, inputs, threads: int, batch: int, provider: str = "cpu",
+                 *, timeout_s: float | None = None, **timing) -> dict:
+    """Run the worker in a fresh ``python -m stages.bench_worker`` process and return its JSON.
+
+    ``timing`` takes warmup_count, warmup_s, min_count, min_s, trials. Raises RuntimeError with the
+    last line of the worker's stderr (and its exit code) when it fails.
+    """
+    unknown = set(timing) - set(TIMING_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown timing options {sorted(unknown)}")
+    cmd = [sys.executable, "-m", "stages.bench_worker", "--model", str(Path(model).resolve()),
+           "--inputs", str(Path(inputs).resolve()), "--threads", str(threads),
+           "--batch", str(batch), "--provider", provider]
+    for key, value in timing.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise RuntimeError(f"bench worker exited {proc.returncode}: "
+                           f"{lines[-1] if lines else '(no stderr)'}")
+    return json.loads(proc.stdout)
+
+
+def write_identity_model(path, input_shape_without_batch: tuple[int, ...],
+                         dtype=np.float32) -> Path:
+    """Write an ONNX Identity model (input ``x``, output ``y``, batch dim 'batch'), the floor of
+    what one run() costs. Opset 17, IR 10; checked with full_check; written via a .partial twin."""
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    shape = ["batch", *input_shape_without_batch]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "identity",
+        [onnx.helper.make_tensor_value_info("x", elem, shape)],
+        [onnx.helper.make_tensor_value_info("y", elem, shape)])
+    opset = [onnx.helper.make_opsetid("", IDENTITY_OPSET)]
+    model = onnx.helper.make_model(graph, opset_imports=opset, producer_name="stages.bench_worker")
+    model.ir_version = IDENTITY_IR
+    onnx.checker.check_model(model, full_check=True)
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    onnx.save_model(model, str(partial))
+    os.replace(partial, path)
+    return path
+
+
+def timeit_floor(model, inputs, threads: int, batch: int, number: int, *, repeat: int = 5,
+                 cycle: bool = True) -> float:
+    """Median over ``repeat`` timeit repeats of seconds per session.run, in-process: the bare-loop
+    reference the worker's p50 is checked against. With ``cycle`` it walks the same batches as the
+    worker (so only the harness differs); without, it reruns one fixed batch (hot caches, which
+    for a model of a few microseconds is measurably faster than cycling a pool)."""
+    sess = make_session(model, threads, "cpu")
+    batches = cut_batches(load_pool(inputs), batch)
+    runs = itertools.cycle(cpu_runners(sess, batches if cycle else batches[:1]))
+    timer = timeit.Timer(lambda: next(runs)())
+    timer.timeit(number=max(1, number // 10))  # warm-up
+    return statistics.median(timer.repeat(repeat=repeat, number=number)) / number
+
+
+if __name__ == "__main__":
+    sys.exit(main())

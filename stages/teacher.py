@@ -1,0 +1,155 @@
+"""Stage 2, teacher: train an ensemble of M members in PyTorch and export it as ONE ONNX graph.
+
+Members differ only in their seed (initialisation, batch order, jitter), the ensemble recipe of
+Hinton et al. (2015, section 3).  Default members are small CNNs trained with random shifts of up to
+2 pixels; ``--arch mlp:1200-1200:dropout=0.5`` gives the paper's MLP teacher.  The graph maps
+``x [batch, ...]`` to ``member_logits [batch, members, classes]`` (DESIGN.md section 2); the cache
+stage combines members, so no averaging is baked into the teacher.
+
+Each member's checkpoint is written beside the ONNX file as soon as it is trained, with the hash of
+the prepared data and the settings: a run killed after member k resumes at member k+1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import onnxio, provenance, runtime
+from pipeline.artifacts import atomic_output
+from pipeline.config import require, setting, to_dict
+from stages import models
+from stages.prepare import open_prepared
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """Train an ensemble of teachers with different seeds and export it to one ONNX graph
+    (output member_logits [batch, members, classes])."""
+
+    members: int = setting(3, "number of ensemble members (each trained from its own seed)")
+    arch: str = setting("cnn:32-64-128", "member architecture spec, e.g. cnn:32-64-128 or mlp:1200-1200:dropout=0.5")
+    epochs: int = setting(8, "training epochs per member")
+    batch_size: int = setting(128, "minibatch rows")
+    lr: float = setting(2e-3, "Adam learning rate (cosine-decayed to 0 over the epochs)")
+    weight_decay: float = setting(0.0, "Adam weight decay")
+    shift: int = setting(2, "random translation of up to this many pixels per example (Hinton's jitter); 0 = off")
+    seed: int = setting(0, "seed of member 0; member i uses seed + i")
+    threads: int = setting(2, "torch intra-op threads for training")
+
+    def __post_init__(self) -> None:
+        require(self.members >= 1, "members must be >= 1")
+        require(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
+        require(self.lr > 0, "lr must be > 0")
+        require(0 <= self.shift <= 8, "shift must lie in [0, 8] pixels")
+        models.parse_spec(self.arch)
+
+
+def jitter(x: torch.Tensor, shift: int, gen: torch.Generator, fill: float) -> torch.Tensor:
+    """Translate each image of ``x [B, C, H, W]`` by its own random (dy, dx) in [-shift, shift].
+
+    Pixels shifted in take ``fill`` (the normalised value of a black pixel).
+    """
+    if shift == 0 or x.ndim != 4:
+        return x
+    b, _, h, w = x.shape
+    padded = F.pad(x, (shift, shift, shift, shift), value=fill)
+    off = torch.randint(0, 2 * shift + 1, (2, b), generator=gen)
+    rows = (torch.arange(h)[None, :] + off[0][:, None])[:, :, None]   # [B, H, 1]
+    cols = (torch.arange(w)[None, :] + off[1][:, None])[:, None, :]   # [B, 1, W]
+    out = padded[torch.arange(b)[:, None, None], :, rows, cols]       # [B, H, W, C]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def train_member(cfg: TeacherConfig, index: int, data: dict, shape: tuple, classes: int,
+                 fill: float, log: Callable[[str], None]) -> tuple[torch.nn.Module, float]:
+    """Train member ``index``; returns the weights of its best validation epoch and that accuracy."""
+    seed = cfg.seed + index
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = models.build(cfg.arch, shape, classes)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    xtr, ytr = data["train"]
+    labelled = ytr >= 0
+    xtr, ytr = xtr[labelled], ytr[labelled]
+    steps = cfg.epochs * -(-len(xtr) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
+    best, best_state = -1.0, None
+    bar = runtime.progress(total=steps, desc=f"teacher {index + 1}/{cfg.members}", unit="step")
+    for epoch in range(cfg.epochs):
+        net.train()
+        order = torch.randperm(len(xtr), generator=gen)
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            loss = F.cross_entropy(net(jitter(xtr[idx], cfg.shift, gen, fill)), ytr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+        acc = models.accuracy(models.predict(net, data["val"][0]), data["val"][1])
+        log(f"member {index}: epoch {epoch + 1}/{cfg.epochs} val accuracy {acc:.4f}")
+        if acc > best:
+            best, best_state = acc, {k: v.clone() for k, v in net.state_dict().items()}
+    bar.close()
+    net.load_state_dict(best_state)
+    return net.eval(), best
+
+
+def _member_path(out: Path, index: int) -> Path:
+    return out.with_name(f"member{index}.pt")
+
+
+def _load_member(path: Path, key: dict, shape: tuple, classes: int, arch: str):
+    """A finished member's checkpoint, if it exists and was made from the same data and settings."""
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, weights_only=True)
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is retrained, never trusted
+        return None
+    if json.loads(ckpt.get("key", "null")) != key:
+        return None
+    net = models.build(arch, shape, classes)
+    net.load_state_dict(ckpt["state_dict"])
+    return net.eval(), float(ckpt["val_accuracy"])
+
+
+def train_teachers(cfg: TeacherConfig, prepared: Path, out: Path, log: Callable[[str], None] = print) -> Path:
+    """Train ``cfg.members`` teachers on ``prepared`` and write the ensemble graph to ``out``."""
+    runtime.set_torch_threads(cfg.threads)
+    info = open_prepared(prepared)
+    data = {s: tuple(map(torch.from_numpy, info.load(s))) for s in ("train", "val")}
+    fill = float(info.normalise(np.zeros(1, np.uint8 if info.scale == 255 else np.float32))[0])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sha = provenance.sha256_file(prepared)
+    nets, accs = [], []
+    for i in range(cfg.members):
+        key = {"prepared_sha256": sha, "settings": {**to_dict(cfg), "members": None}, "index": i}
+        done = _load_member(_member_path(out, i), key, info.shape, len(info.classes), cfg.arch)
+        if done is not None:
+            log(f"member {i}: reusing {_member_path(out, i)} (val accuracy {done[1]:.4f})")
+        else:
+            done = train_member(cfg, i, data, info.shape, len(info.classes), fill, log)
+            with atomic_output(_member_path(out, i)) as tmp:
+                torch.save({"arch": cfg.arch, "state_dict": done[0].state_dict(), "key": json.dumps(key),
+                            "val_accuracy": done[1]}, tmp)
+        nets.append(done[0])
+        accs.append(done[1])
+    ensemble = models.Ensemble(nets).eval()
+    prov = provenance.record("teacher", to_dict(cfg), {"prepared": prepared},
+                             member_val_accuracy=accs, classes=list(info.classes))
+    with atomic_output(out) as tmp:
+        onnxio.export(ensemble, data["val"][0][:2], tmp, "member_logits",
+                      metadata={"provenance": json.dumps(prov), "classes": json.dumps(list(info.classes))})
+        sess = runtime.session(tmp, "cpu", threads=cfg.threads)
+        xval = data["val"][0].numpy()
+        onnxio.validate(ensemble, sess, [xval[:1], xval[:7], xval[:256]], what=str(out))
+    log(f"teacher ensemble: {cfg.members} x {cfg.arch}, member val accuracy "
+        + ", ".join(f"{a:.4f}" for a in accs) + f" -> {out}")
+    return out
