@@ -51,8 +51,7 @@ ARGS_export := $(EXPORT_ARGS)
 ARGS_bench := $(BENCH_ARGS)
 stamp = $(PARAMS)/$(1).args
 
-.PRECIOUS: $(PARAMS)/%.args
-.PHONY: help all smoke setup test prepare teacher cache student export bench clean clean-smoke FORCE
+.PHONY: help all smoke setup test prepare teacher cache student export bench clean clean-smoke
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_.-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -61,8 +60,9 @@ help: ## list the targets
 all: $(BENCH).md ## run the whole pipeline on the default data and print where the report is
 	@echo "report: $(BENCH).md (JSON: $(BENCH).json, every timed run: $(BENCH).csv)"
 
+SMOKE_DATA ?= data/smoke
 smoke: ## the same pipeline shrunk (a few thousand rows, tiny models), under two minutes
-	$(MAKE) all DATA=data/smoke MEMBERS=2 TEACHER_ARCH=cnn:8-16-32 TEACHER_EPOCHS=1 EPOCHS=3 STUDENT_ARCH=mlp:32 \
+	$(MAKE) all DATA=$(SMOKE_DATA) MEMBERS=2 TEACHER_ARCH=cnn:8-16-32 TEACHER_EPOCHS=1 EPOCHS=3 STUDENT_ARCH=mlp:32 \
 	  PREPARE_ARGS="--train-rows 3000 --val-rows 500 --test-rows 1000" \
 	  BENCH_ARGS="--warmup-count 5 --warmup-s 0 --min-count 20 --min-s 0.02 --trials 3"
 
@@ -92,10 +92,9 @@ $(FASHION):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
 
-# ---- parameter stamps: rewritten only when the arguments change ----
-$(PARAMS)/%.args: FORCE
-	@mkdir -p $(@D)
-	@echo '$(ARGS_$*)' | cmp -s - $@ || echo '$(ARGS_$*)' > $@
+# ---- parameter stamps: rewritten (at parse time, so `make -n` sees it too) only when the arguments change ----
+$(foreach s,prepare teacher cache hard kd export bench,$(shell mkdir -p $(PARAMS) && \
+  printf '%s\n' '$(ARGS_$(s))' | cmp -s - $(PARAMS)/$(s).args || printf '%s\n' '$(ARGS_$(s))' > $(PARAMS)/$(s).args))
 
 # ---- stages ----
 $(PREPARED): stages/prepare.py $(call stamp,prepare) | $(INSTALLED) $(FASHION)
@@ -124,7 +123,7 @@ $(BENCH).md: $(TEACHER) $(KD).onnx $(HARD).onnx $(PREPARED) stages/bench.py stag
 	  --out $(BENCH).json --markdown $@ --csv $(BENCH).csv $(ARGS_bench)
 
 clean-smoke: ## remove the smoke run's artifacts
-	rm -rf data/smoke
+	rm -rf $(SMOKE_DATA)
 
 clean: ## remove every artifact under data/ (keeps .venv)
 	find data -mindepth 1 -not -name .gitkeep -delete

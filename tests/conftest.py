@@ -1,0 +1,81 @@
+"""Shared fixtures: a small synthetic transfer set and the artifacts built from it (session scope).
+
+The synthetic set has 10 classes, each a fixed random 28x28 prototype plus noise, so that tiny
+models learn it in an epoch or two and the whole chain runs in seconds.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+torch.set_num_threads(1)
+
+
+def synthetic_images(n: int, seed: int = 0, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [n, 28, 28] and labels [n]: class prototype * brightness + noise."""
+    rng = np.random.default_rng(seed)
+    protos = np.random.default_rng(1234).random((classes, 28, 28)) > 0.6
+    y = rng.integers(0, classes, n)
+    x = protos[y] * rng.uniform(120, 255, (n, 1, 1)) + rng.normal(0, 40, (n, 28, 28))
+    return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def tiny_npz(tmp_path_factory) -> Path:
+    x, y = synthetic_images(1400)
+    xt, yt = synthetic_images(300, seed=1)
+    path = tmp_path_factory.mktemp("npz") / "tiny.npz"
+    np.savez(path, x=x, y=y, x_test=xt, y_test=yt)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory, tiny_npz) -> Path:
+    from stages.prepare import PrepareConfig, prepare_dataset
+
+    out = tmp_path_factory.mktemp("prepared") / "tiny.h5"
+    return prepare_dataset(PrepareConfig(val_rows=200), out, npz=tiny_npz)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, tiny_prepared) -> Path:
+    from stages.teacher import TeacherConfig, train_teachers
+
+    out = tmp_path_factory.mktemp("teacher") / "ensemble.onnx"
+    cfg = TeacherConfig(members=2, arch="mlp:32", epochs=2, threads=1, shift=1)
+    return train_teachers(cfg, tiny_prepared, out, log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, tiny_teacher, tiny_prepared) -> Path:
+    from stages.cache import CacheConfig, cache_soft_targets
+
+    out = tmp_path_factory.mktemp("cache") / "tiny.h5"
+    cfg = CacheConfig(temperatures=(1.0, 2.0, 4.0), batch_size=256, device="cpu", threads=1)
+    return cache_soft_targets(cfg, [tiny_teacher], tiny_prepared, out, log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory, tiny_cache, tiny_prepared) -> Path:
+    from stages.student import StudentConfig, distill_student
+
+    d = tmp_path_factory.mktemp("student")
+    cfg = StudentConfig(arch="mlp:16", epochs=2, temperature=2.0, alpha=0.5)
+    return distill_student(cfg, tiny_cache, tiny_prepared, d / "s.pt", d / "s.metrics.json", log=lambda m: None)
+
+
+def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m pipeline.cli ARGS`` in a subprocess from the project root."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"distill {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
+    return proc

@@ -1,0 +1,59 @@
+"""`make smoke` end to end in a subprocess, and make's rebuild rules (what reruns when T changes)."""
+import json
+import os
+import subprocess
+
+import h5py
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def make(*args, check=True):
+    proc = subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"make {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    data = tmp_path_factory.mktemp("smoke")
+    make("smoke", f"SMOKE_DATA={data}")
+    return data
+
+
+def test_smoke_writes_every_artifact(smoke):
+    ds = "fashion-mnist"
+    for rel in [f"prepared/{ds}.h5", f"teachers/{ds}/ensemble.onnx", f"teachers/{ds}/member0.pt", f"cache/{ds}.h5",
+                f"students/{ds}-kd.pt", f"students/{ds}-kd.metrics.json", f"students/{ds}-kd.onnx",
+                f"students/{ds}-kd.int8.onnx", f"students/{ds}-hard.onnx", f"bench/{ds}.json", f"bench/{ds}.md",
+                f"bench/{ds}.csv"]:
+        assert (smoke / rel).is_file(), rel
+    assert not list(smoke.rglob("*.partial"))
+    with h5py.File(smoke / f"cache/{ds}.h5") as f:
+        assert f.attrs["complete"] and f.attrs["rows"] == 3000
+    torch.load(smoke / f"students/{ds}-kd.pt", weights_only=True)
+    report = json.loads((smoke / f"bench/{ds}.json").read_text())
+    assert set(report["models"]) == {"teacher-ensemble", "student-hard", "student-kd", "student-kd-int8", "identity-floor"}
+    for name, entry in report["models"].items():
+        for run in entry["runs"]:
+            assert run["providers_used"][0] == "CPUExecutionProvider" and run["steady"]["p50"] > 0
+    assert "| student-kd-int8 |" in (smoke / f"bench/{ds}.md").read_text()
+
+
+def test_changing_T_reruns_students_onward_only(smoke):
+    assert "distill" not in make("-n", "smoke", f"SMOKE_DATA={smoke}").stdout  # up to date: nothing reruns
+    dry = make("-n", "smoke", f"SMOKE_DATA={smoke}", "T=2").stdout
+    assert "distill student" in dry and "distill export" in dry and "distill bench" in dry
+    assert "distill prepare" not in dry and "distill teacher" not in dry and "distill cache" not in dry
+
+
+def test_make_help_lists_targets():
+    out = make("help").stdout
+    for target in ("all", "smoke", "test", "prepare", "teacher", "cache", "student", "export", "bench"):
+        assert f"  {target} " in out
