@@ -130,7 +130,8 @@ def train_teachers(cfg: TeacherConfig, prepared: Path, out: Path, log: Callable[
     sha = provenance.sha256_file(prepared)
     nets, accs = [], []
     for i in range(cfg.members):
-        key = {"prepared_sha256": sha, "settings": {**to_dict(cfg), "members": None}, "index": i}
+        # what determines member i's weights: not the member count, not the thread count
+        key = {"prepared_sha256": sha, "settings": {**to_dict(cfg), "members": None, "threads": None}, "index": i}
         done = _load_member(_member_path(out, i), key, info.shape, len(info.classes), cfg.arch)
         if done is not None:
             log(f"member {i}: reusing {_member_path(out, i)} (val accuracy {done[1]:.4f})")
