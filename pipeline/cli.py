@@ -71,6 +71,7 @@ def main() -> None:
 from stages import bench as _bench  # noqa: E402 - stage modules after the group they join
 from stages import cache as _cache  # noqa: E402
 from stages import export as _export  # noqa: E402
+from stages import fidelity as _fidelity  # noqa: E402
 from stages import prepare as _prepare  # noqa: E402
 from stages import student as _student  # noqa: E402
 from stages import teacher as _teacher  # noqa: E402
@@ -160,9 +161,26 @@ def _candidates(values: tuple[str, ...]) -> dict[str, Path]:
 @click.option("--out", type=PathArg, required=True, help="report JSON to write")
 @click.option("--markdown", type=PathArg, default=None, help="Markdown report [default: <out stem>.md]")
 @click.option("--csv", "csv_path", type=PathArg, default=None, help="CSV of every timed run [default: <out stem>.csv]")
-def bench(cfg, teacher_path, candidates, prepared, out, markdown, csv_path):
+@click.option("--torch", "torch_models", multiple=True,
+              help="NAME=CHECKPOINT of a student .pt timed in PyTorch eager as NAME-torch (repeat)")
+@click.option("--plot-accuracy", type=PathArg, default=None, help="PNG: accuracy against p50 latency [default: none]")
+@click.option("--plot-throughput", type=PathArg, default=None, help="PNG: throughput against batch size [default: none]")
+def bench(cfg, teacher_path, candidates, prepared, out, markdown, csv_path, torch_models, plot_accuracy,
+          plot_throughput):
     _bench.benchmark(cfg, teacher_path, _candidates(candidates), prepared, out,
-                     markdown or out.with_suffix(".md"), csv_path or out.with_suffix(".csv"), log=_say)
+                     markdown or out.with_suffix(".md"), csv_path or out.with_suffix(".csv"), log=_say,
+                     torch_models=_candidates(torch_models), plot_accuracy=plot_accuracy,
+                     plot_throughput=plot_throughput)
+
+
+@stage_command(main, "bench-fidelity", _fidelity.FidelityConfig)
+@click.option("--teacher", "teacher_path", type=PathArg, required=True, help="teacher ensemble ONNX file")
+@click.option("--student", type=PathArg, required=True, help="fp32 student ONNX file")
+@click.option("--student-int8", type=PathArg, required=True, help="int8 student ONNX file")
+@click.option("--prepared", type=PathArg, required=True, help="prepared dataset (test rows)")
+@click.option("--out", type=PathArg, required=True, help="fidelity JSON to write")
+def bench_fidelity(cfg, teacher_path, student, student_int8, prepared, out):
+    _fidelity.check_fidelity(cfg, teacher_path, student, student_int8, prepared, out, log=_say)
 
 
 if __name__ == "__main__":
