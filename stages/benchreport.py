@@ -116,13 +116,13 @@ def plot_accuracy_latency(report: dict, path: Path) -> Path:
 
     t = report["threads_resolved"][0]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, e in report["models"].items():
+    for i, (name, e) in enumerate(report["models"].items()):
         r = run_of(e, t, 1)
         if r is None or "test_accuracy" not in e:
             continue
         ax.scatter(r["steady"]["p50"], e["test_accuracy"] * 100, marker="s" if e["engine"] == "torch" else "o")
         ax.annotate(name, (r["steady"]["p50"], e["test_accuracy"] * 100), fontsize=8,
-                    xytext=(4, 3), textcoords="offset points")
+                    xytext=(4, 3 - 10 * (i % 3)), textcoords="offset points")  # stagger: students often coincide
     floor = report["models"].get("identity-floor")
     if floor and run_of(floor, t, 1):
         ax.axvline(run_of(floor, t, 1)["steady"]["p50"], ls=":", c="grey", label="Identity floor")
