@@ -51,7 +51,7 @@ ARGS_export := $(EXPORT_ARGS)
 ARGS_bench := $(BENCH_ARGS)
 stamp = $(PARAMS)/$(1).args
 
-.PHONY: help all smoke setup test prepare teacher cache student export bench clean clean-smoke
+.PHONY: help all smoke setup test prepare teacher cache student export bench bench-fidelity clean clean-smoke
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_.-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -64,7 +64,7 @@ SMOKE_DATA ?= data/smoke
 smoke: ## the same pipeline shrunk (a few thousand rows, tiny models), under two minutes
 	$(MAKE) all DATA=$(SMOKE_DATA) MEMBERS=2 TEACHER_ARCH=cnn:8-16-32 TEACHER_EPOCHS=1 EPOCHS=3 STUDENT_ARCH=mlp:32 \
 	  PREPARE_ARGS="--train-rows 3000 --val-rows 500 --test-rows 1000" \
-	  BENCH_ARGS="--warmup-count 5 --warmup-s 0 --min-count 20 --min-s 0.02 --trials 3"
+	  BENCH_ARGS="--warmup-count 5 --warmup-s 0 --min-count 20 --min-s 0.02 --trials 3 --batches 1,256"
 
 setup: $(INSTALLED) $(FASHION) ## create .venv (CPU torch without a GPU) and install the dataset
 
@@ -76,7 +76,8 @@ teacher: $(TEACHER) ## teacher ensemble ONNX (data/teachers/<ds>/ensemble.onnx)
 cache: $(CACHE) ## soft-target cache (data/cache/<ds>.h5)
 student: $(KD).pt $(HARD).pt ## distilled and hard-label students (data/students/)
 export: $(KD).onnx $(HARD).onnx ## student ONNX files, fp32 and int8
-bench: $(BENCH).md ## edge benchmark report (data/bench/<ds>.{json,md,csv})
+bench: $(BENCH).md ## edge benchmark report (data/bench/<ds>.{json,md,csv} and two .png plots)
+bench-fidelity: $(BENCH).fidelity.json ## benchmark vs bare timeit, int8 vs teacher, fp32 vs Identity floor
 
 # ---- set-up ----
 $(INSTALLED): pyproject.toml
@@ -112,15 +113,22 @@ $(HARD).pt: $(CACHE) $(PREPARED) stages/student.py stages/kd.py stages/models.py
 $(KD).pt: $(CACHE) $(PREPARED) stages/student.py stages/kd.py stages/models.py $(call stamp,kd) | $(INSTALLED)
 	$(DISTILL) student --cache $< --transfer-set $(PREPARED) --out $@ --metrics $(KD).metrics.json $(ARGS_kd)
 
-$(STU)/%.onnx: $(STU)/%.pt $(PREPARED) stages/export.py pipeline/onnxio.py $(call stamp,export) | $(INSTALLED)
+$(STU)/%.onnx: $(STU)/%.pt $(PREPARED) $(TEACHER) stages/export.py stages/quantize.py stages/mobile.py \
+               pipeline/onnxio.py $(call stamp,export) | $(INSTALLED)
 	$(DISTILL) export --checkpoint $< --transfer-set $(PREPARED) --out $@ --int8 $(STU)/$*.int8.onnx \
-	  --report $(STU)/$*.export.json $(ARGS_export)
+	  --report $(STU)/$*.export.json --teacher $(TEACHER) --mobile-dir $(STU)/$*.mobile $(ARGS_export)
 
-$(BENCH).md: $(TEACHER) $(KD).onnx $(HARD).onnx $(PREPARED) stages/bench.py stages/bench_worker.py \
-             stages/benchstats.py $(call stamp,bench) | $(INSTALLED)
+$(BENCH).md: $(TEACHER) $(KD).onnx $(HARD).onnx $(KD).pt $(PREPARED) stages/bench.py stages/bench_worker.py \
+             stages/benchstats.py stages/benchreport.py $(call stamp,bench) | $(INSTALLED)
 	$(DISTILL) bench --teacher $(TEACHER) --candidate student-hard=$(HARD).onnx --candidate student-kd=$(KD).onnx \
-	  --candidate student-kd-int8=$(KD).int8.onnx --prepared $(PREPARED) \
-	  --out $(BENCH).json --markdown $@ --csv $(BENCH).csv $(ARGS_bench)
+	  --candidate student-kd-int8=$(KD).int8.onnx --torch student-kd=$(KD).pt --prepared $(PREPARED) \
+	  --out $(BENCH).json --markdown $@ --csv $(BENCH).csv \
+	  --plot-accuracy $(BENCH).accuracy.png --plot-throughput $(BENCH).throughput.png $(ARGS_bench)
+
+FIDELITY_ARGS ?=
+$(BENCH).fidelity.json: $(TEACHER) $(KD).onnx $(PREPARED) stages/fidelity.py stages/bench_worker.py | $(INSTALLED)
+	$(DISTILL) bench-fidelity --teacher $(TEACHER) --student $(KD).onnx --student-int8 $(KD).int8.onnx \
+	  --prepared $(PREPARED) --out $@ $(FIDELITY_ARGS)
 
 clean-smoke: ## remove the smoke run's artifacts
 	rm -rf $(SMOKE_DATA)

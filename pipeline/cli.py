@@ -71,6 +71,7 @@ def main() -> None:
 from stages import bench as _bench  # noqa: E402 - stage modules after the group they join
 from stages import cache as _cache  # noqa: E402
 from stages import export as _export  # noqa: E402
+from stages import fidelity as _fidelity  # noqa: E402
 from stages import prepare as _prepare  # noqa: E402
 from stages import student as _student  # noqa: E402
 from stages import teacher as _teacher  # noqa: E402
@@ -130,10 +131,17 @@ def student(cfg, cache_path, transfer_set, out, metrics):
 @click.option("--out", type=PathArg, required=True, help="fp32 ONNX file to write")
 @click.option("--int8", "out_int8", type=PathArg, default=None, help="int8 ONNX file [default: <out stem>.int8.onnx]")
 @click.option("--report", type=PathArg, default=None, help="export check report [default: <out stem>.export.json]")
-def export(cfg, checkpoint, transfer_set, out, out_int8, report):
+@click.option("--dynamic-int8", "out_dynamic", type=PathArg, default=None, help="dynamic int8 ONNX file [default: none]")
+@click.option("--fp16", "out_fp16", type=PathArg, default=None, help="fp16 ONNX file, for GPUs [default: none]")
+@click.option("--teacher", type=PathArg, default=None, help="teacher ensemble ONNX: adds agreement with it to the gate")
+@click.option("--mobile-dir", type=PathArg, default=None,
+              help="folder for .ort files, required_operators.config [default: <out stem>.mobile]")
+def export(cfg, checkpoint, transfer_set, out, out_int8, report, out_dynamic, out_fp16, teacher, mobile_dir):
     out_int8 = out_int8 or out.with_suffix(".int8.onnx")
     report = report or out.with_suffix(".export.json")
-    _export.export_student(cfg, checkpoint, transfer_set, out, out_int8, report, log=_say)
+    _export.export_student(cfg, checkpoint, transfer_set, out, out_int8, report, log=_say, teacher=teacher,
+                           out_dynamic=out_dynamic, out_fp16=out_fp16,
+                           mobile_dir=mobile_dir or out.with_suffix(".mobile"))
 
 
 def _candidates(values: tuple[str, ...]) -> dict[str, Path]:
@@ -153,9 +161,26 @@ def _candidates(values: tuple[str, ...]) -> dict[str, Path]:
 @click.option("--out", type=PathArg, required=True, help="report JSON to write")
 @click.option("--markdown", type=PathArg, default=None, help="Markdown report [default: <out stem>.md]")
 @click.option("--csv", "csv_path", type=PathArg, default=None, help="CSV of every timed run [default: <out stem>.csv]")
-def bench(cfg, teacher_path, candidates, prepared, out, markdown, csv_path):
+@click.option("--torch", "torch_models", multiple=True,
+              help="NAME=CHECKPOINT of a student .pt timed in PyTorch eager as NAME-torch (repeat)")
+@click.option("--plot-accuracy", type=PathArg, default=None, help="PNG: accuracy against p50 latency [default: none]")
+@click.option("--plot-throughput", type=PathArg, default=None, help="PNG: throughput against batch size [default: none]")
+def bench(cfg, teacher_path, candidates, prepared, out, markdown, csv_path, torch_models, plot_accuracy,
+          plot_throughput):
     _bench.benchmark(cfg, teacher_path, _candidates(candidates), prepared, out,
-                     markdown or out.with_suffix(".md"), csv_path or out.with_suffix(".csv"), log=_say)
+                     markdown or out.with_suffix(".md"), csv_path or out.with_suffix(".csv"), log=_say,
+                     torch_models=_candidates(torch_models), plot_accuracy=plot_accuracy,
+                     plot_throughput=plot_throughput)
+
+
+@stage_command(main, "bench-fidelity", _fidelity.FidelityConfig)
+@click.option("--teacher", "teacher_path", type=PathArg, required=True, help="teacher ensemble ONNX file")
+@click.option("--student", type=PathArg, required=True, help="fp32 student ONNX file")
+@click.option("--student-int8", type=PathArg, required=True, help="int8 student ONNX file")
+@click.option("--prepared", type=PathArg, required=True, help="prepared dataset (test rows)")
+@click.option("--out", type=PathArg, required=True, help="fidelity JSON to write")
+def bench_fidelity(cfg, teacher_path, student, student_int8, prepared, out):
+    _fidelity.check_fidelity(cfg, teacher_path, student, student_int8, prepared, out, log=_say)
 
 
 if __name__ == "__main__":

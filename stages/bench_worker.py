@@ -8,6 +8,10 @@ execution provider that actually ran is asserted (exit 5, never a silent CPU fal
 
     python -m stages.bench_worker --model m.onnx --inputs pool.npy --threads 1 --batch 1
 
+Engines: ``onnxruntime`` (default), ``torch`` (PyTorch eager on a student checkpoint, the baseline
+the ONNX models are compared with; same pool, same loop) and ``timeit`` (a bare ``timeit`` loop over
+``session.run``, the reference the harness's own p50 is checked against by ``distill bench-fidelity``).
+
 Only the JSON object goes to stdout: anything a library prints there is redirected to stderr.
 """
 from __future__ import annotations
@@ -35,6 +39,8 @@ from stages import benchstats
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+ENGINES = ("onnxruntime", "torch", "timeit")
+TORCH_PROVIDER = "torch-eager-cpu"
 TIMING_DEFAULTS = {"warmup_count": 50, "warmup_s": 0.5, "min_count": 200, "min_s": 1.0, "trials": 5}
 POOL_CACHE_BYTES = 64 << 20  # at most this much of pre-cut batches is kept
 IDENTITY_OPSET, IDENTITY_IR = 17, 10  # onnxruntime 1.31 reads IR <= 13 (DESIGN 7)
@@ -135,16 +141,55 @@ def timed_loop(runners: list, start: int, min_count: int, min_s: float) -> tuple
     return np.asarray(lat_ns, dtype=np.float64) * 1e-9, k
 
 
+def torch_session(checkpoint: str | Path, threads: int):
+    """A student checkpoint as a PyTorch eager model in inference mode, ``threads`` intra-op threads."""
+    import torch
+
+    from stages.student import load_checkpoint
+
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    return load_checkpoint(Path(checkpoint))[0].eval()
+
+
+def torch_runners(net, batches: list[np.ndarray]) -> list[Runner]:
+    import torch
+
+    tensors = [torch.from_numpy(b) for b in batches]
+
+    def run(t):
+        with torch.inference_mode():
+            return net(t)
+    return [lambda t=t: run(t) for t in tensors]
+
+
 def measure(model: str, inputs: str, threads: int, batch: int, provider: str,
-            warmup_count: int, warmup_s: float, min_count: int, min_s: float, trials: int) -> dict:
-    """The whole measurement of one configuration, as the JSON-ready dict the worker prints."""
+            warmup_count: int, warmup_s: float, min_count: int, min_s: float, trials: int,
+            engine: str = "onnxruntime", max_spread: float = 0.10) -> dict:
+    """The whole measurement of one configuration, as the JSON-ready dict the worker prints.
+
+    ``load`` covers session creation (for torch: import, checkpoint load and model build) and the
+    resident memory it added; ``first_run`` the first inference alone; ``steady`` the median of the
+    trials' statistics (:func:`stages.benchstats.combine_trials`) with its validity verdict.
+    """
+    if engine == "timeit":
+        return _timeit_result(model, inputs, threads, batch, min_count, trials)
     batches = cut_batches(load_pool(inputs), batch)
     before = rss_mb()["VmRSS"]
     t0 = time.perf_counter_ns()
-    sess = make_session(model, threads, provider)
+    if engine == "torch":
+        if provider != "cpu":
+            raise RuntimeUnavailable("the torch baseline runs on the CPU only")
+        sess = torch_session(model, threads)
+    else:
+        sess = make_session(model, threads, provider)
     create_s = (time.perf_counter_ns() - t0) * 1e-9
     after = rss_mb()["VmRSS"]
-    runners = iobinding_runners(sess, batches) if provider == "cuda" else cpu_runners(sess, batches)
+    if engine == "torch":
+        runners, used = torch_runners(sess, batches), [TORCH_PROVIDER]
+    else:
+        runners = iobinding_runners(sess, batches) if provider == "cuda" else cpu_runners(sess, batches)
+        used = sess.get_providers()
     gc.collect()
     gc.disable()  # as timeit does: no collector pauses inside the timed runs
     try:
@@ -158,16 +203,34 @@ def measure(model: str, inputs: str, threads: int, batch: int, provider: str,
     finally:
         gc.enable()
     mid = benchstats.median_trial_index(details)
-    steady = benchstats.combine_trials(details)
+    steady = benchstats.combine_trials(details, max_spread=max_spread)
     steady["throughput_rows_s"] = benchstats.throughput(batch, lats[mid])
     return {
-        "model": str(model), "provider_requested": provider, "providers_used": sess.get_providers(),
+        "model": str(model), "engine": engine, "provider_requested": provider, "providers_used": used,
         "threads": threads, "batch": batch,
         "load": {"session_create_s": create_s, "rss_before_mb": before, "rss_after_mb": after,
                  "rss_added_mb": None if None in (before, after) else after - before},
-        "first_run_s": float(first[0]), "steady": steady, "trials_detail": details,
-        "latencies_s": lats[mid].tolist(), "peak_rss_mb": rss_mb()["VmHWM"],
+        "first_run": {"latency_us": float(first[0]) * 1e6}, "first_run_s": float(first[0]),
+        "steady": steady, "trials_detail": details,
+        "latencies_s": lats[mid].tolist(), "trial_latencies_s": [lat.tolist() for lat in lats],
+        "peak_rss_mb": rss_mb()["VmHWM"],
     }
+
+
+TIMEIT_NUMBER = 100  # runs per timeit repeat: short repeats, so a preempted one is an outlier the median drops
+
+
+def _timeit_result(model, inputs, threads: int, batch: int, min_count: int, trials: int) -> dict:
+    """The bare-loop reference as a worker result: ``steady.p50`` is the median over repeats of
+    timeit's mean per-run time.  Repeats of TIMEIT_NUMBER runs, min_count * trials runs in all:
+    on a shared machine one long repeat's mean absorbs every preemption, a median of short ones
+    does not, and it estimates the same centre as the harness's p50 for a steady loop."""
+    number = max(1, min(TIMEIT_NUMBER, min_count))
+    repeat = max(trials, min_count * trials // number)
+    per_run = timeit_floor(model, inputs, threads, batch, number, repeat=repeat, cycle=True)
+    return {"model": str(model), "engine": "timeit", "provider_requested": "cpu",
+            "providers_used": ["CPUExecutionProvider"], "threads": threads, "batch": batch,
+            "steady": {"p50": per_run * 1e6, "number": number, "repeat": repeat}, "peak_rss_mb": rss_mb()["VmHWM"]}
 
 
 # ---------------------------------------------------------------- command line
@@ -187,6 +250,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-count", type=pos_int, default=TIMING_DEFAULTS["min_count"])
     p.add_argument("--min-s", type=nonneg, default=TIMING_DEFAULTS["min_s"])
     p.add_argument("--trials", type=pos_int, default=TIMING_DEFAULTS["trials"])
+    p.add_argument("--engine", choices=ENGINES, default="onnxruntime")
+    p.add_argument("--max-spread", type=nonneg, default=0.10)
     return p.parse_args(argv)
 
 
@@ -213,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---------------------------------------------------------------- helpers for the bench stage
 def run_isolated(model, inputs, threads: int, batch: int, provider: str = "cpu",
-                 *, timeout_s: float | None = None, **timing) -> dict:
+                 *, timeout_s: float | None = None, engine: str = "onnxruntime", max_spread: float = 0.10,
+                 **timing) -> dict:
     """Run the worker in a fresh ``python -m stages.bench_worker`` process and return its JSON.
 
     ``timing`` takes warmup_count, warmup_s, min_count, min_s, trials. Raises RuntimeError with the
@@ -224,7 +290,7 @@ def run_isolated(model, inputs, threads: int, batch: int, provider: str = "cpu",
         raise TypeError(f"unknown timing options {sorted(unknown)}")
     cmd = [sys.executable, "-m", "stages.bench_worker", "--model", str(Path(model).resolve()),
            "--inputs", str(Path(inputs).resolve()), "--threads", str(threads),
-           "--batch", str(batch), "--provider", provider]
+           "--batch", str(batch), "--provider", provider, "--engine", engine, "--max-spread", str(max_spread)]
     for key, value in timing.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout_s)

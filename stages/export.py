@@ -1,23 +1,31 @@
-"""Stage 5, export: the student to ONNX, fp32 and int8, each checked before it is published.
+"""Stage 5, export: the student to ONNX (fp32 and its quantised variants), checked before it ships.
 
 fp32: the torch.export-based exporter, one self-contained file (no ``.onnx.data``), dynamic batch,
-opset 18, IR 10, metadata an edge runtime needs (class names, input normalisation, T and alpha, the
-hashes of the checkpoint and of the cache it was distilled from).  onnxruntime must reproduce
-PyTorch on real test rows at batch sizes 1, 7 and 256 (:func:`pipeline.onnxio.validate`).
+opset 18, IR 10, ``onnx.checker`` full check, and the metadata an edge runtime needs (class names,
+input normalisation, T and alpha, the hashes of the checkpoint and of the cache it was distilled
+from, input dtype).  With ``raw_input`` the normalisation ``(x / scale - mean) / std`` is part of the
+graph and the input is raw uint8 pixels.  onnxruntime must reproduce PyTorch on real test rows at
+batch sizes 1, 7 and 256 (:func:`pipeline.onnxio.validate`: every failure collected, the largest
+difference named).
 
-int8: onnxruntime's static QDQ quantisation (``quant_pre_process`` first: a raw export fails with
-"Inferred shape and existing shape differ"), calibrated on transfer-set rows.  Static QDQ rather
-than dynamic: dynamic quantisation of convolutions yields the slow ConvInteger.  Its test accuracy
-and top-1 agreement with fp32 are reported.
+Variants (:mod:`stages.quantize`): static QDQ int8, dynamic int8, fp16, each scored against fp32 on
+the whole test split by the quality gate; a variant losing more than ``max_accuracy_drop`` points is
+not written (and a stale file at its path is removed) unless ``force``; the stage then fails with
+exit 4 after publishing everything else and the report.
+
+Mobile (:mod:`stages.mobile`): the ORT format of every shipped model, the reduced-build operator
+config and onnxruntime's NNAPI / CoreML usability analysis, summarised in the report.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
+import h5py
 import numpy as np
 import onnx
 import torch
@@ -25,109 +33,166 @@ import torch
 from pipeline import onnxio, provenance, runtime
 from pipeline.artifacts import atomic_output, write_json
 from pipeline.config import require, setting, to_dict
-from stages.prepare import open_prepared
+from pipeline.errors import IntegrityError, UsageError
+from stages import mobile, quantize
+from stages.prepare import Prepared, open_prepared
+from stages.quantize import CALIBRATION_METHODS
 from stages.student import load_checkpoint
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+PARITY_BATCHES = (1, 7, 256)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-    """Export a student checkpoint to ONNX (fp32) and to int8 (static QDQ), each checked
-    numerically against PyTorch / fp32 on real test rows."""
+    """Export a student checkpoint to ONNX (fp32) and its quantised variants (static QDQ int8,
+    dynamic int8, fp16), fp32 checked against PyTorch and each variant gated against fp32 on the
+    test split; ORT format, reduced-build operator config and mobile usability for the shipped ones."""
 
     calibration_rows: int = setting(2000, "transfer-set rows used to calibrate int8 activation ranges")
     calibration_method: str = setting("minmax", "calibration method: minmax, entropy or percentile")
     per_channel: bool = setting(True, "per-channel (per output unit) weight scales for int8")
     rtol: float = setting(1e-5, "fp32 parity tolerance, relative to the largest |logit| of a batch")
     seed: int = setting(0, "seed choosing the calibration rows")
+    raw_input: bool = setting(False, "bake the input normalisation into the graph: the model takes raw uint8 pixels")
+    max_accuracy_drop: float = setting(0.5, "quality gate: most test accuracy (percentage points) a variant may "
+                                            "lose against fp32")
+    force: bool = setting(False, "write a variant even when it fails the quality gate (the report says so)")
+    mobile: bool = setting(True, "write ORT-format files, the reduced-build operator config and the mobile "
+                                 "usability analysis (needs a mobile folder)")
 
     def __post_init__(self) -> None:
         require(self.calibration_rows >= 1, "calibration_rows must be >= 1")
         require(self.calibration_method in CALIBRATION_METHODS,
                 f"calibration_method must be one of {', '.join(CALIBRATION_METHODS)}")
         require(self.rtol > 0, "rtol must be > 0")
+        require(self.max_accuracy_drop >= 0, "max_accuracy_drop must be >= 0")
 
 
-def _metadata(ckpt: dict, checkpoint: Path) -> dict[str, str]:
+class RawInput(torch.nn.Module):
+    """``net`` behind the prepared set's normalisation: uint8 pixels in, logits out."""
+
+    def __init__(self, net: torch.nn.Module, scale: float, mean: float, std: float):
+        super().__init__()
+        self.net = net
+        # as in Prepared.normalise, in float32, so the graph computes what training saw bit for bit
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x.to(torch.float32) / self.scale - self.mean) / self.std)
+
+
+def metadata(ckpt: dict, checkpoint: Path, raw_input: bool) -> dict[str, str]:
+    """``metadata_props`` of every exported file (values are strings; JSON where structured)."""
     prov = json.loads(ckpt["provenance"])
     return {"class_names": json.dumps(ckpt["class_names"]),
             "normalisation": json.dumps({**ckpt["norm"], "formula": "(x / scale - mean) / std"}),
+            "normalisation_in_graph": str(raw_input).lower(),
+            "input_dtype": "uint8" if raw_input else "float32",
             "temperature": str(ckpt["temperature"]), "alpha": str(ckpt["alpha"]),
             "checkpoint_sha256": provenance.sha256_file(checkpoint),
             "cache_sha256": prov["inputs"]["cache"]["sha256"], "arch": ckpt["arch"]}
 
 
-class _Calibration:
-    """onnxruntime CalibrationDataReader over a fixed array of rows, in batches of 64."""
-
-    def __init__(self, name: str, x: np.ndarray):
-        self._it = iter([{name: x[i:i + 64]} for i in range(0, len(x), 64)])
-
-    def get_next(self):
-        return next(self._it, None)
-
-    def rewind(self):  # some onnxruntime versions call it
-        pass
+def _raw(info: Prepared, split: str) -> np.ndarray:
+    with h5py.File(info.path, "r") as f:
+        x = f[split]["x"][:]
+    if x.dtype != np.uint8:
+        raise UsageError(f"{info.path}: raw_input needs uint8 pixels, the prepared {split} split holds {x.dtype}")
+    return x
 
 
-def quantize_int8(fp32: Path, out: Path, calib: np.ndarray, cfg: ExportConfig) -> Path:
-    """Static QDQ int8 of ``fp32`` into ``out``, calibrated on ``calib`` rows."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=False)
-        with onnxio._quiet():
-            quantize_static(str(pre), str(out), _Calibration("x", calib), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            per_channel=cfg.per_channel, calibrate_method=method,
-                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-    model = onnx.load(str(out))
-    model.ir_version = min(model.ir_version, onnxio.IR_VERSION)
-    onnx.save(model, str(out))
-    return out
+def _stamp(path: Path, meta: dict[str, str], precision: str) -> None:
+    """Give a variant the fp32 file's metadata (the quantisers drop it) plus its precision."""
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in {**meta, "precision": precision}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
 
 
-def _scores(sess, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + 1024]})[0] for i in range(0, len(x), 1024)])
+def _make_variant(kind: str, fp32: Path, out: Path, calib: np.ndarray, cfg: ExportConfig) -> Path:
+    if kind == "int8":
+        return quantize.static_int8(fp32, out, calib, cfg.calibration_method, cfg.per_channel)
+    if kind == "dynamic":
+        return quantize.dynamic_int8(fp32, out, cfg.per_channel)
+    return quantize.fp16(fp32, out)
 
 
-def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out: Path, out_int8: Path,
-                   report: Path, log: Callable[[str], None] = print) -> Path:
-    """Write ``out`` (fp32) and ``out_int8`` (QDQ int8) from ``checkpoint``, and the check ``report``."""
+def _publish(src: Path, final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(final) as part:
+        shutil.copyfile(src, part)
+    return final
+
+
+def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out: Path, out_int8: Path | None,
+                   report: Path, log: Callable[[str], None] = print, *, teacher: Path | None = None,
+                   out_dynamic: Path | None = None, out_fp16: Path | None = None,
+                   mobile_dir: Path | None = None) -> Path:
+    """Write ``out`` (fp32), each variant whose path is given (``out_int8`` static QDQ, ``out_dynamic``,
+    ``out_fp16``) that passes the gate, the mobile files under ``mobile_dir`` and the check ``report``.
+    ``teacher`` (the ensemble ONNX) adds agreement with the teacher to the gate."""
     net, ckpt = load_checkpoint(checkpoint)
     info = open_prepared(transfer_set)
     xtest, ytest = info.load("test")
-    rng = np.random.default_rng(cfg.seed)
     ntrain = info.rows["train"]
-    calib_idx = np.sort(rng.choice(ntrain, size=min(cfg.calibration_rows, ntrain), replace=False))
-    xtrain = info.load("train")[0]
-    calib = xtrain[calib_idx]
-    meta = _metadata(ckpt, checkpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(out) as tmp:
-        onnxio.export(net, torch.from_numpy(xtest[:2]), tmp, "logits", metadata=meta)
-        sess = runtime.session(tmp, "cpu", threads=1)
-        worst = onnxio.validate(net, sess, [xtest[:1], xtest[:7], xtest[:256]], rtol=cfg.rtol, what=str(out))
-        fp32_logits = _scores(sess, xtest, ytest)
-        with atomic_output(out_int8) as tmp8:
-            quantize_int8(tmp, tmp8, calib, cfg)
-            int8_logits = _scores(runtime.session(tmp8, "cpu", threads=1), xtest, ytest)
-    acc32 = float(np.mean(fp32_logits.argmax(1) == ytest))
-    acc8 = float(np.mean(int8_logits.argmax(1) == ytest))
-    result = {"fp32": {"path": str(out), "test_accuracy": acc32, "max_abs_diff_vs_torch": worst,
-                       "sha256": provenance.sha256_file(out)},
-              "int8": {"path": str(out_int8), "test_accuracy": acc8, "sha256": provenance.sha256_file(out_int8),
-                       "agreement_with_fp32": float(np.mean(fp32_logits.argmax(1) == int8_logits.argmax(1)))},
-              "settings": to_dict(cfg), "metadata": meta,
-              "provenance": provenance.record("export", to_dict(cfg), {"checkpoint": checkpoint,
-                                                                      "transfer_set": transfer_set})}
+    calib_idx = np.sort(np.random.default_rng(cfg.seed).choice(ntrain, size=min(cfg.calibration_rows, ntrain),
+                                                               replace=False))
+    if cfg.raw_input:
+        module, xin, calib = RawInput(net, info.scale, info.mean, info.std).eval(), _raw(info, "test"), \
+            _raw(info, "train")[calib_idx]
+    else:
+        module, xin, calib = net, xtest, info.load("train")[0][calib_idx]
+    teacher_pred = None
+    if teacher is not None:
+        from stages.bench import predictions
+        teacher_pred = predictions(Path(teacher), xtest).argmax(1)  # the ensemble takes normalised rows
+    meta = metadata(ckpt, checkpoint, cfg.raw_input)
+    wanted = {k: Path(p) for k, p in (("int8", out_int8), ("dynamic", out_dynamic), ("fp16", out_fp16)) if p}
+    result: dict = {"settings": to_dict(cfg), "metadata": meta, "variants": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        onnxio.export(module, torch.from_numpy(xin[:2]), fp32, "logits", metadata={**meta, "precision": "fp32"})
+        sess = runtime.session(fp32, "cpu", threads=1)
+        worst = onnxio.validate(module, sess, [xin[:b] for b in PARITY_BATCHES], rtol=cfg.rtol, what=str(out))
+        fp32_logits = quantize.logits_of(sess, xin)
+        result["fp32"] = {"path": str(out), "max_abs_diff_vs_torch": worst, "parity_batches": list(PARITY_BATCHES),
+                          **{k: v for k, v in quantize.gate(fp32_logits, fp32_logits, ytest, teacher_pred,
+                                                            cfg.max_accuracy_drop).items()
+                             if k in ("test_accuracy", "agreement_with_teacher")}}
+        built = {}
+        for kind, final in wanted.items():
+            path = _make_variant(kind, fp32, Path(tmp) / f"{kind}.onnx", calib, cfg)
+            _stamp(path, meta, kind)
+            logits = quantize.logits_of(runtime.session(path, "cpu", threads=1), xin)
+            verdict = quantize.gate(fp32_logits, logits, ytest, teacher_pred, cfg.max_accuracy_drop)
+            written = verdict["passed"] or cfg.force
+            result["variants"][kind] = {"path": str(final), "written": written, **verdict}
+            if written:
+                built[kind] = path
+            elif final.exists():
+                final.unlink()  # a stale file from an earlier export would be benchmarked as if current
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shipped = {out: _publish(fp32, out)} | {wanted[k]: _publish(p, wanted[k]) for k, p in built.items()}
+    for entry in [result["fp32"], *[v for v in result["variants"].values() if v["written"]]]:
+        entry["sha256"] = provenance.sha256_file(entry["path"])
+    if cfg.mobile and mobile_dir is not None:
+        stems = {Path(p).name.removesuffix(".onnx"): p for p in shipped}
+        result["mobile"] = {**mobile.convert_to_ort(stems, Path(mobile_dir)),
+                            "usability": {s: mobile.usability(p) for s, p in stems.items()}}
+    inputs = {"checkpoint": checkpoint, "transfer_set": transfer_set, **({"teacher": teacher} if teacher else {})}
+    result["provenance"] = provenance.record("export", to_dict(cfg), inputs)
     write_json(report, result)
-    log(f"export: fp32 test {acc32:.4f} (max |diff| vs torch {worst:.2g}) -> {out}; "
-        f"int8 test {acc8:.4f} -> {out_int8}")
+    summary = "; ".join(f"{k} {v['test_accuracy']:.4f} ({v['accuracy_change_points']:+.2f} pts, "
+                        f"{'written' if v['written'] else 'NOT written'})" for k, v in result["variants"].items())
+    log(f"export: fp32 test {result['fp32']['test_accuracy']:.4f} (max |diff| vs torch {worst:.2g}) -> {out}"
+        + (f"; {summary}" if summary else "") + f"; report {report}")
+    failed = [k for k, v in result["variants"].items() if not v["passed"] and not v["written"]]
+    if failed:
+        raise IntegrityError("quality gate: " + ", ".join(
+            f"{k} loses {-result['variants'][k]['accuracy_change_points']:.2f} points of test accuracy "
+            f"(> {cfg.max_accuracy_drop})" for k in failed) + f"; not written (see {report}; --force writes it)")
     return out

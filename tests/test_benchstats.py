@@ -176,8 +176,11 @@ def test_rss_reads_proc():
 def test_worker_json_shape(identity):
     model_path, pool_path, _ = identity
     out = bw.run_isolated(model_path, pool_path, threads=1, batch=1, **TINY)
-    assert set(out) == {"model", "provider_requested", "providers_used", "threads", "batch", "load",
-                        "first_run_s", "steady", "trials_detail", "latencies_s", "peak_rss_mb"}
+    assert set(out) == {"model", "engine", "provider_requested", "providers_used", "threads", "batch", "load",
+                        "first_run", "first_run_s", "steady", "trials_detail", "latencies_s",
+                        "trial_latencies_s", "peak_rss_mb"}
+    assert len(out["trial_latencies_s"]) == TINY["trials"] and out["latencies_s"] in out["trial_latencies_s"]
+    assert out["first_run"]["latency_us"] == pytest.approx(out["first_run_s"] * 1e6)
     assert out["providers_used"] == ["CPUExecutionProvider"]
     assert out["provider_requested"] == "cpu" and out["threads"] == 1 and out["batch"] == 1
     assert set(out["load"]) == {"session_create_s", "rss_before_mb", "rss_after_mb", "rss_added_mb"}
@@ -225,3 +228,15 @@ def test_cuda_request_without_cuda_fails_loudly(identity):
         pytest.skip("CUDA actually works here")
     with pytest.raises(RuntimeError, match="exited 5: .*CUDAExecutionProvider is not available"):
         bw.run_isolated(model_path, pool_path, threads=1, batch=1, provider="cuda", **TINY)
+
+
+def test_max_spread_is_passed_to_the_verdict(identity):
+    model_path, pool_path, _ = identity
+    out = bw.run_isolated(model_path, pool_path, threads=1, batch=1, max_spread=1e-9, **TINY)
+    assert out["steady"]["valid"] is False and "spread" in out["steady"]["reason"]
+
+
+def test_timeit_engine_reports_a_p50(identity):
+    model_path, pool_path, _ = identity
+    out = bw.run_isolated(model_path, pool_path, threads=1, batch=2, engine="timeit", **TINY)
+    assert out["engine"] == "timeit" and out["steady"]["p50"] > 0 and out["steady"]["repeat"] >= TINY["trials"]

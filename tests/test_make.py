@@ -39,10 +39,13 @@ def test_smoke_writes_every_artifact(smoke):
         assert f.attrs["complete"] and f.attrs["rows"] == 3000
     torch.load(smoke / f"students/{ds}-kd.pt", weights_only=True)
     report = json.loads((smoke / f"bench/{ds}.json").read_text())
-    assert set(report["models"]) == {"teacher-ensemble", "student-hard", "student-kd", "student-kd-int8", "identity-floor"}
+    assert set(report["models"]) == {"teacher-ensemble", "student-hard", "student-kd", "student-kd-int8",
+                                     "identity-floor", "student-kd-torch"}
     for name, entry in report["models"].items():
         for run in entry["runs"]:
-            assert run["providers_used"][0] == "CPUExecutionProvider" and run["steady"]["p50"] > 0
+            want = "torch-eager-cpu" if name.endswith("-torch") else "CPUExecutionProvider"
+            assert run["providers_used"][0] == want and run["steady"]["p50"] > 0
+    assert (smoke / f"bench/{ds}.accuracy.png").is_file() and (smoke / f"students/{ds}-kd.mobile/{ds}-kd.ort").is_file()
     assert "| student-kd-int8 |" in (smoke / f"bench/{ds}.md").read_text()
 
 
@@ -55,5 +58,5 @@ def test_changing_T_reruns_students_onward_only(smoke):
 
 def test_make_help_lists_targets():
     out = make("help").stdout
-    for target in ("all", "smoke", "test", "prepare", "teacher", "cache", "student", "export", "bench"):
+    for target in ("all", "smoke", "test", "prepare", "teacher", "cache", "student", "export", "bench", "bench-fidelity"):
         assert f"  {target} " in out

@@ -80,10 +80,11 @@ def test_student_refuses_cache_of_another_transfer_set(tiny_cache, tiny_npz, tmp
 
 def test_export_parity_and_int8(tiny_student, tiny_prepared, tmp_path):
     out, out8, rep = tmp_path / "s.onnx", tmp_path / "s.int8.onnx", tmp_path / "s.export.json"
-    export_student(ExportConfig(calibration_rows=200), tiny_student, tiny_prepared, out, out8, rep, log=lambda m: None)
+    # 300 test rows: one row is 0.33 points, so the default 0.5-point gate is too fine here (tests/test_export.py)
+    export_student(ExportConfig(calibration_rows=200, max_accuracy_drop=5.0, mobile=False), tiny_student, tiny_prepared, out, out8, rep, log=lambda m: None)
     report = json.loads(rep.read_text())
     assert report["fp32"]["max_abs_diff_vs_torch"] < 1e-4
-    assert abs(report["int8"]["test_accuracy"] - report["fp32"]["test_accuracy"]) < 0.05
+    assert abs(report["variants"]["int8"]["test_accuracy"] - report["fp32"]["test_accuracy"]) < 0.05
     import onnx
     m = onnx.load(str(out))
     assert m.ir_version <= 13 and {p.key for p in m.metadata_props} >= {"class_names", "temperature", "cache_sha256"}

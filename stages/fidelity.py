@@ -1,0 +1,148 @@
+"""``distill bench-fidelity``: is the benchmark itself telling the truth?  Three ratios, one run.
+
+1. Harness against a bare loop: the worker's p50 for the student (fresh process, per-run clock
+   reads, pool cycling, trials) against ``timeit`` over ``session.run`` on the same batches, also in
+   a fresh process.  Target: within ``max_harness_gap`` (10%).  A p50 and a timeit mean differ in
+   definition; for a steady loop of microsecond runs they agree to a few percent, so a larger gap
+   means the harness is measuring itself.
+2. int8 student against the teacher ensemble, p50 at batch 1: target >= ``min_speedup`` (50x; a
+   plain reference script got 126x against an MLP ensemble on this kind of machine, DESIGN 5).
+3. fp32 student against the Identity floor (the cost of one ``run()`` on the same input shape):
+   target <= ``max_floor_ratio`` (2x).  Whatever the outcome, onnxruntime's own profiler
+   (``SessionOptions.enable_profiling``) says where the student's time goes: the ``model_run`` span
+   against the sum of kernel times per operator type; the rest of a Python-side p50 is the binding
+   (feeds, output allocation, the GIL), which the floor measures.
+
+All timings at batch 1 and ``threads`` threads, each configuration in a fresh process
+(:func:`stages.bench_worker.run_isolated`); ratios come from the same run, never across runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipeline import provenance
+from pipeline.artifacts import write_json
+from pipeline.config import require, setting, to_dict
+from stages import bench, bench_worker
+from stages.prepare import open_prepared
+
+
+@dataclasses.dataclass(frozen=True)
+class FidelityConfig:
+    """Check the benchmark against a bare timeit loop, and the student against the teacher ensemble
+    and the Identity floor, all at batch 1 in one run."""
+
+    threads: int = setting(1, "intra-op threads for every timing")
+    warmup_count: int = setting(200, "warm-up runs (at least) before timing")
+    warmup_s: float = setting(0.5, "warm-up seconds (at least) before timing")
+    min_count: int = setting(2000, "timed runs (at least) per trial; also the timeit loop's runs per repeat")
+    min_s: float = setting(0.5, "seconds (at least) per trial")
+    trials: int = setting(5, "trials (and timeit repeats); medians are compared")
+    max_harness_gap: float = setting(0.10, "target: |harness p50 / timeit - 1| at most this")
+    min_speedup: float = setting(50.0, "target: teacher p50 / int8 student p50 at least this")
+    max_floor_ratio: float = setting(2.0, "target: fp32 student p50 / Identity p50 at most this")
+    profile_runs: int = setting(2000, "runs profiled by onnxruntime to attribute the student's time")
+
+    def __post_init__(self) -> None:
+        require(self.threads >= 1 and self.trials >= 1 and self.min_count >= 1, "threads, trials, min_count >= 1")
+        require(self.profile_runs >= 1, "profile_runs must be >= 1")
+
+
+def profile(model: Path, pool: np.ndarray, threads: int, runs: int) -> dict:
+    """onnxruntime's profiler over ``runs`` batch-1 runs: median ``model_run`` span and, per operator
+    type, the sum over its nodes of each node's median kernel time, in microseconds (the trace's
+    ``dur`` unit); the first tenth of the runs is left out."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.enable_profiling, so.profile_file_prefix = True, os.path.join(tmp, "prof")
+        sess = ort.InferenceSession(str(model), sess_options=so, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        feeds = [{name: pool[i % len(pool)][None]} for i in range(min(runs, len(pool)))]
+        for i in range(runs):
+            sess.run(None, feeds[i % len(feeds)])
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    skip = runs // 10  # the first runs allocate and page in: not the steady state
+    spans = [e["dur"] for e in events if e.get("name") == "model_run"][skip:]
+    per_node: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            per_node[(e["name"], e["args"].get("op_name", "?"))].append(e["dur"])
+    kernels: dict[str, float] = defaultdict(float)
+    for (_, op), durs in per_node.items():  # median per node over the steady runs, summed per op type
+        kernels[op] += float(statistics.median(durs[skip:] or durs))
+    per_run = dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
+    run_us = float(statistics.median(spans)) if spans else float("nan")
+    return {"model_run_p50_us": run_us, "kernel_us_per_run": per_run,
+            "kernels_total_us": float(sum(per_run.values())),
+            "inside_run_not_kernels_us": run_us - float(sum(per_run.values()))}
+
+
+def _p50(cfg: FidelityConfig, model: Path, pool: Path, engine: str = "onnxruntime") -> dict:
+    return bench_worker.run_isolated(model, pool, cfg.threads, 1, "cpu", engine=engine,
+                                     warmup_count=cfg.warmup_count, warmup_s=cfg.warmup_s,
+                                     min_count=cfg.min_count, min_s=cfg.min_s, trials=cfg.trials)
+
+
+def check_fidelity(cfg: FidelityConfig, teacher: Path, student: Path, student_int8: Path, prepared: Path,
+                   out: Path, log: Callable[[str], None] = print) -> Path:
+    """Measure the three ratios of the module docstring and write them, verdicts included, to ``out``."""
+    info = open_prepared(prepared)
+    xtest = info.load("test")[0][:1024]
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = Path(tmp) / "pool.npy"
+        np.save(pool, xtest)
+        floor = bench_worker.write_identity_model(Path(tmp) / "identity.onnx", info.shape)
+        runs = {}
+        for name, path, engine in [("student", student, "onnxruntime"), ("student-timeit", student, "timeit"),
+                                   ("student-int8", student_int8, "onnxruntime"),
+                                   ("teacher", teacher, "onnxruntime"), ("identity-floor", floor, "onnxruntime")]:
+            log(f"fidelity: timing {name}")
+            r = _p50(cfg, path, pool, engine)
+            runs[name] = {k: v for k, v in r.items() if k not in ("latencies_s", "trial_latencies_s")}
+        prof = {"student": profile(student, xtest, cfg.threads, cfg.profile_runs),
+                "identity-floor": profile(floor, xtest, cfg.threads, cfg.profile_runs)}
+    p = {k: v["steady"]["p50"] for k, v in runs.items()}
+    gap = p["student"] / p["student-timeit"] - 1.0
+    speedup = p["teacher"] / p["student-int8"]
+    floor_ratio = p["student"] / p["identity-floor"]
+    sp, fp = prof["student"], prof["identity-floor"]
+    import onnx
+    weight_kib = sum(onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(str(student)).graph.initializer) / 1024
+    explanation = (f"fp32 student p50 {p['student']:.2f} us = Identity floor {p['identity-floor']:.2f} us "
+                   f"(one run() of the same input: Python binding, feed and output handling) + "
+                   f"{p['student'] - p['identity-floor']:.2f} us. onnxruntime's profiler puts the student's "
+                   f"run at {sp['model_run_p50_us']:.1f} us (floor {fp['model_run_p50_us']:.1f} us), of which "
+                   f"kernels {sp['kernels_total_us']:.2f} us: "
+                   + ", ".join(f"{k} {v:.2f}" for k, v in sp["kernel_us_per_run"].items())
+                   + f". The kernels stream {weight_kib:.0f} KiB of weights per batch-1 run (a matrix-vector "
+                   "product is bound by memory bandwidth, not arithmetic; int8 weights are a quarter of it)"
+                   + " (the profiler records whole microseconds and adds its own overhead to the run span: "
+                   "read it as attribution, not as timing).")
+    result = {
+        "settings": to_dict(cfg), "p50_us": p, "runs": runs, "profile": prof,
+        "harness_vs_timeit": {"gap": gap, "target": cfg.max_harness_gap, "ok": abs(gap) <= cfg.max_harness_gap},
+        # no student can beat the floor: teacher / floor bounds any speedup measured through run()
+        "int8_vs_teacher": {"speedup": speedup, "target": cfg.min_speedup, "ok": speedup >= cfg.min_speedup,
+                            "ceiling_teacher_over_floor": p["teacher"] / p["identity-floor"]},
+        "fp32_vs_floor": {"ratio": floor_ratio, "target": cfg.max_floor_ratio,
+                          "ok": floor_ratio <= cfg.max_floor_ratio, "explanation": explanation},
+        "environment": bench.environment(),
+        "provenance": provenance.record("bench-fidelity", to_dict(cfg), {
+            "teacher": teacher, "student": student, "student_int8": student_int8, "prepared": prepared}),
+    }
+    write_json(out, result)
+    log(f"fidelity: harness {p['student']:.2f} us vs timeit {p['student-timeit']:.2f} us ({gap:+.1%}); "
+        f"int8 {speedup:.0f}x faster than the teacher; fp32 {floor_ratio:.2f}x the Identity floor -> {out}")
+    return out

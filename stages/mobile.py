@@ -1,0 +1,95 @@
+"""Mobile and embedded deliverables of the export, all made by onnxruntime's own tools.
+
+- ORT format (``.ort``): ``onnxruntime.tools.convert_onnx_models_to_ort`` (optimisation style
+  *Fixed*, level *all*: the graph a minimal build loads without an optimiser).
+- Operator config for a reduced build (``required_operators.config``): written by the same
+  conversion from the converted models (its ``create_config_from_models``), one file covering every
+  shipped variant; pass it to onnxruntime's ``build.py --include_ops_by_config``.
+- Mobile usability (NNAPI / CoreML coverage): ``onnxruntime.tools.mobile_helpers.usability_checker``
+  (what ``python -m onnxruntime.tools.check_onnx_model_mobile_usability`` runs).  That tool only
+  logs; its log is kept verbatim and its verdict lines ("Model should perform well with <EP> as is:
+  YES|MAYBE|NO", and the same if the input shapes were fixed) are summarised.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline.artifacts import atomic_output
+
+CONFIG_NAME = "required_operators.config"
+_VERDICT = re.compile(r"Model should perform well with (.+?) (as is|if modified to have fixed input shapes): (\w+)")
+_PARTITIONS = re.compile(r"(\d+) partitions with a total of (\d+)/(\d+) nodes can be handled by the (.+?) EP")
+
+
+def convert_to_ort(models: dict[str, Path], out_dir: Path) -> dict:
+    """Convert ``models`` (stem -> ONNX file) to ``out_dir/<stem>.ort`` and write one
+    ``out_dir/required_operators.config`` for all of them; each file published atomically.
+    Returns {"ort": {stem: path}, "operator_config": path, "operators": [config lines]}."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "src", Path(tmp) / "dst"
+        src.mkdir()
+        for stem, path in models.items():
+            shutil.copyfile(path, src / f"{stem}.onnx")
+        logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # "Created config in <tmp>"
+        with contextlib.redirect_stdout(io.StringIO()):  # the tool prints progress on stdout
+            convert_onnx_models_to_ort(src, output_dir=dst, optimization_styles=[OptimizationStyle.Fixed])
+        written = {}
+        for stem in models:
+            written[stem] = _publish_copy(dst / f"{stem}.ort", out_dir / f"{stem}.ort")
+        config = (dst / CONFIG_NAME).read_text()
+        # the tool names the temporary files it read; name the published ones instead
+        config = config.replace(str(dst) + "/", "")
+        cfg_path = out_dir / CONFIG_NAME
+        with atomic_output(cfg_path) as part:
+            part.write_text(config)
+    ops = [l for l in config.splitlines() if l and not l.startswith("#")]
+    return {"ort": {k: str(v) for k, v in written.items()}, "operator_config": str(cfg_path), "operators": ops}
+
+
+def _publish_copy(src: Path, final: Path) -> Path:
+    with atomic_output(final) as part:
+        shutil.copyfile(src, part)
+    return final
+
+
+def usability(model: Path) -> dict:
+    """onnxruntime's mobile usability analysis of ``model``: per execution provider the verdict as
+    exported and with fixed input shapes, the partition coverage, and the tool's full log."""
+    from onnxruntime.tools.mobile_helpers import usability_checker
+
+    logger = logging.getLogger(f"edge_distill.usability.{id(model)}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    logger.addHandler(handler)
+    try:
+        worth_trying = usability_checker.analyze_model(Path(model), skip_optimize=False, logger=logger)
+    finally:
+        logger.removeHandler(handler)
+    text = buf.getvalue()
+    return {"worth_trying_nnapi_or_coreml": bool(worth_trying), "providers": summarise_log(text),
+            "log": text.splitlines()}
+
+
+def summarise_log(text: str) -> dict:
+    """{EP: {"as_is": verdict, "fixed_shapes": verdict or None, "nodes_supported": "a/b"}} from the
+    usability checker's log (the first partition line of an EP is the model as exported)."""
+    out: dict[str, dict] = {}
+    for m in _PARTITIONS.finditer(text):
+        out.setdefault(m.group(4), {}).setdefault("nodes_supported", f"{m.group(2)}/{m.group(3)}")
+    for m in _VERDICT.finditer(text):
+        key = "as_is" if m.group(2) == "as is" else "fixed_shapes"
+        out.setdefault(m.group(1), {})[key] = m.group(3)
+    for v in out.values():
+        v.setdefault("fixed_shapes", None)
+    return out
