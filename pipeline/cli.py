@@ -70,6 +70,7 @@ def main() -> None:
 
 from stages import bench as _bench  # noqa: E402 - stage modules after the group they join
 from stages import cache as _cache  # noqa: E402
+from stages import experiments as _experiments  # noqa: E402
 from stages import export as _export  # noqa: E402
 from stages import prepare as _prepare  # noqa: E402
 from stages import student as _student  # noqa: E402
@@ -137,6 +138,15 @@ def student(cfg, cache_path, transfer_set, out, metrics):
 def student_sweep(cfg, cache_path, transfer_set, work_dir, csv_path, markdown, plot, teacher):
     _sweep.sweep(cfg, cache_path, transfer_set, work_dir, csv_path, markdown or csv_path.with_suffix(".md"),
                  plot or csv_path.with_suffix(".png"), teacher, log=_say)
+
+
+@stage_command(student_group, "experiment", _experiments.ExperimentConfig)
+@click.option("--cache", "cache_path", type=PathArg, required=True, help="soft-target cache (from `distill cache`)")
+@click.option("--transfer-set", type=PathArg, required=True, help="the prepared dataset the cache was built from")
+@click.option("--work-dir", type=PathArg, required=True, help="folder for every student's checkpoint and metrics")
+@click.option("--markdown", type=PathArg, required=True, help="Markdown table to write (+ <stem>.json)")
+def student_experiment(cfg, cache_path, transfer_set, work_dir, markdown):
+    _experiments.run_experiment(cfg, cache_path, transfer_set, work_dir, markdown, log=_say)
 
 
 @stage_command(main, "export", _export.ExportConfig)
