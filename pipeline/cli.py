@@ -69,6 +69,7 @@ def main() -> None:
 
 
 from stages import bench as _bench  # noqa: E402 - stage modules after the group they join
+from stages import bench_student as _bench_student  # noqa: E402
 from stages import cache as _cache  # noqa: E402
 from stages import experiments as _experiments  # noqa: E402
 from stages import export as _export  # noqa: E402
@@ -147,6 +148,15 @@ def student_sweep(cfg, cache_path, transfer_set, work_dir, csv_path, markdown, p
 @click.option("--markdown", type=PathArg, required=True, help="Markdown table to write (+ <stem>.json)")
 def student_experiment(cfg, cache_path, transfer_set, work_dir, markdown):
     _experiments.run_experiment(cfg, cache_path, transfer_set, work_dir, markdown, log=_say)
+
+
+@stage_command(student_group, "bench", _bench_student.StudentBenchConfig)
+@click.option("--cache", "cache_path", type=PathArg, required=True, help="soft-target cache (from `distill cache`)")
+@click.option("--transfer-set", type=PathArg, required=True, help="the prepared dataset the cache was built from")
+@click.option("--teacher", type=PathArg, required=True, help="teacher ensemble ONNX (run every step in online mode)")
+@click.option("--out", type=PathArg, required=True, help="report JSON to write")
+def student_bench(cfg, cache_path, transfer_set, teacher, out):
+    _bench_student.bench_student(cfg, cache_path, transfer_set, teacher, out, log=_say)
 
 
 @stage_command(main, "export", _export.ExportConfig)

@@ -75,6 +75,12 @@ class TransferLoader:
             self.block_rows = max(1, min(self.block_rows, half // (MIN_BLOCKS * self.row_bytes)))
             self.buffer_blocks = max(1, half // (self.block_rows * self.row_bytes))
 
+    def arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The resident (x, target, y) tensors (resident mode only)."""
+        if not self.resident:
+            raise ValueError("a streaming loader holds no arrays")
+        return self._all
+
     def labels(self) -> np.ndarray:
         """Labels of the selected rows (-1 where unlabelled)."""
         return self.labels_all[self.rows]

@@ -49,3 +49,15 @@ def test_logit_matching_objective_end_to_end(tiny_cache, tiny_prepared, tmp_path
     proc = run_cli(*args, "--objective", "logits", check=True)
     m = json.loads(out.with_suffix(".metrics.json").read_text())
     assert m["settings"]["objective"] == "logits" and m["test_accuracy"] > 0.5, proc.stderr
+
+
+def test_bench_student_writes_side_by_side_ratios(tiny_cache, tiny_prepared, tiny_teacher, tmp_path):
+    out = tmp_path / "bench.json"
+    run_cli("student", "bench", "--cache", tiny_cache, "--transfer-set", tiny_prepared, "--teacher", tiny_teacher,
+            "--out", out, "--arch", "mlp:8", "--epochs", "2", "--stream-budget-mib", "0.5", "--temperature", "2",
+            check=True)
+    r = json.loads(out.read_text())
+    assert set(r["modes"]) == {"in_memory", "cache_resident", "cache_streaming", "online"}
+    assert r["modes"]["in_memory"]["ratio_to_in_memory"] == 1.0 and r["rows"] == 1200
+    assert all(len(m["epoch_seconds"]) == 2 and m["median_epoch_seconds"] > 0 for m in r["modes"].values())
+    assert r["onnxruntime_provider"] == "CPUExecutionProvider" and r["provenance"]["inputs"]["teacher"]["sha256"]
