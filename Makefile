@@ -31,6 +31,12 @@ EPOCHS ?= 30
 STUDENT_ARGS ?=
 EXPORT_ARGS ?=
 BENCH_ARGS ?=
+JOBS ?= 2
+SWEEP_ARGS ?=
+EXP_ARGS ?=
+EXP_T_ARCHS ?= mlp:16,mlp:64,mlp:800-800
+EXP_T_ARGS ?=
+BENCH_STUDENT_ARGS ?=
 
 # ---- artifacts ----
 PREPARED := $(DATA)/prepared/$(DS).h5
@@ -41,6 +47,7 @@ HARD := $(STU)/$(DS)-hard
 KD := $(STU)/$(DS)-kd
 BENCH := $(DATA)/bench/$(DS)
 PARAMS := $(DATA)/params
+SWEEPS := $(DATA)/sweeps/$(DS)
 
 ARGS_prepare := --source $(SOURCE) $(PREPARE_ARGS)
 ARGS_teacher := --members $(MEMBERS) --arch $(TEACHER_ARCH) --epochs $(TEACHER_EPOCHS) $(TEACHER_ARGS)
@@ -52,6 +59,7 @@ ARGS_bench := $(BENCH_ARGS)
 stamp = $(PARAMS)/$(1).args
 
 .PHONY: help all smoke setup test prepare teacher cache student export bench bench-fidelity clean clean-smoke
+.PHONY: bench-student sweep experiments exp-small-transfer exp-omitted-class exp-temperature
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_.-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -129,6 +137,30 @@ FIDELITY_ARGS ?=
 $(BENCH).fidelity.json: $(TEACHER) $(KD).onnx $(PREPARED) stages/fidelity.py stages/bench_worker.py | $(INSTALLED)
 	$(DISTILL) bench-fidelity --teacher $(TEACHER) --student $(KD).onnx --student-int8 $(KD).int8.onnx \
 	  --prepared $(PREPARED) --out $@ $(FIDELITY_ARGS)
+
+# ---- student sweeps and the paper's experiments (phony: each reruns, reusing students already trained) ----
+EXP_IN := --cache $(CACHE) --transfer-set $(PREPARED)
+
+bench-student: $(CACHE) $(PREPARED) $(TEACHER) | $(INSTALLED) ## student epoch: cache vs in-memory vs online teacher (JSON)
+	$(DISTILL) student bench $(EXP_IN) --teacher $(TEACHER) --out $(DATA)/bench/$(DS)-student.json $(BENCH_STUDENT_ARGS)
+
+sweep: $(CACHE) $(PREPARED) $(TEACHER) | $(INSTALLED) ## T x alpha x size x seed from one cache: CSV, Markdown, PNG
+	$(DISTILL) student sweep $(EXP_IN) --teacher $(TEACHER) --work-dir $(SWEEPS)/students --csv $(SWEEPS)/sweep.csv \
+	  --epochs $(EPOCHS) --jobs $(JOBS) $(SWEEP_ARGS)
+
+exp-small-transfer: $(CACHE) $(PREPARED) | $(INSTALLED) ## paper (1): 3% transfer set, hard vs soft, +-early stopping
+	$(DISTILL) student experiment --name small-transfer $(EXP_IN) --work-dir $(SWEEPS)/students \
+	  --markdown $(SWEEPS)/small-transfer.md --epochs $(EPOCHS) --jobs $(JOBS) $(EXP_ARGS)
+
+exp-omitted-class: $(CACHE) $(PREPARED) | $(INSTALLED) ## paper (2): one class left out, bias correction before/after
+	$(DISTILL) student experiment --name omitted-class $(EXP_IN) --work-dir $(SWEEPS)/students \
+	  --markdown $(SWEEPS)/omitted-class.md --epochs $(EPOCHS) --jobs $(JOBS) $(EXP_ARGS)
+
+exp-temperature: $(CACHE) $(PREPARED) $(TEACHER) | $(INSTALLED) ## paper (3): which T wins per student size
+	$(DISTILL) student sweep $(EXP_IN) --teacher $(TEACHER) --work-dir $(SWEEPS)/students \
+	  --csv $(SWEEPS)/temperature-size.csv --archs $(EXP_T_ARCHS) --alphas 0.5 --epochs $(EPOCHS) --jobs $(JOBS) $(EXP_T_ARGS)
+
+experiments: exp-small-transfer exp-omitted-class exp-temperature ## the three experiments' tables
 
 clean-smoke: ## remove the smoke run's artifacts
 	rm -rf $(SMOKE_DATA)

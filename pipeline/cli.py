@@ -69,11 +69,14 @@ def main() -> None:
 
 
 from stages import bench as _bench  # noqa: E402 - stage modules after the group they join
+from stages import bench_student as _bench_student  # noqa: E402
 from stages import cache as _cache  # noqa: E402
+from stages import experiments as _experiments  # noqa: E402
 from stages import export as _export  # noqa: E402
 from stages import fidelity as _fidelity  # noqa: E402
 from stages import prepare as _prepare  # noqa: E402
 from stages import student as _student  # noqa: E402
+from stages import sweep as _sweep  # noqa: E402
 from stages import teacher as _teacher  # noqa: E402
 
 
@@ -123,6 +126,38 @@ def student_group() -> None:
 def student(cfg, cache_path, transfer_set, out, metrics):
     metrics = metrics or out.with_suffix(".metrics.json")
     _student.distill_student(cfg, cache_path, transfer_set, out, metrics, log=_say)
+
+
+@stage_command(student_group, "sweep", _sweep.SweepConfig)
+@click.option("--cache", "cache_path", type=PathArg, required=True, help="soft-target cache (from `distill cache`)")
+@click.option("--transfer-set", type=PathArg, required=True, help="the prepared dataset the cache was built from")
+@click.option("--work-dir", type=PathArg, required=True, help="folder for every student's checkpoint and metrics")
+@click.option("--csv", "csv_path", type=PathArg, required=True, help="CSV of every student (+ <stem>.json)")
+@click.option("--markdown", type=PathArg, default=None, help="Markdown table [default: <csv stem>.md]")
+@click.option("--plot", type=PathArg, default=None, help="PNG plot [default: <csv stem>.png]")
+@click.option("--teacher", type=PathArg, default=None, help="teacher ONNX of the cache: adds its test accuracy "
+              "and the fraction of the gap closed")
+def student_sweep(cfg, cache_path, transfer_set, work_dir, csv_path, markdown, plot, teacher):
+    _sweep.sweep(cfg, cache_path, transfer_set, work_dir, csv_path, markdown or csv_path.with_suffix(".md"),
+                 plot or csv_path.with_suffix(".png"), teacher, log=_say)
+
+
+@stage_command(student_group, "experiment", _experiments.ExperimentConfig)
+@click.option("--cache", "cache_path", type=PathArg, required=True, help="soft-target cache (from `distill cache`)")
+@click.option("--transfer-set", type=PathArg, required=True, help="the prepared dataset the cache was built from")
+@click.option("--work-dir", type=PathArg, required=True, help="folder for every student's checkpoint and metrics")
+@click.option("--markdown", type=PathArg, required=True, help="Markdown table to write (+ <stem>.json)")
+def student_experiment(cfg, cache_path, transfer_set, work_dir, markdown):
+    _experiments.run_experiment(cfg, cache_path, transfer_set, work_dir, markdown, log=_say)
+
+
+@stage_command(student_group, "bench", _bench_student.StudentBenchConfig)
+@click.option("--cache", "cache_path", type=PathArg, required=True, help="soft-target cache (from `distill cache`)")
+@click.option("--transfer-set", type=PathArg, required=True, help="the prepared dataset the cache was built from")
+@click.option("--teacher", type=PathArg, required=True, help="teacher ensemble ONNX (run every step in online mode)")
+@click.option("--out", type=PathArg, required=True, help="report JSON to write")
+def student_bench(cfg, cache_path, transfer_set, teacher, out):
+    _bench_student.bench_student(cfg, cache_path, transfer_set, teacher, out, log=_say)
 
 
 @stage_command(main, "export", _export.ExportConfig)

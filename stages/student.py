@@ -6,19 +6,21 @@ Objective (Hinton, Vinyals & Dean 2015, section 2; :func:`stages.kd.kd_loss`)::
 
 ``alpha = 0`` is the hard-label baseline, ``alpha = 1`` needs no labels.  ``objective = logits``
 matches zero-meaned logits instead (the high-temperature limit).  Soft targets, labels and teacher
-logits come from the cache; the inputs x come from the prepared transfer set by row, after checking
-that the cache was built from that very file.  The epoch is chosen by validation accuracy; the test
-split is scored once, with the chosen weights.
+logits come from the cache; the inputs x come from the prepared transfer set, both read in contiguous
+row blocks by :mod:`stages.loader` (resident when they fit ``memory_budget_mib``, else streamed), after
+checking that the cache was built from that very file.  The epoch is chosen by validation accuracy
+(early stopping); the test split is scored with the chosen weights, and with the last epoch's for
+comparison.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from pipeline import provenance, runtime
@@ -27,6 +29,7 @@ from pipeline.config import require, setting, to_dict
 from pipeline.errors import UsageError
 from stages import kd, models
 from stages.cache import open_cache
+from stages.loader import TransferLoader, select_rows
 from stages.prepare import open_prepared
 
 OBJECTIVES = ("kd", "logits")
@@ -47,6 +50,12 @@ class StudentConfig:
     weight_decay: float = setting(0.0, "AdamW weight decay")
     seed: int = setting(0, "seed of initialisation and batch order")
     threads: int = setting(1, "torch threads (one trains a small MLP fastest on 2 shared cores)")
+    memory_budget_mib: float = setting(1024.0, "MiB the training rows may hold in memory (float32 x, target, "
+                                               "label); a larger cache is streamed in contiguous blocks")
+    block_rows: int = setting(8192, "rows per contiguous read when streaming (and when loading)")
+    train_fraction: float = setting(1.0, "use a seeded fraction of the transfer rows (0.03: Hinton's 3%)")
+    drop_class: int = setting(-1, "leave the rows labelled with this class out of the transfer set (-1: none)")
+    subset_seed: int = setting(0, "seed of the train_fraction sample (fixed apart from seed: one subset, many runs)")
 
     def __post_init__(self) -> None:
         require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
@@ -54,6 +63,8 @@ class StudentConfig:
         require(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}")
         require(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
         require(self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight_decay >= 0")
+        require(self.memory_budget_mib > 0 and self.block_rows >= 1, "memory_budget_mib and block_rows must be > 0")
+        require(0 < self.train_fraction <= 1, f"train_fraction must lie in (0, 1], got {self.train_fraction}")
         models.parse_spec(self.arch)
 
 
@@ -72,12 +83,10 @@ def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict]:
     return net.eval(), ckpt
 
 
-def _targets(cfg: StudentConfig, cache) -> torch.Tensor:
-    if cfg.objective == "logits":
-        return torch.from_numpy(cache.read("logits").mean(axis=1))  # members' mean logits
+def _target_kind(cfg: StudentConfig) -> str:
     if cfg.alpha == 0:
-        return torch.zeros(cache.rows, cache.classes)  # unused by the hard-label loss
-    return torch.from_numpy(cache.soft(cfg.temperature))
+        return "none"  # the hard-label loss never reads a target
+    return "logits" if cfg.objective == "logits" else "soft"
 
 
 def _loss(cfg: StudentConfig, z: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -86,47 +95,101 @@ def _loss(cfg: StudentConfig, z: torch.Tensor, target: torch.Tensor, y: torch.Te
     return kd.kd_loss(z, target, y, cfg.temperature, cfg.alpha)
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) joins the process group, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")  # the student trains on the CPU; nccl needs CUDA tensors
+    return dist.get_rank(), dist.get_world_size()
+
+
+def train_epoch(cfg: StudentConfig, model: torch.nn.Module, opt, sched, batches, rank: int = 0,
+                world: int = 1) -> float:
+    """One epoch of steps over ``batches`` of ``(x, target, y)``; returns the last loss.
+
+    Under DDP every rank draws the same *global* batch (same seed, same order) and trains on its
+    contiguous share; DDP averages the ranks' gradients, so the loss of a share of n_r of n rows is
+    scaled by n_r * world / n to make that average the gradient of the global batch mean (exact for
+    the soft term; for the hard term exact when labelled rows split evenly).  A final batch smaller
+    than the world is skipped (a rank with no rows cannot join the all-reduce).
+    """
+    model.train()
+    loss = torch.zeros(())
+    for x, t, y in batches:
+        n = len(y)
+        scale = 1.0
+        if world > 1:
+            if n < world:
+                continue
+            lo, hi = n * rank // world, n * (rank + 1) // world
+            x, t, y, scale = x[lo:hi], t[lo:hi], y[lo:hi], (hi - lo) * world / n
+        loss = _loss(cfg, model(x), t, y)
+        opt.zero_grad(set_to_none=True)
+        (loss * scale).backward()  # x * 1.0 is exact: a single process is unchanged
+        opt.step()
+        sched.step()
+    return float(loss.detach())
+
+
+def make_loader(cfg: StudentConfig, c, info) -> TransferLoader:
+    """The loader of ``cfg``'s rows of cache ``c`` (a subset when train_fraction < 1 or drop_class >= 0)."""
+    if cfg.drop_class >= c.classes:
+        raise UsageError(f"drop_class {cfg.drop_class} is not a class of {c.path} ({c.classes} classes)")
+    rows = None
+    if cfg.train_fraction < 1 or cfg.drop_class >= 0:
+        rows = select_rows(c.read("labels"), cfg.train_fraction, cfg.drop_class, cfg.subset_seed)
+    return TransferLoader(c, info, _target_kind(cfg), cfg.temperature, rows, cfg.memory_budget_mib, cfg.block_rows)
+
+
 def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Path, metrics: Path,
                     log: Callable[[str], None] = print) -> Path:
-    """Train the student of ``cfg`` from ``cache`` (+ x of ``transfer_set``); write ``out`` and ``metrics``."""
+    """Train the student of ``cfg`` from ``cache`` (+ x of ``transfer_set``); write ``out`` and ``metrics``.
+
+    Under torchrun (WORLD_SIZE > 1) trains with DistributedDataParallel; rank 0 writes the files.
+    """
     runtime.set_torch_threads(cfg.threads)
+    rank, world = distributed()
     c = open_cache(cache)
     provenance.check_hash(transfer_set, c.transfer_sha256, f"the transfer set the cache {cache} was built from",
                           "make cache")
     info = open_prepared(transfer_set)
-    target = _targets(cfg, c)
-    y = torch.from_numpy(c.read("labels"))
-    if cfg.alpha < 1 and not bool((y >= 0).any()):
+    loader = make_loader(cfg, c, info)
+    if cfg.alpha < 1 and not bool((loader.labels() >= 0).any()):
         raise UsageError(f"{cache}: the transfer set has no labels; use --alpha 1")
-    x = torch.from_numpy(info.load(c.transfer_split)[0])
     xval, yval = map(torch.from_numpy, info.load("val"))
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     net = models.build(cfg.arch, info.shape, len(info.classes))
+    model = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net)  # broadcasts rank 0's weights; all ranks seed alike anyway
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = -(-len(x) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr,
+                                                total_steps=cfg.epochs * loader.steps(cfg.batch_size))
     history, best = [], (-1.0, 0, None)
     t0 = time.perf_counter()
-    for epoch in runtime.progress(range(cfg.epochs), desc="student", unit="epoch"):
-        net.train()
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            loss = _loss(cfg, net(x[idx]), target[idx], y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    for epoch in runtime.progress(range(cfg.epochs), desc="student", unit="epoch", disable=rank > 0 or None):
+        loss = train_epoch(cfg, model, opt, sched, loader.epoch(gen, cfg.batch_size), rank, world)
         acc = models.accuracy(models.predict(net, xval), yval)
-        history.append({"epoch": epoch + 1, "val_accuracy": acc, "loss": float(loss.detach())})
+        history.append({"epoch": epoch + 1, "val_accuracy": acc, "loss": loss})
         if acc > best[0]:
             best = (acc, epoch + 1, {k: v.clone() for k, v in net.state_dict().items()})
     seconds = time.perf_counter() - t0
-    net.load_state_dict(best[2])
     xtest, ytest = info.load("test")
+    # Test accuracy of the last epoch's weights too: what training without early stopping gives.
+    test_last = models.accuracy(models.predict(net, xtest), ytest)
+    net.load_state_dict(best[2])
     test_acc = models.accuracy(models.predict(net, xtest), ytest)
-    prov = provenance.record("student", to_dict(cfg), {"cache": cache, "transfer_set": transfer_set})
+    if rank > 0:
+        return out
+    prov = provenance.record("student", to_dict(cfg), {"cache": cache, "transfer_set": transfer_set},
+                             world_size=world)
     ckpt = {"arch": cfg.arch, "state_dict": net.state_dict(), "input_shape": list(info.shape),
             "class_names": list(info.classes), "norm": {"scale": info.scale, "mean": info.mean, "std": info.std},
             "temperature": cfg.temperature, "alpha": cfg.alpha, "epoch": best[1],
@@ -136,6 +199,8 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
         torch.save(ckpt, tmp)
     result = {"name": out.stem, "settings": to_dict(cfg), "parameters": models.count_parameters(net),
               "best_epoch": best[1], "val_accuracy": best[0], "test_accuracy": test_acc,
+              "test_accuracy_last_epoch": test_last, "train_rows": loader.n,
+              "loader": "resident" if loader.resident else "streaming", "world_size": world,
               "train_seconds": seconds, "history": history, "checkpoint_sha256": provenance.sha256_file(out),
               "provenance": prov}
     write_json(metrics, result)
