@@ -115,7 +115,7 @@ class Teachers:
 
     def __call__(self, x: np.ndarray, first_row: int) -> np.ndarray:
         """member_logits [rows, members, classes] float32; DataError on NaN/Inf or mismatches."""
-        parts = []
+        parts, offset = [], 0  # offset: ensemble index of this file's first member
         for i, member in enumerate(self.members):
             out = member(x)
             out = out[:, None, :] if out.ndim == 2 else out
@@ -126,8 +126,9 @@ class Teachers:
             if bad.any():  # nothing of this batch is written: the run stops before the writer sees it
                 row, m = np.argwhere(bad)[0][:2]
                 raise DataError(f"{member.path}: non-finite output (NaN or Inf) at row {first_row + int(row)}, "
-                                f"member {int(m)}")
+                                f"member {offset + int(m)} of the ensemble; nothing of that batch was written")
             if self.probabilities[i] is None:
                 self.probabilities[i] = kd.looks_like_probabilities(out)
             parts.append(kd.as_logits(out) if self.probabilities[i] else out.astype(np.float32, copy=False))
+            offset += out.shape[1]
         return np.concatenate(parts, axis=1)
