@@ -70,6 +70,7 @@ def main() -> None:
 
 from stages import bench as _bench  # noqa: E402 - stage modules after the group they join
 from stages import cache as _cache  # noqa: E402
+from stages import cache_bench as _cache_bench  # noqa: E402
 from stages import cache_tools as _cache_tools  # noqa: E402
 from stages import export as _export  # noqa: E402
 from stages import prepare as _prepare  # noqa: E402
@@ -138,6 +139,20 @@ def cache_verify(cfg, cache_path, teachers, transfer_set):
 @click.option("--out", type=PathArg, required=True, help="merged cache HDF5 file to write")
 def cache_merge(cfg, parts, out):
     _cache_tools.merge(cfg, list(parts), out, log=_say)
+
+
+@stage_command(cache_group, "bench", _cache_bench.CacheBenchConfig)
+@click.option("--work", type=PathArg, required=True, help="folder for the synthetic inputs")
+@click.option("--out", type=PathArg, required=True, help="report JSON to write")
+def cache_bench(cfg, work, out):
+    _cache_bench.bench_speed(cfg, work, out, log=_say)
+
+
+@stage_command(cache_group, "bench-scale", _cache_bench.CacheScaleConfig)
+@click.option("--work", type=PathArg, required=True, help="folder for the synthetic inputs (GBs at 1M rows)")
+@click.option("--out", type=PathArg, required=True, help="report JSON to write")
+def cache_bench_scale(cfg, work, out):
+    _cache_bench.bench_scale(cfg, work, out, log=_say)
 
 
 @main.group("student", cls=DefaultGroup, default="train")
