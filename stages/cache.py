@@ -36,7 +36,8 @@ from pipeline.artifacts import exclusive, fsync_path, publish
 from pipeline.config import require, setting, to_dict
 from pipeline.errors import DataError, IntegrityError, UsageError
 from stages import kd
-from stages.cache_stream import StreamStats, diagnostics_in_blocks, run_pipeline
+from stages.cache_stream import (StreamStats, diagnostics_in_blocks, parse_shard, part_path,  # noqa: F401
+                                 resolve_shard, run_pipeline, shard_rows)
 from stages.cache_teachers import Teachers  # noqa: F401 - re-exported: the stage's teacher wrapper
 from stages.prepare import open_prepared
 
@@ -78,41 +79,6 @@ class CacheConfig:
 def t_key(T: float) -> str:
     """Dataset name of temperature T: ``4`` for 4.0, ``2.5`` for 2.5."""
     return f"{float(T):g}"
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"1/3"`` -> (1, 3); UsageError unless 0 <= i < n."""
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise UsageError(f"shard must be i/n (e.g. 0/3), got {text!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise UsageError(f"shard must be i/n with 0 <= i < n, got {text!r}")
-    return i, n
-
-
-def resolve_shard(shard: str, env: Mapping[str, str]) -> tuple[int, int]:
-    """This process's (index, count): ``--shard`` first, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
-    if shard:
-        return parse_shard(shard)
-    if "WORLD_SIZE" in env:
-        return parse_shard(f"{env.get('RANK', '0')}/{env['WORLD_SIZE']}")
-    return 0, 1
-
-
-def shard_rows(rows: int, batch: int, index: int, count: int) -> tuple[int, int]:
-    """Rows ``[lo, hi)`` of shard ``index`` of ``count``: whole batches, split as evenly as possible.
-
-    Shards start on multiples of ``batch`` so that every batch is the very batch a single process
-    would run (same rows, same padding), which makes merged shards equal a single-process run.
-    """
-    nb = -(-rows // batch)
-    lo, hi = nb * index // count * batch, nb * (index + 1) // count * batch
-    return min(lo, rows), min(hi, rows)
-
-
-def part_path(out: Path, index: int, count: int) -> Path:
-    return out.with_name(f"{out.stem}.part{index}of{count}{out.suffix}")
 
 
 def _open_partial(tmp: Path, identity: dict, log: Callable) -> h5py.File | None:
@@ -211,7 +177,7 @@ def build_cache(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: 
     if diags:
         log(format_diagnostics(diags))
     wall = time.perf_counter() - t0
-    log(f"cache: {hi - lo} rows x {teachers.provider} in {wall:.1f} s -> {out}")
+    log(f"cache: {hi - lo} rows x {teachers.provider} in {wall:.2f} s -> {out}")
     return out, {"wall_s": wall, "rows": hi - lo, "provider": teachers.provider,
                  "io_binding": teachers.io_binding, **dataclasses.asdict(stats)}
 

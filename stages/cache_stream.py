@@ -1,4 +1,4 @@
-"""Streaming pieces of the cache stage: the read / infer / write pipeline and block diagnostics.
+"""Streaming pieces of the cache stage: the read / infer / write pipeline, block diagnostics, shards.
 
 Pipeline: a reader thread reads batch k+1 from the transfer set while the calling thread runs the
 teachers on batch k (onnxruntime releases the GIL) and a writer thread writes batch k-1.  Queues of
@@ -18,10 +18,12 @@ import math
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from pipeline.errors import UsageError
 from stages import kd
 
 _END = object()
@@ -122,6 +124,41 @@ def run_pipeline(batches: Iterable[tuple[int, int]], read: Callable, infer: Call
             th.join()
     if errors:
         raise errors[0]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"1/3"`` -> (1, 3); UsageError unless 0 <= i < n."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UsageError(f"shard must be i/n (e.g. 0/3), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise UsageError(f"shard must be i/n with 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def resolve_shard(shard: str, env: Mapping[str, str]) -> tuple[int, int]:
+    """This process's (index, count): ``--shard`` first, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    if shard:
+        return parse_shard(shard)
+    if "WORLD_SIZE" in env:
+        return parse_shard(f"{env.get('RANK', '0')}/{env['WORLD_SIZE']}")
+    return 0, 1
+
+
+def shard_rows(rows: int, batch: int, index: int, count: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of shard ``index`` of ``count``: whole batches, split as evenly as possible.
+
+    Shards start on multiples of ``batch`` so that every batch is the very batch a single process
+    would run (same rows, same padding), which makes merged shards equal a single-process run.
+    """
+    nb = -(-rows // batch)
+    lo, hi = nb * index // count * batch, nb * (index + 1) // count * batch
+    return min(lo, rows), min(hi, rows)
+
+
+def part_path(out: Path, index: int, count: int) -> Path:
+    return out.with_name(f"{out.stem}.part{index}of{count}{out.suffix}")
 
 
 def blocks(lo: int, hi: int, block: int) -> list[tuple[int, int]]:
