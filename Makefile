@@ -167,3 +167,13 @@ clean-smoke: ## remove the smoke run's artifacts
 
 clean: ## remove every artifact under data/ (keeps .venv)
 	find data -mindepth 1 -not -name .gitkeep -delete
+
+# ---- cache benchmarks (issue 3): JSON under data/bench/; synthetic inputs under data/bench/cache-work ----
+.PHONY: bench-cache bench-cache-scale
+CACHE_BENCH_ARGS ?=
+CACHE_SCALE_ARGS ?=
+bench-cache: | $(INSTALLED) ## cache stage: onnxruntime vs PyTorch eager rows/s, HDF5 I/O share (data/bench/cache.json)
+	$(DISTILL) cache bench --work $(DATA)/bench/cache-work --out $(DATA)/bench/cache.json $(CACHE_BENCH_ARGS)
+
+bench-cache-scale: | $(INSTALLED) ## cache stage: peak RSS and time at 10k/100k/1M synthetic rows (data/bench/cache-scale.json)
+	$(DISTILL) cache bench-scale --work $(DATA)/bench/cache-work --out $(DATA)/bench/cache-scale.json $(CACHE_SCALE_ARGS)

@@ -71,6 +71,8 @@ def main() -> None:
 from stages import bench as _bench  # noqa: E402 - stage modules after the group they join
 from stages import bench_student as _bench_student  # noqa: E402
 from stages import cache as _cache  # noqa: E402
+from stages import cache_bench as _cache_bench  # noqa: E402
+from stages import cache_tools as _cache_tools  # noqa: E402
 from stages import experiments as _experiments  # noqa: E402
 from stages import export as _export  # noqa: E402
 from stages import fidelity as _fidelity  # noqa: E402
@@ -108,9 +110,53 @@ def cache_group() -> None:
 @click.option("--teacher", "teachers", type=PathArg, multiple=True, required=True,
               help="teacher ONNX file (repeat for several; outputs are joined as members)")
 @click.option("--transfer-set", type=PathArg, required=True, help="prepared dataset whose rows are the transfer set")
-@click.option("--out", type=PathArg, required=True, help="cache HDF5 file to write")
-def cache_build(cfg, teachers, transfer_set, out):
-    _cache.cache_soft_targets(cfg, list(teachers), transfer_set, out, log=_say)
+@click.option("--out", type=PathArg, required=True, help="cache HDF5 file to write (a shard writes "
+              "<out stem>.part<i>of<n><suffix>)")
+@click.option("--plot", type=PathArg, default=None, help="also plot entropy and accuracy against T to this PNG")
+def cache_build(cfg, teachers, transfer_set, out, plot):
+    written = _cache.cache_soft_targets(cfg, list(teachers), transfer_set, out, log=_say)
+    if plot is not None:
+        _cache_tools.plot_diagnostics(_cache.open_cache(written).diagnostics(), plot)
+
+
+@stage_command(cache_group, "add-temperature", _cache_tools.AddTemperatureConfig)
+@click.argument("cache_path", type=PathArg)
+@click.option("--out", type=PathArg, default=None, help="write the extended cache here [default: replace FILE atomically]")
+@click.option("--plot", type=PathArg, default=None, help="also plot entropy and accuracy against T to this PNG")
+def cache_add_temperature(cfg, cache_path, out, plot):
+    written = _cache_tools.add_temperature(cfg, cache_path, out, log=_say)
+    if plot is not None:
+        _cache_tools.plot_diagnostics(_cache.open_cache(written).diagnostics(), plot)
+
+
+@stage_command(cache_group, "verify", _cache_tools.VerifyConfig)
+@click.argument("cache_path", type=PathArg)
+@click.option("--teacher", "teachers", type=PathArg, multiple=True, required=True,
+              help="teacher ONNX file the cache was built from (repeat, in the same order)")
+@click.option("--transfer-set", type=PathArg, required=True, help="prepared dataset the cache was built from")
+def cache_verify(cfg, cache_path, teachers, transfer_set):
+    _cache_tools.verify(cfg, cache_path, list(teachers), transfer_set, log=_say)
+
+
+@stage_command(cache_group, "merge", _cache_tools.MergeConfig)
+@click.option("--part", "parts", type=PathArg, multiple=True, required=True, help="a shard's part file (repeat for each)")
+@click.option("--out", type=PathArg, required=True, help="merged cache HDF5 file to write")
+def cache_merge(cfg, parts, out):
+    _cache_tools.merge(cfg, list(parts), out, log=_say)
+
+
+@stage_command(cache_group, "bench", _cache_bench.CacheBenchConfig)
+@click.option("--work", type=PathArg, required=True, help="folder for the synthetic inputs")
+@click.option("--out", type=PathArg, required=True, help="report JSON to write")
+def cache_bench(cfg, work, out):
+    _cache_bench.bench_speed(cfg, work, out, log=_say)
+
+
+@stage_command(cache_group, "bench-scale", _cache_bench.CacheScaleConfig)
+@click.option("--work", type=PathArg, required=True, help="folder for the synthetic inputs (GBs at 1M rows)")
+@click.option("--out", type=PathArg, required=True, help="report JSON to write")
+def cache_bench_scale(cfg, work, out):
+    _cache_bench.bench_scale(cfg, work, out, log=_say)
 
 
 @main.group("student", cls=DefaultGroup, default="train")

@@ -98,8 +98,10 @@ def _preload_cuda() -> None:
             pass
 
 
-def session(path: Path, device: str = "cpu", threads: int = 1, log=None) -> Any:
+def session(path: Path, device: str = "cpu", threads: int = 1, log=None, device_id: int = 0) -> Any:
     """An InferenceSession on ``device`` (auto|cpu|cuda) with ``threads`` intra-op threads.
+
+    ``device_id`` picks the GPU (a torchrun rank passes its LOCAL_RANK).
 
     ``cuda`` that cannot run is a RuntimeUnavailable error; ``auto`` tries CUDA when onnxruntime
     lists it and falls back to CPU, saying so through ``log``.
@@ -118,7 +120,8 @@ def session(path: Path, device: str = "cpu", threads: int = 1, log=None) -> Any:
     want_cuda = device == "cuda" or (device == "auto" and cuda_driver_present())
     if want_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
         _preload_cuda()
-        sess = _try_session(ort, path, opts, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        sess = _try_session(ort, path, opts, [("CUDAExecutionProvider", {"device_id": int(device_id)}),
+                                             "CPUExecutionProvider"])
         if sess is not None and sess.get_providers()[0] == "CUDAExecutionProvider":
             return sess
     if device == "cuda":

@@ -2,20 +2,31 @@
 
 Writes HDF5 schema ``kd-cache/1`` (DESIGN.md section 3): raw per-member logits, combined soft
 targets ``p_T`` at each temperature, labels, per-temperature diagnostics and provenance.  Because
-the raw logits are kept, a new temperature is computed from the file without any teacher.
+the raw logits are kept, a new temperature is computed from the file without any teacher
+(``distill cache add-temperature``, :mod:`stages.cache_tools`).
+
+Streaming: the transfer set is read, run and written batch by batch, with reading and writing
+overlapped with inference (:mod:`stages.cache_stream`), and diagnostics are computed over blocks,
+so memory stays bounded whatever the row count.
 
 Crash safety: rows are written in batches to ``<out>.partial``; after each batch the file is
 flushed and fsynced and ``committed_rows`` advanced.  Run again with the same arguments, the stage
-resumes after the last committed batch (batch boundaries are fixed, so the content is identical to
-an uninterrupted run); a ``.partial`` that does not open, or was made from other inputs, is
-restarted from zero.  The finished file is published by fsync, rename, fsync of the directory.
+resumes after the last committed batch (batch boundaries are fixed multiples of ``batch_size``, so
+the content is identical to an uninterrupted run); a ``.partial`` that does not open, or was made
+from other inputs, is restarted from zero.  The finished file is published by fsync, rename, fsync
+of the directory.  No attribute records a time, so equal runs give equal attributes.
+
+Sharding: ``--shard i/n`` (or RANK/WORLD_SIZE from torchrun) gives rank i the i-th contiguous run
+of whole batches; it writes ``<out stem>.part<i>of<n><suffix>``, which ``distill cache merge`` joins.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import h5py
 import numpy as np
@@ -25,10 +36,15 @@ from pipeline.artifacts import exclusive, fsync_path, publish
 from pipeline.config import require, setting, to_dict
 from pipeline.errors import DataError, IntegrityError, UsageError
 from stages import kd
+from stages.cache_stream import (StreamStats, diagnostics_in_blocks, parse_shard, part_path,  # noqa: F401
+                                 resolve_shard, run_pipeline, shard_rows)
+from stages.cache_teachers import Teachers  # noqa: F401 - re-exported: the stage's teacher wrapper
 from stages.prepare import open_prepared
 
 SCHEMA = "kd-cache/1"
 CHUNK_BYTES = 512 << 10  # chunks of whole rows, ~512 KiB: in DESIGN's 256 KiB - 1 MiB band
+DIAG_BLOCK = 16384  # rows per diagnostics block: ~0.7 MB of logits per member at 10 classes (float64 temporaries ~6 MB)
+RUN_ONLY = ("device", "threads", "shard", "io_binding")  # settings that do not change the content
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +56,12 @@ class CacheConfig:
     combine: str = setting("arithmetic", "member combination: arithmetic (mean of softmaxes, Hinton) or "
                                          "geometric (softmax of mean logits)")
     split: str = setting("train", "split of the prepared file used as the transfer set")
-    batch_size: int = setting(1024, "rows per onnxruntime call (also the commit unit)")
+    batch_size: int = setting(1024, "rows per onnxruntime call (also the commit unit and the CUDA bound size)")
     device: str = setting("auto", "auto (CUDA when onnxruntime can run it, else CPU, said aloud), cpu or cuda")
     threads: int = setting(2, "onnxruntime intra-op threads")
+    io_binding: str = setting("auto", "bind inputs/outputs at a fixed padded batch: auto (on CUDA only), on, off")
+    shard: str = setting("", "i/n: write part i of n (rows of a contiguous range of batches) to "
+                             "<out stem>.part<i>of<n><suffix>; empty = RANK/WORLD_SIZE when set, else all rows")
 
     def __post_init__(self) -> None:
         require(len(self.temperatures) > 0, "give at least one temperature")
@@ -52,55 +71,14 @@ class CacheConfig:
         require(self.split in ("train", "val", "test"), "split must be train, val or test")
         require(self.batch_size >= 1 and self.threads >= 1, "batch_size and threads must be >= 1")
         require(self.device in runtime.DEVICES, f"device must be one of {', '.join(runtime.DEVICES)}")
+        require(self.io_binding in ("auto", "on", "off"), "io_binding must be auto, on or off")
+        if self.shard:
+            parse_shard(self.shard)
 
 
 def t_key(T: float) -> str:
     """Dataset name of temperature T: ``4`` for 4.0, ``2.5`` for 2.5."""
     return f"{float(T):g}"
-
-
-class Teachers:
-    """One or more ONNX teachers run as one ensemble: outputs joined on the member axis."""
-
-    def __init__(self, paths: list[Path], shape: tuple[int, ...], cfg: CacheConfig, log: Callable):
-        self.paths = [Path(p) for p in paths]
-        self.sessions = [runtime.session(p, cfg.device, cfg.threads, log=log) for p in self.paths]
-        self.provider = runtime.provider_name(self.sessions[0])
-        self.probabilities: list[bool | None] = [None] * len(self.paths)
-        for path, sess in zip(self.paths, self.sessions):
-            _check_input(path, sess.get_inputs()[0], shape)
-
-    def __call__(self, x: np.ndarray, first_row: int) -> np.ndarray:
-        """member_logits [rows, members, classes] float32; DataError on NaN/Inf or mismatches."""
-        parts = []
-        for i, (path, sess) in enumerate(zip(self.paths, self.sessions)):
-            out = sess.run(None, {sess.get_inputs()[0].name: x})[0]
-            out = out[:, None, :] if out.ndim == 2 else out
-            if out.ndim != 3 or out.shape[0] != len(x):
-                raise DataError(f"{path}: output shape {out.shape}, expected [batch, classes] or "
-                                f"[batch, members, classes]")
-            bad = ~np.isfinite(out)
-            if bad.any():
-                row, member = np.argwhere(bad)[0][:2]
-                raise DataError(f"{path}: non-finite output at row {first_row + int(row)}, member {int(member)}")
-            if self.probabilities[i] is None:  # decided once per teacher, on its first batch
-                self.probabilities[i] = kd.looks_like_probabilities(out)
-            parts.append(kd.as_logits(out) if self.probabilities[i] else out.astype(np.float32))
-        classes = {p.shape[2] for p in parts}
-        if len(classes) != 1:
-            raise DataError(f"teachers disagree on the class count: "
-                            + ", ".join(f"{p.name}: {q.shape[2]}" for p, q in zip(self.paths, parts)))
-        return np.concatenate(parts, axis=1)
-
-
-def _check_input(path: Path, inp, shape: tuple[int, ...]) -> None:
-    """The model's declared input must take float32 rows of the transfer set's shape."""
-    dims = list(inp.shape)
-    if inp.type != "tensor(float)":
-        raise DataError(f"{path}: input {inp.name!r} has type {inp.type}, the transfer set is tensor(float)")
-    if len(dims) != len(shape) + 1 or any(isinstance(d, int) and d != s for d, s in zip(dims[1:], shape)):
-        raise DataError(f"{path}: input {inp.name!r} has shape {dims}, the transfer set gives [batch, "
-                        + ", ".join(map(str, shape)) + "]")
 
 
 def _open_partial(tmp: Path, identity: dict, log: Callable) -> h5py.File | None:
@@ -109,7 +87,8 @@ def _open_partial(tmp: Path, identity: dict, log: Callable) -> h5py.File | None:
         return None
     try:
         f = h5py.File(tmp, "r+", locking=False)
-        if json.loads(f.attrs["identity"]) == identity and "logits" in f:
+        if (json.loads(f.attrs["identity"]) == identity and "logits" in f
+                and "teacher_probabilities" in f.attrs):
             log(f"resuming {tmp} at row {int(f.attrs['committed_rows'])}")
             return f
         f.close()
@@ -119,92 +98,162 @@ def _open_partial(tmp: Path, identity: dict, log: Callable) -> h5py.File | None:
     return None  # _create truncates it in place (same inode: the lock stays valid)
 
 
-def _create(tmp: Path, identity: dict, rows: int, members: int, classes: int, cfg: CacheConfig) -> h5py.File:
-    f = h5py.File(tmp, "w", locking=False)
+def create_cache(path: Path, identity: dict, rows: int, members: int, classes: int,
+                 temperatures: tuple[float, ...]) -> h5py.File:
+    """A new, empty kd-cache/1 file at ``path`` (truncated if it exists) with its datasets."""
+    f = h5py.File(path, "w", locking=False)
     chunk = max(1, min(rows, CHUNK_BYTES // (members * classes * 4)))
     f.create_dataset("logits", (rows, members, classes), np.float32, chunks=(chunk, members, classes))
-    soft_chunk = max(1, min(rows, CHUNK_BYTES // (classes * 4)))
-    for T in cfg.temperatures:
-        f.create_dataset(f"soft/{t_key(T)}", (rows, classes), np.float32, chunks=(soft_chunk, classes))
-    f.create_dataset("labels", (rows,), np.int64)
+    for T in temperatures:
+        add_soft_dataset(f, T, rows, classes)
+    f.create_dataset("labels", (rows,), np.int64, chunks=(max(1, min(rows, CHUNK_BYTES // 8)),))
     f.attrs.update(schema=SCHEMA, rows=rows, members=members, classes=classes, committed_rows=0,
                    complete=False, identity=json.dumps(identity))
     return f
 
 
+def add_soft_dataset(f: h5py.File, T: float, rows: int, classes: int) -> h5py.Dataset:
+    soft_chunk = max(1, min(rows, CHUNK_BYTES // (classes * 4)))
+    return f.create_dataset(f"soft/{t_key(T)}", (rows, classes), np.float32, chunks=(soft_chunk, classes))
+
+
 def cache_soft_targets(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: Path,
                        log: Callable[[str], None] = print) -> Path:
-    """Run ``teacher`` (one or more ONNX files) over ``transfer_set`` and write the cache ``out``."""
+    """Run ``teacher`` (one or more ONNX files) over ``transfer_set`` and write the cache ``out``
+    (or, when sharded, this rank's part of it; the path written is returned)."""
+    return build_cache(cfg, teacher, transfer_set, out, log)[0]
+
+
+def build_cache(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: Path,
+                log: Callable[[str], None] = print, env: Mapping[str, str] | None = None) -> tuple[Path, dict]:
+    """:func:`cache_soft_targets`, also returning timings (seconds; for ``distill cache bench``)."""
     if not teacher:
         raise UsageError("give at least one teacher ONNX file")
+    env = os.environ if env is None else env
+    t0 = time.perf_counter()
     info = open_prepared(transfer_set)
-    rows = info.rows[cfg.split]
-    out = Path(out)
+    index, count = resolve_shard(cfg.shard, env)
+    lo, hi = shard_rows(info.rows[cfg.split], cfg.batch_size, index, count)
+    out = part_path(Path(out), index, count) if count > 1 else Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    teachers = Teachers(teacher, info.shape, cfg, log)
+    teachers = Teachers(teacher, info.shape, len(info.classes), cfg.device, cfg.threads, cfg.batch_size,
+                        cfg.io_binding, log=log, device_id=int(env.get("LOCAL_RANK", 0)))
     identity = {"teacher_sha256": [provenance.sha256_file(p) for p in teacher],
-                "transfer_sha256": provenance.sha256_file(transfer_set), "settings": to_dict(cfg)}
-    identity["settings"].pop("device"), identity["settings"].pop("threads")  # do not change the content
+                "transfer_sha256": provenance.sha256_file(transfer_set),
+                "settings": {k: v for k, v in to_dict(cfg).items() if k not in RUN_ONLY}}
+    if count > 1:
+        identity["part"] = {"index": index, "count": count, "rows": [lo, hi], "total_rows": info.rows[cfg.split]}
+        log(f"cache: shard {index}/{count}, rows [{lo}, {hi}) -> {out}")
+    if hi <= lo:
+        raise DataError(f"{transfer_set}: the {cfg.split} split has no rows for shard {index}/{count}")
+    stats = StreamStats()
     with exclusive(out) as tmp:
-        f = _open_partial(tmp, identity, log)
+        box = {"f": _open_partial(tmp, identity, log)}
         try:
-            start = int(f.attrs["committed_rows"]) if f is not None else 0
-            with runtime.progress(total=rows, initial=start, desc="cache", unit="row") as bar:
-                for lo in range(start, rows, cfg.batch_size):
-                    hi = min(rows, lo + cfg.batch_size)
-                    x, y = info.load(cfg.split, lo, hi)
-                    logits = teachers(x, lo)
-                    if f is None:
-                        f = _create(tmp, identity, rows, logits.shape[1], logits.shape[2], cfg)
-                    _write_batch(f, tmp, lo, logits, y, cfg)
-                    bar.update(hi - lo)
-            _finish(f, cfg, teachers, identity, info, transfer_set)
+            start = lo
+            if box["f"] is not None:
+                start = lo + int(box["f"].attrs["committed_rows"])
+                teachers.probabilities = json.loads(box["f"].attrs["teacher_probabilities"])
+            bar = runtime.progress(total=hi - lo, initial=start - lo, desc="cache", unit="row")
+
+            def write(b_lo: int, b_hi: int, logits: np.ndarray, y: np.ndarray) -> None:
+                if box["f"] is None:
+                    box["f"] = create_cache(tmp, identity, hi - lo, logits.shape[1], logits.shape[2], cfg.temperatures)
+                    box["f"].attrs["teacher_probabilities"] = json.dumps(teachers.probabilities)
+                _write_batch(box["f"], tmp, b_lo - lo, logits, y, cfg, stats)
+                bar.update(b_hi - b_lo)
+
+            with h5py.File(transfer_set, "r") as src:  # opened once; only the reader thread reads it
+                xs, ys = src[cfg.split]["x"], src[cfg.split]["y"]
+                run_pipeline([(b, min(hi, b + cfg.batch_size)) for b in range(start, hi, cfg.batch_size)],
+                             lambda a, b: (_normalised(info, xs, a, b), ys[a:b]), teachers, write, stats,
+                             throttle_s=float(env.get("DISTILL_CACHE_THROTTLE_S", 0) or 0))
+            bar.close()
+            diags = _finish(box["f"], cfg, teachers, identity, info, transfer_set, count > 1)
         finally:
-            if f is not None:
-                f.close()
+            if box["f"] is not None:
+                box["f"].close()
         publish(tmp, out)
-    log(f"cache: {rows} rows x {teachers.provider} -> {out}")
-    return out
+    if diags:
+        log(format_diagnostics(diags))
+    wall = time.perf_counter() - t0
+    log(f"cache: {hi - lo} rows x {teachers.provider} in {wall:.2f} s -> {out}")
+    return out, {"wall_s": wall, "rows": hi - lo, "provider": teachers.provider,
+                 "io_binding": teachers.io_binding, **dataclasses.asdict(stats)}
 
 
-def _write_batch(f: h5py.File, tmp: Path, lo: int, logits: np.ndarray, y: np.ndarray, cfg: CacheConfig) -> None:
+def _normalised(info, xs: h5py.Dataset, lo: int, hi: int) -> np.ndarray:
+    """``info.normalise(xs[lo:hi])`` with the same float32 operations, in place: one batch-sized array
+    instead of four temporaries (the reader's share of peak memory)."""
+    x = xs[lo:hi].astype(np.float32, copy=False)
+    x /= np.float32(info.scale)
+    x -= np.float32(info.mean)
+    x /= np.float32(info.std)
+    return x
+
+
+def _write_batch(f: h5py.File, tmp: Path, lo: int, logits: np.ndarray, y: np.ndarray, cfg: CacheConfig,
+                 stats: StreamStats) -> None:
     hi = lo + len(logits)
+    t = time.perf_counter()
+    soft = {T: kd.combine_soft_targets(logits, T, cfg.combine) for T in cfg.temperatures}
+    t1 = time.perf_counter()
     f["logits"][lo:hi] = logits
-    for T in cfg.temperatures:
-        f[f"soft/{t_key(T)}"][lo:hi] = kd.combine_soft_targets(logits, T, cfg.combine)
+    for T, p in soft.items():
+        f[f"soft/{t_key(T)}"][lo:hi] = p
     f["labels"][lo:hi] = y
     f.flush()  # data before the counter: a committed row is always on disk
     f.attrs["committed_rows"] = hi
     f.flush()
     fsync_path(tmp)  # h5py's flush reaches the OS only; the counter must survive a crash
+    stats.combine_s += t1 - t
+    stats.write_s += time.perf_counter() - t1
 
 
-def _finish(f: h5py.File, cfg: CacheConfig, teachers: Teachers, identity: dict, info, transfer_set: Path) -> None:
-    """Diagnostics per temperature and provenance; marks the file complete."""
-    if f is None:
-        raise DataError(f"{transfer_set}: the {cfg.split} split has no rows")
-    logits, labels = f["logits"][:], f["labels"][:]
-    for T in cfg.temperatures:
-        write_diagnostics(f, logits, labels, T)
-    f.attrs.update(
+def content_attrs(cfg: CacheConfig, identity: dict, probabilities: list, info) -> dict:
+    """The attributes that describe the content (equal for one run, a resumed run and merged shards)."""
+    return dict(
         temperatures=[float(t) for t in cfg.temperatures], combine=cfg.combine,
         teacher_sha256=identity["teacher_sha256"], transfer_sha256=identity["transfer_sha256"],
-        transfer_split=cfg.split, settings=json.dumps(to_dict(cfg)), provider=teachers.provider,
-        teacher_probabilities=json.dumps(teachers.probabilities), classes_names=json.dumps(list(info.classes)),
+        transfer_split=cfg.split, settings=json.dumps(identity["settings"]),
+        teacher_probabilities=json.dumps(probabilities), classes_names=json.dumps(list(info.classes)),
         onnxruntime_version=provenance.versions().get("onnxruntime-gpu", provenance.versions().get("onnxruntime", "")),
-        package_version=provenance.versions().get(provenance.PACKAGE, ""),
+        package_version=provenance.versions().get(provenance.PACKAGE, ""))
+
+
+def _finish(f: h5py.File, cfg: CacheConfig, teachers: Teachers, identity: dict, info, transfer_set: Path,
+            part: bool) -> dict:
+    """Diagnostics per temperature (not for a part: merge computes them) and provenance; complete."""
+    if f is None:
+        raise DataError(f"{transfer_set}: the {cfg.split} split has no rows")
+    diags = {} if part else diagnostics_in_blocks(f, cfg.temperatures, DIAG_BLOCK, t_key)
+    for T, d in diags.items():
+        write_diagnostics(f, T, d)
+    f.attrs.update(
+        **content_attrs(cfg, identity, teachers.probabilities, info), provider=teachers.provider,
         provenance=json.dumps(provenance.record("cache", to_dict(cfg), {
             **{f"teacher{i}": p for i, p in enumerate(teachers.paths)}, "transfer_set": transfer_set},
-            provider=teachers.provider)))
+            provider=teachers.provider, io_binding=teachers.io_binding)))
+    if part:
+        f.attrs["part"] = json.dumps(identity["part"])
     f.attrs["complete"] = True
     f.flush()
+    return diags
 
 
-def write_diagnostics(f: h5py.File, logits: np.ndarray, labels: np.ndarray, T: float) -> dict:
-    d = kd.diagnostics(logits, f[f"soft/{t_key(T)}"][:], labels, T)
+def write_diagnostics(f: h5py.File, T: float, d: dict) -> None:
     g = f.require_group(f"diagnostics/{t_key(T)}")
     g.attrs.update(d)
-    return d
+
+
+def format_diagnostics(diags: dict[float, dict]) -> str:
+    """A small table: one row per temperature."""
+    lines = ["     T  entropy(nats)  accuracy  disagreement     ECE"]
+    for T in sorted(diags):
+        d = diags[T]
+        lines.append(f"{t_key(T):>6}  {d['mean_entropy_nats']:13.4f}  {d['teacher_accuracy']:8.4f}  "
+                     f"{d['member_disagreement']:12.4f}  {d['ece']:6.4f}")
+    return "\n".join(lines)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +280,12 @@ class CacheInfo:
         with h5py.File(self.path, "r") as f:
             return f[name][:]
 
+    def diagnostics(self) -> dict[float, dict]:
+        """Stored per-temperature diagnostics: {T: {mean_entropy_nats, teacher_accuracy, ...}}."""
+        with h5py.File(self.path, "r") as f:
+            return {T: {k: float(v) for k, v in f[f"diagnostics/{t_key(T)}"].attrs.items()}
+                    for T in self.temperatures if f"diagnostics/{t_key(T)}" in f}
+
 
 def open_cache(path: Path) -> CacheInfo:
     """Open and check a finished cache; DataError/IntegrityError with one line when unusable."""
@@ -242,6 +297,8 @@ def open_cache(path: Path) -> CacheInfo:
             a = dict(f.attrs)
             if a.get("schema") != SCHEMA:
                 raise DataError(f"{path}: not a soft-target cache (schema {a.get('schema')!r})")
+            if "part" in a:
+                raise IntegrityError(f"{path}: one part of a sharded cache; join the parts with `distill cache merge`")
             if not a.get("complete") or int(a["committed_rows"]) != int(a["rows"]):
                 raise IntegrityError(f"{path}: incomplete cache; rebuild with `make cache`")
             return CacheInfo(path, int(a["rows"]), int(a["members"]), int(a["classes"]),
