@@ -26,6 +26,9 @@ def _say(message: str) -> None:
 def stage_command(group: click.Group, name: str, settings: type, **kw: Any) -> Callable:
     """Register ``fn(cfg, **paths)`` as subcommand ``name`` with the options of ``settings``."""
 
+    # the command as the user typed it: `cache merge`, not `merge` (defaults of a group stay implicit)
+    where = name if group is main or getattr(group, "default", None) == name else f"{group.name} {name}"
+
     def decorate(fn: Callable) -> click.Command:
         @functools.wraps(fn)
         def run(config_file: Path | None, **kwargs: Any) -> None:
@@ -34,10 +37,10 @@ def stage_command(group: click.Group, name: str, settings: type, **kw: Any) -> C
                 cfg = config.load(settings, config_file, overrides)
                 fn(cfg, **paths)
             except PipelineError as e:
-                _say(f"distill {name}: error: {e}")
+                _say(f"distill {where}: error: {e}")
                 sys.exit(e.exit_code)
             except KeyboardInterrupt:
-                _say(f"distill {name}: interrupted; nothing was published")
+                _say(f"distill {where}: interrupted; nothing was published")
                 sys.exit(130)
 
         cmd = config.options(settings)(run)
