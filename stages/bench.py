@@ -100,8 +100,8 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
     info = open_prepared(prepared)
     xtest, ytest = info.load("test")
     models = {TEACHER: Path(teacher), **{k: Path(v) for k, v in candidates.items()}}
-    for name, path in models.items():
-        runtime.check_onnx_file(path)
+    for name, path in models.items():  # shape, dtype and class count, before any timing
+        runtime.check_io(path, runtime.session(path, "cpu"), info.shape, len(info.classes))
     teacher_pred = predictions(teacher, xtest).argmax(1)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

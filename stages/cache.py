@@ -142,6 +142,8 @@ def cache_soft_targets(cfg: CacheConfig, teacher: list[Path], transfer_set: Path
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     teachers = Teachers(teacher, info.shape, cfg, log)
+    for path, sess in zip(teachers.paths, teachers.sessions):  # before any row is read
+        runtime.check_io(path, sess, info.shape, len(info.classes))
     identity = {"teacher_sha256": [provenance.sha256_file(p) for p in teacher],
                 "transfer_sha256": provenance.sha256_file(transfer_set), "settings": to_dict(cfg)}
     identity["settings"].pop("device"), identity["settings"].pop("threads")  # do not change the content
