@@ -34,7 +34,7 @@ def stage_command(group: click.Group, name: str, settings: type, **kw: Any) -> C
                 cfg = config.load(settings, config_file, overrides)
                 fn(cfg, **paths)
             except PipelineError as e:
-                _say(f"distill {name}: error: {e}")
+                _say(f"distill {name}: error: {' '.join(str(e).split())}")  # always one line
                 sys.exit(e.exit_code)
             except KeyboardInterrupt:
                 _say(f"distill {name}: interrupted; nothing was published")

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from pipeline import provenance, runtime
-from pipeline.artifacts import atomic_output, write_json, write_text
+from pipeline.artifacts import atomic_output, claim, write_json, write_text
 from pipeline.config import require, setting, to_dict
 from pipeline.errors import DataError
 from stages import bench_worker, kd
@@ -97,6 +97,7 @@ def _time(cfg: BenchConfig, path: Path, pool: Path, log: Callable) -> list[dict]
 def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prepared: Path, out: Path,
               markdown: Path, csv_path: Path, log: Callable[[str], None] = print) -> Path:
     """Time and score ``teacher`` and each candidate; write ``out`` (JSON), ``markdown`` and ``csv_path``."""
+    claim(out, markdown, csv_path)
     info = open_prepared(prepared)
     xtest, ytest = info.load("test")
     models = {TEACHER: Path(teacher), **{k: Path(v) for k, v in candidates.items()}}

@@ -23,7 +23,7 @@ import onnx
 import torch
 
 from pipeline import onnxio, provenance, runtime
-from pipeline.artifacts import atomic_output, write_json
+from pipeline.artifacts import atomic_output, claim, write_json
 from pipeline.config import require, setting, to_dict
 from stages.prepare import open_prepared
 from stages.student import load_checkpoint
@@ -100,6 +100,7 @@ def _scores(sess, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out: Path, out_int8: Path,
                    report: Path, log: Callable[[str], None] = print) -> Path:
     """Write ``out`` (fp32) and ``out_int8`` (QDQ int8) from ``checkpoint``, and the check ``report``."""
+    claim(out, out_int8, report)
     net, ckpt = load_checkpoint(checkpoint)
     info = open_prepared(transfer_set)
     xtest, ytest = info.load("test")

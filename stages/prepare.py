@@ -139,7 +139,7 @@ def _split(arrays: dict, cfg: PrepareConfig) -> dict[str, tuple[np.ndarray, np.n
     rng = np.random.default_rng(cfg.seed)
     x, y = arrays["train"]
     labelled = np.flatnonzero(y >= 0)
-    if len(labelled) <= cfg.val_rows:
+    if len(labelled) < cfg.val_rows:
         raise DataError(f"only {len(labelled)} labelled training rows, val_rows is {cfg.val_rows}")
     val = np.sort(rng.permutation(labelled)[: cfg.val_rows])
     train = np.setdiff1d(np.arange(len(y)), val)

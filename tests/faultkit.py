@@ -103,7 +103,7 @@ def child(kind: str, original: Path, workdir: Path, seed: int, count: int) -> No
 
 # ------------------------------------------------------------------------------------ onnx models
 def linear_model(path: Path, in_shape=(28, 28), classes: int = 10, members: int | None = None,
-                 dtype: int | None = None, ir_version: int = 10, batch: int | str = "batch") -> Path:
+                 dtype: int | None = None, ir_version: int = 10, batch: int | str = "batch", seed: int = 0) -> Path:
     """A small ONNX classifier: Flatten -> MatMul (seeded weights) [-> Reshape to members]."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -111,7 +111,7 @@ def linear_model(path: Path, in_shape=(28, 28), classes: int = 10, members: int 
     dtype = TensorProto.FLOAT if dtype is None else dtype
     features = int(np.prod(in_shape))
     width = classes * (members or 1)
-    w = np.random.default_rng(0).normal(0, 0.05, (features, width)).astype(np.float32)
+    w = np.random.default_rng(seed).normal(0, 0.05, (features, width)).astype(np.float32)
     nodes = [helper.make_node("Flatten", ["x"], ["flat"], axis=1)]
     if dtype != TensorProto.FLOAT:
         nodes.append(helper.make_node("Cast", ["flat"], ["flatf"], to=TensorProto.FLOAT))
