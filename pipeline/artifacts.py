@@ -7,6 +7,7 @@ the partial file) instead of corrupting the first.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
@@ -38,6 +39,74 @@ def publish(partial: Path, final: Path) -> Path:
     return final
 
 
+_claimed: dict[str, int] = {}  # final path -> fd holding the lock on its .partial, taken by claim()
+
+
+def claim(*paths: Path) -> None:
+    """Take the write lock of each output now, for the whole run, not only while it is written.
+
+    A stage that works for minutes before it writes calls this first, so that a second writer on
+    the same output fails at once (BusyError) instead of after its own minutes of work.  The lock is
+    handed to :func:`exclusive`/:func:`atomic_output` when the output is written and released there;
+    otherwise by the kernel when the process ends (SIGKILL included).  An empty ``.partial`` created
+    here and never written is removed at a normal exit.
+    """
+    taken = []
+    try:
+        for path in map(Path, paths):
+            key = str(path.absolute())
+            if key in _claimed:
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(partial_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise BusyError(f"{path}: another process is writing this file") from None
+            _claimed[key] = fd
+            taken.append(key)
+    except BaseException:
+        for key in taken:
+            _release(key, unlink_empty=True)
+        raise
+
+
+def _release(key: str, unlink_empty: bool = False) -> None:
+    fd = _claimed.pop(key, None)
+    if fd is None:
+        return
+    try:
+        tmp = partial_path(Path(key))
+        with contextlib.suppress(OSError):
+            st, fst = os.stat(tmp), os.fstat(fd)
+            if unlink_empty and (st.st_ino, st.st_dev) == (fst.st_ino, fst.st_dev) and st.st_size == 0:
+                tmp.unlink()
+    finally:
+        os.close(fd)
+
+
+@atexit.register
+def _release_all() -> None:
+    for key in list(_claimed):
+        _release(key, unlink_empty=True)
+
+
+def _take_claim(path: Path, tmp: Path) -> int | None:
+    """The fd of this process's claim on ``path`` if it still locks ``tmp``, else None."""
+    fd = _claimed.pop(str(path.absolute()), None)
+    if fd is None:
+        return None
+    try:
+        st, fst = os.stat(tmp), os.fstat(fd)
+        if (st.st_ino, st.st_dev) == (fst.st_ino, fst.st_dev):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)  # the claimed partial was removed or replaced: lock afresh
+    return None
+
+
 @contextlib.contextmanager
 def exclusive(path: Path) -> Iterator[Path]:
     """Lock ``path``'s ``.partial`` twin for writing and yield it; BusyError if another process has it.
@@ -50,10 +119,12 @@ def exclusive(path: Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(path)
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _take_claim(path, tmp)
+    if fd is None:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a no-op on a claim this process holds
         except BlockingIOError:
             raise BusyError(f"{path}: another process is writing this file") from None
         yield tmp

@@ -37,7 +37,7 @@ def stage_command(group: click.Group, name: str, settings: type, **kw: Any) -> C
                 cfg = config.load(settings, config_file, overrides)
                 fn(cfg, **paths)
             except PipelineError as e:
-                _say(f"distill {where}: error: {e}")
+                _say(f"distill {where}: error: {' '.join(str(e).split())}")  # always one line
                 sys.exit(e.exit_code)
             except KeyboardInterrupt:
                 _say(f"distill {where}: interrupted; nothing was published")

@@ -72,6 +72,16 @@ def record(stage: str, settings: dict[str, Any], inputs: dict[str, Path], **extr
     }
 
 
+def check_recorded_inputs(rec: dict[str, Any], what: str, rebuild: str, skip: tuple[str, ...] = ("transfer_set",)) -> None:
+    """Refuse when an input recorded in provenance ``rec`` still exists at its recorded path but with
+    other content (a teacher retrained since the cache was made); inputs no longer there (an
+    artifact from another machine) are not judged.  ``skip``: inputs the caller checks itself."""
+    for name, entry in sorted(rec.get("inputs", {}).items()):
+        path = Path(entry.get("path", ""))
+        if name not in skip and entry.get("path") and path.is_file():
+            check_hash(path, entry["sha256"], f"{name}, an input of {what},", rebuild)
+
+
 def check_hash(path: Path, expected: str, what: str, rebuild: str) -> None:
     """Refuse ``path`` unless its sha256 is ``expected``; the message names the make target."""
     actual = sha256_file(path)

@@ -61,12 +61,37 @@ def check_onnx_file(path: Path) -> Any:
     return model
 
 
+def _tensors(model: Any) -> Iterable[Any]:
+    """Every TensorProto that may hold weights: initialisers, attributes and sparse tensors, in every
+    graph, subgraph and function (onnx's own helper skips the sparse ones)."""
+    def graph_tensors(g: Any) -> Iterable[Any]:
+        yield from g.initializer
+        for sp in g.sparse_initializer:
+            yield from (sp.values, sp.indices)
+        yield from nodes_tensors(g.node)
+
+    def nodes_tensors(nodes: Iterable[Any]) -> Iterable[Any]:
+        for node in nodes:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                for sp in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+                    yield from (sp.values, sp.indices)
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    yield from graph_tensors(g)
+
+    yield from graph_tensors(model.graph)
+    for fn in model.functions:
+        yield from nodes_tensors(fn.node)
+
+
 def _check_external_data(path: Path, model: Any) -> None:
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    import onnx
 
     folder = path.resolve().parent
-    for tensor in _get_all_tensors(model):
-        if not uses_external_data(tensor):
+    for tensor in _tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         loc = {e.key: e.value for e in tensor.external_data}.get("location", "")
         target = (path.parent / loc)
@@ -80,6 +105,46 @@ def _check_external_data(path: Path, model: Any) -> None:
             raise DataError(f"{path}: external data {loc!r} points outside the model's folder")
         if os.stat(target).st_nlink > 1:
             raise DataError(f"{path}: external data {loc!r} is a hard link")
+
+
+def check_io(path: Path, sess: Any, shape: tuple[int, ...], classes: int, members: bool | None = None) -> None:
+    """Refuse a model that cannot take the data's rows or gives the wrong classes, before long work.
+
+    The single input must be float32 of ``[batch, *shape]`` (symbolic dimensions allowed); then one
+    run on two rows of zeros must give floating ``[2, classes]`` (or ``[2, members, classes]``;
+    ``members`` True/False requires/forbids the member axis, None allows both).
+    """
+    import numpy as np
+
+    inputs = sess.get_inputs()
+    if len(inputs) != 1:
+        raise DataError(f"{path}: the model takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                        f"expected one image tensor")
+    inp = inputs[0]
+    dims = list(inp.shape)
+    want = "[batch, " + ", ".join(map(str, shape)) + "]"
+    if inp.type != "tensor(float)":
+        raise DataError(f"{path}: input {inp.name!r} has type {inp.type}, the data is tensor(float) {want}")
+    if len(dims) != len(shape) + 1 or any(isinstance(d, int) and d != s for d, s in zip(dims[1:], shape)):
+        raise DataError(f"{path}: input {inp.name!r} has shape {dims}, the data gives {want}")
+    if isinstance(dims[0], int) and dims[0] != 2:
+        raise DataError(f"{path}: input {inp.name!r} has a fixed batch size {dims[0]}; export it with a "
+                        f"dynamic batch dimension")
+    try:
+        out = sess.run(None, {inp.name: np.zeros((2, *shape), np.float32)})[0]
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: the model fails on rows of shape {want}: {msg}") from None
+    out = np.asarray(out)
+    ranks = {True: (3,), False: (2,), None: (2, 3)}[members]
+    if out.ndim not in ranks or out.shape[0] != 2:
+        raise DataError(f"{path}: output of shape {list(out.shape)} for 2 rows; expected [batch, classes]"
+                        + (" or [batch, members, classes]" if 3 in ranks else ""))
+    if out.shape[-1] != classes:
+        raise DataError(f"{path}: the model gives {out.shape[-1]} classes, the data has {classes}")
+    if out.dtype.kind != "f":
+        raise DataError(f"{path}: the model gives {out.dtype} output, expected floating point")
+    # Non-finite outputs are judged on the real rows, where the stage can name the row and member.
 
 
 def cuda_driver_present() -> bool:

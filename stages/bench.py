@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from pipeline import provenance, runtime
-from pipeline.artifacts import write_json, write_text
+from pipeline.artifacts import claim, write_json, write_text
 from pipeline.config import require, setting, to_dict
 from pipeline.errors import DataError
 from stages import bench_worker, benchreport, kd
@@ -131,11 +131,12 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
     """Time and score ``teacher``, each ONNX candidate and each PyTorch checkpoint of ``torch_models``
     (reported as ``<name>-torch``); write ``out`` (JSON), ``markdown``, ``csv_path`` and the plots
     whose paths are given."""
+    claim(out, markdown, csv_path, *(p for p in (plot_accuracy, plot_throughput) if p is not None))
     info = open_prepared(prepared)
     xtest, ytest = info.load("test")
     models = {TEACHER: Path(teacher), **{k: Path(v) for k, v in candidates.items()}}
-    for name, path in models.items():
-        runtime.check_onnx_file(path)
+    for name, path in models.items():  # shape, dtype and class count, before any timing
+        runtime.check_io(path, runtime.session(path, "cpu"), info.shape, len(info.classes))
     torch_models = {f"{k}{TORCH_SUFFIX}": Path(v) for k, v in (torch_models or {}).items()}
     teacher_pred = predictions(teacher, xtest).argmax(1)
     results = {}

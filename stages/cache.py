@@ -31,7 +31,7 @@ from typing import Callable, Mapping
 import h5py
 import numpy as np
 
-from pipeline import provenance, runtime
+from pipeline import h5safe, provenance, runtime
 from pipeline.artifacts import exclusive, fsync_path, publish
 from pipeline.config import require, setting, to_dict
 from pipeline.errors import DataError, IntegrityError, UsageError
@@ -138,6 +138,8 @@ def build_cache(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: 
     out.parent.mkdir(parents=True, exist_ok=True)
     teachers = Teachers(teacher, info.shape, len(info.classes), cfg.device, cfg.threads, cfg.batch_size,
                         cfg.io_binding, log=log, device_id=int(env.get("LOCAL_RANK", 0)))
+    for m in teachers.members:  # a two-row trial run of each teacher, before any row is read
+        runtime.check_io(m.path, m.sess, info.shape, len(info.classes))
     identity = {"teacher_sha256": [provenance.sha256_file(p) for p in teacher],
                 "transfer_sha256": provenance.sha256_file(transfer_set),
                 "settings": {k: v for k, v in to_dict(cfg).items() if k not in RUN_ONLY}}
@@ -237,6 +239,7 @@ def _finish(f: h5py.File, cfg: CacheConfig, teachers: Teachers, identity: dict, 
     if part:
         f.attrs["part"] = json.dumps(identity["part"])
     f.attrs["complete"] = True
+    h5safe.seal(f)  # content checksum, verified by open_cache: call after every later change too
     f.flush()
     return diags
 
@@ -288,23 +291,35 @@ class CacheInfo:
 
 
 def open_cache(path: Path) -> CacheInfo:
-    """Open and check a finished cache; DataError/IntegrityError with one line when unusable."""
+    """Open and check a finished cache; DataError/IntegrityError with one line when unusable.
+
+    Untrusted input (:mod:`pipeline.h5safe`): shapes and dtypes bounded before any read, content
+    checksum verified, the datasets' shapes consistent with the attributes, labels in [-1, classes).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: cache not found; run `make cache`")
-    try:
-        with h5py.File(path, "r") as f:
-            a = dict(f.attrs)
-            if a.get("schema") != SCHEMA:
-                raise DataError(f"{path}: not a soft-target cache (schema {a.get('schema')!r})")
-            if "part" in a:
-                raise IntegrityError(f"{path}: one part of a sharded cache; join the parts with `distill cache merge`")
-            if not a.get("complete") or int(a["committed_rows"]) != int(a["rows"]):
-                raise IntegrityError(f"{path}: incomplete cache; rebuild with `make cache`")
-            return CacheInfo(path, int(a["rows"]), int(a["members"]), int(a["classes"]),
-                             tuple(float(t) for t in a["temperatures"]), str(a["transfer_sha256"]),
-                             str(a["transfer_split"]), a)
-    except (DataError, IntegrityError):
-        raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        raise DataError(f"{path}: unreadable cache ({type(e).__name__}: {str(e)[:120]})") from None
+    with h5safe.open_untrusted(path, "cache") as f:
+        h5safe.check_attrs(path, f)
+        a = dict(f.attrs)
+        if a.get("schema") != SCHEMA:
+            raise DataError(f"{path}: not a soft-target cache (schema {a.get('schema')!r})")
+        if "part" in a:
+            raise IntegrityError(f"{path}: one part of a sharded cache; join the parts with `distill cache merge`")
+        if not a.get("complete") or int(a["committed_rows"]) != int(a["rows"]):
+            raise IntegrityError(f"{path}: incomplete cache; rebuild with `make cache`")
+        h5safe.verify(path, f, "make cache")
+        info = CacheInfo(path, int(a["rows"]), int(a["members"]), int(a["classes"]),
+                         tuple(float(t) for t in a["temperatures"]), str(a["transfer_sha256"]),
+                         str(a["transfer_split"]), a)
+        want = {"logits": (info.rows, info.members, info.classes), "labels": (info.rows,),
+                **{f"soft/{t_key(T)}": (info.rows, info.classes) for T in info.temperatures}}
+        for name, shape in want.items():
+            if name == "logits" and name not in f:
+                continue  # soft targets alone still train a student; tools that need logits say so
+            if name not in f or f[name].shape != shape:
+                raise DataError(f"{path}: dataset {name} is missing or not of shape {shape}")
+        y = f["labels"][:]
+        if ((y < -1) | (y >= info.classes)).any():
+            raise DataError(f"{path}: labels outside [-1, {info.classes})")
+        return info

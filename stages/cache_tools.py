@@ -23,7 +23,7 @@ from typing import Callable
 import h5py
 import numpy as np
 
-from pipeline import provenance
+from pipeline import h5safe, provenance
 from pipeline.artifacts import atomic_output
 from pipeline.config import require, setting, to_dict
 from pipeline.errors import DataError, IntegrityError
@@ -120,6 +120,7 @@ def add_temperature(cfg: AddTemperatureConfig, cache: Path, out: Path | None = N
             prov.setdefault("added_temperatures", []).append(
                 {"temperatures": new, "settings": to_dict(cfg), "versions": provenance.versions()})
             f.attrs.update(temperatures=[*info.temperatures, *new], provenance=json.dumps(prov))
+            h5safe.seal(f)  # the content changed: a new checksum, or open_cache refuses the file
     log(format_diagnostics(open_cache(target).diagnostics()))
     log(f"add-temperature: T={', '.join(map(t_key, new))} from stored logits -> {target}")
     return target
@@ -250,6 +251,7 @@ def merge(cfg: MergeConfig, parts: list[Path], out: Path, log: Callable[[str], N
                     "cache-merge", to_dict(cfg), {f"part{part['index']}": path for path, _, part in read},
                     provider=", ".join(providers), parts=[json.loads(a.get("provenance", "{}")) for _, a, _ in read])))
             f.attrs["complete"] = True
+            h5safe.seal(f)
     log(format_diagnostics(open_cache(out).diagnostics()))
     log(f"merge: {len(read)} parts, {total} rows -> {out}")
     return Path(out)

@@ -31,7 +31,7 @@ import onnx
 import torch
 
 from pipeline import onnxio, provenance, runtime
-from pipeline.artifacts import atomic_output, write_json
+from pipeline.artifacts import atomic_output, claim, write_json
 from pipeline.config import require, setting, to_dict
 from pipeline.errors import IntegrityError, UsageError
 from stages import mobile, quantize
@@ -135,6 +135,7 @@ def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out:
     """Write ``out`` (fp32), each variant whose path is given (``out_int8`` static QDQ, ``out_dynamic``,
     ``out_fp16``) that passes the gate, the mobile files under ``mobile_dir`` and the check ``report``.
     ``teacher`` (the ensemble ONNX) adds agreement with the teacher to the gate."""
+    claim(out, report, *(p for p in (out_int8, out_dynamic, out_fp16) if p is not None))
     net, ckpt = load_checkpoint(checkpoint)
     info = open_prepared(transfer_set)
     xtest, ytest = info.load("test")

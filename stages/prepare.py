@@ -23,7 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline import provenance
+from pipeline import h5safe, provenance
 from pipeline.artifacts import atomic_output
 from pipeline.config import require, setting, to_dict
 from pipeline.errors import DataError
@@ -139,7 +139,7 @@ def _split(arrays: dict, cfg: PrepareConfig) -> dict[str, tuple[np.ndarray, np.n
     rng = np.random.default_rng(cfg.seed)
     x, y = arrays["train"]
     labelled = np.flatnonzero(y >= 0)
-    if len(labelled) <= cfg.val_rows:
+    if len(labelled) < cfg.val_rows:
         raise DataError(f"only {len(labelled)} labelled training rows, val_rows is {cfg.val_rows}")
     val = np.sort(rng.permutation(labelled)[: cfg.val_rows])
     train = np.setdiff1d(np.arange(len(y)), val)
@@ -180,6 +180,7 @@ def prepare_dataset(cfg: PrepareConfig, out: Path, source: Path | None = None, n
                 g = f.create_group(split)
                 g.create_dataset("x", data=x if x.dtype == np.uint8 else x.astype(np.float32))
                 g.create_dataset("y", data=y.astype(np.int64))
+            h5safe.seal(f)
     return out
 
 
@@ -207,22 +208,33 @@ class Prepared:
 
 
 def open_prepared(path: Path) -> Prepared:
-    """Open and check a prepared file; DataError (one line) when it is not one."""
+    """Open and check a prepared file; DataError (one line) when it is not one.
+
+    Untrusted input (:mod:`pipeline.h5safe`): shapes and dtypes are bounded before any read, the
+    content checksum is verified, and labels must lie in [-1, classes) (train) or [0, classes).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: prepared dataset not found; run `make prepare`")
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("schema") != SCHEMA:
-                raise DataError(f"{path}: not a prepared dataset (schema {f.attrs.get('schema')!r})")
-            rows = {s: int(f[s]["y"].shape[0]) for s in SPLITS}
-            shape = tuple(int(d) for d in f["train"]["x"].shape[1:])
-            for s in SPLITS:
-                if f[s]["x"].shape != (rows[s], *shape):
-                    raise DataError(f"{path}: split {s} has x {f[s]['x'].shape} and {rows[s]} labels")
-            return Prepared(path, tuple(json.loads(f.attrs["classes"])), float(f.attrs["scale"]),
-                            float(f.attrs["mean"]), float(f.attrs["std"]), shape, rows)
-    except DataError:
-        raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        raise DataError(f"{path}: unreadable prepared dataset ({type(e).__name__}: {str(e)[:120]})") from None
+    with h5safe.open_untrusted(path, "prepared dataset") as f:
+        if f.attrs.get("schema") != SCHEMA:
+            raise DataError(f"{path}: not a prepared dataset (schema {f.attrs.get('schema')!r})")
+        h5safe.verify(path, f, "make prepare")
+        rows = {s: int(f[s]["y"].shape[0]) for s in SPLITS}
+        shape = tuple(int(d) for d in f["train"]["x"].shape[1:])
+        classes = json.loads(f.attrs["classes"])
+        scale, mean, std = (float(f.attrs[k]) for k in ("scale", "mean", "std"))
+        if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+            raise DataError(f"{path}: attribute classes is not a list of at least two names")
+        if not (np.isfinite([scale, mean, std]).all() and scale > 0 and std > 0):
+            raise DataError(f"{path}: bad normalisation (scale {scale}, mean {mean}, std {std})")
+        for s in SPLITS:
+            if f[s]["x"].shape != (rows[s], *shape) or f[s]["y"].ndim != 1:
+                raise DataError(f"{path}: split {s} has x {f[s]['x'].shape} and {rows[s]} labels")
+            if rows[s] == 0:
+                raise DataError(f"{path}: the {s} split is empty")
+            y = f[s]["y"][:]
+            lo = -1 if s == "train" else 0
+            if y.dtype.kind not in "iu" or ((y < lo) | (y >= len(classes))).any():
+                raise DataError(f"{path}: split {s} has labels outside [{lo}, {len(classes)})")
+        return Prepared(path, tuple(classes), scale, mean, std, shape, rows)

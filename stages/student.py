@@ -23,8 +23,8 @@ from typing import Callable
 
 import torch
 
-from pipeline import provenance, runtime
-from pipeline.artifacts import atomic_output, write_json
+from pipeline import checkpoints, provenance, runtime
+from pipeline.artifacts import atomic_output, claim, write_json
 from pipeline.config import require, setting, to_dict
 from pipeline.errors import UsageError
 from stages import kd, models
@@ -73,11 +73,13 @@ def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict]:
     from pipeline.errors import DataError
 
     try:
-        ckpt = torch.load(path, weights_only=True)
+        ckpt = checkpoints.load(path)  # weights-only; a pickle that would run code is refused
         net = models.build(ckpt["arch"], tuple(ckpt["input_shape"]), len(ckpt["class_names"]))
         net.load_state_dict(ckpt["state_dict"])
     except FileNotFoundError:
         raise DataError(f"{path}: student checkpoint not found; run `make student`") from None
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
         raise DataError(f"{path}: not a loadable student checkpoint ({type(e).__name__}: {str(e)[:160]})") from None
     return net.eval(), ckpt
@@ -151,11 +153,14 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
 
     Under torchrun (WORLD_SIZE > 1) trains with DistributedDataParallel; rank 0 writes the files.
     """
-    runtime.set_torch_threads(cfg.threads)
     rank, world = distributed()
+    if rank == 0:
+        claim(out, metrics)  # a second writer of these outputs fails now, not after training
+    runtime.set_torch_threads(cfg.threads)
     c = open_cache(cache)
     provenance.check_hash(transfer_set, c.transfer_sha256, f"the transfer set the cache {cache} was built from",
                           "make cache")
+    provenance.check_recorded_inputs(json.loads(c.attrs["provenance"]), f"the cache {cache}", "make cache")
     info = open_prepared(transfer_set)
     loader = make_loader(cfg, c, info)
     if cfg.alpha < 1 and not bool((loader.labels() >= 0).any()):

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import onnxio, provenance, runtime
-from pipeline.artifacts import atomic_output
+from pipeline import checkpoints, onnxio, provenance, runtime
+from pipeline.artifacts import atomic_output, claim
 from pipeline.config import require, setting, to_dict
+from pipeline.errors import DataError
 from stages import models
 from stages.prepare import open_prepared
 
@@ -110,7 +111,7 @@ def _load_member(path: Path, key: dict, shape: tuple, classes: int, arch: str):
     if not path.is_file():
         return None
     try:
-        ckpt = torch.load(path, weights_only=True)
+        ckpt = checkpoints.load(path)  # weights-only: a pickle that would run code is refused
     except Exception:  # noqa: BLE001 - an unreadable checkpoint is retrained, never trusted
         return None
     if json.loads(ckpt.get("key", "null")) != key:
@@ -122,9 +123,12 @@ def _load_member(path: Path, key: dict, shape: tuple, classes: int, arch: str):
 
 def train_teachers(cfg: TeacherConfig, prepared: Path, out: Path, log: Callable[[str], None] = print) -> Path:
     """Train ``cfg.members`` teachers on ``prepared`` and write the ensemble graph to ``out``."""
+    claim(out)  # a second teacher on the same output fails now, not after training
     runtime.set_torch_threads(cfg.threads)
     info = open_prepared(prepared)
     data = {s: tuple(map(torch.from_numpy, info.load(s))) for s in ("train", "val")}
+    if not bool((data["train"][1] >= 0).any()):
+        raise DataError(f"{prepared}: the train split has no labelled rows; teachers need labels")
     fill = float(info.normalise(np.zeros(1, np.uint8 if info.scale == 255 else np.float32))[0])
     out.parent.mkdir(parents=True, exist_ok=True)
     sha = provenance.sha256_file(prepared)

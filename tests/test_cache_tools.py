@@ -5,6 +5,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+from pipeline import h5safe
 from onnx import TensorProto
 
 from pipeline.errors import DataError, IntegrityError, UsageError
@@ -114,6 +115,7 @@ def test_add_temperature_refuses_without_logits(tiny_cache, tmp_path):
     path = shutil.copy(tiny_cache, tmp_path / "c.h5")
     with h5py.File(path, "r+") as f:
         del f["logits"]
+        h5safe.seal(f)  # a consistent file without logits (an unsealed edit is refused as corrupt)
     proc = run_cli("cache", "add-temperature", path, "--temperatures", "3")
     assert proc.returncode == 3 and "has no stored logits" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -134,6 +136,10 @@ def test_verify_passes_and_catches_tampering(tiny_cache, tiny_teacher, tiny_prep
     bad = shutil.copy(tiny_cache, tmp_path / "c.h5")
     with h5py.File(bad, "r+") as f:
         f["logits"][:] += 0.01
+    proc = run_cli("cache", "verify", bad, "--teacher", tiny_teacher, "--transfer-set", tiny_prepared)
+    assert proc.returncode == 3 and "content checksum mismatch" in proc.stderr  # edited behind our back
+    with h5py.File(bad, "r+") as f:
+        h5safe.seal(f)  # consistent, but not what the teachers give: only re-running them can tell
     proc = run_cli("cache", "verify", bad, "--teacher", tiny_teacher, "--transfer-set", tiny_prepared)
     assert proc.returncode == 4 and "stored targets differ from the teachers" in proc.stderr
 

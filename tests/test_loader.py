@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import h5safe
 from pipeline.errors import UsageError
 from stages.cache import CacheConfig, cache_soft_targets, open_cache
 from stages.loader import TransferLoader, select_rows
@@ -96,6 +97,7 @@ def unlabelled_cache(tiny_cache, tmp_path_factory):
     shutil.copy(tiny_cache, path)
     with h5py.File(path, "r+") as f:
         f["labels"][:] = -1  # the transfer set has no labels at all
+        h5safe.seal(f)
     return path
 
 

@@ -1,0 +1,187 @@
+"""Helpers of the fault tests: seeded file mutations, tiny ONNX models, killing subprocesses.
+
+Run as a module, it is the child process of the HDF5 mutation tests: it opens each mutated file the
+way the stages do, under an address-space limit (a multi-GB allocation fails instead of happening),
+and prints one JSON line per mutation; a segfault or hang shows up as the child dying.
+
+    python -m tests.faultkit prepared|cache ORIGINAL WORKDIR SEED COUNT
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADROOM = 1 << 30  # the child may allocate 1 GiB beyond what it has mapped after its imports
+
+
+# ------------------------------------------------------------------------------------ mutations
+def mutations(data: bytes, seed: int, count: int = 20) -> list[tuple[str, bytes]]:
+    """``count`` seeded corruptions of ``data``: truncations, single-byte flips (anywhere, in the
+    first and last 4 KiB where HDF5 keeps most metadata) and 64-byte blocks of noise."""
+    rng = np.random.default_rng(seed)
+    n = len(data)
+    head, tail = min(n, 4096), max(0, n - 4096)
+    plan = (["truncate"] * 4 + ["flip-any"] * 6 + ["flip-head"] * 6 + ["flip-tail"] * 2 + ["block-head"] * 2)
+    plan = (plan * (count // len(plan) + 1))[:count]
+    out = []
+    for kind in plan:
+        b = bytearray(data)
+        if kind == "truncate":
+            at = int(rng.integers(0, n))
+            b = b[:at]
+            label = f"truncate@{at}"
+        elif kind == "block-head":
+            at = int(rng.integers(0, max(1, head - 64)))
+            b[at:at + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
+            label = f"noise64@{at}"
+        else:
+            lo, hi = {"flip-any": (0, n), "flip-head": (0, head), "flip-tail": (tail, n)}[kind]
+            at = int(rng.integers(lo, hi))
+            b[at] ^= int(rng.integers(1, 256))
+            label = f"{kind}@{at}"
+        out.append((label, bytes(b)))
+    return out
+
+
+def _limit_memory() -> None:
+    vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm + HEADROOM, vm + HEADROOM))
+
+
+def _content(kind: str, path: Path) -> dict[str, np.ndarray]:
+    """Open ``path`` as the stages do and read everything they would read."""
+    if kind == "prepared":
+        from stages.prepare import open_prepared
+
+        info = open_prepared(path)
+        out = {"meta": np.array([info.scale, info.mean, info.std, *info.shape, len(info.classes)])}
+        for s in ("train", "val", "test"):
+            out[f"{s}/x"], out[f"{s}/y"] = info.load(s)
+        return out
+    from stages.cache import open_cache
+
+    c = open_cache(path)
+    out = {"logits": c.read("logits"), "labels": c.read("labels")}
+    for T in c.temperatures:
+        out[f"soft/{T}"] = c.soft(T)
+    return out
+
+
+def child(kind: str, original: Path, workdir: Path, seed: int, count: int) -> None:
+    from pipeline.errors import PipelineError
+
+    reference = _content(kind, original)
+    _limit_memory()
+    for i, (label, data) in enumerate(mutations(original.read_bytes(), seed, count)):
+        path = workdir / f"m{i}.h5"
+        path.write_bytes(data)
+        print(json.dumps({"start": label}), flush=True)
+        try:
+            got = _content(kind, path)
+            same = got.keys() == reference.keys() and all(np.array_equal(got[k], reference[k]) for k in got)
+            outcome = "same" if same else "CHANGED"
+        except PipelineError as e:
+            outcome = f"{type(e).__name__}"
+            msg = str(e)
+            if str(path) not in msg or "\n" in msg:
+                outcome = f"BAD-MESSAGE {msg!r}"
+        except BaseException as e:  # noqa: BLE001 - anything else is the failure being tested for
+            outcome = f"CRASH {type(e).__name__}: {str(e)[:200]}"
+        print(json.dumps({"label": label, "outcome": outcome}), flush=True)
+        path.unlink()
+
+
+# ------------------------------------------------------------------------------------ onnx models
+def linear_model(path: Path, in_shape=(28, 28), classes: int = 10, members: int | None = None,
+                 dtype: int | None = None, ir_version: int = 10, batch: int | str = "batch", seed: int = 0) -> Path:
+    """A small ONNX classifier: Flatten -> MatMul (seeded weights) [-> Reshape to members]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    dtype = TensorProto.FLOAT if dtype is None else dtype
+    features = int(np.prod(in_shape))
+    width = classes * (members or 1)
+    w = np.random.default_rng(seed).normal(0, 0.05, (features, width)).astype(np.float32)
+    nodes = [helper.make_node("Flatten", ["x"], ["flat"], axis=1)]
+    if dtype != TensorProto.FLOAT:
+        nodes.append(helper.make_node("Cast", ["flat"], ["flatf"], to=TensorProto.FLOAT))
+    nodes.append(helper.make_node("MatMul", ["flatf" if dtype != TensorProto.FLOAT else "flat", "w"],
+                                  ["out" if members is None else "mm"]))
+    inits = [numpy_helper.from_array(w, "w")]
+    out_shape = [batch, classes]
+    if members is not None:
+        inits.append(numpy_helper.from_array(np.array([-1, members, classes], np.int64), "shape"))
+        nodes.append(helper.make_node("Reshape", ["mm", "shape"], ["out"]))
+        out_shape = [batch, members, classes]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", dtype, [batch, *in_shape])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = ir_version
+    onnx.save(model, str(path))
+    return Path(path)
+
+
+def external_model(path: Path, location: str, data_file: Path | None = None) -> Path:
+    """``linear_model`` whose weight lives in external data at ``location`` (raw bytes in ``data_file``)."""
+    import onnx
+
+    linear_model(path)
+    model = onnx.load(str(path))
+    w = model.graph.initializer[0]
+    raw = w.raw_data
+    w.ClearField("raw_data")
+    w.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(len(raw)))):
+        e = w.external_data.add()
+        e.key, e.value = key, value
+    if data_file is not None:
+        Path(data_file).write_bytes(raw)
+    onnx.save(model, str(path))
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------ processes
+def start_cli(*args, env: dict | None = None, **kw) -> subprocess.Popen:
+    """``python -m pipeline.cli ARGS`` in its own process group (so the test can kill stragglers)."""
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=ROOT, env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 120, poll: float = 0.01) -> bool:
+    """SIGKILL ``proc`` (and its process group) as soon as ``ready()``; False if it exited first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if ready():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            _reap_group(proc)
+            return True
+        time.sleep(poll)
+    _reap_group(proc)
+    proc.kill()
+    raise AssertionError(f"{proc.args}: nothing to kill at after {timeout} s")
+
+
+def _reap_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # children (bench workers) would otherwise outlive it
+    except ProcessLookupError:
+        pass
+
+
+if __name__ == "__main__":
+    kind, original, workdir, seed, count = sys.argv[1:6]
+    child(kind, Path(original), Path(workdir), int(seed), int(count))
