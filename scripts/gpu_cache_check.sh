@@ -24,12 +24,14 @@ if ! "$PY" -c "import tqdm" 2>/dev/null; then
 fi
 D() { PYTHONPATH=".:${PYTHONPATH:-}" "$PY" -m pipeline.cli "$@"; }
 # 200k synthetic rows of 1x28x28 and a 3-member CNN ensemble (random weights), made by the bench helpers
-PYTHONPATH=".:${PYTHONPATH:-}" "$PY" - "$W" <<'PY'
+ROWS=${ROWS:-200000}  # synthetic transfer-set rows
+SCALE_SIZES=${SCALE_SIZES-10000,100000,1000000}  # empty: skip bench-cache-scale
+PYTHONPATH=".:${PYTHONPATH:-}" "$PY" - "$W" "$ROWS" <<'PY'
 import sys, torch
 from pathlib import Path
 from stages.cache_bench import synthetic_prepared, _ensemble, CacheBenchConfig
 w = Path(sys.argv[1])
-synthetic_prepared(w / "p.h5", 200_000, (1, 28, 28))
+synthetic_prepared(w / "p.h5", int(sys.argv[2]), (1, 28, 28))
 _ensemble(CacheBenchConfig(), (1, 28, 28), w / "ens.onnx")
 PY
 set -x
@@ -72,4 +74,5 @@ with h5py.File(w / "cuda.h5") as g, h5py.File(w / "cpu.h5") as c:
 PY
 D cache verify "$W/cuda.h5" --teacher "$W/ens.onnx" --transfer-set "$W/p.h5" --device cuda 2>&1 | grep "^verify" | tee "$OUT/verify.txt"
 D cache bench --work "$W" --out "$OUT/bench-cache-cuda.json" --rows 16384 --batch-size 1024 --device cuda --threads 4 2>&1 | tail -n 3
-D cache bench-scale --work "$W" --out "$OUT/bench-cache-scale-cuda.json" --device cuda --threads 4 --sizes 10000,100000,1000000 2>&1 | grep bench
+[ -z "$SCALE_SIZES" ] || D cache bench-scale --work "$W" --out "$OUT/bench-cache-scale-cuda.json" --device cuda \
+  --threads 4 --sizes "$SCALE_SIZES" 2>&1 | grep bench

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 import h5py
+
+from pipeline import h5safe
 import numpy as np
 
 from pipeline.artifacts import atomic_output, write_json
@@ -75,6 +77,7 @@ def synthetic_prepared(path: Path, rows: int, shape: tuple[int, ...], classes: i
                 hi = min(n, lo + _BLOCK)
                 x[lo:hi] = rng.standard_normal((hi - lo, *shape), dtype=np.float32)
                 y[lo:hi] = rng.integers(0, classes, hi - lo)
+        h5safe.seal(f)  # open_prepared verifies the content checksum
     return Path(path)
 
 
