@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from pipeline.errors import PipelineError, RuntimeUnavailable
+from pipeline.errors import DataError, PipelineError, RuntimeUnavailable
 from stages import benchstats
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -282,8 +282,9 @@ def run_isolated(model, inputs, threads: int, batch: int, provider: str = "cpu",
                  **timing) -> dict:
     """Run the worker in a fresh ``python -m stages.bench_worker`` process and return its JSON.
 
-    ``timing`` takes warmup_count, warmup_s, min_count, min_s, trials. Raises RuntimeError with the
-    last line of the worker's stderr (and its exit code) when it fails.
+    ``timing`` takes warmup_count, warmup_s, min_count, min_s, trials. When the worker fails, raises
+    RuntimeUnavailable (its exit 5) or DataError (any other exit) with its exit code and the last
+    line of its stderr.
     """
     unknown = set(timing) - set(TIMING_DEFAULTS)
     if unknown:
@@ -294,10 +295,10 @@ def run_isolated(model, inputs, threads: int, batch: int, provider: str = "cpu",
     for key, value in timing.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout_s)
-    if proc.returncode != 0:
+    if proc.returncode != 0:  # a documented exit for the bench command, never a traceback
         lines = proc.stderr.strip().splitlines()
-        raise RuntimeError(f"bench worker exited {proc.returncode}: "
-                           f"{lines[-1] if lines else '(no stderr)'}")
+        why = f"bench worker exited {proc.returncode}: {lines[-1] if lines else '(no stderr)'}"
+        raise RuntimeUnavailable(why) if proc.returncode == RuntimeUnavailable.exit_code else DataError(f"{model}: {why}")
     return json.loads(proc.stdout)
 
 

@@ -200,15 +200,17 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
             "temperature": cfg.temperature, "alpha": cfg.alpha, "epoch": best[1],
             "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "provenance": json.dumps(prov)}
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Metrics first, the checkpoint (make's target) last: a kill in between leaves no new checkpoint
+    # beside old metrics, and the next run redoes both.
     with atomic_output(out) as tmp:
         torch.save(ckpt, tmp)
-    result = {"name": out.stem, "settings": to_dict(cfg), "parameters": models.count_parameters(net),
-              "best_epoch": best[1], "val_accuracy": best[0], "test_accuracy": test_acc,
-              "test_accuracy_last_epoch": test_last, "train_rows": loader.n,
-              "loader": "resident" if loader.resident else "streaming", "world_size": world,
-              "train_seconds": seconds, "history": history, "checkpoint_sha256": provenance.sha256_file(out),
-              "provenance": prov}
-    write_json(metrics, result)
+        result = {"name": out.stem, "settings": to_dict(cfg), "parameters": models.count_parameters(net),
+                  "best_epoch": best[1], "val_accuracy": best[0], "test_accuracy": test_acc,
+                  "test_accuracy_last_epoch": test_last, "train_rows": loader.n,
+                  "loader": "resident" if loader.resident else "streaming", "world_size": world,
+                  "train_seconds": seconds, "history": history, "checkpoint_sha256": provenance.sha256_file(tmp),
+                  "provenance": prov}
+        write_json(metrics, result)
     log(f"student {cfg.arch} T={cfg.temperature:g} alpha={cfg.alpha:g}: val {best[0]:.4f} (epoch {best[1]}), "
         f"test {test_acc:.4f} -> {out}")
     return out

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.errors import RuntimeUnavailable
+from pipeline.errors import DataError, RuntimeUnavailable
 from stages import bench_worker as bw
 from stages.benchstats import (STAT_KEYS, combine_trials, median_trial_index, summarize,
                                throughput)
@@ -202,7 +202,7 @@ def test_worker_batches_wrap_around_the_pool(identity):
 
 def test_run_isolated_reports_worker_failure(identity, tmp_path):
     _, pool_path, _ = identity
-    with pytest.raises(RuntimeError, match="exited"):
+    with pytest.raises(DataError, match="missing.onnx: bench worker exited"):
         bw.run_isolated(tmp_path / "missing.onnx", pool_path, threads=1, batch=1, **TINY)
     with pytest.raises(TypeError):
         bw.run_isolated("m.onnx", pool_path, threads=1, batch=1, min_seconds=1)
@@ -226,7 +226,7 @@ def test_cuda_request_without_cuda_fails_loudly(identity):
     model_path, pool_path, _ = identity
     if _cuda_works(model_path):
         pytest.skip("CUDA actually works here")
-    with pytest.raises(RuntimeError, match="exited 5: .*CUDAExecutionProvider is not available"):
+    with pytest.raises(RuntimeUnavailable, match="exited 5: .*CUDAExecutionProvider is not available"):
         bw.run_isolated(model_path, pool_path, threads=1, batch=1, provider="cuda", **TINY)
 
 
