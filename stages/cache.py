@@ -168,7 +168,7 @@ def build_cache(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: 
             with h5py.File(transfer_set, "r") as src:  # opened once; only the reader thread reads it
                 xs, ys = src[cfg.split]["x"], src[cfg.split]["y"]
                 run_pipeline([(b, min(hi, b + cfg.batch_size)) for b in range(start, hi, cfg.batch_size)],
-                             lambda a, b: (_normalised(info, xs, a, b), ys[a:b]), teachers, write, stats,
+                             lambda a, b: (info.normalise(xs[a:b]), ys[a:b]), teachers, write, stats,
                              throttle_s=float(env.get("DISTILL_CACHE_THROTTLE_S", 0) or 0))
             bar.close()
             diags = _finish(box["f"], cfg, teachers, identity, info, transfer_set, count > 1)
@@ -182,16 +182,6 @@ def build_cache(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: 
     log(f"cache: {hi - lo} rows x {teachers.provider} in {wall:.2f} s -> {out}")
     return out, {"wall_s": wall, "rows": hi - lo, "provider": teachers.provider,
                  "io_binding": teachers.io_binding, **dataclasses.asdict(stats)}
-
-
-def _normalised(info, xs: h5py.Dataset, lo: int, hi: int) -> np.ndarray:
-    """``info.normalise(xs[lo:hi])`` with the same float32 operations, in place: one batch-sized array
-    instead of four temporaries (the reader's share of peak memory)."""
-    x = xs[lo:hi].astype(np.float32, copy=False)
-    x /= np.float32(info.scale)
-    x -= np.float32(info.mean)
-    x /= np.float32(info.std)
-    return x
 
 
 def _write_batch(f: h5py.File, tmp: Path, lo: int, logits: np.ndarray, y: np.ndarray, cfg: CacheConfig,

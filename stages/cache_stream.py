@@ -14,17 +14,14 @@ rows, so a cache written in one run, resumed, or merged from shards gets bit-ide
 from __future__ import annotations
 
 import dataclasses
-import math
 import queue
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-import numpy as np
-
 from pipeline.errors import UsageError
-from stages import kd
+from stages.kd import DiagnosticSums
 
 _END = object()
 _POLL_S = 0.1  # how often a blocked queue operation looks at the stop flag
@@ -169,48 +166,6 @@ def blocks(lo: int, hi: int, block: int) -> list[tuple[int, int]]:
         out.append((start, stop))
         start = stop
     return out
-
-
-class DiagnosticSums:
-    """Sums over rows from which :func:`stages.kd.diagnostics` is finished (see there for the math)."""
-
-    def __init__(self) -> None:
-        self.rows = self.labelled = 0
-        self.entropy = self.correct = self.disagree = 0.0
-        self.members = 1
-        self.gap = np.zeros(kd.ECE_BINS)
-
-    def add(self, member_logits: np.ndarray, soft: np.ndarray, labels: np.ndarray) -> None:
-        p = np.asarray(soft, dtype=np.float64)
-        classes = p.shape[1]
-        p = p / p.sum(axis=1, keepdims=True)
-        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
-        self.entropy += float(np.clip(-plogp.sum(axis=1), 0.0, math.log(classes)).sum())
-        pred = p.argmax(axis=1)
-        self.members = member_logits.shape[1]
-        self.disagree += float(np.sum(member_logits.argmax(axis=2) != pred[:, None]))
-        self.rows += len(p)
-        y = np.asarray(labels).astype(np.int64, copy=False)
-        keep = y >= 0
-        if keep.any():
-            correct = (pred[keep] == y[keep]).astype(np.float64)
-            conf = p[keep].max(axis=1)
-            bins = np.clip(np.ceil(conf * kd.ECE_BINS).astype(np.int64) - 1, 0, kd.ECE_BINS - 1)
-            self.gap += np.bincount(bins, weights=correct - conf, minlength=kd.ECE_BINS)
-            self.correct += float(correct.sum())
-            self.labelled += int(keep.sum())
-
-    def result(self) -> dict[str, float]:
-        nan = float("nan")
-        if self.rows == 0:
-            return {"mean_entropy_nats": nan, "teacher_accuracy": nan, "member_disagreement": nan, "ece": nan}
-        lab = self.labelled
-        return {
-            "mean_entropy_nats": self.entropy / self.rows,
-            "teacher_accuracy": self.correct / lab if lab else nan,
-            "member_disagreement": self.disagree / (self.rows * self.members),
-            "ece": float(np.clip(np.abs(self.gap).sum() / lab, 0.0, 1.0)) if lab else nan,
-        }
 
 
 def diagnostics_in_blocks(f, temperatures: Iterable[float], block: int, t_key: Callable) -> dict[float, dict]:

@@ -30,8 +30,9 @@ from pipeline.errors import DataError, IntegrityError
 from stages import kd
 from stages.cache import (DIAG_BLOCK, SCHEMA, add_soft_dataset, create_cache, format_diagnostics, open_cache,
                           t_key, write_diagnostics)
-from stages.cache_stream import DiagnosticSums, blocks, diagnostics_in_blocks
+from stages.cache_stream import blocks, diagnostics_in_blocks
 from stages.cache_teachers import Teachers
+from stages.kd import DiagnosticSums
 from stages.prepare import open_prepared
 
 # Attributes every part of one sharded run must share (besides the identity without its "part").

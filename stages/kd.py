@@ -144,7 +144,8 @@ def diagnostics(member_logits: np.ndarray, soft: np.ndarray, labels: np.ndarray,
     with label >= 0 (NaN if none). member_disagreement: mean over members of the fraction of rows
     where the member's argmax differs from argmax(soft). ece: expected calibration error of soft,
     15 equal-width confidence bins, labelled rows (NaN if none). argmax does not depend on T, which is
-    only validated here; ``soft`` is expected to have been computed at that T.
+    only validated here; ``soft`` is expected to have been computed at that T.  The whole array is
+    one block of :class:`DiagnosticSums`, so streamed and in-memory diagnostics share one formula.
     """
     _check_T(T)
     logits = np.asarray(member_logits)
@@ -154,37 +155,57 @@ def diagnostics(member_logits: np.ndarray, soft: np.ndarray, labels: np.ndarray,
         raise ValueError(f"shapes do not match: member_logits {logits.shape}, soft {p.shape}")
     if y.shape[0] != p.shape[0]:
         raise ValueError(f"labels has {y.shape[0]} rows, soft has {p.shape[0]}")
-    n, classes = p.shape
-    if n == 0:
+    sums = DiagnosticSums()
+    if p.shape[0]:
+        sums.add(logits, p, y)
+    return sums.result()
+
+
+class DiagnosticSums:
+    """Running sums over blocks of rows from which :func:`diagnostics` is finished exactly, so a
+    cache of any size is diagnosed in bounded memory."""
+
+    def __init__(self) -> None:
+        self.rows = self.labelled = 0
+        self.entropy = self.correct = self.disagree = 0.0
+        self.members = 1
+        self.gap = np.zeros(ECE_BINS)
+
+    def add(self, member_logits: np.ndarray, soft: np.ndarray, labels: np.ndarray) -> None:
+        # Renormalise the float32 rows and clip: rounding must not push H outside [0, log C].
+        p = np.asarray(soft, dtype=np.float64)
+        classes = p.shape[1]
+        p = p / p.sum(axis=1, keepdims=True)
+        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)  # 0 log 0 = 0
+        self.entropy += float(np.clip(-plogp.sum(axis=1), 0.0, math.log(classes)).sum())
+        pred = p.argmax(axis=1)
+        self.members = member_logits.shape[1]
+        self.disagree += float(np.sum(member_logits.argmax(axis=2) != pred[:, None]))
+        self.rows += len(p)
+        y = np.asarray(labels).astype(np.int64, copy=False)
+        keep = y >= 0
+        if keep.any():
+            correct = (pred[keep] == y[keep]).astype(np.float64)
+            conf = p[keep].max(axis=1)
+            # Bins (k/15, (k+1)/15]; confidence >= 1/C > 0, so ceil-1 lands in 0..14 (clip guards 0).
+            bins = np.clip(np.ceil(conf * ECE_BINS).astype(np.int64) - 1, 0, ECE_BINS - 1)
+            # sum_b (n_b/n) |acc_b - conf_b| = (1/n) sum_b |sum_{i in b} (correct_i - conf_i)|: the
+            # per-bin sums add across blocks, so ECE is exact when streamed.
+            self.gap += np.bincount(bins, weights=correct - conf, minlength=ECE_BINS)
+            self.correct += float(correct.sum())
+            self.labelled += int(keep.sum())
+
+    def result(self) -> dict[str, float]:
         nan = float("nan")
-        return {"mean_entropy_nats": nan, "teacher_accuracy": nan, "member_disagreement": nan, "ece": nan}
-
-    # Renormalise the float32 rows and clip: rounding must not push H outside [0, log C].
-    p = p / p.sum(axis=1, keepdims=True)
-    plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)  # 0 log 0 = 0
-    entropy = np.clip(-plogp.sum(axis=1), 0.0, math.log(classes))
-
-    pred = p.argmax(axis=1)
-    disagreement = float(np.mean(logits.argmax(axis=2) != pred[:, None]))
-
-    labelled = y >= 0
-    if not labelled.any():
-        accuracy = ece = float("nan")
-    else:
-        correct = (pred[labelled] == y[labelled]).astype(np.float64)
-        conf = p[labelled].max(axis=1)
-        accuracy = float(correct.mean())
-        # Bins (k/15, (k+1)/15]; confidence >= 1/C > 0, so ceil-1 lands in 0..14 (clip guards 0).
-        bins = np.clip(np.ceil(conf * ECE_BINS).astype(np.int64) - 1, 0, ECE_BINS - 1)
-        # sum_b (n_b/n) |acc_b - conf_b| = (1/n) sum_b |sum_{i in b} (correct_i - conf_i)|
-        gap = np.bincount(bins, weights=correct - conf, minlength=ECE_BINS)
-        ece = float(np.clip(np.abs(gap).sum() / correct.size, 0.0, 1.0))
-    return {
-        "mean_entropy_nats": float(entropy.mean()),
-        "teacher_accuracy": accuracy,
-        "member_disagreement": disagreement,
-        "ece": ece,
-    }
+        if self.rows == 0:
+            return {"mean_entropy_nats": nan, "teacher_accuracy": nan, "member_disagreement": nan, "ece": nan}
+        lab = self.labelled
+        return {
+            "mean_entropy_nats": self.entropy / self.rows,
+            "teacher_accuracy": self.correct / lab if lab else nan,
+            "member_disagreement": self.disagree / (self.rows * self.members),
+            "ece": float(np.clip(np.abs(self.gap).sum() / lab, 0.0, 1.0)) if lab else nan,
+        }
 
 
 # --------------------------------------------------------------------- gradients (DESIGN section 4)

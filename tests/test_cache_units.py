@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from pipeline.errors import UsageError
 from stages import kd
 from stages.cache import CacheConfig, parse_shard, part_path, resolve_shard, shard_rows
-from stages.cache_stream import DiagnosticSums, StreamStats, blocks, run_pipeline
+from stages.cache_stream import StreamStats, blocks, run_pipeline
+from stages.kd import DiagnosticSums
 from stages.cache_teachers import pad_rows
 
 
