@@ -49,6 +49,14 @@ def stage_command(group: click.Group, name: str, settings: type, **kw: Any) -> C
     return decorate
 
 
+def cache_inputs(fn: Callable) -> Callable:
+    """``--cache`` and ``--transfer-set``: what every student command reads (x by row from the latter)."""
+    fn = click.option("--transfer-set", type=PathArg, required=True,
+                      help="the prepared dataset the cache was built from")(fn)
+    return click.option("--cache", "cache_path", type=PathArg, required=True,
+                        help="soft-target cache (from `distill cache`)")(fn)
+
+
 class DefaultGroup(click.Group):
     """A group that runs its ``default`` subcommand when the first argument names no other one
     (``distill cache --teacher ...`` builds; ``distill cache verify FILE`` verifies)."""
@@ -168,8 +176,7 @@ def student_group() -> None:
 
 
 @stage_command(student_group, "train", _student.StudentConfig)
-@click.option("--cache", "cache_path", type=PathArg, required=True, help="soft-target cache (from `distill cache`)")
-@click.option("--transfer-set", type=PathArg, required=True, help="the prepared dataset the cache was built from")
+@cache_inputs
 @click.option("--out", type=PathArg, required=True, help="student checkpoint (.pt) to write")
 @click.option("--metrics", type=PathArg, default=None, help="metrics JSON [default: <out>.metrics.json]")
 def student(cfg, cache_path, transfer_set, out, metrics):
@@ -178,8 +185,7 @@ def student(cfg, cache_path, transfer_set, out, metrics):
 
 
 @stage_command(student_group, "sweep", _sweep.SweepConfig)
-@click.option("--cache", "cache_path", type=PathArg, required=True, help="soft-target cache (from `distill cache`)")
-@click.option("--transfer-set", type=PathArg, required=True, help="the prepared dataset the cache was built from")
+@cache_inputs
 @click.option("--work-dir", type=PathArg, required=True, help="folder for every student's checkpoint and metrics")
 @click.option("--csv", "csv_path", type=PathArg, required=True, help="CSV of every student (+ <stem>.json)")
 @click.option("--markdown", type=PathArg, default=None, help="Markdown table [default: <csv stem>.md]")
@@ -192,8 +198,7 @@ def student_sweep(cfg, cache_path, transfer_set, work_dir, csv_path, markdown, p
 
 
 @stage_command(student_group, "experiment", _experiments.ExperimentConfig)
-@click.option("--cache", "cache_path", type=PathArg, required=True, help="soft-target cache (from `distill cache`)")
-@click.option("--transfer-set", type=PathArg, required=True, help="the prepared dataset the cache was built from")
+@cache_inputs
 @click.option("--work-dir", type=PathArg, required=True, help="folder for every student's checkpoint and metrics")
 @click.option("--markdown", type=PathArg, required=True, help="Markdown table to write (+ <stem>.json)")
 def student_experiment(cfg, cache_path, transfer_set, work_dir, markdown):
@@ -201,8 +206,7 @@ def student_experiment(cfg, cache_path, transfer_set, work_dir, markdown):
 
 
 @stage_command(student_group, "bench", _bench_student.StudentBenchConfig)
-@click.option("--cache", "cache_path", type=PathArg, required=True, help="soft-target cache (from `distill cache`)")
-@click.option("--transfer-set", type=PathArg, required=True, help="the prepared dataset the cache was built from")
+@cache_inputs
 @click.option("--teacher", type=PathArg, required=True, help="teacher ensemble ONNX (run every step in online mode)")
 @click.option("--out", type=PathArg, required=True, help="report JSON to write")
 def student_bench(cfg, cache_path, transfer_set, teacher, out):
