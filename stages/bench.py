@@ -30,6 +30,7 @@ from stages.prepare import open_prepared
 TEACHER = "teacher-ensemble"
 FLOOR = "identity-floor"
 TORCH_SUFFIX = "-torch"
+IOBINDING_SUFFIX = "-iobinding"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,8 @@ class BenchConfig:
     max_spread: float = setting(0.10, "a result is flagged invalid when (max - min) / median of the trials' "
                                       "p50s exceeds this")
     provider: str = setting("cpu", "execution provider: cpu or cuda (asserted, never a silent fallback)")
+    iobinding: bool = setting(True, "also time every ONNX model at batch 1 through IOBinding (input and output "
+                                    "OrtValues bound once: the per-run cost of the C/C++ API), as <model>-iobinding")
 
     def __post_init__(self) -> None:
         require(all(t >= 0 for t in self.threads) and self.threads, "threads must be >= 0 (0 = all cores)")
@@ -114,7 +117,7 @@ def _torch_scores(checkpoint: Path, x: np.ndarray) -> tuple[np.ndarray, int]:
 def _time(cfg: BenchConfig, path: Path, pool: Path, log: Callable, engine: str = "onnxruntime") -> list[dict]:
     runs = []
     for threads in cfg.thread_counts():
-        for batch in cfg.batches:
+        for batch in ((1,) if engine == "iobinding" else cfg.batches):  # binding is a per-run cost: batch 1
             log(f"timing {path.name} ({engine}): threads {threads}, batch {batch}")
             runs.append(bench_worker.run_isolated(
                 path, pool, threads, batch, cfg.provider if engine == "onnxruntime" else "cpu", engine=engine,
@@ -145,20 +148,23 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
         np.save(pool, xtest[:1024])  # a pool of real rows, cycled; 1024 rows is ~3 MiB of MNIST
         floor = bench_worker.write_identity_model(Path(tmp) / "identity.onnx", info.shape)
         todo = [(n, p, "onnxruntime") for n, p in [*models.items(), (FLOOR, floor)]]
+        todo += [(f"{n}{IOBINDING_SUFFIX}", p, "iobinding") for n, p, _ in (todo if cfg.iobinding else [])]
         todo += [(n, p, "torch") for n, p in torch_models.items()]
         for name, path, engine in runtime.progress(todo, desc="bench", unit="model"):
             entry = {"path": str(path), "engine": engine, "runs": _time(cfg, path, pool, log, engine)}
-            if name == FLOOR:
+            if path == floor:
                 entry["path"] = f"(Identity of input shape [batch, {', '.join(map(str, info.shape))}])"
+            if engine == "iobinding":
+                entry["same_model_as"] = name.removesuffix(IOBINDING_SUFFIX)  # scored under that name
             elif engine == "torch":
                 scores, params = _torch_scores(path, xtest)
                 pred = scores.argmax(1)
                 entry.update(files=model_files(path), size_bytes=model_size(path), parameters=params,
                              size_note="checkpoint: weights plus optimiser state and provenance")
-            else:
+            elif name != FLOOR:
                 pred = predictions(path, xtest).argmax(1)
                 entry.update(files=model_files(path), size_bytes=model_size(path), parameters=parameter_count(path))
-            if name != FLOOR:
+            if name != FLOOR and engine != "iobinding":
                 entry.update(test_accuracy=float(np.mean(pred == ytest)),
                              agreement_with_teacher=float(np.mean(pred == teacher_pred)),
                              sha256=provenance.sha256_file(path))

@@ -8,9 +8,12 @@ execution provider that actually ran is asserted (exit 5, never a silent CPU fal
 
     python -m stages.bench_worker --model m.onnx --inputs pool.npy --threads 1 --batch 1
 
-Engines: ``onnxruntime`` (default), ``torch`` (PyTorch eager on a student checkpoint, the baseline
-the ONNX models are compared with; same pool, same loop) and ``timeit`` (a bare ``timeit`` loop over
-``session.run``, the reference the harness's own p50 is checked against by ``distill bench-fidelity``).
+Engines: ``onnxruntime`` (default: ``session.run`` with numpy feeds, what a Python caller pays),
+``iobinding`` (inputs and outputs bound once to OrtValues, timed ``run_with_iobinding``: the per-run
+cost of the C/C++ API, which is what onnxruntime_perf_test and an embedded caller pay), ``torch``
+(PyTorch eager on a student checkpoint, the baseline the ONNX models are compared with; same pool,
+same loop) and ``timeit`` / ``timeit-iobinding`` (a bare ``timeit`` loop over the same call, the
+reference the harness's own p50 is checked against by ``distill bench-fidelity``).
 
 Only the JSON object goes to stdout: anything a library prints there is redirected to stderr.
 """
@@ -39,7 +42,7 @@ from stages import benchstats
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-ENGINES = ("onnxruntime", "torch", "timeit")
+ENGINES = ("onnxruntime", "iobinding", "torch", "timeit", "timeit-iobinding")
 TORCH_PROVIDER = "torch-eager-cpu"
 TIMING_DEFAULTS = {"warmup_count": 50, "warmup_s": 0.5, "min_count": 200, "min_s": 1.0, "trials": 5}
 POOL_CACHE_BYTES = 64 << 20  # at most this much of pre-cut batches is kept
@@ -97,17 +100,22 @@ def cpu_runners(sess: ort.InferenceSession, batches: list[np.ndarray]) -> list[R
 
 def iobinding_runners(sess: ort.InferenceSession, batches: list[np.ndarray],
                       device: str = "cuda") -> list[Runner]:
-    """Device path (CUDA is not testable on a CPU-only machine; the same code runs with "cpu"):
-    inputs copied to the device once, outputs bound to the device, so host<->device transfers
-    stay outside the timed run_with_iobinding."""
+    """Inputs copied to ``device`` once and outputs bound to OrtValues allocated there by a first
+    run, so neither host<->device copies nor numpy conversion nor output allocation enter the timed
+    ``run_with_iobinding`` (CUDA is not testable on a CPU-only machine; the code is the same)."""
     name = sess.get_inputs()[0].name
     outs = [o.name for o in sess.get_outputs()]
     runners = []
     for b in batches:
+        first = sess.io_binding()
+        first.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(b, device, 0))
+        for out in outs:
+            first.bind_output(out, device, 0)
+        sess.run_with_iobinding(first)  # allocates outputs of this batch's shape, bound below for good
         binding = sess.io_binding()
         binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(b, device, 0))
-        for out in outs:
-            binding.bind_output(out, device, 0)
+        for out, value in zip(outs, first.get_outputs()):
+            binding.bind_ortvalue_output(out, value)
         runners.append(lambda bd=binding: sess.run_with_iobinding(bd))
     return runners
 
@@ -172,8 +180,8 @@ def measure(model: str, inputs: str, threads: int, batch: int, provider: str,
     resident memory it added; ``first_run`` the first inference alone; ``steady`` the median of the
     trials' statistics (:func:`stages.benchstats.combine_trials`) with its validity verdict.
     """
-    if engine == "timeit":
-        return _timeit_result(model, inputs, threads, batch, min_count, trials)
+    if engine.startswith("timeit"):
+        return _timeit_result(model, inputs, threads, batch, min_count, trials, engine)
     batches = cut_batches(load_pool(inputs), batch)
     before = rss_mb()["VmRSS"]
     t0 = time.perf_counter_ns()
@@ -188,7 +196,8 @@ def measure(model: str, inputs: str, threads: int, batch: int, provider: str,
     if engine == "torch":
         runners, used = torch_runners(sess, batches), [TORCH_PROVIDER]
     else:
-        runners = iobinding_runners(sess, batches) if provider == "cuda" else cpu_runners(sess, batches)
+        bound = provider == "cuda" or engine == "iobinding"
+        runners = iobinding_runners(sess, batches, provider) if bound else cpu_runners(sess, batches)
         used = sess.get_providers()
     gc.collect()
     gc.disable()  # as timeit does: no collector pauses inside the timed runs
@@ -220,15 +229,17 @@ def measure(model: str, inputs: str, threads: int, batch: int, provider: str,
 TIMEIT_NUMBER = 100  # runs per timeit repeat: short repeats, so a preempted one is an outlier the median drops
 
 
-def _timeit_result(model, inputs, threads: int, batch: int, min_count: int, trials: int) -> dict:
+def _timeit_result(model, inputs, threads: int, batch: int, min_count: int, trials: int,
+                   engine: str = "timeit") -> dict:
     """The bare-loop reference as a worker result: ``steady.p50`` is the median over repeats of
     timeit's mean per-run time.  Repeats of TIMEIT_NUMBER runs, min_count * trials runs in all:
     on a shared machine one long repeat's mean absorbs every preemption, a median of short ones
     does not, and it estimates the same centre as the harness's p50 for a steady loop."""
     number = max(1, min(TIMEIT_NUMBER, min_count))
     repeat = max(trials, min_count * trials // number)
-    per_run = timeit_floor(model, inputs, threads, batch, number, repeat=repeat, cycle=True)
-    return {"model": str(model), "engine": "timeit", "provider_requested": "cpu",
+    per_run = timeit_floor(model, inputs, threads, batch, number, repeat=repeat, cycle=True,
+                           bound=engine == "timeit-iobinding")
+    return {"model": str(model), "engine": engine, "provider_requested": "cpu",
             "providers_used": ["CPUExecutionProvider"], "threads": threads, "batch": batch,
             "steady": {"p50": per_run * 1e6, "number": number, "repeat": repeat}, "peak_rss_mb": rss_mb()["VmHWM"]}
 
@@ -335,14 +346,16 @@ def write_identity_model(path, input_shape_without_batch: tuple[int, ...],
 
 
 def timeit_floor(model, inputs, threads: int, batch: int, number: int, *, repeat: int = 5,
-                 cycle: bool = True) -> float:
-    """Median over ``repeat`` timeit repeats of seconds per session.run, in-process: the bare-loop
-    reference the worker's p50 is checked against. With ``cycle`` it walks the same batches as the
-    worker (so only the harness differs); without, it reruns one fixed batch (hot caches, which
-    for a model of a few microseconds is measurably faster than cycling a pool)."""
+                 cycle: bool = True, bound: bool = False) -> float:
+    """Median over ``repeat`` timeit repeats of seconds per session.run (``run_with_iobinding`` when
+    ``bound``), in-process: the bare-loop reference the worker's p50 is checked against. With
+    ``cycle`` it walks the same batches as the worker (so only the harness differs); without, it
+    reruns one fixed batch (hot caches, which for a model of a few microseconds is measurably faster
+    than cycling a pool)."""
     sess = make_session(model, threads, "cpu")
     batches = cut_batches(load_pool(inputs), batch)
-    runs = itertools.cycle(cpu_runners(sess, batches if cycle else batches[:1]))
+    batches = batches if cycle else batches[:1]
+    runs = itertools.cycle(iobinding_runners(sess, batches, "cpu") if bound else cpu_runners(sess, batches))
     timer = timeit.Timer(lambda: next(runs)())
     timer.timeit(number=max(1, number // 10))  # warm-up
     return statistics.median(timer.repeat(repeat=repeat, number=number)) / number

@@ -48,12 +48,16 @@ def _fmt(x, spec: str = ".1f", missing: str = "-") -> str:
 def render_markdown(report: dict, plots: list | None = None) -> str:
     cfg, threads = report["settings"], report["threads_resolved"]
     models, big = report["models"], max(cfg["batches"])
-    floor = models.get("identity-floor")
+    floors = {e["engine"]: models.get(f"identity-floor{'-iobinding' if e['engine'] == 'iobinding' else ''}")
+              for e in models.values()}
     lines = ["# Edge benchmark\n",
              f"Provider {cfg['provider']}; each (model, engine, threads, batch) in a fresh process; median of "
              f"{cfg['trials']} trials of at least {cfg['min_count']} runs and {cfg['min_s']} s after "
              f"{cfg['warmup_count']} runs / {cfg['warmup_s']} s of warm-up; inputs cycled from 1024 real test rows. "
-             f"Times in microseconds. *x floor* is p50 over the Identity model's p50 (the cost of one `run()`). "
+             f"Times in microseconds. *x floor* is p50 over the Identity model's p50 (the cost of one `run()` "
+             f"through the same call). `-iobinding` rows call `run_with_iobinding` with input and output "
+             f"OrtValues bound once (the C/C++ API's per-run cost, as onnxruntime_perf_test measures); the "
+             f"others call `session.run` with numpy arrays (what a Python caller pays). "
              f"A result is *noisy* when the trials' p50s spread more than {cfg['max_spread']:.0%}.\n",
              "## Models\n", "| model | engine | weights (rank >= 2) | size KiB (files) | test acc | agrees w/ teacher |",
              "|---|---|---:|---:|---:|---:|"]
@@ -68,8 +72,9 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
               "RSS +MiB (session) | peak RSS MiB | valid |", "|---|---:|" + "---:|" * 10 + "---|"]
     notes = []
     for t in threads:
-        f1 = run_of(floor, t, 1) if floor else None
         for name, e in models.items():
+            floor = floors.get(e["engine"])
+            f1 = run_of(floor, t, 1) if floor else None
             r = run_of(e, t, 1)
             if r is None:
                 continue
@@ -88,6 +93,8 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
               "|---|---:|" + "---:|" * len(cfg["batches"])]
     for t in threads:
         for name, e in models.items():
+            if e["engine"] == "iobinding":
+                continue  # timed at batch 1 only
             cells = [run_of(e, t, b) for b in cfg["batches"]]
             lines.append(f"| {name} | {t} | " + " | ".join(
                 f"{r['steady']['throughput_rows_s']:,.0f}" if r else "-" for r in cells) + " |")
@@ -145,6 +152,8 @@ def plot_throughput(report: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, t in enumerate(report["threads_resolved"]):
         for name, e in report["models"].items():
+            if e["engine"] == "iobinding":
+                continue
             pts = sorted((r["batch"], r["steady"]["throughput_rows_s"]) for r in e["runs"] if r["threads"] == t)
             if pts:
                 ax.plot(*zip(*pts), marker="o", ls="-" if i == 0 else "--", label=f"{name} ({t}t)")

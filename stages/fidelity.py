@@ -95,34 +95,50 @@ def _p50(cfg: FidelityConfig, model: Path, pool: Path, engine: str = "onnxruntim
                                      min_count=cfg.min_count, min_s=cfg.min_s, trials=cfg.trials)
 
 
+CALLS = {"run": ("onnxruntime", "timeit"), "iobinding": ("iobinding", "timeit-iobinding")}
+
+
+def _ratios(p: dict[str, float], cfg: FidelityConfig) -> dict:
+    """The three ratios of one call path from its p50s (microseconds), with verdicts."""
+    gap = p["student"] / p["student-timeit"] - 1.0
+    speedup = p["teacher"] / p["student-int8"]
+    floor_ratio = p["student"] / p["identity-floor"]
+    return {"harness_vs_timeit": {"gap": gap, "target": cfg.max_harness_gap, "ok": abs(gap) <= cfg.max_harness_gap},
+            # no student can beat the floor: teacher / floor bounds any speedup measured through this call
+            "int8_vs_teacher": {"speedup": speedup, "target": cfg.min_speedup, "ok": speedup >= cfg.min_speedup,
+                                "ceiling_teacher_over_floor": p["teacher"] / p["identity-floor"]},
+            "fp32_vs_floor": {"ratio": floor_ratio, "target": cfg.max_floor_ratio,
+                              "ok": floor_ratio <= cfg.max_floor_ratio}}
+
+
 def check_fidelity(cfg: FidelityConfig, teacher: Path, student: Path, student_int8: Path, prepared: Path,
                    out: Path, log: Callable[[str], None] = print) -> Path:
-    """Measure the three ratios of the module docstring and write them, verdicts included, to ``out``."""
+    """Measure the three ratios of the module docstring, through each call path of CALLS, and write
+    them, verdicts included, to ``out``."""
     info = open_prepared(prepared)
     xtest = info.load("test")[0][:1024]
     with tempfile.TemporaryDirectory() as tmp:
         pool = Path(tmp) / "pool.npy"
         np.save(pool, xtest)
         floor = bench_worker.write_identity_model(Path(tmp) / "identity.onnx", info.shape)
-        runs = {}
-        for name, path, engine in [("student", student, "onnxruntime"), ("student-timeit", student, "timeit"),
-                                   ("student-int8", student_int8, "onnxruntime"),
-                                   ("teacher", teacher, "onnxruntime"), ("identity-floor", floor, "onnxruntime")]:
-            log(f"fidelity: timing {name}")
-            r = _p50(cfg, path, pool, engine)
-            runs[name] = {k: v for k, v in r.items() if k not in ("latencies_s", "trial_latencies_s")}
+        runs: dict[str, dict] = {call: {} for call in CALLS}
+        for call, (engine, reference) in CALLS.items():
+            for name, path, eng in [("student", student, engine), ("student-timeit", student, reference),
+                                    ("student-int8", student_int8, engine), ("teacher", teacher, engine),
+                                    ("identity-floor", floor, engine)]:
+                log(f"fidelity: timing {name} through {call}")
+                r = _p50(cfg, path, pool, eng)
+                runs[call][name] = {k: v for k, v in r.items() if k not in ("latencies_s", "trial_latencies_s")}
         prof = {"student": profile(student, xtest, cfg.threads, cfg.profile_runs),
                 "identity-floor": profile(floor, xtest, cfg.threads, cfg.profile_runs)}
-    p = {k: v["steady"]["p50"] for k, v in runs.items()}
-    gap = p["student"] / p["student-timeit"] - 1.0
-    speedup = p["teacher"] / p["student-int8"]
-    floor_ratio = p["student"] / p["identity-floor"]
-    sp, fp = prof["student"], prof["identity-floor"]
+    p = {call: {k: v["steady"]["p50"] for k, v in r.items()} for call, r in runs.items()}
+    verdicts = {call: _ratios(pc, cfg) for call, pc in p.items()}
+    sp, fp, pr = prof["student"], prof["identity-floor"], p["run"]
     import onnx
     weight_kib = sum(onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(str(student)).graph.initializer) / 1024
-    explanation = (f"fp32 student p50 {p['student']:.2f} us = Identity floor {p['identity-floor']:.2f} us "
+    explanation = (f"fp32 student p50 {pr['student']:.2f} us = Identity floor {pr['identity-floor']:.2f} us "
                    f"(one run() of the same input: Python binding, feed and output handling) + "
-                   f"{p['student'] - p['identity-floor']:.2f} us. onnxruntime's profiler puts the student's "
+                   f"{pr['student'] - pr['identity-floor']:.2f} us. onnxruntime's profiler puts the student's "
                    f"run at {sp['model_run_p50_us']:.1f} us (floor {fp['model_run_p50_us']:.1f} us), of which "
                    f"kernels {sp['kernels_total_us']:.2f} us: "
                    + ", ".join(f"{k} {v:.2f}" for k, v in sp["kernel_us_per_run"].items())
@@ -130,19 +146,17 @@ def check_fidelity(cfg: FidelityConfig, teacher: Path, student: Path, student_in
                    "product is bound by memory bandwidth, not arithmetic; int8 weights are a quarter of it)"
                    + " (the profiler records whole microseconds and adds its own overhead to the run span: "
                    "read it as attribution, not as timing).")
+    verdicts["run"]["fp32_vs_floor"]["explanation"] = explanation
     result = {
-        "settings": to_dict(cfg), "p50_us": p, "runs": runs, "profile": prof,
-        "harness_vs_timeit": {"gap": gap, "target": cfg.max_harness_gap, "ok": abs(gap) <= cfg.max_harness_gap},
-        # no student can beat the floor: teacher / floor bounds any speedup measured through run()
-        "int8_vs_teacher": {"speedup": speedup, "target": cfg.min_speedup, "ok": speedup >= cfg.min_speedup,
-                            "ceiling_teacher_over_floor": p["teacher"] / p["identity-floor"]},
-        "fp32_vs_floor": {"ratio": floor_ratio, "target": cfg.max_floor_ratio,
-                          "ok": floor_ratio <= cfg.max_floor_ratio, "explanation": explanation},
+        "settings": to_dict(cfg), "p50_us": p, "runs": runs, "profile": prof, "calls": verdicts,
         "environment": bench.environment(),
         "provenance": provenance.record("bench-fidelity", to_dict(cfg), {
             "teacher": teacher, "student": student, "student_int8": student_int8, "prepared": prepared}),
     }
     write_json(out, result)
-    log(f"fidelity: harness {p['student']:.2f} us vs timeit {p['student-timeit']:.2f} us ({gap:+.1%}); "
-        f"int8 {speedup:.0f}x faster than the teacher; fp32 {floor_ratio:.2f}x the Identity floor -> {out}")
+    for call, v in verdicts.items():
+        log(f"fidelity ({call}): harness {p[call]['student']:.2f} us vs timeit {p[call]['student-timeit']:.2f} us "
+            f"({v['harness_vs_timeit']['gap']:+.1%}); int8 {v['int8_vs_teacher']['speedup']:.1f}x faster than "
+            f"the teacher; fp32 {v['fp32_vs_floor']['ratio']:.2f}x the Identity floor")
+    log(f"fidelity -> {out}")
     return out

@@ -30,7 +30,12 @@ def test_bench_report_sections_csv_and_plots(student_onnx, tiny_teacher, tiny_pr
     bench.benchmark(cfg, tiny_teacher, {"s": fp32, "s-int8": int8}, tiny_prepared, out, tmp_path / "b.md",
                     tmp_path / "b.csv", log=lambda m: None, torch_models={"s": tiny_student}, **plots)
     report = json.loads(out.read_text())
-    assert set(report["models"]) == {"teacher-ensemble", "s", "s-int8", "identity-floor", "s-torch"}
+    onnx_models = {"teacher-ensemble", "s", "s-int8", "identity-floor"}
+    assert set(report["models"]) == onnx_models | {f"{n}-iobinding" for n in onnx_models} | {"s-torch"}
+    for n in onnx_models:  # the bound call: batch 1 only, the same file, scored under its plain name
+        e = report["models"][f"{n}-iobinding"]
+        assert e["engine"] == "iobinding" and [r["batch"] for r in e["runs"]] == [1]
+        assert e["same_model_as"] == n and e["path"] == report["models"][n]["path"] and "test_accuracy" not in e
     threads = report["threads_resolved"]
     assert threads == [1] and len(report["models"]["s"]["runs"]) == 2
     for name, e in report["models"].items():
@@ -45,9 +50,12 @@ def test_bench_report_sections_csv_and_plots(student_onnx, tiny_teacher, tiny_pr
     assert env["cores"] >= 1 and isinstance(env["cpu_flags"], list) and env["git"]
     with open(tmp_path / "b.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["trial"] for r in rows} == {"0", "1", "2"} and {r["engine"] for r in rows} == {"onnxruntime", "torch"}
+    assert {r["trial"] for r in rows} == {"0", "1", "2"} and {r["engine"] for r in rows} == {"onnxruntime", "iobinding", "torch"}
     md = (tmp_path / "b.md").read_text()
-    assert "| s-torch |" in md and "x floor" in md and "## Throughput" in md and "acc.png" in md
+    assert "| s-torch |" in md and "| s-iobinding | 1 |" in md and "x floor" in md
+    for floor in ("identity-floor", "identity-floor-iobinding"):  # each call path against its own floor
+        row = next(line for line in md.splitlines() if line.startswith(f"| {floor} | 1 |"))
+        assert row.split("|")[8].strip() == "1.00" and "## Throughput" in md and "acc.png" in md
     for p in plots.values():
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -62,7 +70,15 @@ def test_fidelity_report(student_onnx, tiny_teacher, tiny_prepared, tmp_path):
     cfg = fidelity.FidelityConfig(warmup_count=2, warmup_s=0, min_count=20, min_s=0, trials=3, profile_runs=30)
     out = fidelity.check_fidelity(cfg, tiny_teacher, fp32, int8, tiny_prepared, tmp_path / "f.json", log=lambda m: None)
     r = json.loads(out.read_text())
-    assert set(r["p50_us"]) == {"student", "student-timeit", "student-int8", "teacher", "identity-floor"}
-    for key in ("harness_vs_timeit", "int8_vs_teacher", "fp32_vs_floor"):
-        assert isinstance(r[key]["ok"], bool)
-    assert "Gemm" in "".join(r["profile"]["student"]["kernel_us_per_run"]) and "Identity floor" in r["fp32_vs_floor"]["explanation"]
+    assert set(r["p50_us"]) == set(r["calls"]) == {"run", "iobinding"}
+    for call, p in r["p50_us"].items():
+        assert set(p) == {"student", "student-timeit", "student-int8", "teacher", "identity-floor"}
+        assert all(v > 0 for v in p.values())
+        v = r["calls"][call]
+        for key in ("harness_vs_timeit", "int8_vs_teacher", "fp32_vs_floor"):
+            assert isinstance(v[key]["ok"], bool)
+        assert v["int8_vs_teacher"]["speedup"] == pytest.approx(p["teacher"] / p["student-int8"])
+    assert r["runs"]["iobinding"]["student"]["engine"] == "iobinding"
+    assert r["runs"]["iobinding"]["student-timeit"]["engine"] == "timeit-iobinding"
+    assert "Gemm" in "".join(r["profile"]["student"]["kernel_us_per_run"])
+    assert "Identity floor" in r["calls"]["run"]["fp32_vs_floor"]["explanation"]

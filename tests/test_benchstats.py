@@ -154,16 +154,17 @@ def test_iobinding_path_runs_on_cpu_device(identity):
     model_path, _, pool = identity
     sess = bw.make_session(model_path, 1)
     batches = bw.cut_batches(pool, 4)
-    runner = bw.iobinding_runners(sess, batches, device="cpu")[1]
-    runner()
-    binding = runner.__defaults__[0]
-    np.testing.assert_array_equal(binding.copy_outputs_to_cpu()[0], batches[1])
+    runners = bw.iobinding_runners(sess, batches, device="cpu")
+    for i in (1, 0, 1):  # each batch keeps its own pre-bound output: no run overwrites another's
+        runners[i]()
+    for i in (0, 1):
+        np.testing.assert_array_equal(runners[i].__defaults__[0].copy_outputs_to_cpu()[0], batches[i])
 
 
 def test_timeit_floor_is_a_positive_time(identity):
     model_path, pool_path, _ = identity
-    for cycle in (True, False):
-        t = bw.timeit_floor(model_path, pool_path, threads=1, batch=3, number=50, cycle=cycle)
+    for cycle, bound in ((True, False), (False, False), (True, True)):
+        t = bw.timeit_floor(model_path, pool_path, threads=1, batch=3, number=50, cycle=cycle, bound=bound)
         assert math.isfinite(t) and t > 0
 
 
@@ -236,7 +237,15 @@ def test_max_spread_is_passed_to_the_verdict(identity):
     assert out["steady"]["valid"] is False and "spread" in out["steady"]["reason"]
 
 
-def test_timeit_engine_reports_a_p50(identity):
+@pytest.mark.parametrize("engine", ["timeit", "timeit-iobinding"])
+def test_timeit_engine_reports_a_p50(identity, engine):
     model_path, pool_path, _ = identity
-    out = bw.run_isolated(model_path, pool_path, threads=1, batch=2, engine="timeit", **TINY)
-    assert out["engine"] == "timeit" and out["steady"]["p50"] > 0 and out["steady"]["repeat"] >= TINY["trials"]
+    out = bw.run_isolated(model_path, pool_path, threads=1, batch=2, engine=engine, **TINY)
+    assert out["engine"] == engine and out["steady"]["p50"] > 0 and out["steady"]["repeat"] >= TINY["trials"]
+
+
+def test_iobinding_engine_times_the_bound_call(identity):
+    model_path, pool_path, _ = identity
+    out = bw.run_isolated(model_path, pool_path, threads=1, batch=3, engine="iobinding", **TINY)
+    assert out["engine"] == "iobinding" and out["providers_used"] == ["CPUExecutionProvider"]
+    assert out["steady"]["count"] >= 20 and out["steady"]["p50"] > 0
