@@ -37,11 +37,17 @@ EXP_ARGS ?=
 EXP_T_ARCHS ?= mlp:16,mlp:64,mlp:800-800
 EXP_T_ARGS ?=
 BENCH_STUDENT_ARGS ?=
+JITTER_COPIES ?= 4
+JITTER_ARGS ?=
+EXP_H_EPOCHS ?= 24
+EXP_H_ARGS ?=
 
 # ---- artifacts ----
 PREPARED := $(DATA)/prepared/$(DS).h5
 TEACHER := $(DATA)/teachers/$(DS)/ensemble.onnx
 CACHE := $(DATA)/cache/$(DS).h5
+PREPARED_J := $(DATA)/prepared/$(DS)-jitter.h5
+CACHE_J := $(DATA)/cache/$(DS)-jitter.h5
 STU := $(DATA)/students
 HARD := $(STU)/$(DS)-hard
 KD := $(STU)/$(DS)-kd
@@ -52,6 +58,7 @@ SWEEPS := $(DATA)/sweeps/$(DS)
 ARGS_prepare := --source $(SOURCE) $(PREPARE_ARGS)
 ARGS_teacher := --members $(MEMBERS) --arch $(TEACHER_ARCH) --epochs $(TEACHER_EPOCHS) $(TEACHER_ARGS)
 ARGS_cache := --temperatures $(TEMPS) $(CACHE_ARGS)
+ARGS_jitter := --copies $(JITTER_COPIES) $(JITTER_ARGS)
 ARGS_hard := --arch $(STUDENT_ARCH) --alpha 0 --temperature $(T) --epochs $(EPOCHS) $(STUDENT_ARGS)
 ARGS_kd := --arch $(STUDENT_ARCH) --alpha $(ALPHA) --temperature $(T) --epochs $(EPOCHS) $(STUDENT_ARGS)
 ARGS_export := $(EXPORT_ARGS)
@@ -60,6 +67,7 @@ stamp = $(PARAMS)/$(1).args
 
 .PHONY: help all smoke setup test prepare teacher cache student export bench bench-fidelity clean clean-smoke
 .PHONY: bench-student sweep experiments exp-small-transfer exp-omitted-class exp-temperature
+.PHONY: jitter cache-jitter exp-hinton
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_.-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -69,8 +77,9 @@ all: $(BENCH).md ## run the whole pipeline on the default data and print where t
 	@echo "report: $(BENCH).md (JSON: $(BENCH).json, every timed run: $(BENCH).csv)"
 
 SMOKE_DATA ?= data/smoke
+SMOKE_GOALS ?= all
 smoke: ## the same pipeline shrunk (a few thousand rows, tiny models), under two minutes
-	$(MAKE) all DATA=$(SMOKE_DATA) MEMBERS=2 TEACHER_ARCH=cnn:8-16-32 TEACHER_EPOCHS=1 EPOCHS=3 STUDENT_ARCH=mlp:32 \
+	$(MAKE) $(SMOKE_GOALS) DATA=$(SMOKE_DATA) MEMBERS=2 TEACHER_ARCH=cnn:8-16-32 TEACHER_EPOCHS=1 EPOCHS=3 STUDENT_ARCH=mlp:32 \
 	  PREPARE_ARGS="--train-rows 3000 --val-rows 500 --test-rows 1000" \
 	  BENCH_ARGS="--warmup-count 5 --warmup-s 0 --min-count 20 --min-s 0.02 --trials 3 --batches 1,256"
 
@@ -102,7 +111,7 @@ $(FASHION):
 	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
 
 # ---- parameter stamps: rewritten (at parse time, so `make -n` sees it too) only when the arguments change ----
-$(foreach s,prepare teacher cache hard kd export bench,$(shell mkdir -p $(PARAMS) && \
+$(foreach s,prepare jitter teacher cache hard kd export bench,$(shell mkdir -p $(PARAMS) && \
   printf '%s\n' '$(ARGS_$(s))' | cmp -s - $(PARAMS)/$(s).args || printf '%s\n' '$(ARGS_$(s))' > $(PARAMS)/$(s).args))
 
 # ---- stages ----
@@ -114,6 +123,12 @@ $(TEACHER): $(PREPARED) stages/teacher.py stages/models.py $(call stamp,teacher)
 
 $(CACHE): $(TEACHER) $(PREPARED) stages/cache.py stages/kd.py $(call stamp,cache) | $(INSTALLED)
 	$(DISTILL) cache --teacher $< --transfer-set $(PREPARED) --out $@ $(ARGS_cache)
+
+$(PREPARED_J): $(PREPARED) stages/augment.py stages/teacher.py $(call stamp,jitter) | $(INSTALLED)
+	$(DISTILL) jitter --prepared $< --out $@ $(ARGS_jitter)
+
+$(CACHE_J): $(TEACHER) $(PREPARED_J) stages/cache.py stages/kd.py $(call stamp,cache) | $(INSTALLED)
+	$(DISTILL) cache --teacher $< --transfer-set $(PREPARED_J) --out $@ $(ARGS_cache)
 
 $(HARD).pt: $(CACHE) $(PREPARED) stages/student.py stages/kd.py stages/models.py $(call stamp,hard) | $(INSTALLED)
 	$(DISTILL) student --cache $< --transfer-set $(PREPARED) --out $@ --metrics $(HARD).metrics.json $(ARGS_hard)
@@ -161,6 +176,14 @@ exp-temperature: $(CACHE) $(PREPARED) $(TEACHER) | $(INSTALLED) ## paper (3): wh
 	  --csv $(SWEEPS)/temperature-size.csv --archs $(EXP_T_ARCHS) --alphas 0.5 --epochs $(EPOCHS) --jobs $(JOBS) $(EXP_T_ARGS)
 
 experiments: exp-small-transfer exp-omitted-class exp-temperature ## the three experiments' tables
+
+jitter: $(PREPARED_J) ## transfer set + JITTER_COPIES shifted copies of each train row (data/prepared/<ds>-jitter.h5)
+cache-jitter: $(CACHE_J) ## the teacher's soft targets on the jittered transfer set (data/cache/<ds>-jitter.h5)
+
+exp-hinton: $(CACHE_J) $(PREPARED_J) $(TEACHER) | $(INSTALLED) ## 784-800-800-10, hard vs soft, from the jittered cache
+	$(DISTILL) student sweep --cache $(CACHE_J) --transfer-set $(PREPARED_J) --teacher $(TEACHER) \
+	  --work-dir $(SWEEPS)/students-jitter --csv $(SWEEPS)/hinton-800-jitter.csv --archs mlp:800-800 \
+	  --temperatures 4 --alphas 0.5 --epochs $(EXP_H_EPOCHS) --memory-budget-mib 4096 --jobs $(JOBS) $(EXP_H_ARGS)
 
 clean-smoke: ## remove the smoke run's artifacts
 	rm -rf $(SMOKE_DATA)

@@ -75,11 +75,12 @@ class DefaultGroup(click.Group):
 def main() -> None:
     """Distil a teacher ensemble into a small, fast edge model (Hinton, Vinyals & Dean 2015).
 
-    Stages, in order: prepare -> teacher -> cache -> student -> export -> bench.
+    Stages, in order: prepare (-> jitter) -> teacher -> cache -> student -> export -> bench.
     """
 
 
-from stages import bench as _bench  # noqa: E402 - stage modules after the group they join
+from stages import augment as _augment  # noqa: E402 - stage modules after the group they join
+from stages import bench as _bench  # noqa: E402
 from stages import bench_student as _bench_student  # noqa: E402
 from stages import cache as _cache  # noqa: E402
 from stages import cache_bench as _cache_bench  # noqa: E402
@@ -103,6 +104,13 @@ def prepare(cfg, source, npz, out):
         source = Path("/usr/share/datasets/fashion-mnist")
     _prepare.prepare_dataset(cfg, out, source=source, npz=npz)
     _say(f"prepared -> {out}")
+
+
+@stage_command(main, "jitter", _augment.JitterConfig)
+@click.option("--prepared", type=PathArg, required=True, help="prepared dataset (from `distill prepare`)")
+@click.option("--out", type=PathArg, required=True, help="prepared HDF5 file to write (the enlarged transfer set)")
+def jitter(cfg, prepared, out):
+    _augment.jitter_transfer_set(cfg, prepared, out, log=_say)
 
 
 @stage_command(main, "teacher", _teacher.TeacherConfig)

@@ -39,8 +39,8 @@ def test_smoke_writes_every_artifact(smoke):
         assert f.attrs["complete"] and f.attrs["rows"] == 3000
     torch.load(smoke / f"students/{ds}-kd.pt", weights_only=True)
     report = json.loads((smoke / f"bench/{ds}.json").read_text())
-    assert set(report["models"]) == {"teacher-ensemble", "student-hard", "student-kd", "student-kd-int8",
-                                     "identity-floor", "student-kd-torch"}
+    onnx_models = {"teacher-ensemble", "student-hard", "student-kd", "student-kd-int8", "identity-floor"}
+    assert set(report["models"]) == onnx_models | {f"{n}-iobinding" for n in onnx_models} | {"student-kd-torch"}
     for name, entry in report["models"].items():
         for run in entry["runs"]:
             want = "torch-eager-cpu" if name.endswith("-torch") else "CPUExecutionProvider"
@@ -54,6 +54,17 @@ def test_changing_T_reruns_students_onward_only(smoke):
     dry = make("-n", "smoke", f"SMOKE_DATA={smoke}", "T=4").stdout  # the default is T=2
     assert "distill student" in dry and "distill export" in dry and "distill bench" in dry
     assert "distill prepare" not in dry and "distill teacher" not in dry and "distill cache" not in dry
+
+
+def test_jitter_cache_builds_from_the_same_teacher(smoke):
+    ds, args = "fashion-mnist", (f"SMOKE_DATA={smoke}", "SMOKE_GOALS=cache-jitter", "JITTER_COPIES=1")
+    out = make("smoke", *args).stdout  # the smoke run's own settings, so its teacher is up to date
+    assert "distill jitter" in out and "distill cache" in out and "distill teacher" not in out
+    with h5py.File(smoke / f"cache/{ds}-jitter.h5") as f:
+        assert f.attrs["complete"] and f.attrs["rows"] == 6000  # 3000 rows and one shifted copy
+    assert "distill" not in make("-n", "smoke", *args).stdout
+    dry = make("-n", "smoke", *args[:2], "JITTER_COPIES=2").stdout
+    assert "distill jitter" in dry and "distill cache" in dry and "distill teacher" not in dry
 
 
 def test_make_help_lists_targets():
