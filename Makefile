@@ -37,9 +37,10 @@ EXP_ARGS ?=
 EXP_T_ARCHS ?= mlp:16,mlp:64,mlp:800-800
 EXP_T_ARGS ?=
 BENCH_STUDENT_ARGS ?=
-JITTER_COPIES ?= 4
+JITTER_COPIES ?= 9
 JITTER_ARGS ?=
-EXP_H_EPOCHS ?= 24
+EXP_H_EPOCHS ?= 12
+EXP_H_TEMPS ?= 2,4
 EXP_H_ARGS ?=
 
 # ---- artifacts ----
@@ -183,7 +184,7 @@ cache-jitter: $(CACHE_J) ## the teacher's soft targets on the jittered transfer 
 exp-hinton: $(CACHE_J) $(PREPARED_J) $(TEACHER) | $(INSTALLED) ## 784-800-800-10, hard vs soft, from the jittered cache
 	$(DISTILL) student sweep --cache $(CACHE_J) --transfer-set $(PREPARED_J) --teacher $(TEACHER) \
 	  --work-dir $(SWEEPS)/students-jitter --csv $(SWEEPS)/hinton-800-jitter.csv --archs mlp:800-800 \
-	  --temperatures 4 --alphas 0.5 --epochs $(EXP_H_EPOCHS) --memory-budget-mib 4096 --jobs $(JOBS) $(EXP_H_ARGS)
+	  --temperatures $(EXP_H_TEMPS) --alphas 0.5 --epochs $(EXP_H_EPOCHS) --memory-budget-mib 4096 --jobs $(JOBS) $(EXP_H_ARGS)
 
 clean-smoke: ## remove the smoke run's artifacts
 	rm -rf $(SMOKE_DATA)
