@@ -9,13 +9,10 @@ Two modes, chosen by a memory budget (MiB) against the bytes the selected rows n
 - resident: the rows fit; they are read block by block once into preallocated arrays, and every
   epoch permutes them in memory (the same as training from arrays handed in).
 - streaming: they do not fit; every epoch visits the blocks in a seeded random order, gathers as
-  many blocks (at least MIN_BLOCKS) as a third of the budget holds into a buffer, permutes the
-  buffer's rows (so rows mix *within and across* blocks) and yields full batches, carrying the
-  remainder into the next buffer.  A reader thread fills the next buffer while the current one
-  trains, so on a spare core the reading overlaps training as far as the GIL lets it (``make
-  bench-student`` measures what is left); the thirds are the buffer, its permuted copy and the next.
-  Resident memory is bounded by the budget, whatever the cache's size; the number of steps per
-  epoch is the same as in resident mode, and the batches do not depend on the thread's timing.
+  many blocks (at least MIN_BLOCKS) as half the budget holds into a buffer (the other half covers the permuted copy),
+  permutes the buffer's rows (so rows mix *within and across* blocks) and yields full batches,
+  carrying the remainder into the next buffer.  Resident memory is bounded by the budget, whatever
+  the cache's size; the number of steps per epoch is the same as in resident mode.
 
 Row selection (a transfer subset: a fraction of the rows, one class left out) is a sorted index of
 cache rows, applied inside each contiguous block with numpy, never through h5py.  Labels (8 bytes
@@ -24,7 +21,6 @@ a row) are read whole to choose the rows.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import h5py
@@ -73,12 +69,11 @@ class TransferLoader:
             self._all = self._read(0, cache.rows)
             self.peak_buffer_rows = self.n
         else:
-            # A third of the budget each for the buffer, its permuted copy and the next buffer being
-            # read; blocks shrink so that a buffer holds at least MIN_BLOCKS of them (rows must mix
-            # across blocks, not only within).
-            third = self.budget_bytes // 3
-            self.block_rows = max(1, min(self.block_rows, third // (MIN_BLOCKS * self.row_bytes)))
-            self.buffer_blocks = max(1, third // (self.block_rows * self.row_bytes))
+            # Half the budget for the buffer, half for its permuted copy; blocks shrink so that the
+            # buffer holds at least MIN_BLOCKS of them (rows must mix across blocks, not only within).
+            half = self.budget_bytes // 2
+            self.block_rows = max(1, min(self.block_rows, half // (MIN_BLOCKS * self.row_bytes)))
+            self.buffer_blocks = max(1, half // (self.block_rows * self.row_bytes))
 
     def arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The resident (x, target, y) tensors (resident mode only)."""
@@ -131,27 +126,20 @@ class TransferLoader:
             return
         starts = list(range(0, self.cache.rows, self.block_rows))
         block_order = torch.randperm(len(starts), generator=gen).tolist()
-        groups = [block_order[g:g + self.buffer_blocks] for g in range(0, len(block_order), self.buffer_blocks)]
-
-        def read_group(blocks: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-            return [self._read(starts[b], min(self.cache.rows, starts[b] + self.block_rows)) for b in blocks]
-
         carry = None
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader") as reader:
-            pending = reader.submit(read_group, groups[0]) if groups else None
-            for k in range(len(groups)):
-                parts = pending.result()
-                pending = reader.submit(read_group, groups[k + 1]) if k + 1 < len(groups) else None
-                if carry is not None:
-                    parts.insert(0, carry)
-                x, t, y = (torch.cat(p) for p in zip(*parts))
-                perm = torch.randperm(len(y), generator=gen)  # drawn here, in order: seeded as before
-                x, t, y = x[perm], t[perm], y[perm]
-                self.peak_buffer_rows = max(self.peak_buffer_rows, len(y))
-                full = len(y) - len(y) % batch_size
-                for i in range(0, full, batch_size):
-                    yield x[i:i + batch_size], t[i:i + batch_size], y[i:i + batch_size]
-                carry = (x[full:], t[full:], y[full:])
+        for g in range(0, len(block_order), self.buffer_blocks):
+            parts = [self._read(starts[b], min(self.cache.rows, starts[b] + self.block_rows))
+                     for b in block_order[g:g + self.buffer_blocks]]
+            if carry is not None:
+                parts.insert(0, carry)
+            x, t, y = (torch.cat(p) for p in zip(*parts))
+            perm = torch.randperm(len(y), generator=gen)
+            x, t, y = x[perm], t[perm], y[perm]
+            self.peak_buffer_rows = max(self.peak_buffer_rows, len(y))
+            full = len(y) - len(y) % batch_size
+            for i in range(0, full, batch_size):
+                yield x[i:i + batch_size], t[i:i + batch_size], y[i:i + batch_size]
+            carry = (x[full:], t[full:], y[full:])
         if carry is not None and len(carry[2]):
             yield carry
 
