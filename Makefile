@@ -112,8 +112,14 @@ $(FASHION):
 	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
 
 # ---- parameter stamps: rewritten (at parse time, so `make -n` sees it too) only when the arguments change ----
+# Not for goals that build nothing under $(DATA) themselves: `make smoke T=4` would otherwise stamp
+# T=4 onto the full-size students in data/ (its sub-make stamps $(SMOKE_DATA)), and `make help` or
+# `make test` must not touch them either.
+NO_STAMP_GOALS := help smoke clean-smoke test setup
+ifneq ($(filter-out $(NO_STAMP_GOALS),$(or $(MAKECMDGOALS),$(.DEFAULT_GOAL))),)
 $(foreach s,prepare jitter teacher cache hard kd export bench,$(shell mkdir -p $(PARAMS) && \
   printf '%s\n' '$(ARGS_$(s))' | cmp -s - $(PARAMS)/$(s).args || printf '%s\n' '$(ARGS_$(s))' > $(PARAMS)/$(s).args))
+endif
 
 # ---- stages ----
 $(PREPARED): stages/prepare.py $(call stamp,prepare) | $(INSTALLED) $(FASHION)

@@ -56,6 +56,13 @@ def test_changing_T_reruns_students_onward_only(smoke):
     assert "distill prepare" not in dry and "distill teacher" not in dry and "distill cache" not in dry
 
 
+def test_smoke_never_stamps_the_full_size_data(smoke, tmp_path):
+    # the outer `make smoke T=4` parses the Makefile with DATA=data: it must not restamp data/'s students
+    make("-n", "smoke", f"SMOKE_DATA={smoke}", f"DATA={tmp_path}", "T=4")
+    make("help", f"DATA={tmp_path}")
+    assert not (tmp_path / "params").exists()
+
+
 def test_jitter_cache_builds_from_the_same_teacher(smoke):
     ds, args = "fashion-mnist", (f"SMOKE_DATA={smoke}", "SMOKE_GOALS=cache-jitter", "JITTER_COPIES=1")
     out = make("smoke", *args).stdout  # the smoke run's own settings, so its teacher is up to date
