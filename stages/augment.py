@@ -41,7 +41,7 @@ class JitterConfig:
     """Write a prepared transfer set whose train split is the source's rows plus shifted copies of
     them (val, test and normalisation unchanged), for a cache of the teacher on more inputs."""
 
-    copies: int = setting(4, "shifted copies of every training row (the train split grows (1 + copies)-fold)")
+    copies: int = setting(9, "shifted copies of every training row (the train split grows (1 + copies)-fold)")
     max_shift: int = setting(2, "largest shift in pixels along each image axis (the teacher's default jitter)")
     seed: int = setting(0, "seed of the shifts")
 
