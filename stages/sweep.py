@@ -95,6 +95,15 @@ def _job(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Path) -> dict
     return row
 
 
+def _same_student(settings: dict, cfg: StudentConfig) -> bool:
+    """Whether a trained student's ``settings`` are ``cfg``'s; a hard-label student (alpha 0) never
+    reads T, so its T may differ (each sweep stamps its own first temperature on the baseline)."""
+    mine = to_dict(cfg)
+    if cfg.alpha == 0:
+        settings, mine = ({k: v for k, v in d.items() if k != "temperature"} for d in (settings, mine))
+    return settings == mine
+
+
 def run_students(configs: list[StudentConfig], cache: Path, transfer_set: Path, work_dir: Path, jobs: int,
                  log: Callable[[str], None] = print) -> list[dict]:
     """Train every config (``jobs`` spawned processes at once) into ``work_dir``; rows in config order.
@@ -111,7 +120,7 @@ def run_students(configs: list[StudentConfig], cache: Path, transfer_set: Path, 
         metrics = out.with_suffix(".metrics.json")
         if out.is_file() and metrics.is_file():
             m = json.loads(metrics.read_text())
-            if m["settings"] == to_dict(cfg) and m["provenance"]["inputs"]["cache"]["sha256"] == cache_sha:
+            if _same_student(m["settings"], cfg) and m["provenance"]["inputs"]["cache"]["sha256"] == cache_sha:
                 rows[i] = {**{k: m.get(k) for k in FIELDS}, "arch": cfg.arch, "alpha": cfg.alpha, "seed": cfg.seed,
                            "temperature": cfg.temperature if cfg.alpha > 0 else "", "checkpoint": str(out)}
                 continue

@@ -46,3 +46,15 @@ def test_sweep_cli_writes_csv_markdown_plot(tiny_cache, tiny_prepared, tiny_teac
     # A second run reuses the trained students (same settings, same cache): nothing is retrained.
     proc = run_cli(*args, check=True)
     assert "6 already trained" in proc.stderr
+    # Another temperature list: the hard baselines (alpha 0, T never read) are reused, T=1 is new.
+    i = args.index("--temperatures")
+    proc = run_cli(*args[:i + 1], "1", *args[i + 2:], "--csv", tmp_path / "t1.csv", check=True)
+    assert "4 students, 2 already trained" in proc.stderr
+
+
+def test_same_student_ignores_T_of_a_hard_baseline():
+    hard, soft = sw.StudentConfig(alpha=0.0, temperature=2.0), sw.StudentConfig(alpha=0.5, temperature=2.0)
+    stored = lambda cfg, T: {**sw.to_dict(cfg), "temperature": T}  # noqa: E731
+    assert sw._same_student(stored(hard, 8.0), hard) and sw._same_student(stored(hard, 2.0), hard)
+    assert not sw._same_student(stored(soft, 8.0), soft) and sw._same_student(stored(soft, 2.0), soft)
+    assert not sw._same_student({**stored(hard, 2.0), "seed": 7}, hard)
