@@ -25,6 +25,16 @@ def set_torch_threads(n: int) -> None:
     torch.set_num_threads(max(1, int(n)))
 
 
+def die_with_parent() -> None:
+    """In a worker process: SIGKILL it when its parent dies (even by SIGKILL), so a killed bench or
+    sweep leaves no orphan training or timing on (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def progress(iterable: Iterable | None = None, **kw: Any):
     """A tqdm progress bar on stderr, quiet when stderr is not a terminal unless forced."""
     from tqdm.auto import tqdm

@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from pipeline import runtime
 from pipeline.errors import DataError, PipelineError, RuntimeUnavailable
 from stages import benchstats
 
@@ -288,16 +289,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------- helpers for the bench stage
-def _die_with_parent() -> None:
-    """In the worker, before exec: SIGKILL it when the bench process dies (even by SIGKILL), so a
-    killed benchmark leaves no worker running on (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-
-
 def run_isolated(model, inputs, threads: int, batch: int, provider: str = "cpu",
                  *, timeout_s: float | None = None, engine: str = "onnxruntime", max_spread: float = 0.10,
                  **timing) -> dict:
@@ -316,7 +307,7 @@ def run_isolated(model, inputs, threads: int, batch: int, provider: str = "cpu",
     for key, value in timing.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout_s,
-                          preexec_fn=_die_with_parent)
+                          preexec_fn=runtime.die_with_parent)
     if proc.returncode != 0:  # a documented exit for the bench command, never a traceback
         lines = proc.stderr.strip().splitlines()
         why = f"bench worker exited {proc.returncode}: {lines[-1] if lines else '(no stderr)'}"

@@ -83,6 +83,7 @@ def job_name(cfg: StudentConfig) -> str:
 
 
 def _init_worker() -> None:
+    runtime.die_with_parent()  # a killed sweep must not leave students training (and writing) on
     runtime.set_torch_threads(1)
 
 
@@ -144,8 +145,10 @@ def teacher_test_accuracy(teacher: Path, cache: Path, transfer_set: Path) -> flo
     """Test accuracy of the ensemble the cache was built from (argmax of the arithmetic mean at T=1)."""
     from stages.prepare import open_prepared
 
-    from pipeline.errors import IntegrityError
+    from pipeline.errors import DataError, IntegrityError
 
+    if not teacher.is_file():
+        raise DataError(f"{teacher}: teacher ONNX not found (the ensemble the cache was built from)")
     c = open_cache(cache)
     if provenance.sha256_file(teacher) not in list(c.attrs["teacher_sha256"]):
         raise IntegrityError(f"{teacher}: not the teacher the cache {cache} was built from; rebuild with `make cache`")
@@ -261,8 +264,9 @@ def sweep(cfg: SweepConfig, cache: Path, transfer_set: Path, work_dir: Path, csv
     c = open_cache(cache)
     for T in cfg.temperatures:
         c.soft(T)  # every temperature must be in the cache: fail before training anything
-    rows = run_students(cfg.students(), cache, transfer_set, work_dir, cfg.jobs, log)
+    # the teacher is scored first: a wrong --teacher fails now, not after hours of training
     teacher_acc = teacher_test_accuracy(teacher, cache, transfer_set) if teacher else None
+    rows = run_students(cfg.students(), cache, transfer_set, work_dir, cfg.jobs, log)
     summary = summarise(rows)
     best = best_per_arch(summary, teacher_acc)
     write_csv(rows, csv_path)

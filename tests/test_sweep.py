@@ -2,11 +2,17 @@
 CSV / Markdown / PNG outputs, resuming, and the summary arithmetic."""
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from stages import sweep as sw
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 
 def test_grid_always_holds_the_hard_baseline():
@@ -58,3 +64,63 @@ def test_same_student_ignores_T_of_a_hard_baseline():
     assert sw._same_student(stored(hard, 8.0), hard) and sw._same_student(stored(hard, 2.0), hard)
     assert not sw._same_student(stored(soft, 8.0), soft) and sw._same_student(stored(soft, 2.0), soft)
     assert not sw._same_student({**stored(hard, 2.0), "seed": 7}, hard)
+
+
+def test_sweep_refuses_a_missing_teacher_before_training(tiny_cache, tiny_prepared, tmp_path):
+    proc = run_cli("student", "sweep", "--cache", tiny_cache, "--transfer-set", tiny_prepared,
+                   "--work-dir", tmp_path / "w", "--csv", tmp_path / "s.csv", "--teacher", tmp_path / "nope.onnx",
+                   "--temperatures", "2", "--alphas", "0.5", "--archs", "mlp:8", "--seeds", "0", "--epochs", "1")
+    assert proc.returncode != 0 and "teacher ONNX not found" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())  # nothing was trained
+
+
+def _workers_of(pid: int) -> list[int]:
+    """PIDs of the multiprocessing workers whose parent is ``pid`` (from /proc)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            status, cmd = (d / "status").read_text(), (d / "cmdline").read_bytes()
+        except OSError:  # not a process, or gone meanwhile
+            continue
+        ppid = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:"))
+        if ppid == pid and b"spawn_main" in cmd:
+            found.append(int(d.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (dead, waiting for a reaper)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return not any(line.startswith("State:") and "Z" in line.split()[1] for line in status.splitlines())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_a_killed_sweep_leaves_no_student_training(tiny_cache, tiny_prepared, tmp_path):
+    """SIGKILL the sweep (no handler can run): its two training workers must die with it, not go on
+    training for hours and writing into the work folder."""
+    args = ["student", "sweep", "--cache", tiny_cache, "--transfer-set", tiny_prepared, "--work-dir", tmp_path / "w",
+            "--csv", tmp_path / "s.csv", "--temperatures", "2", "--alphas", "0.5", "--archs", "mlp:8",
+            "--seeds", "0", "--epochs", "100000", "--jobs", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        # both students claimed (their .partial files exist): the workers are past start-up, training
+        while len(list((tmp_path / "w").glob("*.pt.partial"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = _workers_of(proc.pid)
+        assert len(workers) == 2, "the sweep never started its two workers"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while (alive := [w for w in workers if _running(w)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for w in alive:  # do not leave them running whatever the outcome
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived the killed sweep"
