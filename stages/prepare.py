@@ -210,8 +210,13 @@ class Prepared:
 
     def load(self, split: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Normalised x (float32) and y of rows ``[start, stop)`` of ``split``; one contiguous read."""
+        x, y = self.load_raw(split, start, stop)
+        return self.normalise(x), y
+
+    def load_raw(self, split: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """x as stored (the raw pixels, uint8 for image sources) and y of rows ``[start, stop)``."""
         with h5py.File(self.path, "r") as f:
-            return self.normalise(f[split]["x"][start:stop]), f[split]["y"][start:stop]
+            return f[split]["x"][start:stop], f[split]["y"][start:stop]
 
 
 def open_prepared(path: Path) -> Prepared:

@@ -9,6 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import onnxio
 from pipeline.errors import IntegrityError
@@ -163,7 +165,67 @@ def test_raw_uint8_input_reproduces_the_normalised_model(exported, tiny_student,
     np.testing.assert_allclose(raw_sess.run(None, {"x": raw})[0], ref, atol=1e-5)
 
 
-def _degrading_variant(kind, fp32, out, calib, cfg):
+def _optimised_ops(path, tmp_path) -> list[str]:
+    """Operator types of the graph onnxruntime actually runs (after its fusions), in order."""
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
+
+
+def test_int8_logits_stay_float_one_kernel_fewer(exported, tmp_path):
+    d, report = exported
+    model = onnx.load(str(d / "s.int8.onnx"))
+    last = next(n for n in model.graph.node if n.output[0] == model.graph.output[0].name)
+    assert last.op_type == "Gemm"  # no QuantizeLinear -> DequantizeLinear pair rounds the logits
+    ops = _optimised_ops(d / "s.int8.onnx", tmp_path)
+    assert ops[-1] == "QGemm" and "DequantizeLinear" not in ops
+    assert report["variants"]["int8"]["passed"]
+
+
+def test_raw_int8_takes_the_pixels_into_its_first_qgemm(exported, tiny_student, tiny_prepared, tmp_path):
+    """Raw uint8 MLP: normalisation folded into the first layer, pixels quantised as themselves
+    (scale 1, zero point 0), so onnxruntime runs Reshape -> QGemm -> QGemm and nothing else."""
+    d, _ = exported
+    out, out8 = tmp_path / "raw.onnx", tmp_path / "raw.int8.onnx"
+    ex.export_student(ex.ExportConfig(raw_input=True, mobile=False, calibration_rows=200), tiny_student,
+                      tiny_prepared, out, out8, tmp_path / "raw.json", **QUIET)
+    assert _optimised_ops(out8, tmp_path) == ["Reshape", "QGemm", "QGemm"]
+    info = open_prepared(tiny_prepared)
+    raw = ex._raw(info, "test")
+    ref = ort.InferenceSession(str(d / "s.onnx")).run(None, {"x": info.normalise(raw)})[0]
+    got = ort.InferenceSession(str(out8)).run(None, {"x": raw})[0]
+    assert got.dtype == np.float32 and np.mean(got.argmax(1) == ref.argmax(1)) >= 0.95  # int8 vs fp32
+    v = json.loads((tmp_path / "raw.json").read_text())["variants"]["int8"]
+    assert v["passed"] and v["agreement_with_fp32"] >= 0.95
+
+
+@given(scale=st.floats(1.0, 255.0), mean=st.floats(-1.0, 1.0), std=st.floats(0.05, 2.0), seed=st.integers(0, 99))
+@settings(max_examples=25, deadline=None)
+def test_folded_normalisation_matches_the_explicit_one(scale, mean, std, seed):
+    """W (p / (scale std) - mean / std) + b == W' p + b' to float32 round-off, for any normalisation."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    folded = ex.fold_normalisation(net, scale, mean, std)
+    pixels = torch.randint(0, 256, (16, 1, 3, 4), dtype=torch.uint8)
+    with torch.no_grad():
+        ref = ex.RawInput(net, scale, mean, std)(pixels)
+        torch.testing.assert_close(folded(pixels), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_normalisation_is_not_folded_into_a_convolution():
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(2 * 16, 3))
+    assert ex.fold_normalisation(conv, 255.0, 0.3, 0.3) is None  # zero padding is not pixel 0
+
+
+def test_pixels_in_leaves_a_float_input_model_alone(exported):
+    d, _ = exported
+    model = onnx.load(str(d / "s.int8.onnx"))
+    before = model.SerializeToString()
+    assert quantize.pixels_in(model).SerializeToString() == before
+
+
+def _degrading_variant(kind, fp32, out, calib, cfg, scales="tensor"):
     """A 'quantised' model that always says class 0: fails any gate."""
     model = onnx.load(str(fp32))
     bias = next(t for t in model.graph.initializer if list(t.dims) == [10] and t.data_type == onnx.TensorProto.FLOAT)
@@ -188,3 +250,25 @@ def test_gate_failure_is_not_written_unless_forced(tiny_student, tiny_prepared, 
                       tiny_prepared, out, out8, rep, **QUIET)
     v = json.loads(rep.read_text())["variants"]["int8"]
     assert out8.is_file() and v["written"] and not v["passed"]
+
+
+def test_auto_weight_scales_fall_back_to_per_channel_when_per_tensor_fails(tiny_student, tiny_prepared, tmp_path,
+                                                                          monkeypatch):
+    real = ex._make_variant
+
+    def tensor_scales_break(kind, fp32, out, calib, cfg, scales="tensor"):
+        return (_degrading_variant if scales == "tensor" else real)(kind, fp32, out, calib, cfg, scales)
+
+    monkeypatch.setattr(ex, "_make_variant", tensor_scales_break)
+    out8, rep = tmp_path / "s.int8.onnx", tmp_path / "s.json"
+    ex.export_student(ex.ExportConfig(calibration_rows=100, mobile=False), tiny_student, tiny_prepared,
+                      tmp_path / "s.onnx", out8, rep, **QUIET)
+    v = json.loads(rep.read_text())["variants"]["int8"]
+    assert v["passed"] and v["written"] and v["weight_scales"] == "channel" and out8.is_file()
+    assert v["rejected"]["tensor"]["passed"] is False  # the per-tensor attempt is reported, not hidden
+    ex.export_student(ex.ExportConfig(calibration_rows=100, mobile=False, weight_scales="tensor", force=True),
+                      tiny_student, tiny_prepared, tmp_path / "s.onnx", out8, rep, **QUIET)
+    v = json.loads(rep.read_text())["variants"]["int8"]
+    assert v["weight_scales"] == "tensor" and not v["passed"] and "rejected" not in v
+    with pytest.raises(Exception, match="weight_scales must be one of"):
+        ex.ExportConfig(weight_scales="row")
