@@ -40,7 +40,7 @@ BENCH_STUDENT_ARGS ?=
 JITTER_COPIES ?= 9
 JITTER_ARGS ?=
 EXP_H_EPOCHS ?= 12
-EXP_H_TEMPS ?= 2,4
+EXP_H_TEMPS ?= 2,4,8,20
 EXP_H_ARGS ?=
 
 # ---- artifacts ----
@@ -52,6 +52,7 @@ CACHE_J := $(DATA)/cache/$(DS)-jitter.h5
 STU := $(DATA)/students
 HARD := $(STU)/$(DS)-hard
 KD := $(STU)/$(DS)-kd
+RAW := $(KD).raw
 BENCH := $(DATA)/bench/$(DS)
 PARAMS := $(DATA)/params
 SWEEPS := $(DATA)/sweeps/$(DS)
@@ -93,7 +94,7 @@ prepare: $(PREPARED) ## prepared transfer set (data/prepared/<ds>.h5)
 teacher: $(TEACHER) ## teacher ensemble ONNX (data/teachers/<ds>/ensemble.onnx)
 cache: $(CACHE) ## soft-target cache (data/cache/<ds>.h5)
 student: $(KD).pt $(HARD).pt ## distilled and hard-label students (data/students/)
-export: $(KD).onnx $(HARD).onnx ## student ONNX files, fp32 and int8
+export: $(KD).onnx $(HARD).onnx $(RAW).onnx ## student ONNX files, fp32 and int8 (and the kd student on raw uint8 pixels)
 bench: $(BENCH).md ## edge benchmark report (data/bench/<ds>.{json,md,csv} and two .png plots)
 bench-fidelity: $(BENCH).fidelity.json ## benchmark vs bare timeit, int8 vs teacher, fp32 vs Identity floor
 
@@ -148,16 +149,24 @@ $(STU)/%.onnx: $(STU)/%.pt $(PREPARED) $(TEACHER) stages/export.py stages/quanti
 	$(DISTILL) export --checkpoint $< --transfer-set $(PREPARED) --out $@ --int8 $(STU)/$*.int8.onnx \
 	  --report $(STU)/$*.export.json --teacher $(TEACHER) --mobile-dir $(STU)/$*.mobile $(ARGS_export)
 
-$(BENCH).md: $(TEACHER) $(KD).onnx $(HARD).onnx $(KD).pt $(PREPARED) stages/bench.py stages/bench_worker.py \
+# The edge model: the same kd student taking raw uint8 pixels, normalisation folded into its first layer.
+$(RAW).onnx: $(KD).pt $(PREPARED) $(TEACHER) stages/export.py stages/quantize.py stages/mobile.py \
+             pipeline/onnxio.py $(call stamp,export) | $(INSTALLED)
+	$(DISTILL) export --raw-input --checkpoint $< --transfer-set $(PREPARED) --out $@ --int8 $(RAW).int8.onnx \
+	  --report $(RAW).export.json --teacher $(TEACHER) --mobile-dir $(RAW).mobile $(ARGS_export)
+
+$(BENCH).md: $(TEACHER) $(KD).onnx $(HARD).onnx $(RAW).onnx $(KD).pt $(PREPARED) stages/bench.py stages/bench_worker.py \
              stages/benchstats.py stages/benchreport.py $(call stamp,bench) | $(INSTALLED)
 	$(DISTILL) bench --teacher $(TEACHER) --candidate student-hard=$(HARD).onnx --candidate student-kd=$(KD).onnx \
-	  --candidate student-kd-int8=$(KD).int8.onnx --torch student-kd=$(KD).pt --prepared $(PREPARED) \
+	  --candidate student-kd-int8=$(KD).int8.onnx --candidate student-kd-int8-raw=$(RAW).int8.onnx \
+	  --torch student-kd=$(KD).pt --prepared $(PREPARED) \
 	  --out $(BENCH).json --markdown $@ --csv $(BENCH).csv \
 	  --plot-accuracy $(BENCH).accuracy.png --plot-throughput $(BENCH).throughput.png $(ARGS_bench)
 
 FIDELITY_ARGS ?=
-$(BENCH).fidelity.json: $(TEACHER) $(KD).onnx $(PREPARED) stages/fidelity.py stages/bench_worker.py | $(INSTALLED)
-	$(DISTILL) bench-fidelity --teacher $(TEACHER) --student $(KD).onnx --student-int8 $(KD).int8.onnx \
+# int8: the edge model (raw uint8 pixels in, normalisation folded, float logits out)
+$(BENCH).fidelity.json: $(TEACHER) $(KD).onnx $(RAW).onnx $(PREPARED) stages/fidelity.py stages/bench_worker.py | $(INSTALLED)
+	$(DISTILL) bench-fidelity --teacher $(TEACHER) --student $(KD).onnx --student-int8 $(RAW).int8.onnx \
 	  --prepared $(PREPARED) --out $@ $(FIDELITY_ARGS)
 
 # ---- student sweeps and the paper's experiments (phony: each reruns, reusing students already trained) ----

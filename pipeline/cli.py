@@ -272,7 +272,8 @@ def bench(cfg, teacher_path, candidates, prepared, out, markdown, csv_path, torc
 @stage_command(main, "bench-fidelity", _fidelity.FidelityConfig)
 @click.option("--teacher", "teacher_path", type=PathArg, required=True, help="teacher ensemble ONNX file")
 @click.option("--student", type=PathArg, required=True, help="fp32 student ONNX file")
-@click.option("--student-int8", type=PathArg, required=True, help="int8 student ONNX file")
+@click.option("--student-int8", type=PathArg, required=True,
+              help="int8 student ONNX file (taking normalised rows or, raw-input export, uint8 pixels)")
 @click.option("--prepared", type=PathArg, required=True, help="prepared dataset (test rows)")
 @click.option("--out", type=PathArg, required=True, help="fidelity JSON to write")
 def bench_fidelity(cfg, teacher_path, student, student_int8, prepared, out):

@@ -117,15 +117,18 @@ def _check_external_data(path: Path, model: Any) -> None:
             raise DataError(f"{path}: external data {loc!r} is a hard link")
 
 
-def check_io(path: Path, sess: Any, shape: tuple[int, ...], classes: int, members: bool | None = None) -> None:
+def check_io(path: Path, sess: Any, shape: tuple[int, ...], classes: int, members: bool | None = None,
+             dtype: str = "float32") -> None:
     """Refuse a model that cannot take the data's rows or gives the wrong classes, before long work.
 
-    The single input must be float32 of ``[batch, *shape]`` (symbolic dimensions allowed); then one
-    run on two rows of zeros must give floating ``[2, classes]`` (or ``[2, members, classes]``;
-    ``members`` True/False requires/forbids the member axis, None allows both).
+    The single input must be ``dtype`` (float32: normalised rows; uint8: raw pixels) of
+    ``[batch, *shape]`` (symbolic dimensions allowed); then one run on two rows of zeros must give
+    floating ``[2, classes]`` (or ``[2, members, classes]``; ``members`` True/False requires/forbids
+    the member axis, None allows both).
     """
     import numpy as np
 
+    onnx_type = {"float32": "tensor(float)", "uint8": "tensor(uint8)"}[dtype]
     inputs = sess.get_inputs()
     if len(inputs) != 1:
         raise DataError(f"{path}: the model takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
@@ -133,15 +136,15 @@ def check_io(path: Path, sess: Any, shape: tuple[int, ...], classes: int, member
     inp = inputs[0]
     dims = list(inp.shape)
     want = "[batch, " + ", ".join(map(str, shape)) + "]"
-    if inp.type != "tensor(float)":
-        raise DataError(f"{path}: input {inp.name!r} has type {inp.type}, the data is tensor(float) {want}")
+    if inp.type != onnx_type:
+        raise DataError(f"{path}: input {inp.name!r} has type {inp.type}, the data is {onnx_type} {want}")
     if len(dims) != len(shape) + 1 or any(isinstance(d, int) and d != s for d, s in zip(dims[1:], shape)):
         raise DataError(f"{path}: input {inp.name!r} has shape {dims}, the data gives {want}")
     if isinstance(dims[0], int) and dims[0] != 2:
         raise DataError(f"{path}: input {inp.name!r} has a fixed batch size {dims[0]}; export it with a "
                         f"dynamic batch dimension")
     try:
-        out = sess.run(None, {inp.name: np.zeros((2, *shape), np.float32)})[0]
+        out = sess.run(None, {inp.name: np.zeros((2, *shape), dtype)})[0]
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: the model fails on rows of shape {want}: {msg}") from None

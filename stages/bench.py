@@ -28,7 +28,6 @@ from stages import bench_worker, benchreport, kd
 from stages.prepare import open_prepared
 
 TEACHER = "teacher-ensemble"
-FLOOR = "identity-floor"
 TORCH_SUFFIX = "-torch"
 IOBINDING_SUFFIX = "-iobinding"
 
@@ -95,6 +94,12 @@ def parameter_count(path: Path) -> int:
                    and len(t.dims) >= 2))
 
 
+def input_dtype(path: Path) -> str:
+    """``uint8`` for a model that takes raw pixels (normalisation in its graph), else ``float32``."""
+    model = onnx.load(str(path), load_external_data=False)
+    return "uint8" if model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8 else "float32"
+
+
 def predictions(path: Path, x: np.ndarray) -> np.ndarray:
     """Class probabilities of a model on ``x``; an ensemble's members are averaged (arithmetic)."""
     sess = runtime.session(path, "cpu", threads=os.cpu_count() or 1)
@@ -138,22 +143,36 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
     info = open_prepared(prepared)
     xtest, ytest = info.load("test")
     models = {TEACHER: Path(teacher), **{k: Path(v) for k, v in candidates.items()}}
+    dtypes = {name: input_dtype(path) for name, path in models.items()}
+    rows = {"float32": xtest}
+    if "uint8" in dtypes.values():  # a raw-pixel model takes the stored pixels, not normalised rows
+        rows["uint8"] = info.load_raw("test")[0]
+        if rows["uint8"].dtype != np.uint8:
+            raise DataError(f"{prepared}: a candidate takes uint8 pixels, the prepared test split holds "
+                            f"{rows['uint8'].dtype}")
     for name, path in models.items():  # shape, dtype and class count, before any timing
-        runtime.check_io(path, runtime.session(path, "cpu"), info.shape, len(info.classes))
+        runtime.check_io(path, runtime.session(path, "cpu"), info.shape, len(info.classes), dtype=dtypes[name])
     torch_models = {f"{k}{TORCH_SUFFIX}": Path(v) for k, v in (torch_models or {}).items()}
     teacher_pred = predictions(teacher, xtest).argmax(1)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        pool = Path(tmp) / "pool.npy"
-        np.save(pool, xtest[:1024])  # a pool of real rows, cycled; 1024 rows is ~3 MiB of MNIST
-        floor = bench_worker.write_identity_model(Path(tmp) / "identity.onnx", info.shape)
-        todo = [(n, p, "onnxruntime") for n, p in [*models.items(), (FLOOR, floor)]]
+        pools, floors = {}, {}
+        for dtype, x in rows.items():
+            pools[dtype] = Path(tmp) / f"pool-{dtype}.npy"
+            np.save(pools[dtype], x[:1024])  # a pool of real rows, cycled; 1024 rows is ~3 MiB of MNIST
+            floors[benchreport.floor_name(dtype, "onnxruntime")] = bench_worker.write_identity_model(
+                Path(tmp) / f"identity-{dtype}.onnx", info.shape, dtype)
+            dtypes[benchreport.floor_name(dtype, "onnxruntime")] = dtype
+        todo = [(n, p, "onnxruntime") for n, p in [*models.items(), *floors.items()]]
         todo += [(f"{n}{IOBINDING_SUFFIX}", p, "iobinding") for n, p, _ in (todo if cfg.iobinding else [])]
         todo += [(n, p, "torch") for n, p in torch_models.items()]
         for name, path, engine in runtime.progress(todo, desc="bench", unit="model"):
-            entry = {"path": str(path), "engine": engine, "runs": _time(cfg, path, pool, log, engine)}
-            if path == floor:
-                entry["path"] = f"(Identity of input shape [batch, {', '.join(map(str, info.shape))}])"
+            dtype = dtypes.get(name.removesuffix(IOBINDING_SUFFIX), "float32")
+            entry = {"path": str(path), "engine": engine, "input_dtype": dtype,
+                     "runs": _time(cfg, path, pools[dtype], log, engine)}
+            floor = path in floors.values()
+            if floor:
+                entry["path"] = f"(Identity of input [batch, {', '.join(map(str, info.shape))}] {dtype})"
             if engine == "iobinding":
                 entry["same_model_as"] = name.removesuffix(IOBINDING_SUFFIX)  # scored under that name
             elif engine == "torch":
@@ -161,10 +180,10 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
                 pred = scores.argmax(1)
                 entry.update(files=model_files(path), size_bytes=model_size(path), parameters=params,
                              size_note="checkpoint: weights plus optimiser state and provenance")
-            elif name != FLOOR:
-                pred = predictions(path, xtest).argmax(1)
+            elif not floor:
+                pred = predictions(path, rows[dtype]).argmax(1)
                 entry.update(files=model_files(path), size_bytes=model_size(path), parameters=parameter_count(path))
-            if name != FLOOR and engine != "iobinding":
+            if not floor and engine != "iobinding":
                 entry.update(test_accuracy=float(np.mean(pred == ytest)),
                              agreement_with_teacher=float(np.mean(pred == teacher_pred)),
                              sha256=provenance.sha256_file(path))

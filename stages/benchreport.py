@@ -37,6 +37,11 @@ def write_csv(path: Path, results: dict) -> None:
     write_text(path, buf.getvalue())
 
 
+def floor_name(dtype: str, engine: str) -> str:
+    """The Identity floor a model of input ``dtype`` timed through ``engine`` is compared with."""
+    return "identity-floor" + ("-uint8" if dtype == "uint8" else "") + ("-iobinding" if engine == "iobinding" else "")
+
+
 def run_of(entry: dict, threads: int, batch: int) -> dict | None:
     return next((r for r in entry["runs"] if r["threads"] == threads and r["batch"] == batch), None)
 
@@ -48,14 +53,12 @@ def _fmt(x, spec: str = ".1f", missing: str = "-") -> str:
 def render_markdown(report: dict, plots: list | None = None) -> str:
     cfg, threads = report["settings"], report["threads_resolved"]
     models, big = report["models"], max(cfg["batches"])
-    floors = {e["engine"]: models.get(f"identity-floor{'-iobinding' if e['engine'] == 'iobinding' else ''}")
-              for e in models.values()}
     lines = ["# Edge benchmark\n",
              f"Provider {cfg['provider']}; each (model, engine, threads, batch) in a fresh process; median of "
              f"{cfg['trials']} trials of at least {cfg['min_count']} runs and {cfg['min_s']} s after "
              f"{cfg['warmup_count']} runs / {cfg['warmup_s']} s of warm-up; inputs cycled from 1024 real test rows. "
              f"Times in microseconds. *x floor* is p50 over the Identity model's p50 (the cost of one `run()` "
-             f"through the same call). `-iobinding` rows call `run_with_iobinding` with input and output "
+             f"through the same call, on the same input type: uint8 for a model that takes raw pixels). `-iobinding` rows call `run_with_iobinding` with input and output "
              f"OrtValues bound once (the C/C++ API's per-run cost, as onnxruntime_perf_test measures); the "
              f"others call `session.run` with numpy arrays (what a Python caller pays). "
              f"A result is *noisy* when the trials' p50s spread more than {cfg['max_spread']:.0%}.\n",
@@ -73,7 +76,7 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
     notes = []
     for t in threads:
         for name, e in models.items():
-            floor = floors.get(e["engine"])
+            floor = models.get(floor_name(e.get("input_dtype", "float32"), e["engine"]))
             f1 = run_of(floor, t, 1) if floor else None
             r = run_of(e, t, 1)
             if r is None:

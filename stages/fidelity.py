@@ -14,7 +14,8 @@
    (feeds, output allocation, the GIL), which the floor measures.
 
 All timings at batch 1 and ``threads`` threads, each configuration in a fresh process
-(:func:`stages.bench_worker.run_isolated`); ratios come from the same run, never across runs.
+(:func:`stages.bench_worker.run_isolated`), the whole set repeated ``rounds`` times interleaved and
+each p50 the median round's; ratios come from the same run, never across runs.
 """
 from __future__ import annotations
 
@@ -51,9 +52,12 @@ class FidelityConfig:
     min_speedup: float = setting(50.0, "target: teacher p50 / int8 student p50 at least this")
     max_floor_ratio: float = setting(2.0, "target: fp32 student p50 / Identity p50 at most this")
     profile_runs: int = setting(2000, "runs profiled by onnxruntime to attribute the student's time")
+    rounds: int = setting(3, "rounds of all the timings, interleaved; each p50 is the median over rounds, so a "
+                             "slow phase of a shared host weighs on every model alike, not on one of a ratio")
 
     def __post_init__(self) -> None:
         require(self.threads >= 1 and self.trials >= 1 and self.min_count >= 1, "threads, trials, min_count >= 1")
+        require(self.rounds >= 1, "rounds must be >= 1")
         require(self.profile_runs >= 1, "profile_runs must be >= 1")
 
 
@@ -111,6 +115,25 @@ def _ratios(p: dict[str, float], cfg: FidelityConfig) -> dict:
                               "ok": floor_ratio <= cfg.max_floor_ratio}}
 
 
+def explain(pc: dict[str, float], prof: dict, student: Path, call: str) -> str:
+    """Where the fp32 student's p50 goes beyond the floor of call path ``call`` (p50s ``pc``, us)."""
+    import onnx
+
+    sp, fp = prof["student"], prof["identity-floor"]
+    weight_kib = sum(onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(str(student)).graph.initializer) / 1024
+    what = ("Python binding, feed and output handling" if call == "run"
+            else "run_with_iobinding on bound OrtValues: the C API's per-run cost")
+    return (f"fp32 student p50 {pc['student']:.2f} us = Identity floor {pc['identity-floor']:.2f} us "
+            f"(one {call} call of the same input: {what}) + {pc['student'] - pc['identity-floor']:.2f} us. "
+            f"onnxruntime's profiler puts the student's run at {sp['model_run_p50_us']:.1f} us (floor "
+            f"{fp['model_run_p50_us']:.1f} us), of which kernels {sp['kernels_total_us']:.2f} us: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in sp["kernel_us_per_run"].items())
+            + f". The kernels stream {weight_kib:.0f} KiB of weights per batch-1 run (a matrix-vector "
+            "product is bound by memory bandwidth, not arithmetic; int8 weights are a quarter of it)"
+            " (the profiler records whole microseconds and adds its own overhead to the run span: "
+            "read it as attribution, not as timing).")
+
+
 def check_fidelity(cfg: FidelityConfig, teacher: Path, student: Path, student_int8: Path, prepared: Path,
                    out: Path, log: Callable[[str], None] = print) -> Path:
     """Measure the three ratios of the module docstring, through each call path of CALLS, and write
@@ -118,37 +141,33 @@ def check_fidelity(cfg: FidelityConfig, teacher: Path, student: Path, student_in
     info = open_prepared(prepared)
     xtest = info.load("test")[0][:1024]
     with tempfile.TemporaryDirectory() as tmp:
-        pool = Path(tmp) / "pool.npy"
-        np.save(pool, xtest)
+        pools = {"float32": Path(tmp) / "pool.npy", "uint8": Path(tmp) / "pixels.npy"}
+        np.save(pools["float32"], xtest)
+        np.save(pools["uint8"], info.load_raw("test", 0, 1024)[0])  # for a model that takes raw pixels
         floor = bench_worker.write_identity_model(Path(tmp) / "identity.onnx", info.shape)
+        rounds: dict[tuple[str, str], list[dict]] = defaultdict(list)
+        for i in range(cfg.rounds):
+            for call, (engine, reference) in CALLS.items():
+                for name, path, eng in [("student", student, engine), ("student-timeit", student, reference),
+                                        ("student-int8", student_int8, engine), ("teacher", teacher, engine),
+                                        ("identity-floor", floor, engine)]:
+                    log(f"fidelity: round {i + 1}/{cfg.rounds}, timing {name} through {call}")
+                    r = _p50(cfg, path, pools[bench.input_dtype(path)], eng)
+                    rounds[call, name].append({k: v for k, v in r.items()
+                                               if k not in ("latencies_s", "trial_latencies_s")})
         runs: dict[str, dict] = {call: {} for call in CALLS}
-        for call, (engine, reference) in CALLS.items():
-            for name, path, eng in [("student", student, engine), ("student-timeit", student, reference),
-                                    ("student-int8", student_int8, engine), ("teacher", teacher, engine),
-                                    ("identity-floor", floor, engine)]:
-                log(f"fidelity: timing {name} through {call}")
-                r = _p50(cfg, path, pool, eng)
-                runs[call][name] = {k: v for k, v in r.items() if k not in ("latencies_s", "trial_latencies_s")}
+        for (call, name), results in rounds.items():  # the median round, with every round's p50
+            p50s = [r["steady"]["p50"] for r in results]
+            runs[call][name] = {**results[int(np.argsort(p50s)[(len(p50s) - 1) // 2])], "round_p50s": p50s}
         prof = {"student": profile(student, xtest, cfg.threads, cfg.profile_runs),
                 "identity-floor": profile(floor, xtest, cfg.threads, cfg.profile_runs)}
     p = {call: {k: v["steady"]["p50"] for k, v in r.items()} for call, r in runs.items()}
     verdicts = {call: _ratios(pc, cfg) for call, pc in p.items()}
-    sp, fp, pr = prof["student"], prof["identity-floor"], p["run"]
-    import onnx
-    weight_kib = sum(onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(str(student)).graph.initializer) / 1024
-    explanation = (f"fp32 student p50 {pr['student']:.2f} us = Identity floor {pr['identity-floor']:.2f} us "
-                   f"(one run() of the same input: Python binding, feed and output handling) + "
-                   f"{pr['student'] - pr['identity-floor']:.2f} us. onnxruntime's profiler puts the student's "
-                   f"run at {sp['model_run_p50_us']:.1f} us (floor {fp['model_run_p50_us']:.1f} us), of which "
-                   f"kernels {sp['kernels_total_us']:.2f} us: "
-                   + ", ".join(f"{k} {v:.2f}" for k, v in sp["kernel_us_per_run"].items())
-                   + f". The kernels stream {weight_kib:.0f} KiB of weights per batch-1 run (a matrix-vector "
-                   "product is bound by memory bandwidth, not arithmetic; int8 weights are a quarter of it)"
-                   + " (the profiler records whole microseconds and adds its own overhead to the run span: "
-                   "read it as attribution, not as timing).")
-    verdicts["run"]["fp32_vs_floor"]["explanation"] = explanation
+    for call, v in verdicts.items():
+        v["fp32_vs_floor"]["explanation"] = explain(p[call], prof, student, call)
     result = {
         "settings": to_dict(cfg), "p50_us": p, "runs": runs, "profile": prof, "calls": verdicts,
+        "student_int8_input": bench.input_dtype(student_int8),  # uint8: the raw-pixel edge export
         "environment": bench.environment(),
         "provenance": provenance.record("bench-fidelity", to_dict(cfg), {
             "teacher": teacher, "student": student, "student_int8": student_int8, "prepared": prepared}),

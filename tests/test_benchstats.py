@@ -161,6 +161,25 @@ def test_iobinding_path_runs_on_cpu_device(identity):
         np.testing.assert_array_equal(runners[i].__defaults__[0].copy_outputs_to_cpu()[0], batches[i])
 
 
+def test_frame_buffer_refill_feeds_each_batch_and_leaves_the_pool_alone(identity):
+    """The CPU IOBinding engine: one bound input refilled before each run (outside the clock); the
+    bound output then holds that run's batch (Identity), and the pool's batches are never written."""
+    model_path, _, pool = identity
+    sess = bw.make_session(model_path, 1)
+    batches = bw.cut_batches(pool, 4)
+    saved = [b.copy() for b in batches]
+    run, refills, binding = bw.frame_buffer_runner(sess, batches)
+    assert len(refills) == len(batches)
+    for i in (2, 0, 1):
+        refills[i]()
+        run()
+        np.testing.assert_array_equal(binding.copy_outputs_to_cpu()[0], batches[i])
+    lat, k = bw.timed_loop([run], 0, 7, 0.0, refills)
+    assert k == 7 and len(lat) == 7 and (lat > 0).all()
+    for b, s in zip(batches, saved):
+        np.testing.assert_array_equal(b, s)
+
+
 def test_timeit_floor_is_a_positive_time(identity):
     model_path, pool_path, _ = identity
     for cycle, bound in ((True, False), (False, False), (True, True)):

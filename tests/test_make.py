@@ -31,7 +31,8 @@ def test_smoke_writes_every_artifact(smoke):
     ds = "fashion-mnist"
     for rel in [f"prepared/{ds}.h5", f"teachers/{ds}/ensemble.onnx", f"teachers/{ds}/member0.pt", f"cache/{ds}.h5",
                 f"students/{ds}-kd.pt", f"students/{ds}-kd.metrics.json", f"students/{ds}-kd.onnx",
-                f"students/{ds}-kd.int8.onnx", f"students/{ds}-hard.onnx", f"bench/{ds}.json", f"bench/{ds}.md",
+                f"students/{ds}-kd.int8.onnx", f"students/{ds}-hard.onnx", f"students/{ds}-kd.raw.int8.onnx",
+                f"bench/{ds}.json", f"bench/{ds}.md",
                 f"bench/{ds}.csv"]:
         assert (smoke / rel).is_file(), rel
     assert not list(smoke.rglob("*.partial"))
@@ -39,7 +40,8 @@ def test_smoke_writes_every_artifact(smoke):
         assert f.attrs["complete"] and f.attrs["rows"] == 3000
     torch.load(smoke / f"students/{ds}-kd.pt", weights_only=True)
     report = json.loads((smoke / f"bench/{ds}.json").read_text())
-    onnx_models = {"teacher-ensemble", "student-hard", "student-kd", "student-kd-int8", "identity-floor"}
+    onnx_models = {"teacher-ensemble", "student-hard", "student-kd", "student-kd-int8", "student-kd-int8-raw",
+                   "identity-floor", "identity-floor-uint8"}
     assert set(report["models"]) == onnx_models | {f"{n}-iobinding" for n in onnx_models} | {"student-kd-torch"}
     for name, entry in report["models"].items():
         for run in entry["runs"]:
