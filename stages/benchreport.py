@@ -152,19 +152,22 @@ def plot_throughput(report: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(8.4, 4.4))
+    names = [n for n, e in report["models"].items() if e["engine"] != "iobinding"]
+    colours = dict(zip(names, plt.get_cmap("tab20" if len(names) > 10 else "tab10").colors))  # one per model
+    styles = ["-", "--", ":", "-."]  # one per thread count
     for i, t in enumerate(report["threads_resolved"]):
-        for name, e in report["models"].items():
-            if e["engine"] == "iobinding":
-                continue
-            pts = sorted((r["batch"], r["steady"]["throughput_rows_s"]) for r in e["runs"] if r["threads"] == t)
+        for name in names:
+            runs = report["models"][name]["runs"]
+            pts = sorted((r["batch"], r["steady"]["throughput_rows_s"]) for r in runs if r["threads"] == t)
             if pts:
-                ax.plot(*zip(*pts), marker="o", ls="-" if i == 0 else "--", label=f"{name} ({t}t)")
+                ax.plot(*zip(*pts), marker="o", ls=styles[i % len(styles)], color=colours[name],
+                        label=f"{name} ({t}t)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set(xlabel="batch size", ylabel="rows / s (log)", title="Throughput against batch size")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: lines stay readable
     _save(fig, path)
     plt.close(fig)
     return Path(path)
