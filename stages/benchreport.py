@@ -58,9 +58,11 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
              f"{cfg['trials']} trials of at least {cfg['min_count']} runs and {cfg['min_s']} s after "
              f"{cfg['warmup_count']} runs / {cfg['warmup_s']} s of warm-up; inputs cycled from 1024 real test rows. "
              f"Times in microseconds. *x floor* is p50 over the Identity model's p50 (the cost of one `run()` "
-             f"through the same call, on the same input type: uint8 for a model that takes raw pixels). `-iobinding` rows call `run_with_iobinding` with input and output "
-             f"OrtValues bound once (the C/C++ API's per-run cost, as onnxruntime_perf_test measures); the "
-             f"others call `session.run` with numpy arrays (what a Python caller pays). "
+             f"through the same call, on the same input type: uint8 for a model that takes raw pixels). "
+             f"`-iobinding` rows call `run_with_iobinding` on one input and the outputs bound once, the next "
+             f"row copied into the bound input before each run's clock starts (the C/C++ API's per-run cost, "
+             f"as onnxruntime_perf_test measures); the others call `session.run` with numpy arrays (what a "
+             f"Python caller pays). "
              f"A result is *noisy* when the trials' p50s spread more than {cfg['max_spread']:.0%}.\n",
              "## Models\n", "| model | engine | weights (rank >= 2) | size KiB (files) | test acc | agrees w/ teacher |",
              "|---|---|---:|---:|---:|---:|"]
