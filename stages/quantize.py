@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -48,9 +49,12 @@ class _Calibration:
         self._it = iter(self._batches)
 
 
-def _finish(out: Path) -> Path:
-    """Lower the IR version the quantiser leaves (onnx 1.23 writes 14; onnxruntime 1.31 reads 13)."""
+def _finish(out: Path, *rewrites: Callable[[onnx.ModelProto], onnx.ModelProto]) -> Path:
+    """Apply ``rewrites`` to the quantiser's file, lower the IR version it leaves (onnx 1.23 writes 14;
+    onnxruntime 1.31 reads 13), check and save: one load and one save."""
     model = onnx.load(str(out))
+    for rewrite in rewrites:
+        model = rewrite(model)
     model.ir_version = min(model.ir_version, onnxio.IR_VERSION)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(out))
@@ -166,8 +170,7 @@ def static_int8(fp32: Path, out: Path, calib: np.ndarray, method: str = "minmax"
             quantize_static(str(pre), str(out), _Calibration(name, calib), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             per_channel=per_channel, calibrate_method=cm, extra_options=extra)
-    onnx.save(pixels_in(float_logits(onnx.load(str(out)))), str(out))
-    return _finish(out)
+    return _finish(out, float_logits, pixels_in)
 
 
 def dynamic_int8(fp32: Path, out: Path, per_channel: bool = False) -> Path:
