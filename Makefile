@@ -43,6 +43,18 @@ EXP_H_EPOCHS ?= 12
 EXP_H_TEMPS ?= 2,4,8,20
 EXP_H_ARGS ?=
 
+# ---- code: every target depends on the files its stage runs, read from the import graph by
+# scripts/code_deps.py (regenerated whenever a .py file changes; make then restarts with it), and on
+# the CLI.  Stages never import each other (tests/test_layering.py), so a module only the student
+# imports reruns the students and what follows, never the cache. ----
+CODE_MK := .make/code.mk
+PY_FILES := $(shell find pipeline stages -name '*.py' 2>/dev/null)
+$(CODE_MK): $(PY_FILES) scripts/code_deps.py
+	@mkdir -p $(@D)
+	@$(PYTHON) scripts/code_deps.py > $@.tmp && mv $@.tmp $@
+include $(CODE_MK)
+code = $(CODE_$(1)) pipeline/cli.py
+
 # ---- artifacts ----
 PREPARED := $(DATA)/prepared/$(DS).h5
 TEACHER := $(DATA)/teachers/$(DS)/ensemble.onnx
@@ -67,12 +79,12 @@ ARGS_export := $(EXPORT_ARGS)
 ARGS_bench := $(BENCH_ARGS)
 stamp = $(PARAMS)/$(1).args
 
-.PHONY: help all smoke setup test prepare teacher cache student export bench bench-fidelity clean clean-smoke
+.PHONY: help all smoke setup test test-fast prepare teacher cache student export bench bench-fidelity clean clean-smoke
 .PHONY: bench-student sweep experiments exp-small-transfer exp-omitted-class exp-temperature
 .PHONY: jitter cache-jitter exp-hinton
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z0-9_.-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_.-]+:.*## ' $(firstword $(MAKEFILE_LIST)) | awk 'BEGIN{FS=":.*## "}{printf "  %-14s %s\n", $$1, $$2}'
 	@echo "  parameters: DS DATA SOURCE MEMBERS TEACHER_ARCH TEACHER_EPOCHS TEMPS STUDENT_ARCH T ALPHA EPOCHS *_ARGS"
 
 all: $(BENCH).md ## run the whole pipeline on the default data and print where the report is
@@ -87,13 +99,16 @@ smoke: ## the same pipeline shrunk (a few thousand rows, tiny models), under two
 
 setup: $(INSTALLED) $(FASHION) ## create .venv (CPU torch without a GPU) and install the dataset
 
-test: setup ## run the test suite (unit, numeric, CLI and make smoke runs)
+test: setup ## run the test suite (unit, formats, stages, faults, end to end: what CI runs)
 	$(PY) -m pytest -q
+
+test-fast: setup ## the tests that run no pipeline in a subprocess (not marked slow), a few minutes
+	$(PY) -m pytest -q -m "not slow"
 
 prepare: $(PREPARED) ## prepared transfer set (data/prepared/<ds>.h5)
 teacher: $(TEACHER) ## teacher ensemble ONNX (data/teachers/<ds>/ensemble.onnx)
 cache: $(CACHE) ## soft-target cache (data/cache/<ds>.h5)
-student: $(KD).pt $(HARD).pt ## distilled and hard-label students (data/students/)
+student: $(KD).ckpt $(HARD).ckpt ## distilled and hard-label students (data/students/)
 export: $(KD).onnx $(HARD).onnx $(RAW).onnx ## student ONNX files, fp32 and int8 (and the kd student on raw uint8 pixels)
 bench: $(BENCH).md ## edge benchmark report (data/bench/<ds>.{json,md,csv} and two .png plots)
 bench-fidelity: $(BENCH).fidelity.json ## benchmark vs bare timeit, int8 vs teacher, fp32 vs Identity floor
@@ -116,56 +131,54 @@ $(FASHION):
 # Not for goals that build nothing under $(DATA) themselves: `make smoke T=4` would otherwise stamp
 # T=4 onto the full-size students in data/ (its sub-make stamps $(SMOKE_DATA)), and `make help` or
 # `make test` must not touch them either.
-NO_STAMP_GOALS := help smoke clean-smoke test setup
+NO_STAMP_GOALS := help smoke clean-smoke test test-fast setup
 ifneq ($(filter-out $(NO_STAMP_GOALS),$(or $(MAKECMDGOALS),$(.DEFAULT_GOAL))),)
 $(foreach s,prepare jitter teacher cache hard kd export bench,$(shell mkdir -p $(PARAMS) && \
   printf '%s\n' '$(ARGS_$(s))' | cmp -s - $(PARAMS)/$(s).args || printf '%s\n' '$(ARGS_$(s))' > $(PARAMS)/$(s).args))
 endif
 
 # ---- stages ----
-$(PREPARED): stages/prepare.py $(call stamp,prepare) | $(INSTALLED) $(FASHION)
+$(PREPARED): $(call code,prepare) $(call stamp,prepare) | $(INSTALLED) $(FASHION)
 	$(DISTILL) prepare --out $@ $(ARGS_prepare)
 
-$(TEACHER): $(PREPARED) stages/teacher.py stages/models.py $(call stamp,teacher) | $(INSTALLED)
+$(TEACHER): $(PREPARED) $(call code,teacher) $(call stamp,teacher) | $(INSTALLED)
 	$(DISTILL) teacher --prepared $< --out $@ $(ARGS_teacher)
 
-$(CACHE): $(TEACHER) $(PREPARED) stages/cache.py stages/kd.py $(call stamp,cache) | $(INSTALLED)
+$(CACHE): $(TEACHER) $(PREPARED) $(call code,cache) $(call stamp,cache) | $(INSTALLED)
 	$(DISTILL) cache --teacher $< --transfer-set $(PREPARED) --out $@ $(ARGS_cache)
 
-$(PREPARED_J): $(PREPARED) stages/augment.py stages/teacher.py $(call stamp,jitter) | $(INSTALLED)
+$(PREPARED_J): $(PREPARED) $(call code,augment) $(call stamp,jitter) | $(INSTALLED)
 	$(DISTILL) jitter --prepared $< --out $@ $(ARGS_jitter)
 
-$(CACHE_J): $(TEACHER) $(PREPARED_J) stages/cache.py stages/kd.py $(call stamp,cache) | $(INSTALLED)
+$(CACHE_J): $(TEACHER) $(PREPARED_J) $(call code,cache) $(call stamp,cache) | $(INSTALLED)
 	$(DISTILL) cache --teacher $< --transfer-set $(PREPARED_J) --out $@ $(ARGS_cache)
 
-$(HARD).pt: $(CACHE) $(PREPARED) stages/student.py stages/kd.py stages/models.py $(call stamp,hard) | $(INSTALLED)
+$(HARD).ckpt: $(CACHE) $(PREPARED) $(call code,student) $(call stamp,hard) | $(INSTALLED)
 	$(DISTILL) student --cache $< --transfer-set $(PREPARED) --out $@ --metrics $(HARD).metrics.json $(ARGS_hard)
 
-$(KD).pt: $(CACHE) $(PREPARED) stages/student.py stages/kd.py stages/models.py $(call stamp,kd) | $(INSTALLED)
+$(KD).ckpt: $(CACHE) $(PREPARED) $(call code,student) $(call stamp,kd) | $(INSTALLED)
 	$(DISTILL) student --cache $< --transfer-set $(PREPARED) --out $@ --metrics $(KD).metrics.json $(ARGS_kd)
 
-$(STU)/%.onnx: $(STU)/%.pt $(PREPARED) $(TEACHER) stages/export.py stages/quantize.py stages/mobile.py \
-               pipeline/onnxio.py $(call stamp,export) | $(INSTALLED)
+$(STU)/%.onnx: $(STU)/%.ckpt $(PREPARED) $(TEACHER) $(call code,export) $(call stamp,export) | $(INSTALLED)
 	$(DISTILL) export --checkpoint $< --transfer-set $(PREPARED) --out $@ --int8 $(STU)/$*.int8.onnx \
 	  --report $(STU)/$*.export.json --teacher $(TEACHER) --mobile-dir $(STU)/$*.mobile $(ARGS_export)
 
 # The edge model: the same kd student taking raw uint8 pixels, normalisation folded into its first layer.
-$(RAW).onnx: $(KD).pt $(PREPARED) $(TEACHER) stages/export.py stages/quantize.py stages/mobile.py \
-             pipeline/onnxio.py $(call stamp,export) | $(INSTALLED)
+$(RAW).onnx: $(KD).ckpt $(PREPARED) $(TEACHER) $(call code,export) $(call stamp,export) | $(INSTALLED)
 	$(DISTILL) export --raw-input --checkpoint $< --transfer-set $(PREPARED) --out $@ --int8 $(RAW).int8.onnx \
 	  --report $(RAW).export.json --teacher $(TEACHER) --mobile-dir $(RAW).mobile $(ARGS_export)
 
-$(BENCH).md: $(TEACHER) $(KD).onnx $(HARD).onnx $(RAW).onnx $(KD).pt $(PREPARED) stages/bench.py stages/bench_worker.py \
-             stages/benchstats.py stages/benchreport.py $(call stamp,bench) | $(INSTALLED)
+$(BENCH).md: $(TEACHER) $(KD).onnx $(HARD).onnx $(RAW).onnx $(KD).ckpt $(PREPARED) $(call code,bench) \
+             $(call stamp,bench) | $(INSTALLED)
 	$(DISTILL) bench --teacher $(TEACHER) --candidate student-hard=$(HARD).onnx --candidate student-kd=$(KD).onnx \
 	  --candidate student-kd-int8=$(KD).int8.onnx --candidate student-kd-int8-raw=$(RAW).int8.onnx \
-	  --torch student-kd=$(KD).pt --prepared $(PREPARED) \
+	  --torch student-kd=$(KD).ckpt --prepared $(PREPARED) \
 	  --out $(BENCH).json --markdown $@ --csv $(BENCH).csv \
 	  --plot-accuracy $(BENCH).accuracy.png --plot-throughput $(BENCH).throughput.png $(ARGS_bench)
 
 FIDELITY_ARGS ?=
 # int8: the edge model (raw uint8 pixels in, normalisation folded, float logits out)
-$(BENCH).fidelity.json: $(TEACHER) $(KD).onnx $(RAW).onnx $(PREPARED) stages/fidelity.py stages/bench_worker.py | $(INSTALLED)
+$(BENCH).fidelity.json: $(TEACHER) $(KD).onnx $(RAW).onnx $(PREPARED) $(call code,bench) | $(INSTALLED)
 	$(DISTILL) bench-fidelity --teacher $(TEACHER) --student $(KD).onnx --student-int8 $(RAW).int8.onnx \
 	  --prepared $(PREPARED) --out $@ $(FIDELITY_ARGS)
 

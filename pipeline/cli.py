@@ -3,6 +3,10 @@
 Every path is given by the caller (the Makefile names them); settings come from the stage's frozen
 dataclass (``--help`` lists them), optionally from ``--config FILE.json``.  Errors end the command
 with one line on stderr and the exit code of :mod:`pipeline.errors`.
+
+Lazy: this module imports only the stages' settings modules (no torch, no onnxruntime); a command
+imports its stage's code when it runs, so ``distill --help`` and ``distill <stage> --help`` are fast
+(``tests/test_cli_lazy.py`` checks ``sys.modules``).
 """
 from __future__ import annotations
 
@@ -79,22 +83,17 @@ def main() -> None:
     """
 
 
-from stages import augment as _augment  # noqa: E402 - stage modules after the group they join
-from stages import bench as _bench  # noqa: E402
-from stages import bench_student as _bench_student  # noqa: E402
-from stages import cache as _cache  # noqa: E402
-from stages import cache_bench as _cache_bench  # noqa: E402
-from stages import cache_tools as _cache_tools  # noqa: E402
-from stages import experiments as _experiments  # noqa: E402
-from stages import export as _export  # noqa: E402
-from stages import fidelity as _fidelity  # noqa: E402
-from stages import prepare as _prepare  # noqa: E402
-from stages import student as _student  # noqa: E402
-from stages import sweep as _sweep  # noqa: E402
-from stages import teacher as _teacher  # noqa: E402
+from stages.augment.settings import JitterConfig  # noqa: E402 - settings only: torch-free
+from stages.bench.settings import BenchConfig, FidelityConfig  # noqa: E402
+from stages.cache.settings import (AddTemperatureConfig, CacheBenchConfig, CacheConfig,  # noqa: E402
+                                   CacheScaleConfig, MergeConfig, VerifyConfig)
+from stages.export.settings import ExportConfig  # noqa: E402
+from stages.prepare.settings import PrepareConfig  # noqa: E402
+from stages.student.settings import ExperimentConfig, StudentBenchConfig, StudentConfig, SweepConfig  # noqa: E402
+from stages.teacher.settings import TeacherConfig  # noqa: E402
 
 
-@stage_command(main, "prepare", _prepare.PrepareConfig)
+@stage_command(main, "prepare", PrepareConfig)
 @click.option("--source", type=PathArg, default=None, help="directory of MNIST-format IDX files "
               "[default: /usr/share/datasets/fashion-mnist unless --npz is given]")
 @click.option("--npz", type=PathArg, default=None, help=".npz file with arrays x and y (y = -1: unlabelled)")
@@ -102,22 +101,35 @@ from stages import teacher as _teacher  # noqa: E402
 def prepare(cfg, source, npz, out):
     if source is None and npz is None:
         source = Path("/usr/share/datasets/fashion-mnist")
-    _prepare.prepare_dataset(cfg, out, source=source, npz=npz)
+    from stages.prepare import prepare_dataset
+
+    prepare_dataset(cfg, out, source=source, npz=npz)
     _say(f"prepared -> {out}")
 
 
-@stage_command(main, "jitter", _augment.JitterConfig)
+@stage_command(main, "jitter", JitterConfig)
 @click.option("--prepared", type=PathArg, required=True, help="prepared dataset (from `distill prepare`)")
 @click.option("--out", type=PathArg, required=True, help="prepared HDF5 file to write (the enlarged transfer set)")
 def jitter(cfg, prepared, out):
-    _augment.jitter_transfer_set(cfg, prepared, out, log=_say)
+    from stages.augment import jitter_transfer_set
+
+    jitter_transfer_set(cfg, prepared, out, log=_say)
 
 
-@stage_command(main, "teacher", _teacher.TeacherConfig)
+@stage_command(main, "teacher", TeacherConfig)
 @click.option("--prepared", type=PathArg, required=True, help="prepared dataset (from `distill prepare`)")
 @click.option("--out", type=PathArg, required=True, help="ensemble ONNX file; member checkpoints go beside it")
 def teacher(cfg, prepared, out):
-    _teacher.train_teachers(cfg, prepared, out, log=_say)
+    from stages.teacher import train_teachers
+
+    train_teachers(cfg, prepared, out, log=_say)
+
+
+def _plot_cache(cache: Path, plot: Path) -> None:
+    from pipeline.formats.cache import open_cache
+    from stages.cache import plot_diagnostics
+
+    plot_diagnostics(open_cache(cache).diagnostics(), plot)
 
 
 @main.group("cache", cls=DefaultGroup, default="build")
@@ -125,7 +137,7 @@ def cache_group() -> None:
     """Soft-target cache: build (default), and tools that work on an existing cache."""
 
 
-@stage_command(cache_group, "build", _cache.CacheConfig)
+@stage_command(cache_group, "build", CacheConfig)
 @click.option("--teacher", "teachers", type=PathArg, multiple=True, required=True,
               help="teacher ONNX file (repeat for several; outputs are joined as members)")
 @click.option("--transfer-set", type=PathArg, required=True, help="prepared dataset whose rows are the transfer set")
@@ -133,49 +145,61 @@ def cache_group() -> None:
               "<out stem>.part<i>of<n><suffix>)")
 @click.option("--plot", type=PathArg, default=None, help="also plot entropy and accuracy against T to this PNG")
 def cache_build(cfg, teachers, transfer_set, out, plot):
-    written = _cache.cache_soft_targets(cfg, list(teachers), transfer_set, out, log=_say)
+    from stages.cache import cache_soft_targets
+
+    written = cache_soft_targets(cfg, list(teachers), transfer_set, out, log=_say)
     if plot is not None:
-        _cache_tools.plot_diagnostics(_cache.open_cache(written).diagnostics(), plot)
+        _plot_cache(written, plot)
 
 
-@stage_command(cache_group, "add-temperature", _cache_tools.AddTemperatureConfig)
+@stage_command(cache_group, "add-temperature", AddTemperatureConfig)
 @click.argument("cache_path", type=PathArg)
 @click.option("--out", type=PathArg, default=None, help="write the extended cache here [default: replace FILE atomically]")
 @click.option("--plot", type=PathArg, default=None, help="also plot entropy and accuracy against T to this PNG")
 def cache_add_temperature(cfg, cache_path, out, plot):
-    written = _cache_tools.add_temperature(cfg, cache_path, out, log=_say)
+    from stages.cache import add_temperature
+
+    written = add_temperature(cfg, cache_path, out, log=_say)
     if plot is not None:
-        _cache_tools.plot_diagnostics(_cache.open_cache(written).diagnostics(), plot)
+        _plot_cache(written, plot)
 
 
-@stage_command(cache_group, "verify", _cache_tools.VerifyConfig)
+@stage_command(cache_group, "verify", VerifyConfig)
 @click.argument("cache_path", type=PathArg)
 @click.option("--teacher", "teachers", type=PathArg, multiple=True, required=True,
               help="teacher ONNX file the cache was built from (repeat, in the same order)")
 @click.option("--transfer-set", type=PathArg, required=True, help="prepared dataset the cache was built from")
 def cache_verify(cfg, cache_path, teachers, transfer_set):
-    _cache_tools.verify(cfg, cache_path, list(teachers), transfer_set, log=_say)
+    from stages.cache import verify
+
+    verify(cfg, cache_path, list(teachers), transfer_set, log=_say)
 
 
-@stage_command(cache_group, "merge", _cache_tools.MergeConfig)
+@stage_command(cache_group, "merge", MergeConfig)
 @click.option("--part", "parts", type=PathArg, multiple=True, required=True, help="a shard's part file (repeat for each)")
 @click.option("--out", type=PathArg, required=True, help="merged cache HDF5 file to write")
 def cache_merge(cfg, parts, out):
-    _cache_tools.merge(cfg, list(parts), out, log=_say)
+    from stages.cache import merge
+
+    merge(cfg, list(parts), out, log=_say)
 
 
-@stage_command(cache_group, "bench", _cache_bench.CacheBenchConfig)
+@stage_command(cache_group, "bench", CacheBenchConfig)
 @click.option("--work", type=PathArg, required=True, help="folder for the synthetic inputs")
 @click.option("--out", type=PathArg, required=True, help="report JSON to write")
 def cache_bench(cfg, work, out):
-    _cache_bench.bench_speed(cfg, work, out, log=_say)
+    from stages.cache import bench_speed
+
+    bench_speed(cfg, work, out, log=_say)
 
 
-@stage_command(cache_group, "bench-scale", _cache_bench.CacheScaleConfig)
+@stage_command(cache_group, "bench-scale", CacheScaleConfig)
 @click.option("--work", type=PathArg, required=True, help="folder for the synthetic inputs (GBs at 1M rows)")
 @click.option("--out", type=PathArg, required=True, help="report JSON to write")
 def cache_bench_scale(cfg, work, out):
-    _cache_bench.bench_scale(cfg, work, out, log=_say)
+    from stages.cache import bench_scale
+
+    bench_scale(cfg, work, out, log=_say)
 
 
 @main.group("student", cls=DefaultGroup, default="train")
@@ -183,16 +207,18 @@ def student_group() -> None:
     """Students distilled from the cache: train one (default), or sweep a grid."""
 
 
-@stage_command(student_group, "train", _student.StudentConfig)
+@stage_command(student_group, "train", StudentConfig)
 @cache_inputs
-@click.option("--out", type=PathArg, required=True, help="student checkpoint (.pt) to write")
+@click.option("--out", type=PathArg, required=True, help="student checkpoint (.ckpt) to write")
 @click.option("--metrics", type=PathArg, default=None, help="metrics JSON [default: <out>.metrics.json]")
 def student(cfg, cache_path, transfer_set, out, metrics):
     metrics = metrics or out.with_suffix(".metrics.json")
-    _student.distill_student(cfg, cache_path, transfer_set, out, metrics, log=_say)
+    from stages.student import distill_student
+
+    distill_student(cfg, cache_path, transfer_set, out, metrics, log=_say)
 
 
-@stage_command(student_group, "sweep", _sweep.SweepConfig)
+@stage_command(student_group, "sweep", SweepConfig)
 @cache_inputs
 @click.option("--work-dir", type=PathArg, required=True, help="folder for every student's checkpoint and metrics")
 @click.option("--csv", "csv_path", type=PathArg, required=True, help="CSV of every student (+ <stem>.json)")
@@ -201,27 +227,33 @@ def student(cfg, cache_path, transfer_set, out, metrics):
 @click.option("--teacher", type=PathArg, default=None, help="teacher ONNX of the cache: adds its test accuracy "
               "and the fraction of the gap closed")
 def student_sweep(cfg, cache_path, transfer_set, work_dir, csv_path, markdown, plot, teacher):
-    _sweep.sweep(cfg, cache_path, transfer_set, work_dir, csv_path, markdown or csv_path.with_suffix(".md"),
+    from stages.student import run_sweep
+
+    run_sweep(cfg, cache_path, transfer_set, work_dir, csv_path, markdown or csv_path.with_suffix(".md"),
                  plot or csv_path.with_suffix(".png"), teacher, log=_say)
 
 
-@stage_command(student_group, "experiment", _experiments.ExperimentConfig)
+@stage_command(student_group, "experiment", ExperimentConfig)
 @cache_inputs
 @click.option("--work-dir", type=PathArg, required=True, help="folder for every student's checkpoint and metrics")
 @click.option("--markdown", type=PathArg, required=True, help="Markdown table to write (+ <stem>.json)")
 def student_experiment(cfg, cache_path, transfer_set, work_dir, markdown):
-    _experiments.run_experiment(cfg, cache_path, transfer_set, work_dir, markdown, log=_say)
+    from stages.student import run_experiment
+
+    run_experiment(cfg, cache_path, transfer_set, work_dir, markdown, log=_say)
 
 
-@stage_command(student_group, "bench", _bench_student.StudentBenchConfig)
+@stage_command(student_group, "bench", StudentBenchConfig)
 @cache_inputs
 @click.option("--teacher", type=PathArg, required=True, help="teacher ensemble ONNX (run every step in online mode)")
 @click.option("--out", type=PathArg, required=True, help="report JSON to write")
 def student_bench(cfg, cache_path, transfer_set, teacher, out):
-    _bench_student.bench_student(cfg, cache_path, transfer_set, teacher, out, log=_say)
+    from stages.student import bench_student
+
+    bench_student(cfg, cache_path, transfer_set, teacher, out, log=_say)
 
 
-@stage_command(main, "export", _export.ExportConfig)
+@stage_command(main, "export", ExportConfig)
 @click.option("--checkpoint", type=PathArg, required=True, help="student checkpoint (from `distill student`)")
 @click.option("--transfer-set", type=PathArg, required=True, help="prepared dataset (calibration and parity rows)")
 @click.option("--out", type=PathArg, required=True, help="fp32 ONNX file to write")
@@ -235,7 +267,9 @@ def student_bench(cfg, cache_path, transfer_set, teacher, out):
 def export(cfg, checkpoint, transfer_set, out, out_int8, report, out_dynamic, out_fp16, teacher, mobile_dir):
     out_int8 = out_int8 or out.with_suffix(".int8.onnx")
     report = report or out.with_suffix(".export.json")
-    _export.export_student(cfg, checkpoint, transfer_set, out, out_int8, report, log=_say, teacher=teacher,
+    from stages.export import export_student
+
+    export_student(cfg, checkpoint, transfer_set, out, out_int8, report, log=_say, teacher=teacher,
                            out_dynamic=out_dynamic, out_fp16=out_fp16,
                            mobile_dir=mobile_dir or out.with_suffix(".mobile"))
 
@@ -250,7 +284,7 @@ def _candidates(values: tuple[str, ...]) -> dict[str, Path]:
     return out
 
 
-@stage_command(main, "bench", _bench.BenchConfig)
+@stage_command(main, "bench", BenchConfig)
 @click.option("--teacher", "teacher_path", type=PathArg, required=True, help="teacher ensemble ONNX file")
 @click.option("--candidate", "candidates", multiple=True, required=True, help="NAME=PATH of a student ONNX (repeat)")
 @click.option("--prepared", type=PathArg, required=True, help="prepared dataset (test rows)")
@@ -258,18 +292,20 @@ def _candidates(values: tuple[str, ...]) -> dict[str, Path]:
 @click.option("--markdown", type=PathArg, default=None, help="Markdown report [default: <out stem>.md]")
 @click.option("--csv", "csv_path", type=PathArg, default=None, help="CSV of every timed run [default: <out stem>.csv]")
 @click.option("--torch", "torch_models", multiple=True,
-              help="NAME=CHECKPOINT of a student .pt timed in PyTorch eager as NAME-torch (repeat)")
+              help="NAME=CHECKPOINT of a student .ckpt timed in PyTorch eager as NAME-torch (repeat)")
 @click.option("--plot-accuracy", type=PathArg, default=None, help="PNG: accuracy against p50 latency [default: none]")
 @click.option("--plot-throughput", type=PathArg, default=None, help="PNG: throughput against batch size [default: none]")
 def bench(cfg, teacher_path, candidates, prepared, out, markdown, csv_path, torch_models, plot_accuracy,
           plot_throughput):
-    _bench.benchmark(cfg, teacher_path, _candidates(candidates), prepared, out,
+    from stages.bench import benchmark
+
+    benchmark(cfg, teacher_path, _candidates(candidates), prepared, out,
                      markdown or out.with_suffix(".md"), csv_path or out.with_suffix(".csv"), log=_say,
                      torch_models=_candidates(torch_models), plot_accuracy=plot_accuracy,
                      plot_throughput=plot_throughput)
 
 
-@stage_command(main, "bench-fidelity", _fidelity.FidelityConfig)
+@stage_command(main, "bench-fidelity", FidelityConfig)
 @click.option("--teacher", "teacher_path", type=PathArg, required=True, help="teacher ensemble ONNX file")
 @click.option("--student", type=PathArg, required=True, help="fp32 student ONNX file")
 @click.option("--student-int8", type=PathArg, required=True,
@@ -277,7 +313,9 @@ def bench(cfg, teacher_path, candidates, prepared, out, markdown, csv_path, torc
 @click.option("--prepared", type=PathArg, required=True, help="prepared dataset (test rows)")
 @click.option("--out", type=PathArg, required=True, help="fidelity JSON to write")
 def bench_fidelity(cfg, teacher_path, student, student_int8, prepared, out):
-    _fidelity.check_fidelity(cfg, teacher_path, student, student_int8, prepared, out, log=_say)
+    from stages.bench import check_fidelity
+
+    check_fidelity(cfg, teacher_path, student, student_int8, prepared, out, log=_say)
 
 
 if __name__ == "__main__":

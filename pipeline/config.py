@@ -139,3 +139,16 @@ def require(cond: bool, message: str) -> None:
     """Raise a UsageError with ``message`` unless ``cond`` (for ``__post_init__`` checks)."""
     if not cond:
         raise UsageError(message)
+
+
+def require_temperatures(temperatures: Any, name: str = "temperature") -> None:
+    """Every command's temperature check: :func:`pipeline.soft.check_temperature` (finite and > 0) on
+    each value, as a UsageError (exit 2).  ``inf`` parses as a float and NaN compares false with
+    everything, so ``t > 0`` alone would let them through to a traceback deep in a writer thread."""
+    from pipeline.soft import check_temperature
+
+    for t in temperatures if isinstance(temperatures, (tuple, list)) else (temperatures,):
+        try:
+            check_temperature(t)
+        except ValueError as e:
+            raise UsageError(f"{name}: {e}") from None

@@ -1,4 +1,7 @@
-"""PyTorch -> ONNX export and its numerical check (after optimum's validate_model_outputs).
+"""PyTorch -> ONNX export and its numerical check (after optimum's validate_model_outputs); torch.
+
+Used by the teacher (the ensemble) and the export stage (students).  The versions written and the
+metadata layout are the ONNX artifact's contract, :mod:`pipeline.formats.onnx_model`.
 
 An export is not done until onnxruntime reproduces PyTorch on real inputs: every batch is compared,
 all failures are collected, and the message reports the largest difference.
@@ -17,9 +20,7 @@ import onnx
 import torch
 
 from pipeline.errors import IntegrityError
-
-OPSET = 18  # the torch.export-based exporter's lowest native opset; lower ones go through a converter
-IR_VERSION = 10  # opset 18 needs IR >= 8; onnx 1.23 writes 14, onnxruntime 1.31 reads at most 13
+from pipeline.formats.onnx_model import IR_VERSION, OPSET, set_metadata
 
 
 def export(module: torch.nn.Module, example: torch.Tensor, out: Path, output_name: str,
@@ -31,15 +32,13 @@ def export(module: torch.nn.Module, example: torch.Tensor, out: Path, output_nam
     the caller publishes (normally a ``.partial``).
     """
     module = module.eval()
-    with _quiet():
+    with quiet():
         torch.onnx.export(module, (example,), str(out), input_names=["x"], output_names=[output_name],
                           dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=OPSET,
                           external_data=False, dynamo=True, verbose=False)
     model = onnx.load(str(out))
     model.ir_version = IR_VERSION
-    for key, value in (metadata or {}).items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
+    set_metadata(model, metadata or {})
     onnx.checker.check_model(model, full_check=True)
     with open(out, "wb") as f:  # save via an explicit handle: onnx.save on a .partial name is fine too
         f.write(model.SerializeToString())
@@ -47,7 +46,7 @@ def export(module: torch.nn.Module, example: torch.Tensor, out: Path, output_nam
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """The exporter prints progress and harmless warnings (torchvision ops missing); hide them."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -68,7 +68,7 @@ def tiny_student(tmp_path_factory, tiny_cache, tiny_prepared) -> Path:
 
     d = tmp_path_factory.mktemp("student")
     cfg = StudentConfig(arch="mlp:16", epochs=2, temperature=2.0, alpha=0.5)
-    return distill_student(cfg, tiny_cache, tiny_prepared, d / "s.pt", d / "s.metrics.json", log=lambda m: None)
+    return distill_student(cfg, tiny_cache, tiny_prepared, d / "s.ckpt", d / "s.metrics.json", log=lambda m: None)
 
 
 def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

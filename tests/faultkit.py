@@ -61,14 +61,14 @@ def _limit_memory() -> None:
 def _content(kind: str, path: Path) -> dict[str, np.ndarray]:
     """Open ``path`` as the stages do and read everything they would read."""
     if kind == "prepared":
-        from stages.prepare import open_prepared
+        from pipeline.formats.prepared import open_prepared
 
         info = open_prepared(path)
         out = {"meta": np.array([info.scale, info.mean, info.std, *info.shape, len(info.classes)])}
         for s in ("train", "val", "test"):
             out[f"{s}/x"], out[f"{s}/y"] = info.load(s)
         return out
-    from stages.cache import open_cache
+    from pipeline.formats.cache import open_cache
 
     c = open_cache(path)
     out = {"logits": c.read("logits"), "labels": c.read("labels")}

@@ -1,0 +1,178 @@
+"""The prepared transfer set, schema ``kd-prepared/1``: its only writer and its only reader.
+
+Layout (docs/formats.md, "prepared set")::
+
+    /            attrs: schema, classes (JSON list of names), scale, mean, std, provenance (JSON),
+                        content_sha256 (the seal, :mod:`pipeline.formats.h5seal`)
+    /<split>/x   uint8 or float32 [rows, *shape]   raw pixels, as the source gave them
+    /<split>/y   int64 [rows]                       -1 where unlabelled (train only)
+
+for the splits ``train``, ``val`` and ``test``.  Models see ``(x / scale - mean) / std`` as float32
+(:meth:`Prepared.normalise`); mean and std are measured on the train split.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import h5py
+import numpy as np
+
+from pipeline.errors import DataError
+from pipeline.formats import h5seal
+
+SCHEMA = "kd-prepared/1"
+SPLITS = ("train", "val", "test")
+WHAT = "prepared dataset"
+REBUILD = "make prepare"
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalisation:
+    """``(x / scale - mean) / std``: what every model of the pipeline is fed, as float32."""
+
+    scale: float
+    mean: float
+    std: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "mean": self.mean, "std": self.std}
+
+
+class PreparedWriter:
+    """Writes one prepared file into an open path (normally a ``.partial``), sealed on :meth:`close`.
+
+    ``put`` writes a whole split; ``allocate`` creates a split's datasets for the caller to fill
+    in blocks (a split larger than memory, as the transfer-set augmentation writes); ``copy``
+    takes a split from another prepared file unchanged.
+    """
+
+    def __init__(self, path: Path, classes: list[str] | tuple[str, ...], norm: Normalisation,
+                 provenance: dict[str, Any]):
+        self.f = h5py.File(path, "w", locking=False)
+        self.f.attrs.update(schema=SCHEMA, classes=json.dumps(list(classes)), scale=float(norm.scale),
+                            mean=float(norm.mean), std=float(norm.std), provenance=json.dumps(provenance))
+
+    def put(self, split: str, x: np.ndarray, y: np.ndarray) -> None:
+        g = self.f.create_group(split)
+        g.create_dataset("x", data=x if x.dtype == np.uint8 else x.astype(np.float32))
+        g.create_dataset("y", data=np.asarray(y).astype(np.int64))
+
+    def allocate(self, split: str, rows: int, shape: tuple[int, ...], dtype: Any) -> tuple[h5py.Dataset, h5py.Dataset]:
+        g = self.f.create_group(split)
+        return (g.create_dataset("x", shape=(rows, *shape), dtype=np.dtype(dtype)),
+                g.create_dataset("y", shape=(rows,), dtype=np.int64))
+
+    def copy(self, source: Path, split: str) -> None:
+        with h5seal.open_untrusted(source, WHAT, REBUILD) as src:
+            src.copy(src[split], self.f, name=split)
+
+    def close(self, seal: bool = True) -> None:
+        if seal:
+            h5seal.seal(self.f)
+        self.f.close()
+
+    def __enter__(self) -> "PreparedWriter":
+        return self
+
+    def __exit__(self, kind, *_: Any) -> None:
+        self.close(seal=kind is None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A checked prepared file: what the later stages need besides the arrays, and readers of them."""
+
+    path: Path
+    classes: tuple[str, ...]
+    scale: float
+    mean: float
+    std: float
+    shape: tuple[int, ...]
+    rows: dict[str, int]
+    dtype: str = "uint8"
+    provenance: dict = dataclasses.field(default_factory=dict, compare=False)
+
+    @property
+    def norm(self) -> Normalisation:
+        return Normalisation(self.scale, self.mean, self.std)
+
+    def normalise(self, x: np.ndarray) -> np.ndarray:
+        """Raw pixels -> model input, float32: ``(x / scale - mean) / std``.
+
+        In place on one float32 copy (never the caller's array): one batch-sized array instead of
+        four temporaries, with the same float32 operations in the same order.
+        """
+        x = x.astype(np.float32)
+        x /= np.float32(self.scale)
+        x -= np.float32(self.mean)
+        x /= np.float32(self.std)
+        return x
+
+    def load(self, split: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised x (float32) and y of rows ``[start, stop)`` of ``split``; one contiguous read."""
+        x, y = self.load_raw(split, start, stop)
+        return self.normalise(x), y
+
+    def load_raw(self, split: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """x as stored (the raw pixels, uint8 for image sources) and y of rows ``[start, stop)``."""
+        with h5py.File(self.path, "r") as f:
+            return f[split]["x"][start:stop], f[split]["y"][start:stop]
+
+    @contextlib.contextmanager
+    def rows_reader(self, split: str) -> Iterator[Callable[[int, int], tuple[np.ndarray, np.ndarray]]]:
+        """``read(lo, hi) -> (raw x, y)`` of contiguous rows of ``split``, over one open handle."""
+        with h5py.File(self.path, "r") as f:
+            xs, ys = f[split]["x"], f[split]["y"]
+            yield lambda lo, hi: (xs[lo:hi], ys[lo:hi])
+
+    def blocks(self, split: str, lo: int, hi: int, block: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(start, raw x, y)`` of contiguous blocks of at most ``block`` rows covering ``[lo, hi)``,
+        the file opened once."""
+        with h5py.File(self.path, "r") as f:
+            xs, ys = f[split]["x"], f[split]["y"]
+            for a in range(lo, hi, block):
+                b = min(hi, a + block)
+                yield a, xs[a:b], ys[a:b]
+
+
+def open_prepared(path: Path) -> Prepared:
+    """Open and check a prepared file; DataError (one line) when it is not one.
+
+    Untrusted input (:mod:`pipeline.formats.h5seal`): the schema first, shapes and dtypes bounded
+    before any read, the seal (content checksum) verified, then the attributes and every split's
+    shapes and labels (in [-1, classes) for train, [0, classes) for val and test).
+    """
+    path = Path(path)
+    with h5seal.open_untrusted(path, WHAT, REBUILD) as f:
+        h5seal.check_schema(path, f, SCHEMA, WHAT, REBUILD)
+        h5seal.verify(path, f, REBUILD)
+        missing = [s for s in SPLITS if s not in f or "x" not in f[s] or "y" not in f[s]]
+        if missing:
+            raise DataError(f"{path}: {WHAT} without split(s) {', '.join(missing)}")
+        rows = {s: int(f[s]["y"].shape[0]) for s in SPLITS}
+        shape = tuple(int(d) for d in f["train"]["x"].shape[1:])
+        try:
+            classes = json.loads(f.attrs["classes"])
+            scale, mean, std = (float(f.attrs[k]) for k in ("scale", "mean", "std"))
+            prov = json.loads(f.attrs.get("provenance", "{}"))
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{path}: {WHAT} with missing or malformed attributes") from None
+        if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+            raise DataError(f"{path}: attribute classes is not a list of at least two names")
+        if not (np.isfinite([scale, mean, std]).all() and scale > 0 and std > 0):
+            raise DataError(f"{path}: bad normalisation (scale {scale}, mean {mean}, std {std})")
+        for s in SPLITS:
+            if f[s]["x"].shape != (rows[s], *shape) or f[s]["y"].ndim != 1:
+                raise DataError(f"{path}: split {s} has x {f[s]['x'].shape} and {rows[s]} labels")
+            if rows[s] == 0:
+                raise DataError(f"{path}: the {s} split is empty")
+            y = f[s]["y"][:]
+            lo = -1 if s == "train" else 0
+            if y.dtype.kind not in "iu" or ((y < lo) | (y >= len(classes))).any():
+                raise DataError(f"{path}: split {s} has labels outside [{lo}, {len(classes)})")
+        dtype = str(f["train"]["x"].dtype)
+        return Prepared(path, tuple(classes), scale, mean, std, shape, rows, dtype, prov)

@@ -1,0 +1,67 @@
+"""Stage 1b, jitter: a prepared transfer set enlarged with shifted copies of its training rows.
+
+The cache holds the teacher's soft targets for the rows it is given and nothing else, so a student
+distilled from it only ever sees the teacher's function at those rows.  Shifted copies of every
+training image, run through the same teacher by the cache stage, let the student match the teacher
+on inputs it was never labelled on: "function matching" on a fixed set of consistent views
+(Beyer et al. 2022, "Knowledge distillation: A good teacher is patient and consistent"), with the
++-2 pixel jitter Hinton et al. (2015, section 3) used for their MNIST teacher.
+
+The output is a prepared file (schema ``kd-prepared/1``) whose train split is the source's rows
+followed by ``copies`` shifted copies of them (labels carried over, -1 stays -1); val and test
+splits and the normalisation attributes (scale, mean, std, classes) are the source's, bit for bit,
+so a teacher trained on the source normalises the new rows exactly as it was trained to.  Each
+copy of each row is moved by its own (dy, dx), uniform on [-max_shift, max_shift]^2 and drawn from
+``seed``, with the very function that jitters the teacher's training batches
+(:func:`pipeline.jitter.jitter`); pixels shifted in are 0, the background of Fashion-MNIST and MNIST.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pipeline import provenance, runtime
+from pipeline.artifacts import atomic_output, claim
+from pipeline.config import to_dict
+from pipeline.errors import DataError
+from pipeline.formats.prepared import PreparedWriter, open_prepared
+from pipeline.jitter import jitter
+from stages.augment.settings import JitterConfig
+
+BLOCK_ROWS = 8192  # rows shifted per step: ~6 MiB of uint8 28x28 images, bounded memory at any size
+
+
+def _shifted(block, max_shift: int, gen: torch.Generator):
+    """Each image of ``block`` ([B, H, W] or [B, C, H, W]) moved by its own random shift."""
+    x = torch.from_numpy(block)
+    flat = x.ndim == 3
+    out = jitter(x[:, None] if flat else x, max_shift, gen, 0)
+    return (out[:, 0] if flat else out).numpy()
+
+
+def jitter_transfer_set(cfg: JitterConfig, prepared: Path, out: Path,
+                        log: Callable[[str], None] = print) -> Path:
+    """Write ``out``: ``prepared`` with ``cfg.copies`` shifted copies of its train rows appended."""
+    claim(out)
+    info = open_prepared(prepared)
+    if len(info.shape) not in (2, 3):
+        raise DataError(f"{prepared}: rows of shape {info.shape} are not [height, width] or "
+                        "[channels, height, width] images")
+    n = info.rows["train"]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    prov = provenance.record("jitter", to_dict(cfg), {"prepared": prepared})
+    with atomic_output(out) as tmp, PreparedWriter(tmp, info.classes, info.norm, prov) as w:
+        w.copy(prepared, "val")
+        w.copy(prepared, "test")
+        x, y = w.allocate("train", n * (1 + cfg.copies), info.shape, info.dtype)
+        with runtime.progress(total=n * (1 + cfg.copies), unit="row", desc="jitter", leave=False) as bar:
+            for copy in range(1 + cfg.copies):
+                for a, block, labels in info.blocks("train", 0, n, BLOCK_ROWS):
+                    b = a + len(block)
+                    x[copy * n + a: copy * n + b] = block if copy == 0 else _shifted(block, cfg.max_shift, gen)
+                    y[copy * n + a: copy * n + b] = labels
+                    bar.update(b - a)
+    log(f"jitter: {n} train rows + {cfg.copies} shifted copies (<= {cfg.max_shift} px) -> {out}")
+    return out

@@ -1,0 +1,151 @@
+"""Stage 6, bench: edge inference of the students against the teacher ensemble.
+
+Method (docs/design.md, "measuring", after onnxruntime_perf_test and MLPerf LoadGen): every (model,
+engine, threads, batch, provider) is timed in a fresh process by :mod:`stages.bench.worker` (session creation
+and first run timed apart, warm-up by count and time, several trials of a minimum count and
+duration, inputs cycled from real test rows, threads explicit, the provider that ran asserted, a
+validity flag when the trials' p50s spread more than ``max_spread``).  An Identity model of the same
+input shape is the floor of what one ``run()`` costs; PyTorch eager on the student checkpoints is the
+baseline the ONNX files are compared with.  Accuracy and top-1 agreement with the teacher ensemble
+are measured in this process on the whole test split.  The report is the ``kd-bench/1`` JSON
+(:mod:`pipeline.formats.bench_report`), rendered by :mod:`stages.bench.report`.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipeline import ort, provenance, runtime
+from pipeline.artifacts import claim, write_text
+from pipeline.config import to_dict
+from pipeline.errors import DataError
+from pipeline.formats.bench_report import write_bench_report
+from pipeline.formats.onnx_model import input_dtype, model_files, model_size, parameter_count
+from pipeline.formats.prepared import open_prepared
+from stages.bench import report as benchreport
+from stages.bench import worker as bench_worker
+from stages.bench.settings import BenchConfig
+
+TEACHER = "teacher-ensemble"
+TORCH_SUFFIX = "-torch"
+IOBINDING_SUFFIX = "-iobinding"
+
+
+def _torch_scores(checkpoint: Path, x: np.ndarray) -> tuple[np.ndarray, int]:
+    from pipeline import models
+
+    net, _ = models.load(checkpoint)
+    weights = sum(p.numel() for p in net.parameters() if p.dim() >= 2)  # as parameter_count counts
+    return models.predict(net, x).numpy(), int(weights)
+
+
+def _time(cfg: BenchConfig, path: Path, pool: Path, log: Callable, engine: str = "onnxruntime") -> list[dict]:
+    runs = []
+    for threads in cfg.thread_counts():
+        for batch in ((1,) if engine == "iobinding" else cfg.batches):  # binding is a per-run cost: batch 1
+            log(f"timing {path.name} ({engine}): threads {threads}, batch {batch}")
+            runs.append(bench_worker.run_isolated(
+                path, pool, threads, batch, cfg.provider if engine == "onnxruntime" else "cpu", engine=engine,
+                max_spread=cfg.max_spread, warmup_count=cfg.warmup_count, warmup_s=cfg.warmup_s,
+                min_count=cfg.min_count if batch == 1 else max(1, cfg.min_count // 10),
+                min_s=cfg.min_s, trials=cfg.trials))
+    return runs
+
+
+def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prepared: Path, out: Path,
+              markdown: Path, csv_path: Path, log: Callable[[str], None] = print, *,
+              torch_models: dict[str, Path] | None = None, plot_accuracy: Path | None = None,
+              plot_throughput: Path | None = None) -> Path:
+    """Time and score ``teacher``, each ONNX candidate and each PyTorch checkpoint of ``torch_models``
+    (reported as ``<name>-torch``); write ``out`` (JSON), ``markdown``, ``csv_path`` and the plots
+    whose paths are given."""
+    claim(out, markdown, csv_path, *(p for p in (plot_accuracy, plot_throughput) if p is not None))
+    info = open_prepared(prepared)
+    xtest, ytest = info.load("test")
+    models = {TEACHER: Path(teacher), **{k: Path(v) for k, v in candidates.items()}}
+    dtypes = {name: input_dtype(path) for name, path in models.items()}
+    rows = {"float32": xtest}
+    if "uint8" in dtypes.values():  # a raw-pixel model takes the stored pixels, not normalised rows
+        rows["uint8"] = info.load_raw("test")[0]
+        if rows["uint8"].dtype != np.uint8:
+            raise DataError(f"{prepared}: a candidate takes uint8 pixels, the prepared test split holds "
+                            f"{rows['uint8'].dtype}")
+    for name, path in models.items():  # shape, dtype and class count, before any timing
+        ort.check_io(path, ort.session(path, "cpu"), info.shape, len(info.classes), dtype=dtypes[name])
+    torch_models = {f"{k}{TORCH_SUFFIX}": Path(v) for k, v in (torch_models or {}).items()}
+    teacher_pred = ort.predict_proba(teacher, xtest).argmax(1)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pools, floors = {}, {}
+        for dtype, x in rows.items():
+            pools[dtype] = Path(tmp) / f"pool-{dtype}.npy"
+            np.save(pools[dtype], x[:1024])  # a pool of real rows, cycled; 1024 rows is ~3 MiB of MNIST
+            floors[benchreport.floor_name(dtype, "onnxruntime")] = bench_worker.write_identity_model(
+                Path(tmp) / f"identity-{dtype}.onnx", info.shape, dtype)
+            dtypes[benchreport.floor_name(dtype, "onnxruntime")] = dtype
+        todo = [(n, p, "onnxruntime") for n, p in [*models.items(), *floors.items()]]
+        todo += [(f"{n}{IOBINDING_SUFFIX}", p, "iobinding") for n, p, _ in (todo if cfg.iobinding else [])]
+        todo += [(n, p, "torch") for n, p in torch_models.items()]
+        for name, path, engine in runtime.progress(todo, desc="bench", unit="model"):
+            dtype = dtypes.get(name.removesuffix(IOBINDING_SUFFIX), "float32")
+            entry = {"path": str(path), "engine": engine, "input_dtype": dtype,
+                     "runs": _time(cfg, path, pools[dtype], log, engine)}
+            floor = path in floors.values()
+            if floor:
+                entry["path"] = f"(Identity of input [batch, {', '.join(map(str, info.shape))}] {dtype})"
+            if engine == "iobinding":
+                entry["same_model_as"] = name.removesuffix(IOBINDING_SUFFIX)  # scored under that name
+            elif engine == "torch":
+                scores, params = _torch_scores(path, xtest)
+                pred = scores.argmax(1)
+                entry.update(files=model_files(path), size_bytes=model_size(path), parameters=params,
+                             size_note="checkpoint: weights plus optimiser state and provenance")
+            elif not floor:
+                pred = ort.predict_proba(path, rows[dtype]).argmax(1)
+                entry.update(files=model_files(path), size_bytes=model_size(path), parameters=parameter_count(path))
+            if not floor and engine != "iobinding":
+                entry.update(test_accuracy=float(np.mean(pred == ytest)),
+                             agreement_with_teacher=float(np.mean(pred == teacher_pred)),
+                             sha256=provenance.sha256_file(path))
+            results[name] = entry
+    want = ort.PROVIDERS[cfg.provider]
+    for name, entry in results.items():
+        for r in entry["runs"]:
+            expected = bench_worker.TORCH_PROVIDER if entry["engine"] == "torch" else want
+            if r["providers_used"][0] != expected:
+                raise DataError(f"{entry['path']}: ran on {r['providers_used'][0]}, not {expected}")
+    report = {"settings": to_dict(cfg), "threads_resolved": cfg.thread_counts(), "models": results,
+              "environment": environment(),
+              "provenance": provenance.record("bench", to_dict(cfg), {"prepared": prepared, **models,
+                                                                     **torch_models})}
+    benchreport.write_csv(csv_path, results)
+    if plot_accuracy is not None:
+        benchreport.plot_accuracy_latency(report, plot_accuracy)
+    if plot_throughput is not None:
+        benchreport.plot_throughput(report, plot_throughput)
+    write_text(markdown, benchreport.render_markdown(report, plots=[p for p in (plot_accuracy, plot_throughput) if p]))
+    write_bench_report(out, benchreport.strip_latencies(report))
+    log(f"bench: {len(results)} models -> {out}, {markdown}")
+    return out
+
+
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
+              "amx_int8", "amx_bf16")
+
+
+def environment() -> dict:
+    """CPU model and flags, cores, package versions and git revision of the measuring machine."""
+    cpu, flags = "", []
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+        cpu = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "")
+        flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "affinity_cores": len(os.sched_getaffinity(0)),
+            "cpu_flags": flags, "simd": [f for f in SIMD_FLAGS if f in flags],
+            "versions": provenance.versions(), "git": provenance.git_revision()}

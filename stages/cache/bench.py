@@ -1,0 +1,193 @@
+"""Benchmarks of the cache stage (docs/design.md, "measuring": commands that write JSON; tests never time).
+
+- :func:`bench_speed` (``make bench-cache``): rows/s of one ensemble run by onnxruntime and by
+  PyTorch eager, alternated trial by trial in one process (side by side, same threads, same
+  batches), and the share of the stage's wall time spent in HDF5 I/O when the stage runs it.
+- :func:`bench_scale` (``make bench-cache-scale``): peak RSS and time of the stage on synthetic
+  transfer sets of 10k, 100k and 1M rows, each in a fresh process (peak RSS from ``wait4``).
+
+Synthetic inputs are written in blocks (1M rows x 784 float32 is 3.1 GB; it never sits in memory).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipeline.artifacts import atomic_output, write_json
+from pipeline.config import to_dict
+from pipeline.formats.onnx_model import IR_VERSION, OPSET
+from pipeline.formats.prepared import Normalisation, PreparedWriter
+from stages.cache.settings import CacheBenchConfig, CacheScaleConfig
+
+_BLOCK = 65536  # rows generated per block: 200 MB of float32 at 784 features
+
+
+def synthetic_prepared(path: Path, rows: int, shape: tuple[int, ...], classes: int = 10, seed: int = 0) -> Path:
+    """A kd-prepared/1 file of Gaussian rows, written ``_BLOCK`` rows at a time, atomically."""
+    rng = np.random.default_rng(seed)
+    with atomic_output(Path(path)) as tmp, PreparedWriter(
+            tmp, [str(i) for i in range(classes)], Normalisation(1.0, 0.0, 1.0),
+            {"stage": "synthetic", "rows": rows, "seed": seed}) as w:
+        for split, n in (("train", rows), ("val", 256), ("test", 256)):
+            x, y = w.allocate(split, n, shape, np.float32)  # contiguous: batches are plain reads
+            for lo in range(0, n, _BLOCK):
+                hi = min(n, lo + _BLOCK)
+                x[lo:hi] = rng.standard_normal((hi - lo, *shape), dtype=np.float32)
+                y[lo:hi] = rng.integers(0, classes, hi - lo)
+    return Path(path)
+
+
+def linear_teacher(path: Path, features: int, classes: int = 10, seed: int = 0) -> Path:
+    """The smallest honest teacher: ``x [batch, features] -> x W + b`` (so the stage's own costs show)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "b"], ["logits"])], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        [numpy_helper.from_array(rng.normal(0, features ** -0.5, (features, classes)).astype(np.float32), "W"),
+         numpy_helper.from_array(np.zeros(classes, np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    with atomic_output(Path(path)) as tmp:
+        onnx.save(model, str(tmp))
+    return Path(path)
+
+
+def _ensemble(cfg: CacheBenchConfig, shape: tuple[int, ...], path: Path):
+    import torch
+
+    from pipeline import models, onnxio
+
+    torch.manual_seed(0)
+    net = models.Ensemble([models.build(cfg.arch, shape, 10) for _ in range(cfg.members)]).eval()
+    with atomic_output(path) as tmp:
+        try:
+            onnxio.export(net, torch.zeros(2, *shape), tmp, "member_logits")
+        except ImportError:  # a bare GPU machine may lack onnxscript: the TorchScript exporter then
+            import onnx
+
+            torch.onnx.export(net, (torch.zeros(2, *shape),), str(tmp), input_names=["x"], output_names=["member_logits"],
+                              dynamic_axes={"x": {0: "batch"}}, opset_version=OPSET, dynamo=False)
+            model = onnx.load(str(tmp))
+            model.ir_version = IR_VERSION
+            onnx.save(model, str(tmp))
+    return net
+
+
+def bench_speed(cfg: CacheBenchConfig, work: Path, out: Path, log: Callable[[str], None] = print) -> dict:
+    """Write ``out`` (JSON): onnxruntime vs PyTorch eager rows/s, and the stage's HDF5 I/O share."""
+    import torch
+
+    from pipeline import ort, runtime
+    from stages.cache.build import build_cache
+    from stages.cache.settings import CacheConfig
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    shape = (1, 28, 28)
+    prepared = synthetic_prepared(work / f"speed-{cfg.rows}.h5", cfg.rows, shape)
+    net = _ensemble(cfg, shape, work / "ensemble.onnx")
+    x = np.random.default_rng(1).standard_normal((cfg.rows, *shape), dtype=np.float32)
+    sess = ort.session(work / "ensemble.onnx", cfg.device, cfg.threads, log=log)
+    on_cuda = ort.provider_name(sess) == ort.PROVIDERS["cuda"]
+    dev = torch.device("cuda" if on_cuda and torch.cuda.is_available() else "cpu")  # both on the same device
+    net = net.to(dev)
+    runtime.set_torch_threads(cfg.threads)
+    batches = [x[lo:lo + cfg.batch_size] for lo in range(0, cfg.rows, cfg.batch_size)]
+
+    def ort_pass() -> np.ndarray:  # host arrays in and out, as the stage uses it
+        return ort.run_batched(sess, x, cfg.batch_size)
+
+    def torch_pass() -> np.ndarray:
+        with torch.inference_mode():
+            return np.concatenate([net(torch.from_numpy(b).to(dev)).cpu().numpy() for b in batches])
+
+    ref, got = torch_pass(), ort_pass()  # warm-up of both, and a check that they compute the same thing
+    times: dict[str, list[float]] = {"onnxruntime": [], "torch_eager": []}
+    for _ in range(cfg.trials):  # alternate, so drift on a shared machine hits both alike
+        for name, fn in (("onnxruntime", ort_pass), ("torch_eager", torch_pass)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    rate = {k: cfg.rows / statistics.median(v) for k, v in times.items()}
+    log(f"bench-cache: onnxruntime {rate['onnxruntime']:.0f} rows/s, torch eager {rate['torch_eager']:.0f} rows/s")
+    stage_cfg = CacheConfig(batch_size=cfg.batch_size, threads=cfg.threads, device=cfg.device)
+    cache_out = work / "speed-cache.h5"
+    _, stats = build_cache(stage_cfg, [work / "ensemble.onnx"], prepared, cache_out, log=log, env={})
+    cache_out.unlink()
+    wall = stats["wall_s"]
+    report = {
+        "settings": to_dict(cfg), "rows": cfg.rows, "threads": cfg.threads,
+        "onnxruntime_provider": ort.provider_name(sess), "torch_device": str(dev),
+        "rows_per_s": rate, "trial_s": times, "ort_over_torch": rate["onnxruntime"] / rate["torch_eager"],
+        "max_abs_diff_ort_vs_torch": float(np.max(np.abs(got - ref))),
+        "stage": {**stats, "hdf5_read_s": stats["read_s"], "hdf5_write_s": stats["write_s"],
+                  # all time inside HDF5 calls (reader + writer threads, incl. fsync) over stage wall time
+                  "hdf5_io_share": (stats["read_s"] + stats["write_s"]) / wall,
+                  # the part of it that inference did not hide: the calling thread waiting on I/O
+                  "io_stall_share": (stats["wait_read_s"] + stats["wait_write_s"]) / wall},
+    }
+    write_json(out, report)
+    log(f"bench-cache: HDF5 I/O {100 * report['stage']['hdf5_io_share']:.1f}% of the stage's {wall:.2f} s "
+        f"(not overlapped: {100 * report['stage']['io_stall_share']:.1f}%) -> {out}")
+    return report
+
+
+def _run_sized(cfg: CacheScaleConfig, work: Path, rows: int, log: Callable) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    prepared = work / f"scale-{rows}.h5"
+    # Generated in its own process: a child's ru_maxrss starts from its parent's high-water mark
+    # (exec records the old address space's peak), so generating here would inflate every figure.
+    subprocess.run([sys.executable, "-c", "import sys; from stages.cache.bench import synthetic_prepared; "
+                    "synthetic_prepared(sys.argv[1], int(sys.argv[2]), (int(sys.argv[3]),))",
+                    str(prepared), str(rows), str(cfg.features)], env=env, check=True)
+    cache = work / f"scale-{rows}.cache.h5"
+    cmd = [sys.executable, "-m", "pipeline.cli", "cache", "--teacher", str(work / "linear.onnx"),
+           "--transfer-set", str(prepared), "--out", str(cache), "--temperatures", "1,2,4,8,20",
+           "--batch-size", str(cfg.batch_size), "--threads", str(cfg.threads), "--device", cfg.device]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone: its own peak RSS
+    wall = time.perf_counter() - t
+    err = proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cache on {rows} rows failed ({proc.returncode}): {err[-500:]}")
+    stage_s = float(err.rsplit(" in ", 1)[1].split(" s ")[0])  # the stage's own "in X s", without start-up
+    sizes = {"prepared_bytes": prepared.stat().st_size, "cache_bytes": cache.stat().st_size}
+    if not cfg.keep:
+        prepared.unlink()
+        cache.unlink()
+    row = {"rows": rows, "peak_rss_mib": usage.ru_maxrss / 1024, "process_wall_s": wall, "stage_s": stage_s,
+           "us_per_row": 1e6 * stage_s / rows, **sizes}
+    log(f"bench-cache-scale: {rows} rows: peak RSS {row['peak_rss_mib']:.0f} MiB, stage {stage_s:.1f} s")
+    return row
+
+
+def bench_scale(cfg: CacheScaleConfig, work: Path, out: Path, log: Callable[[str], None] = print) -> dict:
+    """Write ``out`` (JSON): per size, peak RSS (MiB) and time; plus ratios against the smallest."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    linear_teacher(work / "linear.onnx", cfg.features)
+    runs = [_run_sized(cfg, work, rows, log) for rows in cfg.sizes]
+    first = runs[0]
+    import resource
+
+    report = {"settings": to_dict(cfg), "teacher": f"linear {cfg.features}->10", "runs": runs,
+              # floor of every child's figure (see _run_sized): this process's own peak
+              "parent_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "rss_ratio_vs_smallest": [r["peak_rss_mib"] / first["peak_rss_mib"] for r in runs],
+              "time_per_row_ratio_vs_smallest": [r["us_per_row"] / first["us_per_row"] for r in runs]}
+    write_json(out, report)
+    log(f"bench-cache-scale -> {out}")
+    return report

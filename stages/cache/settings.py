@@ -1,0 +1,127 @@
+"""Settings of the cache stage and its tools (torch- and onnxruntime-free: the CLI builds ``--help`` from them)."""
+from __future__ import annotations
+
+import dataclasses
+
+from pipeline.config import require, require_temperatures, setting
+from pipeline.errors import UsageError
+from pipeline.ort import DEVICES
+from pipeline.soft import COMBINES
+
+DIAG_BLOCK = 16384  # rows per block of diagnostics and tools: ~0.7 MB of logits per member at 10 classes
+RUN_ONLY = ("device", "threads", "shard", "io_binding")  # settings that do not change the content
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"1/3"`` -> (1, 3); UsageError unless 0 <= i < n."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UsageError(f"shard must be i/n (e.g. 0/3), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise UsageError(f"shard must be i/n with 0 <= i < n, got {text!r}")
+    return i, n
+
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """Run the teacher ensemble over the transfer set with onnxruntime and write the soft-target
+    cache (kd-cache/1): per-member logits and combined soft targets at each temperature."""
+
+    temperatures: tuple[float, ...] = setting((1.0, 2.0, 4.0, 8.0, 20.0), "temperatures to store soft targets at")
+    combine: str = setting("arithmetic", "member combination: arithmetic (mean of softmaxes, Hinton) or "
+                                         "geometric (softmax of mean logits)")
+    split: str = setting("train", "split of the prepared file used as the transfer set")
+    batch_size: int = setting(1024, "rows per onnxruntime call (also the commit unit and the CUDA bound size)")
+    device: str = setting("auto", "auto (CUDA when onnxruntime can run it, else CPU, said aloud), cpu or cuda")
+    threads: int = setting(2, "onnxruntime intra-op threads")
+    io_binding: str = setting("auto", "bind inputs/outputs at a fixed padded batch: auto (on CUDA only), on, off")
+    shard: str = setting("", "i/n: write part i of n (rows of a contiguous range of batches) to "
+                             "<out stem>.part<i>of<n><suffix>; empty = RANK/WORLD_SIZE when set, else all rows")
+
+    def __post_init__(self) -> None:
+        require(len(self.temperatures) > 0, "give at least one temperature")
+        require_temperatures(self.temperatures, "temperatures")
+        require(len(set(self.temperatures)) == len(self.temperatures), "temperatures must be distinct")
+        require(self.combine in COMBINES, f"combine must be one of {', '.join(COMBINES)}")
+        require(self.split in ("train", "val", "test"), "split must be train, val or test")
+        require(self.batch_size >= 1 and self.threads >= 1, "batch_size and threads must be >= 1")
+        require(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}")
+        require(self.io_binding in ("auto", "on", "off"), "io_binding must be auto, on or off")
+        if self.shard:
+            parse_shard(self.shard)
+
+
+@dataclasses.dataclass(frozen=True)
+class AddTemperatureConfig:
+    """Add soft targets at new temperatures to an existing cache from its stored logits (no
+    teacher run); in place, or to --out. Refuses a cache without logits."""
+
+    temperatures: tuple[float, ...] = setting((), "temperatures to add, e.g. 3,5")
+    block_rows: int = setting(DIAG_BLOCK, "rows read and written per block (bounds memory)")
+
+    def __post_init__(self) -> None:
+        require(len(self.temperatures) > 0, "give --temperatures, e.g. 3,5")
+        require_temperatures(self.temperatures, "temperatures")
+        require(self.block_rows >= 1, "block_rows must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyConfig:
+    """Check a cache against its teachers and transfer set: recorded sha256 of each file, and a
+    random sample of rows re-run through the teachers compared with the stored logits."""
+
+    sample_rows: int = setting(256, "rows to re-run (in `windows` random contiguous windows)")
+    windows: int = setting(8, "number of random contiguous windows the sample is drawn in")
+    seed: int = setting(0, "seed of the sample")
+    tolerance: float = setting(1e-4, "largest |stored - recomputed| logit allowed, times max(1, max|logit|)")
+    device: str = setting("cpu", "auto, cpu or cuda (CPU and CUDA logits differ by ~1e-6 relative)")
+    threads: int = setting(2, "onnxruntime intra-op threads")
+
+    def __post_init__(self) -> None:
+        require(self.sample_rows >= 1 and self.windows >= 1, "sample_rows and windows must be >= 1")
+        require(self.tolerance >= 0, "tolerance must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeConfig:
+    """Join the parts of a sharded cache (`distill cache --shard i/n`) into one cache, after checking
+    that every part exists, is complete, has the same provenance and that they cover the rows once."""
+
+    block_rows: int = setting(DIAG_BLOCK, "rows copied per block (bounds memory)")
+
+    def __post_init__(self) -> None:
+        require(self.block_rows >= 1, "block_rows must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheBenchConfig:
+    """Rows/s of one teacher ensemble in onnxruntime vs PyTorch eager (side by side), and the
+    share of the cache stage's wall time spent in HDF5 I/O."""
+
+    rows: int = setting(4096, "rows of the synthetic transfer set")
+    members: int = setting(3, "ensemble members")
+    arch: str = setting("cnn:32-64-128", "member architecture (random weights: speed does not depend on them)")
+    batch_size: int = setting(512, "rows per run() / forward()")
+    threads: int = setting(2, "threads of onnxruntime and of torch (equal, for a fair ratio)")
+    trials: int = setting(3, "alternating trials per runtime (median reported)")
+    device: str = setting("cpu", "device of the stage run: cpu, cuda or auto")
+
+    def __post_init__(self) -> None:
+        require(min(self.rows, self.members, self.batch_size, self.threads, self.trials) >= 1, "sizes must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheScaleConfig:
+    """Peak RSS and wall time of `distill cache` on synthetic transfer sets of growing size."""
+
+    sizes: tuple[int, ...] = setting((10_000, 100_000, 1_000_000), "transfer-set rows, one run each")
+    features: int = setting(784, "float32 features per row")
+    batch_size: int = setting(1024, "rows per batch (the stage's default; 10k rows then fill the pipeline too)")
+    threads: int = setting(2, "onnxruntime threads")
+    device: str = setting("cpu", "cpu, cuda or auto")
+    keep: bool = setting(False, "keep the synthetic files (GBs at 1M rows) in the work folder")
+
+    def __post_init__(self) -> None:
+        require(len(self.sizes) > 0 and min(self.sizes) >= 1, "sizes must be >= 1")

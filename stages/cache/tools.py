@@ -1,0 +1,230 @@
+"""Tools on an existing soft-target cache: add temperatures, verify against the teachers, merge shards.
+
+Every cache is read and written through :mod:`pipeline.formats.cache`, whose reader verifies the
+seal before anything is returned: a part, a cache to extend or a cache to verify that changed
+since it was written is refused as corrupt (exit 3), never re-sealed.
+
+- ``add_temperature``: soft targets at new T from the stored raw logits, in blocks, no teacher run
+  (``p_T = mean_m softmax(v_m / T)`` or ``softmax(mean_m v_m / T)``, the combine recorded in the
+  file; docs/design.md, the maths).  The file is copied to ``<target>.partial``, extended and
+  published atomically, so a crash leaves the original untouched.
+- ``verify``: checks the recorded sha256 of the teachers and transfer set against the files given,
+  re-runs random contiguous windows of rows (never row-by-row h5py indexing) and reports the
+  largest difference from the stored logits, and recomputes the stored soft targets from them.
+- ``merge``: joins the parts written by ``--shard i/n`` into one cache equal to a single-process run.
+- ``plot_diagnostics``: mean entropy and teacher accuracy against T (matplotlib, Agg backend).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipeline import provenance, soft
+from pipeline.artifacts import atomic_output
+from pipeline.config import to_dict
+from pipeline.errors import DataError, IntegrityError
+from pipeline.formats.cache import CacheInfo, CacheWriter, open_cache, open_part, t_key
+from pipeline.formats.prepared import open_prepared
+from stages.cache.build import format_diagnostics
+from stages.cache.settings import DIAG_BLOCK, AddTemperatureConfig, MergeConfig, VerifyConfig
+from stages.cache.stream import blocks, diagnostics_in_blocks
+from stages.cache.teachers import Teachers
+
+# Attributes every part of one sharded run must share (besides the identity without its "part").
+_SHARED = ("schema", "members", "classes", "temperatures", "combine", "teacher_sha256", "transfer_sha256",
+           "transfer_split", "settings", "teacher_probabilities", "classes_names")
+
+
+def _need_logits(c: CacheInfo) -> None:
+    if not c.has_logits:
+        raise DataError(f"{c.path}: the cache has no stored logits, so new temperatures cannot be computed "
+                        f"from it; rebuild it with `distill cache`")
+
+
+def add_temperature(cfg: AddTemperatureConfig, cache: Path, out: Path | None = None,
+                    log: Callable[[str], None] = print) -> Path:
+    """Add soft targets (and diagnostics) at ``cfg.temperatures`` to ``cache``, written to ``out``
+    (default: ``cache`` itself, replaced atomically)."""
+    cache = Path(cache)
+    info = open_cache(cache)
+    _need_logits(info)
+    target = Path(out) if out is not None else cache
+    new = [float(T) for T in cfg.temperatures if float(T) not in info.temperatures]
+    for T in sorted(set(map(float, cfg.temperatures)) - set(new)):
+        log(f"{cache}: already has T={t_key(T)}; kept as it is")
+    if not new and target == cache:
+        return cache
+    with atomic_output(target) as tmp:
+        shutil.copyfile(cache, tmp)  # rewrites tmp in place (same inode: the lock holds)
+        w = CacheWriter.update(tmp)
+        try:
+            sums = {T: soft.DiagnosticSums() for T in new}
+            for T in new:
+                w.add_soft(T)
+            for lo, hi in blocks(0, info.rows, cfg.block_rows):
+                logits, labels = w.read("logits", lo, hi), w.read("labels", lo, hi)
+                targets = {T: soft.combine_soft_targets(logits, T, info.combine) for T in new}
+                w.put(lo, None, targets, None)
+                for T, p in targets.items():
+                    sums[T].add(logits, p, labels)
+            for T, s in sums.items():
+                w.write_diagnostics(T, s.result())
+            prov = info.provenance
+            prov.setdefault("added_temperatures", []).append(
+                {"temperatures": new, "settings": to_dict(cfg), "versions": provenance.versions()})
+            w.finish({"temperatures": [*info.temperatures, *new], "provenance": json.dumps(prov)})
+        finally:
+            w.close()
+    log(format_diagnostics(open_cache(target).diagnostics()))
+    log(f"add-temperature: T={', '.join(map(t_key, new))} from stored logits -> {target}")
+    return target
+
+
+def _windows(rows: int, cfg: VerifyConfig) -> list[tuple[int, int]]:
+    """Random non-overlapping contiguous windows covering about ``sample_rows`` rows."""
+    size = max(1, min(rows, -(-cfg.sample_rows // cfg.windows)))
+    slots = rows // size
+    rng = np.random.default_rng(cfg.seed)
+    picks = np.sort(rng.choice(slots, size=min(cfg.windows, slots), replace=False))
+    return [(int(s) * size, int(s) * size + size) for s in picks]
+
+
+def verify(cfg: VerifyConfig, cache: Path, teacher: list[Path], transfer_set: Path,
+           log: Callable[[str], None] = print) -> dict:
+    """Check hashes, re-run a sample of rows; returns the report, IntegrityError when anything differs."""
+    c = open_cache(cache)
+    info = open_prepared(transfer_set)  # corrupt before stale: a damaged file is not "changed"
+    recorded = c.teacher_sha256
+    problems = []
+    if len(teacher) != len(recorded):
+        problems.append(f"{len(teacher)} teacher file(s) given, the cache was built from {len(recorded)}")
+    for i, (path, sha) in enumerate(zip(teacher, recorded)):
+        if provenance.sha256_file(path) != sha:
+            problems.append(f"teacher {path} differs from teacher {i} of the cache (sha256 {str(sha)[:12]})")
+    if provenance.sha256_file(transfer_set) != c.transfer_sha256:
+        problems.append(f"transfer set {transfer_set} differs from the one recorded (sha256 {c.transfer_sha256[:12]})")
+    if problems:
+        raise IntegrityError(f"{cache}: " + "; ".join(problems) + "; rebuild with `make cache`")
+    windows = _windows(c.rows, cfg)
+    teachers = Teachers(teacher, info.shape, c.classes, cfg.device, cfg.threads, windows[0][1] - windows[0][0],
+                        "off", log=log)
+    teachers.probabilities = json.loads(c.attrs["teacher_probabilities"])
+    logit_diff, scale, soft_diff, label_bad = 0.0, 1.0, 0.0, 0
+    with info.rows_reader(c.transfer_split) as rows:
+        for lo, hi in windows:
+            stored = c.read("logits", lo, hi)
+            x, y = rows(lo, hi)
+            got = teachers(info.normalise(x), lo)
+            logit_diff = max(logit_diff, float(np.max(np.abs(got - stored))))
+            scale = max(scale, float(np.max(np.abs(stored))))
+            for T in c.temperatures:
+                ref = soft.combine_soft_targets(stored, T, c.combine)
+                soft_diff = max(soft_diff, float(np.max(np.abs(ref - c.soft(T, lo, hi)))))
+            label_bad += int(np.sum(c.read("labels", lo, hi) != y))
+    n = sum(hi - lo for lo, hi in windows)
+    report = {"rows_checked": n, "windows": windows, "max_abs_logit_diff": logit_diff,
+              "logit_tolerance": cfg.tolerance * scale, "max_abs_soft_diff": soft_diff,
+              "label_mismatches": label_bad, "hashes": "match", "provider": teachers.provider}
+    log(f"verify: {n} rows in {len(windows)} windows on {teachers.provider}: max |logit diff| "
+        f"{logit_diff:.3g} (tolerance {cfg.tolerance * scale:.3g}), max |soft diff| {soft_diff:.3g}, "
+        f"{label_bad} label mismatches; hashes match")
+    log(format_diagnostics(c.diagnostics()))
+    if logit_diff > cfg.tolerance * scale or soft_diff > 1e-6 or label_bad:
+        raise IntegrityError(f"{cache}: stored targets differ from the teachers (max |logit diff| {logit_diff:.3g}, "
+                             f"max |soft diff| {soft_diff:.3g}, {label_bad} label mismatches); rebuild with `make cache`")
+    return report
+
+
+def _same(a, b) -> bool:
+    return np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _check_parts(read: list[CacheInfo]) -> int:
+    """That the parts come from one run and cover every row once; returns the total row count."""
+    p0 = read[0]
+    base = {k: v for k, v in p0.identity.items() if k != "part"}
+    for c in read[1:]:
+        ident = {k: v for k, v in c.identity.items() if k != "part"}
+        bad = [k for k in _SHARED if not _same(c.attrs.get(k), p0.attrs.get(k))]
+        if ident != base or bad or c.part["count"] != p0.part["count"] or c.part["total_rows"] != p0.part["total_rows"]:
+            raise IntegrityError(f"{c.path}: made from other inputs or settings than {p0.path} "
+                                 f"({', '.join(bad) or 'identity'} differ); rebuild the parts from one set of inputs")
+    total, expected = int(p0.part["total_rows"]), 0
+    for c in sorted(read, key=lambda r: r.part["rows"][0]):
+        lo, hi = c.part["rows"]
+        if lo > expected:
+            raise IntegrityError(f"rows [{expected}, {lo}) are in no part; missing a shard of {p0.part['count']}?")
+        if lo < expected:
+            raise IntegrityError(f"{c.path}: rows [{lo}, {min(hi, expected)}) are in two parts")
+        expected = hi
+    if expected != total:
+        raise IntegrityError(f"rows [{expected}, {total}) are in no part; missing a shard of {p0.part['count']}?")
+    return total
+
+
+def merge(cfg: MergeConfig, parts: list[Path], out: Path, log: Callable[[str], None] = print) -> Path:
+    """Check and join shard ``parts`` into the cache ``out``; every part's seal is verified first."""
+    if not parts:
+        raise DataError("give the parts to merge with --part")
+    missing = [str(p) for p in parts if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"parts not found: {', '.join(missing)} (run those shards first)")
+    read = [open_part(Path(p)) for p in parts]
+    total = _check_parts(read)
+    p0 = read[0]
+    base = {k: v for k, v in p0.identity.items() if k != "part"}
+    temps = p0.temperatures
+    providers = sorted({str(c.attrs["provider"]) for c in read})
+    with atomic_output(Path(out)) as tmp:
+        w = CacheWriter.create(tmp, base, total, p0.members, p0.classes, temps)
+        try:
+            for c in read:
+                off = c.part["rows"][0]
+                for lo, hi in blocks(0, c.rows, cfg.block_rows):
+                    w.put(off + lo, c.read("logits", lo, hi), {T: c.soft(T, lo, hi) for T in temps},
+                          c.read("labels", lo, hi))
+            for T, d in diagnostics_in_blocks(w.read, temps, total, DIAG_BLOCK).items():
+                w.write_diagnostics(T, d)
+            w.finish({**{k: p0.attrs[k] for k in _SHARED if k in p0.attrs and k != "schema"},
+                      "onnxruntime_version": p0.attrs.get("onnxruntime_version", ""),
+                      "package_version": p0.attrs.get("package_version", ""),
+                      "provider": ", ".join(providers), "committed_rows": total,
+                      "provenance": json.dumps(provenance.record(
+                          "cache-merge", to_dict(cfg), {f"part{c.part['index']}": c.path for c in read},
+                          provider=", ".join(providers), parts=[c.provenance for c in read]))})
+        finally:
+            w.close()
+    log(format_diagnostics(open_cache(out).diagnostics()))
+    log(f"merge: {len(read)} parts, {total} rows -> {out}")
+    return Path(out)
+
+
+def plot_diagnostics(diags: dict[float, dict], path: Path) -> Path:
+    """Mean entropy (nats) and teacher accuracy against T (log scale), written atomically to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to a file
+    import matplotlib.pyplot as plt
+
+    if not diags:
+        raise DataError(f"{path}: no diagnostics to plot (a shard part has none; merge the parts first)")
+    ts = sorted(diags)
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    ax.plot(ts, [diags[T]["mean_entropy_nats"] for T in ts], "o-", color="tab:blue", label="mean entropy (nats)")
+    ax.set_xscale("log")
+    ax.set_xlabel("temperature T")
+    ax.set_ylabel("mean entropy of p_T (nats)", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(ts, [diags[T]["teacher_accuracy"] for T in ts], "s--", color="tab:red", label="teacher accuracy")
+    ax2.set_ylabel("teacher accuracy", color="tab:red")
+    ax.set_title("soft targets against temperature")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,216 @@
+"""Stage 5, export: the student to ONNX (fp32 and its quantised variants), checked before it ships.
+
+fp32: the torch.export-based exporter, one self-contained file (no ``.onnx.data``), dynamic batch,
+opset 18, IR 10, ``onnx.checker`` full check, and the metadata an edge runtime needs (class names,
+input normalisation, T and alpha, the hashes of the checkpoint and of the cache it was distilled
+from, input dtype).  With ``raw_input`` the normalisation ``(x / scale - mean) / std`` is part of the
+graph and the input is raw uint8 pixels.  onnxruntime must reproduce PyTorch on real test rows at
+batch sizes 1, 7 and 256 (:func:`pipeline.onnxio.validate`: every failure collected, the largest
+difference named).
+
+Variants (:mod:`stages.export.quantize`): static QDQ int8, dynamic int8, fp16, each scored against fp32 on
+the whole test split by the quality gate (int8 with per-tensor weight scales first, per-channel
+where that fails, ``weight_scales = auto``); a variant losing more than ``max_accuracy_drop`` points is
+not written (and a stale file at its path is removed) unless ``force``; the stage then fails with
+exit 4 after publishing everything else and the report.
+
+Mobile (:mod:`stages.export.mobile`): the ORT format of every shipped model, the reduced-build operator
+config and onnxruntime's NNAPI / CoreML usability analysis, summarised in the report.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+
+from pipeline import models, onnxio, ort, provenance
+from pipeline.artifacts import atomic_output, claim, write_json
+from pipeline.config import to_dict
+from pipeline.errors import IntegrityError, UsageError
+from pipeline.formats.checkpoint import Checkpoint
+from pipeline.formats.onnx_model import set_metadata, student_metadata
+from pipeline.formats.prepared import Prepared, open_prepared
+from stages.export import mobile, quantize
+from stages.export.settings import WEIGHT_SCALES, ExportConfig
+
+PARITY_BATCHES = (1, 7, 256)
+
+
+class RawInput(torch.nn.Module):
+    """``net`` behind the prepared set's normalisation: uint8 pixels in, logits out."""
+
+    def __init__(self, net: torch.nn.Module, scale: float, mean: float, std: float):
+        super().__init__()
+        self.net = net
+        # as in Prepared.normalise, in float32, so the graph computes what training saw bit for bit
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x.to(torch.float32) / self.scale - self.mean) / self.std)
+
+
+def fold_normalisation(net: torch.nn.Module, scale: float, mean: float, std: float) -> torch.nn.Module | None:
+    """``net`` with the normalisation folded into its first Linear layer, taking float pixels; None
+    unless ``net`` is Flatten -> Linear -> ... (a convolution's zero padding would not fold exactly).
+
+    With ``x = p / (scale * std) - mean / std`` elementwise, ``W x + b = W' p + b'`` where
+    ``W' = W / (scale * std)`` and ``b' = b - (mean / std) * W 1`` (row sums of W), computed in float64.
+    """
+    import copy
+
+    layers = list(net.children()) if isinstance(net, torch.nn.Sequential) else []
+    if len(layers) < 2 or not isinstance(layers[0], torch.nn.Flatten) or not isinstance(layers[1], torch.nn.Linear):
+        return None
+    folded = copy.deepcopy(net).eval()
+    first = folded[1]
+    with torch.no_grad():
+        w = first.weight.double()
+        first.bias.copy_((first.bias.double() - w.sum(1) * (mean / std)).float())
+        first.weight.copy_((w / (scale * std)).float())
+    return _FloatPixels(folded)
+
+
+class _FloatPixels(torch.nn.Module):
+    """uint8 pixels -> float32 -> ``net`` (whose first layer expects un-normalised pixels)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.to(torch.float32))
+
+
+def metadata(ckpt: Checkpoint, checkpoint: Path, raw_input: bool) -> dict[str, str]:
+    """``metadata_props`` of every exported file (:func:`pipeline.formats.onnx_model.student_metadata`)."""
+    return student_metadata(list(ckpt.class_names), ckpt.norm, raw_input, ckpt.meta["temperature"],
+                            ckpt.meta["alpha"], provenance.sha256_file(checkpoint),
+                            ckpt.provenance["inputs"]["cache"]["sha256"], ckpt.arch)
+
+
+def _raw(info: Prepared, split: str) -> np.ndarray:
+    x = info.load_raw(split)[0]
+    if x.dtype != np.uint8:
+        raise UsageError(f"{info.path}: raw_input needs uint8 pixels, the prepared {split} split holds {x.dtype}")
+    return x
+
+
+def _stamp(path: Path, meta: dict[str, str], precision: str) -> None:
+    """Give a variant the fp32 file's metadata (the quantisers drop it) plus its precision."""
+    model = onnx.load(str(path))
+    set_metadata(model, {**meta, "precision": precision}, replace=True)
+    onnx.save(model, str(path))
+
+
+def _make_variant(kind: str, fp32: Path, out: Path, calib: np.ndarray, cfg: ExportConfig,
+                  scales: str = "tensor") -> Path:
+    if kind == "int8":
+        return quantize.static_int8(fp32, out, calib, cfg.calibration_method, scales == "channel")
+    if kind == "dynamic":
+        return quantize.dynamic_int8(fp32, out, scales == "channel")
+    return quantize.fp16(fp32, out)
+
+
+def _variant(kind: str, fp32: Path, tmp: Path, calib: np.ndarray, cfg: ExportConfig, meta: dict,
+             score: Callable[[Path], dict]) -> tuple[Path, dict]:
+    """Build ``kind`` and gate it (``score``); int8 kinds try the weight scales of ``cfg`` in order and
+    keep the first that passes (else the last), the verdicts of the ones passed over included."""
+    passed_over = {}
+    for scales in WEIGHT_SCALES[cfg.weight_scales] if kind != "fp16" else ("-",):
+        path = _make_variant(kind, fp32, tmp / f"{kind}-{scales}.onnx", calib, cfg, scales)
+        _stamp(path, meta, kind)
+        verdict = {**score(path), **({"weight_scales": scales} if kind != "fp16" else {})}
+        if verdict["passed"]:
+            break
+        passed_over[scales] = verdict
+    passed_over.pop(verdict.get("weight_scales", "-"), None)
+    return path, {**verdict, **({"rejected": passed_over} if passed_over else {})}
+
+
+def _publish(src: Path, final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(final) as part:
+        shutil.copyfile(src, part)
+    return final
+
+
+def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out: Path, out_int8: Path | None,
+                   report: Path, log: Callable[[str], None] = print, *, teacher: Path | None = None,
+                   out_dynamic: Path | None = None, out_fp16: Path | None = None,
+                   mobile_dir: Path | None = None) -> Path:
+    """Write ``out`` (fp32), each variant whose path is given (``out_int8`` static QDQ, ``out_dynamic``,
+    ``out_fp16``) that passes the gate, the mobile files under ``mobile_dir`` and the check ``report``.
+    ``teacher`` (the ensemble ONNX) adds agreement with the teacher to the gate."""
+    claim(out, report, *(p for p in (out_int8, out_dynamic, out_fp16) if p is not None))
+    net, ckpt = models.load(checkpoint)
+    info = open_prepared(transfer_set)
+    xtest, ytest = info.load("test")
+    ntrain = info.rows["train"]
+    calib_idx = np.sort(np.random.default_rng(cfg.seed).choice(ntrain, size=min(cfg.calibration_rows, ntrain),
+                                                               replace=False))
+    if cfg.raw_input:
+        # checked against the normalisation as trained; the folded graph is what ships when there is one
+        module, xin, calib = RawInput(net, info.scale, info.mean, info.std).eval(), _raw(info, "test"), \
+            _raw(info, "train")[calib_idx]
+        graph = fold_normalisation(net, info.scale, info.mean, info.std) or module
+    else:
+        module, xin, calib = net, xtest, info.load("train")[0][calib_idx]
+        graph = module
+    teacher_pred = None
+    if teacher is not None:
+        teacher_pred = ort.predict_proba(Path(teacher), xtest).argmax(1)  # the ensemble takes normalised rows
+    meta = metadata(ckpt, checkpoint, cfg.raw_input)
+    wanted = {k: Path(p) for k, p in (("int8", out_int8), ("dynamic", out_dynamic), ("fp16", out_fp16)) if p}
+    result: dict = {"settings": to_dict(cfg), "metadata": meta, "variants": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        onnxio.export(graph, torch.from_numpy(xin[:2]), fp32, "logits", metadata={**meta, "precision": "fp32"})
+        sess = ort.session(fp32, "cpu", threads=1)
+        worst = onnxio.validate(module, sess, [xin[:b] for b in PARITY_BATCHES], rtol=cfg.rtol, what=str(out))
+        fp32_logits = quantize.logits_of(sess, xin)
+        result["fp32"] = {"path": str(out), "max_abs_diff_vs_torch": worst, "parity_batches": list(PARITY_BATCHES),
+                          **{k: v for k, v in quantize.gate(fp32_logits, fp32_logits, ytest, teacher_pred,
+                                                            cfg.max_accuracy_drop).items()
+                             if k in ("test_accuracy", "agreement_with_teacher")}}
+        built = {}
+
+        def score(path: Path) -> dict:
+            logits = quantize.logits_of(ort.session(path, "cpu", threads=1), xin)
+            return quantize.gate(fp32_logits, logits, ytest, teacher_pred, cfg.max_accuracy_drop)
+
+        for kind, final in wanted.items():
+            path, verdict = _variant(kind, fp32, Path(tmp), calib, cfg, meta, score)
+            written = verdict["passed"] or cfg.force
+            result["variants"][kind] = {"path": str(final), "written": written, **verdict}
+            if written:
+                built[kind] = path
+            elif final.exists():
+                final.unlink()  # a stale file from an earlier export would be benchmarked as if current
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shipped = {out: _publish(fp32, out)} | {wanted[k]: _publish(p, wanted[k]) for k, p in built.items()}
+    for entry in [result["fp32"], *[v for v in result["variants"].values() if v["written"]]]:
+        entry["sha256"] = provenance.sha256_file(entry["path"])
+    if cfg.mobile and mobile_dir is not None:
+        stems = {Path(p).name.removesuffix(".onnx"): p for p in shipped}
+        result["mobile"] = {**mobile.convert_to_ort(stems, Path(mobile_dir)),
+                            "usability": {s: mobile.usability(p) for s, p in stems.items()}}
+    inputs = {"checkpoint": checkpoint, "transfer_set": transfer_set, **({"teacher": teacher} if teacher else {})}
+    result["provenance"] = provenance.record("export", to_dict(cfg), inputs)
+    write_json(report, result)
+    summary = "; ".join(f"{k} {v['test_accuracy']:.4f} ({v['accuracy_change_points']:+.2f} pts, "
+                        f"{'written' if v['written'] else 'NOT written'})" for k, v in result["variants"].items())
+    log(f"export: fp32 test {result['fp32']['test_accuracy']:.4f} (max |diff| vs torch {worst:.2g}) -> {out}"
+        + (f"; {summary}" if summary else "") + f"; report {report}")
+    failed = [k for k, v in result["variants"].items() if not v["passed"] and not v["written"]]
+    if failed:
+        raise IntegrityError("quality gate: " + ", ".join(
+            f"{k} loses {-result['variants'][k]['accuracy_change_points']:.2f} points of test accuracy "
+            f"(> {cfg.max_accuracy_drop})" for k in failed) + f"; not written (see {report}; --force writes it)")
+    return out

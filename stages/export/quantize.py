@@ -1,0 +1,229 @@
+"""Quantised and half-precision variants of an exported student, and the quality gate they must pass.
+
+Every conversion is onnxruntime's own; this module only chooses and checks.
+
+- ``int8`` static QDQ (``quantize_static``, QDQ format, int8 activations and weights): activation
+  ranges calibrated on transfer-set rows with MinMax, Entropy (KL, TensorRT's method) or Percentile.
+  ``quant_pre_process`` runs first: on a raw export quantisation fails with "Inferred shape and
+  existing shape differ" (docs/design.md, "pitfalls").
+- ``dynamic`` int8 (``quantize_dynamic``): weights int8 ahead of time, activation scales computed per
+  run.  For an MLP it yields MatMulInteger / DynamicQuantizeLinear; for convolutions it gives the slow
+  ConvInteger, which is why static QDQ is the default shipped int8.
+- ``fp16`` (``onnxruntime.transformers.float16.convert_float_to_float16``; onnxconverter-common is not
+  installed and onnxruntime ships the same converter): weights and activations half precision, the
+  graph's input and output kept float32 (``keep_io_types``) so callers feed the same arrays.  Meant for
+  CUDA; the gate is evaluated on whatever provider the export ran (CPU here), whose fp16 kernels may
+  accumulate differently from cuBLAS, so a GPU check should re-measure accuracy.
+
+Quality gate (:func:`gate`): against fp32 on the whole test split, the change of top-1 accuracy in
+percentage points, top-1 agreement with fp32 and with the teacher, and the mean KL divergence
+``KL(p_fp32 || p_q) = sum_i p_i (log p_i - log q_i)`` (nats) of the softmax outputs at T = 1.
+A variant that loses more than ``max_drop`` points fails.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from pipeline import ort
+from pipeline.formats.onnx_model import IR_VERSION
+from pipeline.onnxio import quiet
+
+VARIANTS = ("int8", "dynamic", "fp16")
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over a fixed array of rows, in batches of 64."""
+
+    def __init__(self, name: str, x: np.ndarray):
+        self._batches = [{name: x[i:i + 64]} for i in range(0, len(x), 64)]
+        self._it = iter(self._batches)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):  # Entropy and Percentile calibrators may read the rows more than once
+        self._it = iter(self._batches)
+
+
+def _finish(out: Path, *rewrites: Callable[[onnx.ModelProto], onnx.ModelProto]) -> Path:
+    """Apply ``rewrites`` to the quantiser's file, lower the IR version it leaves (onnx 1.23 writes 14;
+    onnxruntime 1.31 reads 13), check and save: one load and one save."""
+    model = onnx.load(str(out))
+    for rewrite in rewrites:
+        model = rewrite(model)
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(out))
+    return out
+
+
+def _preprocessed(fp32: Path, tmp: str) -> Path:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = Path(tmp) / "pre.onnx"
+    with quiet():
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=False)
+    return pre
+
+
+PIXEL_PATH_OPS = ("Cast", "Reshape", "Flatten")  # ops that change neither a pixel's value nor its order
+
+
+def _pixel_path(graph: onnx.GraphProto, ends: tuple[str, ...] = ("Gemm", "MatMul")) -> list[onnx.NodeProto]:
+    """The chain of single-consumer Cast / Reshape / Flatten nodes from a uint8 graph input to a node
+    of type ``ends`` (by default a matrix product: only it may take the pixels as they are, anything
+    else would need them normalised): the pixels, unchanged but for type (empty for any other graph)."""
+    inp = graph.input[0]
+    if inp.type.tensor_type.elem_type != onnx.TensorProto.UINT8:
+        return []
+    path, tensor = [], inp.name
+    while len(users := [n for n in graph.node if tensor in n.input]) == 1 and users[0].op_type in PIXEL_PATH_OPS:
+        path.append(users[0])
+        tensor = users[0].output[0]
+    return path if len(users) == 1 and users[0].op_type in ends else []
+
+
+def _rewire(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for n in graph.node:
+        n.input[:] = [new if t == old else t for t in n.input]
+
+
+def pixels_in(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Feed raw uint8 pixels straight to the first quantised layer.
+
+    A raw-input model whose normalisation is folded into its first layer computes
+    ``Gemm(Cast(pixels))``; quantised with the pixels' own scale 1 and zero point 0 (uint8, see
+    :func:`static_int8`) this is ``DQ(Q(Cast(p), 1, 0))`` = p exactly, so the Cast and the
+    QuantizeLinear are removed and the shape ops run on uint8: onnxruntime then fuses the first layer
+    into a QGemm on the input itself.  A model not of that form is returned unchanged.
+    """
+    g = model.graph
+    path = _pixel_path(g, ends=("QuantizeLinear",))
+    if not path:
+        return model
+    q = next(n for n in g.node if path[-1].output[0] in n.input)
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
+    scale, zero = init.get(q.input[1]), init.get(q.input[2]) if len(q.input) > 2 else None
+    if scale is None or zero is None or zero.dtype != np.uint8 or scale.size != 1 or float(scale) != 1.0 \
+            or int(zero) != 0:
+        return model
+    for n in [*(n for n in path if n.op_type == "Cast"), q]:
+        _rewire(g, n.output[0], n.input[0])
+        g.node.remove(n)
+    stale = {o for n in path for o in n.output}  # their recorded float type no longer holds
+    kept = [v for v in g.value_info if v.name not in stale]
+    del g.value_info[:]
+    g.value_info.extend(kept)
+    return model
+
+
+def float_logits(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop a QuantizeLinear -> DequantizeLinear pair between a final Gemm / MatMul and a graph output.
+
+    Rounding the logits to 8 bits and back serves no consumer: without the pair onnxruntime fuses the
+    last layer into a QGemm with float32 output, one kernel (and one rounding) fewer per run.
+    """
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    uses = lambda t: sum(t in n.input for n in g.node)  # noqa: E731
+    for out in g.output:
+        dq = producer.get(out.name)
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear" or uses(q.output[0]) != 1:
+            continue
+        last = producer.get(q.input[0])
+        if last is None or last.op_type not in ("Gemm", "MatMul") or uses(q.input[0]) != 1:
+            continue
+        last.output[list(last.output).index(q.input[0])] = out.name
+        g.node.remove(q)
+        g.node.remove(dq)
+    return model
+
+
+def static_int8(fp32: Path, out: Path, calib: np.ndarray, method: str = "minmax",
+                per_channel: bool = False) -> Path:
+    """Static QDQ int8 of ``fp32`` into ``out``, activation ranges calibrated on ``calib`` rows.
+
+    Activations asymmetric (ReLU outputs are non-negative: a symmetric range would waste a bit),
+    weights symmetric, per output channel when ``per_channel``.  Logits stay float32
+    (:func:`float_logits`).  A raw uint8 model whose first layer takes the pixels unchanged
+    (normalisation folded into its weights, see ``stages.export``) quantises them as what they are,
+    uint8 with scale 1 and zero point 0, and takes them without any conversion (:func:`pixels_in`).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    cm = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+          "percentile": CalibrationMethod.Percentile}[method]
+    name = onnx.load(str(fp32), load_external_data=False).graph.input[0].name
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = _preprocessed(fp32, tmp)
+        extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
+        if path := _pixel_path(onnx.load(str(pre)).graph):
+            extra["TensorQuantOverrides"] = {path[-1].output[0]: [{
+                "quant_type": QuantType.QUInt8, "scale": np.array(1.0, np.float32),
+                "zero_point": np.array(0, np.uint8)}]}
+        with quiet():
+            quantize_static(str(pre), str(out), _Calibration(name, calib), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            per_channel=per_channel, calibrate_method=cm, extra_options=extra)
+    return _finish(out, float_logits, pixels_in)
+
+
+def dynamic_int8(fp32: Path, out: Path, per_channel: bool = False) -> Path:
+    """Dynamic int8 of ``fp32`` into ``out``: int8 weights, activation scales computed at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = _preprocessed(fp32, tmp)
+        with quiet():
+            quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8, per_channel=per_channel)
+    return _finish(out)
+
+
+def fp16(fp32: Path, out: Path) -> Path:
+    """Half-precision weights and activations, float32 input and output (``keep_io_types``)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    with quiet():
+        model = OnnxModel(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True))
+        # the converter appends its input Casts at the end of the node list: onnxruntime sorts the
+        # graph itself, onnx.checker refuses it, so sort it (onnxruntime's own sorter)
+        model.topological_sort()
+    onnx.save(model.model, str(out))
+    return _finish(out)
+
+
+def logits_of(sess, x: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """The first output of ``sess`` on ``x``, in batches of ``batch`` rows, as float64."""
+    return ort.run_batched(sess, x, batch).astype(np.float64)
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def mean_kl(ref_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Mean over rows of ``KL(softmax(ref) || softmax(logits))`` in nats (0 when they agree)."""
+    lp, lq = _log_softmax(np.asarray(ref_logits, np.float64)), _log_softmax(np.asarray(logits, np.float64))
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)))
+
+
+def gate(fp32_logits: np.ndarray, logits: np.ndarray, y: np.ndarray, teacher_pred: np.ndarray | None,
+         max_drop: float) -> dict:
+    """Quality of a variant against fp32 on labelled rows ``y``; ``passed`` unless it loses more than
+    ``max_drop`` percentage points of top-1 accuracy.  Accuracies are fractions, the change is in points."""
+    ref, got = fp32_logits.argmax(1), logits.argmax(1)
+    acc32, acc = float(np.mean(ref == y)), float(np.mean(got == y))
+    change = (acc - acc32) * 100.0
+    return {"test_accuracy": acc, "fp32_test_accuracy": acc32, "accuracy_change_points": change,
+            "agreement_with_fp32": float(np.mean(got == ref)),
+            "agreement_with_teacher": None if teacher_pred is None else float(np.mean(got == teacher_pred)),
+            "mean_kl_vs_fp32_nats": mean_kl(fp32_logits, logits),
+            "max_accuracy_drop_points": max_drop, "passed": bool(-change <= max_drop + 1e-9)}  # 1e-9: float round-off of the points

@@ -1,0 +1,154 @@
+"""The student's data: rows of the soft-target cache joined with x of the prepared transfer set.
+
+docs/formats.md: readers never index rows one by one through h5py (fancy indexing is slow and
+needs sorted indices).  Every read here is a contiguous slice ``[lo, hi)`` of the cache (targets,
+labels) and of the prepared file (x, normalised as in :meth:`Prepared.normalise`).
+
+Two modes, chosen by a memory budget (MiB) against the bytes the selected rows need as float32:
+
+- resident: the rows fit; they are read block by block once into preallocated arrays, and every
+  epoch permutes them in memory (the same as training from arrays handed in).
+- streaming: they do not fit; every epoch visits the blocks in a seeded random order, gathers as
+  many blocks (at least MIN_BLOCKS) as half the budget holds into a buffer (the other half covers the permuted copy),
+  permutes the buffer's rows (so rows mix *within and across* blocks) and yields full batches,
+  carrying the remainder into the next buffer.  Resident memory is bounded by the budget, whatever
+  the cache's size; the number of steps per epoch is the same as in resident mode.
+
+Row selection (a transfer subset: a fraction of the rows, one class left out) is a sorted index of
+cache rows, applied inside each contiguous block with numpy, never through h5py.  Labels (8 bytes
+a row) are read whole to choose the rows.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.errors import DataError
+from pipeline.formats.cache import CacheInfo, t_key
+from pipeline.formats.prepared import Prepared
+
+MiB = 1 << 20
+TARGETS = ("soft", "logits", "none")
+MIN_BLOCKS = 4  # blocks a streaming buffer mixes at least
+
+
+class TransferLoader:
+    """Minibatches ``(x, target, y)`` (torch tensors) of the selected cache rows, one epoch at a time.
+
+    ``target``: ``soft`` (p_T at ``temperature``), ``logits`` (members' mean logits) or ``none``
+    (hard labels only: zeros, never read).  ``rows``: sorted cache row indices to use (None = all).
+    """
+
+    def __init__(self, cache: CacheInfo, prepared: Prepared, target: str, temperature: float,
+                 rows: np.ndarray | None = None, budget_mib: float = 1024.0, block_rows: int = 8192):
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if prepared.rows[cache.transfer_split] != cache.rows:
+            raise DataError(f"{cache.path}: {cache.rows} rows, but the {cache.transfer_split} split of "
+                            f"{prepared.path} has {prepared.rows[cache.transfer_split]}; rebuild with `make cache`")
+        if target == "soft":
+            cache.soft(temperature)  # UsageError naming the stored temperatures when T is absent
+        self.cache, self.prepared, self.target, self.T = cache, prepared, target, float(temperature)
+        self.split = cache.transfer_split
+        self.block_rows = max(1, int(block_rows))
+        self.labels_all = cache.read("labels")
+        self.rows = np.arange(cache.rows) if rows is None else np.asarray(rows, dtype=np.int64)
+        if len(self.rows) and (np.any(np.diff(self.rows) <= 0) or self.rows[0] < 0 or self.rows[-1] >= cache.rows):
+            raise ValueError("rows must be sorted, distinct cache row indices")
+        self.n = len(self.rows)
+        # float32 x + float32 target + int64 label per row (what a resident copy holds).
+        self.row_bytes = 4 * math.prod(prepared.shape) + 4 * cache.classes + 8
+        self.budget_bytes = int(budget_mib * MiB)
+        self.resident = self.n * self.row_bytes <= self.budget_bytes
+        self.peak_buffer_rows = 0  # largest number of rows held at once (what the memory test checks)
+        if self.resident:
+            self._all = self._read(0, cache.rows)
+            self.peak_buffer_rows = self.n
+        else:
+            # Half the budget for the buffer, half for its permuted copy; blocks shrink so that the
+            # buffer holds at least MIN_BLOCKS of them (rows must mix across blocks, not only within).
+            half = self.budget_bytes // 2
+            self.block_rows = max(1, min(self.block_rows, half // (MIN_BLOCKS * self.row_bytes)))
+            self.buffer_blocks = max(1, half // (self.block_rows * self.row_bytes))
+
+    def arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The resident (x, target, y) tensors (resident mode only)."""
+        if not self.resident:
+            raise ValueError("a streaming loader holds no arrays")
+        return self._all
+
+    def labels(self) -> np.ndarray:
+        """Labels of the selected rows (-1 where unlabelled)."""
+        return self.labels_all[self.rows]
+
+    def steps(self, batch_size: int) -> int:
+        return -(-self.n // batch_size)
+
+    def _read(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Selected rows within cache rows [lo, hi), read block by block as contiguous slices."""
+        a, b = np.searchsorted(self.rows, [lo, hi])
+        n = int(b - a)
+        x = np.empty((n, *self.prepared.shape), np.float32)
+        t = np.zeros((n, self.cache.classes), np.float32)
+        y = np.empty(n, np.int64)
+        done = 0
+        with self.cache.rows_reader() as fc, self.prepared.rows_reader(self.split) as fp:
+            for blo in range(lo, hi, self.block_rows):
+                bhi = min(hi, blo + self.block_rows)
+                i, j = np.searchsorted(self.rows, [blo, bhi])
+                if i == j:
+                    continue
+                # Slice the covering span [first selected, last selected] only: one contiguous read.
+                first, last = int(self.rows[i]), int(self.rows[j - 1]) + 1
+                keep = self.rows[i:j] - first
+                k = done + len(keep)
+                x[done:k] = self.prepared.normalise(fp(first, last)[0][keep])
+                y[done:k] = self.labels_all[first:last][keep]
+                if self.target == "soft":
+                    t[done:k] = fc(f"soft/{t_key(self.T)}", first, last)[keep]
+                elif self.target == "logits":
+                    t[done:k] = fc("logits", first, last)[keep].mean(axis=1)
+                done = k
+        return torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)
+
+    def epoch(self, gen: torch.Generator, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One pass over the selected rows in a random order drawn from ``gen``."""
+        if self.resident:
+            x, t, y = self._all
+            order = torch.randperm(self.n, generator=gen)
+            for i in range(0, self.n, batch_size):
+                idx = order[i:i + batch_size]
+                yield x[idx], t[idx], y[idx]
+            return
+        starts = list(range(0, self.cache.rows, self.block_rows))
+        block_order = torch.randperm(len(starts), generator=gen).tolist()
+        carry = None
+        for g in range(0, len(block_order), self.buffer_blocks):
+            parts = [self._read(starts[b], min(self.cache.rows, starts[b] + self.block_rows))
+                     for b in block_order[g:g + self.buffer_blocks]]
+            if carry is not None:
+                parts.insert(0, carry)
+            x, t, y = (torch.cat(p) for p in zip(*parts))
+            perm = torch.randperm(len(y), generator=gen)
+            x, t, y = x[perm], t[perm], y[perm]
+            self.peak_buffer_rows = max(self.peak_buffer_rows, len(y))
+            full = len(y) - len(y) % batch_size
+            for i in range(0, full, batch_size):
+                yield x[i:i + batch_size], t[i:i + batch_size], y[i:i + batch_size]
+            carry = (x[full:], t[full:], y[full:])
+        if carry is not None and len(carry[2]):
+            yield carry
+
+
+def select_rows(labels: np.ndarray, fraction: float = 1.0, drop_class: int = -1, seed: int = 0) -> np.ndarray:
+    """Sorted row indices of a transfer subset: every row except those labelled ``drop_class``, then a
+    seeded ``fraction`` of them (stratified by nothing: a uniform sample, as Hinton's 3%)."""
+    rows = np.flatnonzero(labels != drop_class) if drop_class >= 0 else np.arange(len(labels))
+    if fraction < 1.0:
+        k = max(1, int(round(fraction * len(rows))))
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=k, replace=False))
+    return rows
+

@@ -1,0 +1,134 @@
+"""Settings of the student stage's commands: train, sweep, experiment, bench (torch-free: the CLI
+builds ``--help`` from them, and a sweep's grid is checked before any worker starts)."""
+from __future__ import annotations
+
+import dataclasses
+
+from pipeline.config import require, require_temperatures, setting
+from pipeline.specs import parse_spec
+
+OBJECTIVES = ("kd", "logits")
+EXPERIMENTS = ("small-transfer", "omitted-class")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+    """Train a student from the soft-target cache with
+    alpha*T^2*KL(p_T || q_T) + (1-alpha)*CE(y, q_1); the epoch is selected on validation accuracy."""
+
+    arch: str = setting("mlp:128", "student architecture spec (mlp:64 is 784-64-10; mlp:800-800 Hinton's)")
+    temperature: float = setting(2.0, "distillation temperature T; the cache must hold soft targets at T")
+    alpha: float = setting(0.5, "weight of the soft term; 0 = hard labels only, 1 = soft targets only")
+    objective: str = setting("kd", "kd (tempered soft targets) or logits (match zero-meaned mean logits)")
+    epochs: int = setting(30, "training epochs")
+    batch_size: int = setting(128, "minibatch rows")
+    lr: float = setting(1e-3, "Adam learning rate (one-cycle schedule)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    seed: int = setting(0, "seed of initialisation and batch order")
+    threads: int = setting(1, "torch threads (one trains a small MLP fastest on 2 shared cores)")
+    memory_budget_mib: float = setting(1024.0, "MiB the training rows may hold in memory (float32 x, target, "
+                                               "label); a larger cache is streamed in contiguous blocks")
+    block_rows: int = setting(8192, "rows per contiguous read when streaming (and when loading)")
+    train_fraction: float = setting(1.0, "use a seeded fraction of the transfer rows (0.03: Hinton's 3%)")
+    drop_class: int = setting(-1, "leave the rows labelled with this class out of the transfer set (-1: none)")
+    subset_seed: int = setting(0, "seed of the train_fraction sample (fixed apart from seed: one subset, many runs)")
+
+    def __post_init__(self) -> None:
+        require_temperatures(self.temperature)
+        require(0.0 <= self.alpha <= 1.0, f"alpha must lie in [0, 1], got {self.alpha}")
+        require(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}")
+        require(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
+        require(self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight_decay >= 0")
+        require(self.memory_budget_mib > 0 and self.block_rows >= 1, "memory_budget_mib and block_rows must be > 0")
+        require(0 < self.train_fraction <= 1, f"train_fraction must lie in (0, 1], got {self.train_fraction}")
+        parse_spec(self.arch)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """Train students over a grid of temperatures, alphas, sizes and seeds from one cache (the
+    hard-label baseline, alpha 0, always included) and write a CSV, a Markdown table and a plot."""
+
+    temperatures: tuple[float, ...] = setting((1.0, 2.0, 4.0, 8.0, 20.0), "temperatures (each must be in the cache)")
+    alphas: tuple[float, ...] = setting((0.5, 0.9), "soft-term weights > 0 (alpha 0, hard labels, is always added)")
+    archs: tuple[str, ...] = setting(("mlp:128", "mlp:800-800"), "student sizes (architecture specs)")
+    seeds: tuple[int, ...] = setting((0, 1, 2), "seeds; the table reports mean and spread over them")
+    epochs: int = setting(30, "training epochs of every student (the epoch is chosen on validation)")
+    batch_size: int = setting(128, "minibatch rows")
+    lr: float = setting(1e-3, "Adam learning rate (one-cycle schedule)")
+    objective: str = setting("kd", "kd or logits (logits ignores the temperature)")
+    train_fraction: float = setting(1.0, "fraction of the transfer rows every student uses")
+    memory_budget_mib: float = setting(1024.0, "memory budget of each job's loader (MiB)")
+    jobs: int = setting(2, "students trained at once, each in its own process with one torch thread")
+
+    def __post_init__(self) -> None:
+        require(len(self.temperatures) > 0, "give at least one temperature")
+        require_temperatures(self.temperatures, "temperatures")
+        require(all(0 < a <= 1 for a in self.alphas), "alphas must lie in (0, 1]; the baseline alpha 0 is added")
+        require(len(self.archs) > 0 and len(self.seeds) > 0, "give at least one arch and one seed")
+        require(self.jobs >= 1, "jobs must be >= 1")
+        for arch in self.archs:  # fail before any job starts
+            StudentConfig(arch=arch)
+
+    def students(self) -> list[StudentConfig]:
+        base = dict(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, objective=self.objective,
+                    train_fraction=self.train_fraction, memory_budget_mib=self.memory_budget_mib, threads=1)
+        out = []
+        for arch in self.archs:
+            for seed in self.seeds:
+                # The baseline's T is never read (alpha 0); the first temperature keeps the check cheap.
+                out.append(StudentConfig(arch=arch, seed=seed, alpha=0.0, temperature=self.temperatures[0], **base))
+                out += [StudentConfig(arch=arch, seed=seed, alpha=a, temperature=t, **base)
+                        for t in self.temperatures for a in self.alphas]
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Run one of the paper's transfer-set experiments (small-transfer: 3% of the rows, hard vs soft,
+    with and without early stopping; omitted-class: one class left out, errors on it before and
+    after a bias correction fitted on validation data) and write its Markdown table."""
+
+    name: str = setting("small-transfer", "small-transfer or omitted-class")
+    arch: str = setting("mlp:800-800", "student architecture (Hinton's 784-800-800-10 by default)")
+    temperature: float = setting(4.0, "distillation temperature (must be in the cache)")
+    alpha: float = setting(0.5, "soft-term weight of the distilled students (their hard twins use 0)")
+    train_fraction: float = setting(0.03, "small-transfer: fraction of the transfer rows kept")
+    drop_class: int = setting(3, "omitted-class: the class left out of the transfer set")
+    epochs: int = setting(30, "training epochs")
+    batch_size: int = setting(128, "minibatch rows")
+    seeds: tuple[int, ...] = setting((0, 1, 2), "seeds; tables report mean and spread over them")
+    jobs: int = setting(2, "students trained at once (spawned processes, one torch thread each)")
+
+    def __post_init__(self) -> None:
+        require(self.name in EXPERIMENTS, f"name must be one of {', '.join(EXPERIMENTS)}")
+        require(0 < self.alpha <= 1, "alpha must lie in (0, 1]: the hard-label twin is added")
+        require(len(self.seeds) > 0 and self.jobs >= 1, "give at least one seed; jobs >= 1")
+        StudentConfig(arch=self.arch, temperature=self.temperature, train_fraction=self.train_fraction)
+
+    def students(self) -> list[StudentConfig]:
+        subset = (dict(train_fraction=self.train_fraction) if self.name == "small-transfer"
+                  else dict(drop_class=self.drop_class))
+        return [StudentConfig(arch=self.arch, temperature=self.temperature, alpha=a, epochs=self.epochs,
+                              batch_size=self.batch_size, seed=s, threads=1, **subset)
+                for s in self.seeds for a in (0.0, self.alpha)]
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentBenchConfig:
+    """Time student epochs from the cache, from arrays in memory and with the teacher run online,
+    side by side in one run; write JSON with the ratios."""
+
+    arch: str = setting("mlp:128", "student architecture")
+    temperature: float = setting(4.0, "temperature (must be in the cache)")
+    alpha: float = setting(0.5, "soft-term weight")
+    rows: int = setting(0, "use the first this many transfer rows (0 = all)")
+    epochs: int = setting(3, "timed epochs per mode (interleaved); the median is reported")
+    batch_size: int = setting(128, "minibatch rows")
+    stream_budget_mib: float = setting(16.0, "memory budget of the streaming mode (MiB; at most half the rows' size)")
+    threads: int = setting(1, "torch threads (and onnxruntime threads in online mode)")
+
+    def __post_init__(self) -> None:
+        require(self.rows >= 0 and self.epochs >= 1, "rows must be >= 0 and epochs >= 1")
+        require(self.stream_budget_mib > 0, "stream_budget_mib must be > 0")
+        StudentConfig(arch=self.arch, temperature=self.temperature, alpha=self.alpha)

@@ -1,0 +1,279 @@
+"""Export: metadata, parity checks (with a model broken on purpose), the quality gate, raw uint8
+input, and the mobile deliverables made by onnxruntime's tools."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline import onnxio
+from pipeline.formats.checkpoint import read_checkpoint
+from pipeline.errors import IntegrityError
+from stages.export import export as ex
+from stages.export import mobile, quantize
+from pipeline.formats.prepared import open_prepared
+
+QUIET = dict(log=lambda m: None)
+
+
+# ---------------------------------------------------------------- unit: gate and KL on synthetic logits
+def test_gate_counts_points_and_agreement():
+    y = np.arange(200) % 10
+    ref = np.eye(10)[y] * 5.0  # fp32 right on every row
+    worse = ref.copy()
+    worse[:2] = np.eye(10)[(y[:2] + 1) % 10] * 5.0  # 2 of 200 rows wrong: -1.0 point
+    g = quantize.gate(ref, worse, y, teacher_pred=y, max_drop=0.5)
+    assert g["accuracy_change_points"] == pytest.approx(-1.0) and not g["passed"]
+    assert g["agreement_with_fp32"] == pytest.approx(0.99) and g["agreement_with_teacher"] == pytest.approx(0.99)
+    assert quantize.gate(ref, worse, y, None, max_drop=1.0)["passed"]  # exactly at the limit passes
+    assert quantize.gate(ref, worse, y, None, max_drop=1.0)["agreement_with_teacher"] is None
+
+
+def test_mean_kl_hand_value_and_zero():
+    p = np.log(np.array([[0.5, 0.5]]))
+    q = np.log(np.array([[0.25, 0.75]]))
+    # KL = 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75)
+    assert quantize.mean_kl(p, q) == pytest.approx(0.5 * np.log(2) + 0.5 * np.log(2 / 3))
+    z = np.random.default_rng(0).normal(size=(50, 10))
+    assert quantize.mean_kl(z, z + 3.0) == pytest.approx(0.0, abs=1e-12)  # softmax is shift-invariant
+
+
+def test_usability_log_summary():
+    text = ("0 partitions with a total of 0/4 nodes can be handled by the NNAPI EP.\n"
+            "Model should perform well with NNAPI as is: NO\n"
+            "1 partitions with a total of 4/4 nodes can be handled by the NNAPI EP.\n"
+            "Model should perform well with NNAPI if modified to have fixed input shapes: YES\n"
+            "2 partitions with a total of 3/4 nodes can be handled by the CoreML MLProgram EP.\n"
+            "Model should perform well with CoreML MLProgram as is: MAYBE\n")
+    assert mobile.summarise_log(text) == {
+        "NNAPI": {"nodes_supported": "0/4", "as_is": "NO", "fixed_shapes": "YES"},
+        "CoreML MLProgram": {"nodes_supported": "3/4", "as_is": "MAYBE", "fixed_shapes": None}}
+
+
+# ---------------------------------------------------------------- numeric: parity on a model broken on purpose
+@pytest.fixture(scope="module")
+def linear_onnx(tmp_path_factory):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)).eval()
+    path = tmp_path_factory.mktemp("lin") / "lin.onnx"
+    onnxio.export(net, torch.zeros(2, 3, 4), path, "logits")
+    return net, path
+
+
+def test_validate_passes_an_honest_export(linear_onnx):
+    net, path = linear_onnx
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    xs = [np.random.default_rng(b).normal(size=(b, 3, 4)).astype(np.float32) for b in (1, 7, 256)]
+    assert onnxio.validate(net, sess, xs) < 1e-5
+
+
+def test_validate_collects_every_failure_and_the_largest_difference(linear_onnx, tmp_path):
+    net, path = linear_onnx
+    model = onnx.load(str(path))
+    bias = next(t for t in model.graph.initializer if list(t.dims) == [5])
+    b = onnx.numpy_helper.to_array(bias).copy()
+    b[0] += 100.0  # class 0 wins everywhere: large |diff| and changed argmax
+    bias.CopyFrom(onnx.numpy_helper.from_array(b, bias.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, str(broken))
+    sess = ort.InferenceSession(str(broken), providers=["CPUExecutionProvider"])
+    xs = [np.random.default_rng(b).normal(size=(b, 3, 4)).astype(np.float32) for b in (1, 7, 256)]
+    with pytest.raises(IntegrityError) as err:
+        onnxio.validate(net, sess, xs, what="broken.onnx")
+    msg = str(err.value)
+    assert all(f"batch {b}: max |diff|" in msg for b in (1, 7, 256)), msg
+    assert "argmax differs" in msg and "largest |diff| 100" in msg and "\n" not in msg
+
+
+def test_validate_reports_a_shape_mismatch(linear_onnx):
+    _, path = linear_onnx
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6)).eval()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with pytest.raises(IntegrityError, match=r"batch 1: shape \(1, 5\) != \(1, 6\)"):
+        onnxio.validate(other, sess, [np.zeros((1, 3, 4), np.float32)])
+
+
+# ---------------------------------------------------------------- the stage on the tiny fixtures
+@pytest.fixture(scope="module")
+def exported(tiny_student, tiny_prepared, tiny_teacher, tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    paths = dict(out=d / "s.onnx", out_int8=d / "s.int8.onnx", report=d / "s.export.json")
+    cfg = ex.ExportConfig(calibration_rows=200, max_accuracy_drop=5.0)  # 300 test rows: 1 row = 0.33 points
+    ex.export_student(cfg, tiny_student, tiny_prepared, paths["out"], paths["out_int8"], paths["report"],
+                      teacher=tiny_teacher, out_dynamic=d / "s.dyn.onnx", out_fp16=d / "s.fp16.onnx",
+                      mobile_dir=d / "mobile", **QUIET)
+    return d, json.loads(paths["report"].read_text())
+
+
+def test_metadata_carries_what_an_edge_runtime_needs(exported, tiny_student, tiny_prepared):
+    d, report = exported
+    ckpt = read_checkpoint(tiny_student)
+    for name, precision in (("s", "fp32"), ("s.int8", "int8"), ("s.dyn", "dynamic"), ("s.fp16", "fp16")):
+        meta = ort.InferenceSession(str(d / f"{name}.onnx")).get_modelmeta().custom_metadata_map
+        assert meta["precision"] == precision
+        assert json.loads(meta["class_names"]) == list(open_prepared(tiny_prepared).classes)
+        assert float(meta["temperature"]) == 2.0 and float(meta["alpha"]) == 0.5
+        norm = json.loads(meta["normalisation"])
+        assert {"scale", "mean", "std", "formula"} <= set(norm) and meta["input_dtype"] == "float32"
+        assert meta["cache_sha256"] == ckpt.provenance["inputs"]["cache"]["sha256"]
+        from pipeline.provenance import sha256_file
+        assert meta["checkpoint_sha256"] == sha256_file(tiny_student)
+        assert onnx.load(str(d / f"{name}.onnx")).ir_version <= 13
+
+
+def test_report_gates_every_variant(exported):
+    d, report = exported
+    assert report["fp32"]["max_abs_diff_vs_torch"] < 1e-4 and report["fp32"]["parity_batches"] == [1, 7, 256]
+    assert set(report["variants"]) == {"int8", "dynamic", "fp16"}
+    for kind, v in report["variants"].items():
+        assert v["passed"] and v["written"] and 0 <= v["agreement_with_fp32"] <= 1, kind
+        assert v["mean_kl_vs_fp32_nats"] >= -1e-12 and v["agreement_with_teacher"] is not None
+    assert report["variants"]["fp16"]["agreement_with_fp32"] > 0.98
+    ops = {n.op_type for n in onnx.load(str(d / "s.int8.onnx")).graph.node}
+    assert "QuantizeLinear" in ops
+    assert "DynamicQuantizeLinear" in {n.op_type for n in onnx.load(str(d / "s.dyn.onnx")).graph.node}
+    assert not list(d.glob("*.partial")) and not list(d.glob("*.data"))
+
+
+def test_mobile_files_come_from_onnxruntime_tools(exported):
+    d, report = exported
+    m = report["mobile"]
+    for stem in ("s", "s.int8", "s.dyn", "s.fp16"):
+        sess = ort.InferenceSession(str(d / "mobile" / f"{stem}.ort"), providers=["CPUExecutionProvider"])
+        assert sess.run(None, {"x": np.zeros((3, 28, 28), np.float32)})[0].shape == (3, 10)
+        assert set(m["usability"][stem]["providers"]) == {"NNAPI", "CoreML NeuralNetwork", "CoreML MLProgram"}
+    config = (d / "mobile" / "required_operators.config").read_text()
+    assert "Gemm" in config and "/tmp" not in config and m["operators"]
+
+
+def test_raw_uint8_input_reproduces_the_normalised_model(exported, tiny_student, tiny_prepared, tmp_path):
+    d, _ = exported
+    out = tmp_path / "raw.onnx"
+    ex.export_student(ex.ExportConfig(raw_input=True, mobile=False), tiny_student, tiny_prepared, out, None,
+                      tmp_path / "raw.json", **QUIET)
+    raw_sess = ort.InferenceSession(str(out))
+    assert raw_sess.get_inputs()[0].type == "tensor(uint8)"
+    assert raw_sess.get_modelmeta().custom_metadata_map["normalisation_in_graph"] == "true"
+    info = open_prepared(tiny_prepared)
+    raw = ex._raw(info, "test")[:64]
+    ref = ort.InferenceSession(str(d / "s.onnx")).run(None, {"x": info.normalise(raw)})[0]
+    np.testing.assert_allclose(raw_sess.run(None, {"x": raw})[0], ref, atol=1e-5)
+
+
+def _optimised_ops(path, tmp_path) -> list[str]:
+    """Operator types of the graph onnxruntime actually runs (after its fusions), in order."""
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
+
+
+def test_int8_logits_stay_float_one_kernel_fewer(exported, tmp_path):
+    d, report = exported
+    model = onnx.load(str(d / "s.int8.onnx"))
+    last = next(n for n in model.graph.node if n.output[0] == model.graph.output[0].name)
+    assert last.op_type == "Gemm"  # no QuantizeLinear -> DequantizeLinear pair rounds the logits
+    ops = _optimised_ops(d / "s.int8.onnx", tmp_path)
+    assert ops[-1] == "QGemm" and "DequantizeLinear" not in ops
+    assert report["variants"]["int8"]["passed"]
+
+
+def test_raw_int8_takes_the_pixels_into_its_first_qgemm(exported, tiny_student, tiny_prepared, tmp_path):
+    """Raw uint8 MLP: normalisation folded into the first layer, pixels quantised as themselves
+    (scale 1, zero point 0), so onnxruntime runs Reshape -> QGemm -> QGemm and nothing else."""
+    d, _ = exported
+    out, out8 = tmp_path / "raw.onnx", tmp_path / "raw.int8.onnx"
+    # 300 test rows: one row is 0.33 points, so the default 0.5-point gate would judge this tiny student
+    # by a single row; agreement with fp32 is what this test checks
+    ex.export_student(ex.ExportConfig(raw_input=True, mobile=False, calibration_rows=200, max_accuracy_drop=2.0),
+                      tiny_student, tiny_prepared, out, out8, tmp_path / "raw.json", **QUIET)
+    assert _optimised_ops(out8, tmp_path) == ["Reshape", "QGemm", "QGemm"]
+    info = open_prepared(tiny_prepared)
+    raw = ex._raw(info, "test")
+    ref = ort.InferenceSession(str(d / "s.onnx")).run(None, {"x": info.normalise(raw)})[0]
+    got = ort.InferenceSession(str(out8)).run(None, {"x": raw})[0]
+    assert got.dtype == np.float32 and np.mean(got.argmax(1) == ref.argmax(1)) >= 0.95  # int8 vs fp32
+    v = json.loads((tmp_path / "raw.json").read_text())["variants"]["int8"]
+    assert v["passed"] and v["agreement_with_fp32"] >= 0.95
+
+
+@given(scale=st.floats(1.0, 255.0), mean=st.floats(-1.0, 1.0), std=st.floats(0.05, 2.0), seed=st.integers(0, 99))
+@settings(max_examples=25, deadline=None)
+def test_folded_normalisation_matches_the_explicit_one(scale, mean, std, seed):
+    """W (p / (scale std) - mean / std) + b == W' p + b' to float32 round-off, for any normalisation."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    folded = ex.fold_normalisation(net, scale, mean, std)
+    pixels = torch.randint(0, 256, (16, 1, 3, 4), dtype=torch.uint8)
+    with torch.no_grad():
+        ref = ex.RawInput(net, scale, mean, std)(pixels)
+        torch.testing.assert_close(folded(pixels), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_normalisation_is_not_folded_into_a_convolution():
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(2 * 16, 3))
+    assert ex.fold_normalisation(conv, 255.0, 0.3, 0.3) is None  # zero padding is not pixel 0
+
+
+def test_pixels_in_leaves_a_float_input_model_alone(exported):
+    d, _ = exported
+    model = onnx.load(str(d / "s.int8.onnx"))
+    before = model.SerializeToString()
+    assert quantize.pixels_in(model).SerializeToString() == before
+
+
+def _degrading_variant(kind, fp32, out, calib, cfg, scales="tensor"):
+    """A 'quantised' model that always says class 0: fails any gate."""
+    model = onnx.load(str(fp32))
+    bias = next(t for t in model.graph.initializer if list(t.dims) == [10] and t.data_type == onnx.TensorProto.FLOAT)
+    b = onnx.numpy_helper.to_array(bias).copy()
+    b[0] += 1e4
+    bias.CopyFrom(onnx.numpy_helper.from_array(b, bias.name))
+    onnx.save(model, str(out))
+    return out
+
+
+def test_gate_failure_is_not_written_unless_forced(tiny_student, tiny_prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(ex, "_make_variant", _degrading_variant)
+    out, out8, rep = tmp_path / "s.onnx", tmp_path / "s.int8.onnx", tmp_path / "s.json"
+    out8.write_bytes(b"stale")
+    with pytest.raises(IntegrityError, match=r"int8 loses .* points .*--force"):
+        ex.export_student(ex.ExportConfig(calibration_rows=50, mobile=False), tiny_student, tiny_prepared,
+                          out, out8, rep, **QUIET)
+    report = json.loads(rep.read_text())
+    assert out.is_file() and not out8.exists()  # fp32 shipped, the failing (and the stale) int8 not
+    assert report["variants"]["int8"]["passed"] is False and report["variants"]["int8"]["written"] is False
+    ex.export_student(ex.ExportConfig(calibration_rows=50, mobile=False, force=True), tiny_student,
+                      tiny_prepared, out, out8, rep, **QUIET)
+    v = json.loads(rep.read_text())["variants"]["int8"]
+    assert out8.is_file() and v["written"] and not v["passed"]
+
+
+def test_auto_weight_scales_fall_back_to_per_channel_when_per_tensor_fails(tiny_student, tiny_prepared, tmp_path,
+                                                                          monkeypatch):
+    real = ex._make_variant
+
+    def tensor_scales_break(kind, fp32, out, calib, cfg, scales="tensor"):
+        return (_degrading_variant if scales == "tensor" else real)(kind, fp32, out, calib, cfg, scales)
+
+    monkeypatch.setattr(ex, "_make_variant", tensor_scales_break)
+    out8, rep = tmp_path / "s.int8.onnx", tmp_path / "s.json"
+    # a 2-point gate: the real per-channel model of this tiny student may lose a row or two of 300
+    # (0.33 points each); the broken per-tensor one loses ~90 points
+    ex.export_student(ex.ExportConfig(calibration_rows=100, mobile=False, max_accuracy_drop=2.0), tiny_student,
+                      tiny_prepared, tmp_path / "s.onnx", out8, rep, **QUIET)
+    v = json.loads(rep.read_text())["variants"]["int8"]
+    assert v["passed"] and v["written"] and v["weight_scales"] == "channel" and out8.is_file()
+    assert v["rejected"]["tensor"]["passed"] is False  # the per-tensor attempt is reported, not hidden
+    ex.export_student(ex.ExportConfig(calibration_rows=100, mobile=False, weight_scales="tensor", force=True),
+                      tiny_student, tiny_prepared, tmp_path / "s.onnx", out8, rep, **QUIET)
+    v = json.loads(rep.read_text())["variants"]["int8"]
+    assert v["weight_scales"] == "tensor" and not v["passed"] and "rejected" not in v
+    with pytest.raises(Exception, match="weight_scales must be one of"):
+        ex.ExportConfig(weight_scales="row")

@@ -1,0 +1,67 @@
+"""The layers hold: stages never import each other, the shared layers never import a stage, and the
+formats layer never imports torch, onnxruntime or a stage (docs/design.md, "layers").
+
+Imports are read from the source with ``ast`` (module level and inside functions), so a lazy import
+counts as much as a top-level one.
+"""
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+STAGES = sorted(p.parent.name for p in (ROOT / "stages").glob("*/__init__.py"))
+FORMATS_MAY_IMPORT = {"pipeline.errors", "pipeline.artifacts", "pipeline.formats"}
+
+
+def imported(path: Path) -> set[str]:
+    """Every module name ``path`` imports (``from a import b`` gives ``a`` and ``a.b``)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import (use absolute ones, the layering test reads them)"
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def test_stage_packages_exist():
+    assert STAGES == ["augment", "bench", "cache", "export", "prepare", "student", "teacher"]
+    assert [p.name for p in (ROOT / "stages").glob("*.py")] == ["__init__.py"], "stage code lives in packages"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_imports_no_other_stage(stage):
+    for path in sorted((ROOT / "stages" / stage).rglob("*.py")):
+        for mod in imported(path):
+            parts = mod.split(".")
+            if parts[0] == "stages" and len(parts) > 1:
+                assert parts[1] == stage, f"{path.relative_to(ROOT)} imports {mod}: stages talk through files"
+
+
+def test_shared_layers_import_no_stage():
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        if path.name == "cli.py":
+            continue  # the command line is the one place that knows every stage (their settings)
+        bad = [m for m in imported(path) if m.split(".")[0] == "stages"]
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_formats_import_numpy_h5py_onnx_only():
+    for path in sorted((ROOT / "pipeline" / "formats").glob("*.py")):
+        for mod in imported(path):
+            top = mod.split(".")[0]
+            assert top not in ("torch", "onnxruntime", "stages"), f"{path.name} imports {mod}"
+            if top == "pipeline":
+                assert any(mod == m or mod.startswith(m + ".") for m in FORMATS_MAY_IMPORT), \
+                    f"{path.name} imports {mod}: formats depend on errors, artifacts and each other only"
+
+
+def test_the_checker_catches_a_planted_violation(tmp_path):
+    """The parser sees a lazy import inside a function (what a stage would sneak in)."""
+    p = tmp_path / "m.py"
+    p.write_text("def f():\n    from stages.cache.build import build_cache\n    import torch\n")
+    assert {"stages.cache.build", "stages.cache.build.build_cache", "torch"} <= imported(p)
