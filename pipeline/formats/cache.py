@@ -79,7 +79,7 @@ class CacheWriter:
         try:
             if (json.loads(f.attrs["identity"]) == identity and "logits" in f
                     and "teacher_probabilities" in f.attrs):
-                log(f"{path}: resuming at row {int(f.attrs['committed_rows'])} (the last committed batch)")
+                log(f"resuming {path} at row {int(f.attrs['committed_rows'])} (its last committed batch)")
                 return cls(f)
             log(f"{path}: made from other inputs or settings; restarting from row 0")
         except (OSError, KeyError, ValueError):
