@@ -30,19 +30,40 @@ def export(module: torch.nn.Module, example: torch.Tensor, out: Path, output_nam
     Input ``x`` with a dynamic batch dimension, output ``output_name``, opset 18, IR version 10,
     optional ``metadata_props``; checked with ``onnx.checker`` (full check).  ``out`` is the path
     the caller publishes (normally a ``.partial``).
+
+    The exporter annotates every node with debugging metadata: the Python module path of the class
+    and a stack trace with the absolute path of the source file and its line numbers.  They are
+    removed (:func:`strip_node_metadata`): with them, the same weights exported from two checkouts,
+    or after a module moved, are different files, and a cache built from them a different cache.
     """
     module = module.eval()
     with quiet():
         torch.onnx.export(module, (example,), str(out), input_names=["x"], output_names=[output_name],
                           dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=OPSET,
                           external_data=False, dynamo=True, verbose=False)
-    model = onnx.load(str(out))
+    model = strip_node_metadata(onnx.load(str(out)))
     model.ir_version = IR_VERSION
     set_metadata(model, metadata or {})
     onnx.checker.check_model(model, full_check=True)
     with open(out, "wb") as f:  # save via an explicit handle: onnx.save on a .partial name is fine too
         f.write(model.SerializeToString())
     return Path(out)
+
+
+def strip_node_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without per-node ``metadata_props`` (in every graph, subgraph and function)."""
+    def graph(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            del node.metadata_props[:]
+            for a in node.attribute:
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    graph(sub)
+
+    graph(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            del node.metadata_props[:]
+    return model
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from pipeline.errors import IntegrityError
 from stages.export import export as ex
 from stages.export import mobile, quantize
 from pipeline.formats.prepared import open_prepared
+from tests.conftest import ROOT
 
 QUIET = dict(log=lambda m: None)
 
@@ -277,3 +278,15 @@ def test_auto_weight_scales_fall_back_to_per_channel_when_per_tensor_fails(tiny_
     assert v["weight_scales"] == "tensor" and not v["passed"] and "rejected" not in v
     with pytest.raises(Exception, match="weight_scales must be one of"):
         ex.ExportConfig(weight_scales="row")
+
+
+def test_exports_carry_no_paths_or_module_names(tmp_path):
+    """The exporter's per-node debugging metadata (module path, stack trace with absolute file paths)
+    is stripped: the same weights give the same file from any checkout."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)).eval()
+    path = onnxio.export(net, torch.zeros(2, 3, 4), tmp_path / "m.onnx", "logits")
+    m = onnx.load(str(path))
+    assert all(len(n.metadata_props) == 0 for n in m.graph.node)
+    data = path.read_bytes()
+    assert str(ROOT).encode() not in data and b"stack_trace" not in data and b"torch.nn.modules" not in data
