@@ -69,3 +69,30 @@ def write_folder(root: Path, x: np.ndarray, y: np.ndarray, names=CLASSES, suffix
     for i, (img, label) in enumerate(zip(x, y)):
         Image.fromarray(img).save(root / names[label] / f"{i:05d}{suffix}", **save)
     return root
+
+
+def channel_distinct(n: int, channels: int, h: int, w: int, seed: int = 0, step: int = 10) -> np.ndarray:
+    """uint8 images [n, channels, h, w] whose channel c holds ``c * step + p``, p a random pattern in
+    [1, step - 1] shared by every channel: a value tells which channel it came from."""
+    pattern = np.random.default_rng(seed).integers(1, step, (n, 1, h, w))
+    return (pattern + step * np.arange(channels)[None, :, None, None]).astype(np.uint8)
+
+
+def moved(a: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
+    """Image ``a`` [C, H, W] translated by (dy, dx) with channel c's ``fill[c]`` shifted in."""
+    c, h, w = a.shape
+    out = np.empty_like(a)
+    out[...] = np.broadcast_to(np.asarray(fill, a.dtype).reshape(-1, 1, 1), a.shape)
+    out[:, max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)] = \
+        a[:, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+    return out
+
+
+def spatial_shift(a: np.ndarray, b: np.ndarray, fill, max_shift: int) -> tuple[int, int] | None:
+    """The one (dy, dx) that moves every channel of ``a`` [C, H, W] onto ``b`` with each channel's
+    fill shifted in, if there is one (None when a channel moved otherwise, or mixed with another)."""
+    for dy in range(-max_shift, max_shift + 1):
+        for dx in range(-max_shift, max_shift + 1):
+            if np.array_equal(moved(a, dy, dx, fill), b):
+                return dy, dx
+    return None
