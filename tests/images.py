@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 from PIL import Image, ImageDraw
+
+from pipeline.formats.prepared import open_prepared
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 COLOURS = {"red": (220, 50, 40), "blue": (40, 90, 230)}
@@ -69,6 +72,18 @@ def write_folder(root: Path, x: np.ndarray, y: np.ndarray, names=CLASSES, suffix
     for i, (img, label) in enumerate(zip(x, y)):
         Image.fromarray(img).save(root / names[label] / f"{i:05d}{suffix}", **save)
     return root
+
+
+def assert_same_content(a: Path, b: Path) -> None:
+    """Two prepared files hold the same content: classes, statistics, shapes, every split's arrays
+    (their provenance, which names the source, may differ)."""
+    ia, ib = open_prepared(a), open_prepared(b)
+    assert (ia.classes, ia.scale, ia.mean, ia.std, ia.shape, ia.rows) == \
+        (ib.classes, ib.scale, ib.mean, ib.std, ib.shape, ib.rows)
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        for split in ("train", "val", "test"):
+            for k in ("x", "y"):
+                np.testing.assert_array_equal(fa[split][k][:], fb[split][k][:], err_msg=f"{split}/{k}")
 
 
 def channel_distinct(n: int, channels: int, h: int, w: int, seed: int = 0, step: int = 10) -> np.ndarray:

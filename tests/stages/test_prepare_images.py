@@ -10,26 +10,11 @@ from pipeline.errors import DataError, UsageError
 from pipeline.formats.prepared import open_prepared
 from stages.prepare import PrepareConfig, prepare_dataset, read_idx
 from tests.conftest import run_cli
-from tests.images import CLASSES, coloured_shapes, folder_order, write_folder
+from tests.images import CLASSES, assert_same_content, coloured_shapes, folder_order, write_folder
 from tests.stages.test_prepare import write_idx
 
 QUIET = dict(log=lambda m: None)
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-
-
-def _content(path):
-    """Everything a later stage reads of a prepared file (not its provenance)."""
-    info = open_prepared(path)
-    with h5py.File(path) as f:
-        arrays = {f"{s}/{k}": f[s][k][:] for s in ("train", "val", "test") for k in ("x", "y")}
-    return (info.classes, info.scale, info.mean, info.std, info.shape, info.rows), arrays
-
-
-def _assert_same(a, b):
-    (meta_a, arr_a), (meta_b, arr_b) = _content(a), _content(b)
-    assert meta_a == meta_b
-    for k in arr_a:
-        np.testing.assert_array_equal(arr_a[k], arr_b[k], err_msg=k)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +43,8 @@ def test_png_folder_and_both_npz_layouts_prepare_to_identical_content(shapes, tm
     png = prepare_dataset(PrepareConfig(val_rows=40), tmp_path / "png.h5", image_folder=tmp_path / "png", **QUIET)
     last = prepare_dataset(cfg, tmp_path / "last.h5", npz=tmp_path / "last.npz", log=logged.append)
     first = prepare_dataset(cfg, tmp_path / "first.h5", npz=tmp_path / "first.npz", **QUIET)
-    _assert_same(png, last)
-    _assert_same(png, first)
+    assert_same_content(png, last)
+    assert_same_content(png, first)
     assert any("channel-last (nhwc, inferred); stored channel-first as [N, 3, 32, 32]" in m for m in logged)
     info = open_prepared(png)
     assert info.shape == (3, 32, 32) and info.classes == CLASSES and len(info.mean) == len(info.std) == 3
@@ -95,7 +80,7 @@ def test_fashion_mnist_as_png_prepares_to_the_idx_arrays(tmp_path):
                           **QUIET)
     ref = prepare_dataset(PrepareConfig(val_rows=50, seed=3, class_names=names), tmp_path / "idx.h5", source=idx,
                           **QUIET)
-    _assert_same(png, ref)
+    assert_same_content(png, ref)
     info = open_prepared(png)
     assert info.shape == (1, 28, 28) and isinstance(info.mean, float)  # grey: mode auto is L, scalar statistics
     with h5py.File(png) as f:
