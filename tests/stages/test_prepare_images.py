@@ -258,3 +258,14 @@ def test_cli_image_folder(shapes, tmp_path):
     assert amb.returncode == 3 and len(amb.stderr.strip().splitlines()) == 1 and "give --layout" in amb.stderr
     use = run_cli("prepare", "--npz", tmp_path / "amb.npz", "--image-folder", root, "--out", tmp_path / "r.h5")
     assert use.returncode == 2 and "give exactly one of" in use.stderr and not (tmp_path / "r.h5").exists()
+
+
+def test_an_idx_file_records_what_it_always_did(tmp_path):
+    """Settings of other sources are not recorded for an IDX source, so a Fashion-MNIST prepared file
+    is byte for byte the one prepared before image folders existed (its sha256 was compared)."""
+    from tests.stages.test_prepare import make_idx_dir
+
+    src, _, _ = make_idx_dir(tmp_path / "src")
+    prov = open_prepared(prepare_dataset(PrepareConfig(val_rows=50), tmp_path / "p.h5", source=src, **QUIET)).provenance
+    assert list(prov["settings"]) == ["val_rows", "train_rows", "test_rows", "classes", "class_names", "seed"]
+    assert list(prov) == ["stage", "settings", "inputs", "versions", "source"]
