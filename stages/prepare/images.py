@@ -187,6 +187,6 @@ def read_images(folder: Folder, size: tuple[int, int] | None, mode: str, log: Ca
     counts = " / ".join(f"{len(p)} {s}" for s, p in folder.splits.items())
     log(f"prepare: {folder.root}: {len(folder.classes)} classes, {counts} images -> mode {mode}, {h}x{w}"
         + (f" (--size: {RESAMPLE.name.lower()} resize)" if size else "")
-        + (f"; {folder.skipped} files beside the class folders skipped" if folder.skipped else ""))
+        + (f"; {folder.skipped} file(s) beside the class folders skipped" if folder.skipped else ""))
     record = {"files": len(files), "sha256": digest.hexdigest(), "mode": mode, "size": [h, w]}
     return out, record

@@ -195,7 +195,7 @@ def test_hidden_and_stray_files_are_skipped(shapes, tmp_path):
     logged = []
     out = prepare_dataset(PrepareConfig(val_rows=4), tmp_path / "p.h5", image_folder=root, log=logged.append)
     assert sum(open_prepared(out).rows.values()) == 40
-    assert any("1 files beside the class folders skipped" in m for m in logged)
+    assert any("1 file(s) beside the class folders skipped" in m for m in logged)
 
 
 @pytest.mark.parametrize("shape, layout, stored, fragment", [
