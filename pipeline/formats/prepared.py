@@ -7,8 +7,17 @@ Layout (docs/formats.md, "prepared set")::
     /<split>/x   uint8 or float32 [rows, *shape]   raw pixels, as the source gave them
     /<split>/y   int64 [rows]                       -1 where unlabelled (train only)
 
-for the splits ``train``, ``val`` and ``test``.  Models see ``(x / scale - mean) / std`` as float32
-(:meth:`Prepared.normalise`); mean and std are measured on the train split.
+for the splits ``train``, ``val`` and ``test``.  Images are channel-first: ``shape`` is
+``[channels, height, width]`` (``[height, width]`` for an .npz of single-channel images without a
+channel axis; ``[features]`` for rows that are not images).  Models see ``(x / scale - mean) / std``
+as float32 (:meth:`Prepared.normalise`); mean and std are measured on the train split, in the
+units of ``x / scale``:
+
+- ``scale``: a float64 scalar (255 for uint8 pixels, 1 for float data);
+- ``mean`` and ``std``: float64 scalars for single-channel data (every Fashion-MNIST or MNIST file,
+  byte for byte what it was before per-channel statistics existed), or, for rows of shape
+  ``[C, H, W]`` with ``C > 1``, float64 arrays of length ``C``: channel c is normalised with
+  ``mean[c]`` and ``std[c]``.  Both have the same form; every value is finite and every std > 0.
 """
 from __future__ import annotations
 
@@ -30,16 +39,49 @@ WHAT = "prepared dataset"
 REBUILD = "make prepare"
 
 
+Stat = float | tuple[float, ...]  # one value, or one per channel
+
+
 @dataclasses.dataclass(frozen=True)
 class Normalisation:
-    """``(x / scale - mean) / std``: what every model of the pipeline is fed, as float32."""
+    """``(x / scale - mean) / std``: what every model of the pipeline is fed, as float32.
+
+    ``mean`` and ``std`` are floats, or tuples of one float per channel of ``[C, H, W]`` rows.
+    """
 
     scale: float
-    mean: float
-    std: float
+    mean: Stat
+    std: Stat
 
-    def as_dict(self) -> dict[str, float]:
-        return {"scale": self.scale, "mean": self.mean, "std": self.std}
+    @property
+    def per_channel(self) -> bool:
+        return isinstance(self.mean, tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (per-channel statistics as lists), as checkpoints and exports record it."""
+        def plain(v: Stat) -> Any:
+            return list(v) if isinstance(v, tuple) else v
+        return {"scale": self.scale, "mean": plain(self.mean), "std": plain(self.std)}
+
+    def arrays(self) -> tuple[np.float32, np.ndarray, np.ndarray]:
+        """scale, mean and std as float32, mean and std shaped ``[C, 1, 1]`` when per channel (they
+        broadcast against ``[..., C, H, W]``), else 0-d."""
+        mean, std = (np.asarray(v, np.float32) for v in (self.mean, self.std))
+        if self.per_channel:
+            mean, std = mean.reshape(-1, 1, 1), std.reshape(-1, 1, 1)
+        return np.float32(self.scale), mean, std
+
+
+def _stat_attr(value: Stat) -> Any:
+    """How a statistic is stored: a float64 scalar, or a float64 array of one value per channel."""
+    return np.asarray(value, np.float64) if isinstance(value, tuple) else float(value)
+
+
+def _read_stat(value: Any) -> Stat:
+    a = np.asarray(value)
+    if a.dtype.kind not in "fiu" or a.ndim > 1:
+        raise ValueError(f"a statistic of dtype {a.dtype} and shape {a.shape}")
+    return float(a) if a.ndim == 0 else tuple(float(v) for v in a)
 
 
 class PreparedWriter:
@@ -54,7 +96,7 @@ class PreparedWriter:
                  provenance: dict[str, Any]):
         self.f = h5py.File(path, "w", locking=False)
         self.f.attrs.update(schema=SCHEMA, classes=json.dumps(list(classes)), scale=float(norm.scale),
-                            mean=float(norm.mean), std=float(norm.std), provenance=json.dumps(provenance))
+                            mean=_stat_attr(norm.mean), std=_stat_attr(norm.std), provenance=json.dumps(provenance))
 
     def put(self, split: str, x: np.ndarray, y: np.ndarray) -> None:
         g = self.f.create_group(split)
@@ -89,8 +131,8 @@ class Prepared:
     path: Path
     classes: tuple[str, ...]
     scale: float
-    mean: float
-    std: float
+    mean: Stat
+    std: Stat
     shape: tuple[int, ...]
     rows: dict[str, int]
     dtype: str = "uint8"
@@ -100,17 +142,30 @@ class Prepared:
     def norm(self) -> Normalisation:
         return Normalisation(self.scale, self.mean, self.std)
 
+    @property
+    def channels(self) -> int:
+        """Channels of a row: ``C`` of ``[C, H, W]`` rows, else 1."""
+        return self.shape[0] if len(self.shape) == 3 else 1
+
     def normalise(self, x: np.ndarray) -> np.ndarray:
-        """Raw pixels -> model input, float32: ``(x / scale - mean) / std``.
+        """Raw pixels -> model input, float32: ``(x / scale - mean) / std``, per channel when the
+        statistics are (``x`` is then ``[..., C, H, W]``).
 
         In place on one float32 copy (never the caller's array): one batch-sized array instead of
         four temporaries, with the same float32 operations in the same order.
         """
+        scale, mean, std = self.norm.arrays()
         x = x.astype(np.float32)
-        x /= np.float32(self.scale)
-        x -= np.float32(self.mean)
-        x /= np.float32(self.std)
+        x /= scale
+        x -= mean
+        x /= std
         return x
+
+    def black(self) -> np.ndarray:
+        """The normalised value of a black (zero) pixel, float32: one value per channel when the
+        statistics are per channel, else one value (what shifted-in pixels of an image become)."""
+        zero = np.zeros((1, len(self.mean), 1, 1) if self.norm.per_channel else (1,), np.float32)
+        return self.normalise(zero).reshape(-1)
 
     def load(self, split: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Normalised x (float32) and y of rows ``[start, stop)`` of ``split``; one contiguous read."""
@@ -139,6 +194,24 @@ class Prepared:
                 yield a, xs[a:b], ys[a:b]
 
 
+def _check_normalisation(path: Path, scale: float, mean: Stat, std: Stat, shape: tuple[int, ...]) -> None:
+    """Finite values, scale and every std > 0; per-channel statistics only for ``[C, H, W]`` rows with
+    ``C > 1``, one value per channel, mean and std alike."""
+    if isinstance(mean, tuple) or isinstance(std, tuple):
+        channels = shape[0] if len(shape) == 3 else None
+        if not (isinstance(mean, tuple) and isinstance(std, tuple) and len(mean) == len(std) == channels
+                and channels > 1):
+            raise DataError(f"{path}: bad normalisation: per-channel mean ({_n(mean)}) and std ({_n(std)}) "
+                            f"for rows of shape {list(shape)} (one value per channel of [C, H, W] rows, C > 1)")
+    values = np.array([scale, *np.atleast_1d(mean), *np.atleast_1d(std)], np.float64)
+    if not (np.isfinite(values).all() and scale > 0 and (np.atleast_1d(std) > 0).all()):
+        raise DataError(f"{path}: bad normalisation (scale {scale}, mean {mean}, std {std})")
+
+
+def _n(v: Stat) -> str:
+    return f"{len(v)} values" if isinstance(v, tuple) else "a scalar"
+
+
 def open_prepared(path: Path) -> Prepared:
     """Open and check a prepared file; DataError (one line) when it is not one.
 
@@ -157,14 +230,14 @@ def open_prepared(path: Path) -> Prepared:
         shape = tuple(int(d) for d in f["train"]["x"].shape[1:])
         try:
             classes = json.loads(f.attrs["classes"])
-            scale, mean, std = (float(f.attrs[k]) for k in ("scale", "mean", "std"))
+            scale = float(f.attrs["scale"])
+            mean, std = (_read_stat(f.attrs[k]) for k in ("mean", "std"))
             prov = json.loads(f.attrs.get("provenance", "{}"))
         except (KeyError, TypeError, ValueError):
             raise DataError(f"{path}: {WHAT} with missing or malformed attributes") from None
         if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
             raise DataError(f"{path}: attribute classes is not a list of at least two names")
-        if not (np.isfinite([scale, mean, std]).all() and scale > 0 and std > 0):
-            raise DataError(f"{path}: bad normalisation (scale {scale}, mean {mean}, std {std})")
+        _check_normalisation(path, scale, mean, std, shape)
         for s in SPLITS:
             if f[s]["x"].shape != (rows[s], *shape) or f[s]["y"].ndim != 1:
                 raise DataError(f"{path}: split {s} has x {f[s]['x'].shape} and {rows[s]} labels")

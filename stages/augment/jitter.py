@@ -13,7 +13,10 @@ splits and the normalisation attributes (scale, mean, std, classes) are the sour
 so a teacher trained on the source normalises the new rows exactly as it was trained to.  Each
 copy of each row is moved by its own (dy, dx), uniform on [-max_shift, max_shift]^2 and drawn from
 ``seed``, with the very function that jitters the teacher's training batches
-(:func:`pipeline.jitter.jitter`); pixels shifted in are 0, the background of Fashion-MNIST and MNIST.
+(:func:`pipeline.jitter.jitter`): rows ``[C, H, W]`` (any number of channels) or ``[H, W]`` move along
+H and W only, every channel of an image by the same shift, channels never mixed.  Pixels shifted in
+are 0 in every channel: the stored rows are raw pixels, where 0 is black in each channel (the
+background of Fashion-MNIST and MNIST), whatever the per-channel normalisation makes of it later.
 """
 from __future__ import annotations
 
@@ -34,11 +37,9 @@ BLOCK_ROWS = 8192  # rows shifted per step: ~6 MiB of uint8 28x28 images, bounde
 
 
 def _shifted(block, max_shift: int, gen: torch.Generator):
-    """Each image of ``block`` ([B, H, W] or [B, C, H, W]) moved by its own random shift."""
-    x = torch.from_numpy(block)
-    flat = x.ndim == 3
-    out = jitter(x[:, None] if flat else x, max_shift, gen, 0)
-    return (out[:, 0] if flat else out).numpy()
+    """Each image of ``block`` ([B, H, W] or [B, C, H, W], raw pixels) moved by its own random shift,
+    black (0) shifted in."""
+    return jitter(torch.from_numpy(block), max_shift, gen, 0).numpy()
 
 
 def jitter_transfer_set(cfg: JitterConfig, prepared: Path, out: Path,

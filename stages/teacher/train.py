@@ -15,22 +15,28 @@ import json
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline import models, onnxio, ort, provenance, runtime
 from pipeline.artifacts import atomic_output, claim
 from pipeline.config import to_dict
-from pipeline.errors import DataError
+from pipeline.errors import DataError, UsageError
 from pipeline.formats.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
-from pipeline.formats.prepared import open_prepared
+from pipeline.formats.prepared import Prepared, open_prepared
 from pipeline.jitter import jitter
 from stages.teacher.settings import TeacherConfig
 
 
+def black_pixel(info: Prepared) -> float | torch.Tensor:
+    """What pixels shifted in by the jitter are: a black pixel, normalised as the teacher sees it:
+    one number, or one per channel when the prepared set's statistics are per channel."""
+    black = info.black()
+    return torch.from_numpy(black) if info.norm.per_channel else float(black[0])
+
+
 def train_member(cfg: TeacherConfig, index: int, data: dict, shape: tuple, classes: int,
-                 fill: float, log: Callable[[str], None]) -> tuple[torch.nn.Module, float]:
+                 fill: float | torch.Tensor, log: Callable[[str], None]) -> tuple[torch.nn.Module, float]:
     """Train member ``index``; returns the weights of its best validation epoch and that accuracy."""
     seed = cfg.seed + index
     torch.manual_seed(seed)
@@ -86,10 +92,13 @@ def train_teachers(cfg: TeacherConfig, prepared: Path, out: Path, log: Callable[
     claim(out)  # a second teacher on the same output fails now, not after training
     runtime.set_torch_threads(cfg.threads)
     info = open_prepared(prepared)
+    if cfg.shift and len(info.shape) not in (2, 3):
+        raise UsageError(f"{prepared}: rows of shape {list(info.shape)} are not images and cannot be shifted; "
+                         "train with --shift 0")
     data = {s: tuple(map(torch.from_numpy, info.load(s))) for s in ("train", "val")}
     if not bool((data["train"][1] >= 0).any()):
         raise DataError(f"{prepared}: the train split has no labelled rows; teachers need labels")
-    fill = float(info.normalise(np.zeros(1, np.uint8 if info.scale == 255 else np.float32))[0])
+    fill = black_pixel(info)
     out.parent.mkdir(parents=True, exist_ok=True)
     sha = provenance.sha256_file(prepared)
     nets, accs = [], []

@@ -1,5 +1,5 @@
-"""``distill --help`` and every ``distill <command> --help`` load neither torch nor onnxruntime: a
-command imports its stage's code only when it runs (pipeline/cli.py)."""
+"""``distill --help`` and every ``distill <command> --help`` load neither torch nor onnxruntime (nor
+Pillow): a command imports its stage's code only when it runs (pipeline/cli.py)."""
 import json
 import subprocess
 import sys
@@ -20,7 +20,7 @@ for args in json.loads(sys.argv[1]):
         main([*args, "--help"], standalone_mode=False)
     except SystemExit:
         pass
-    out[" ".join(args)] = sorted(m for m in ("torch", "onnxruntime", "onnx", "matplotlib") if m in sys.modules)
+    out[" ".join(args)] = sorted(m for m in ("torch", "onnxruntime", "onnx", "matplotlib", "PIL") if m in sys.modules)
 print("RESULT " + json.dumps(out))
 """
 
