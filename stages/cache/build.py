@@ -117,7 +117,8 @@ def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
                     x, y = raw(a, b)
                     return teachers.adapt(x), y  # each teacher's input, once per distinct contract
 
-                run_pipeline(batches, read, teachers, write, stats)
+                run_pipeline(batches, read, teachers, write, stats,
+                             throttle_s=float(env.get("DISTILL_CACHE_THROTTLE_S", 0) or 0))
             bar.close()
             diags, accs = _finish(box["w"], cfg, teachers, identity, records, weights, info, transfer_set, count > 1)
         except Exception as e:  # not an interrupt: a killed or interrupted run keeps its partial to resume

@@ -63,7 +63,7 @@ def _get(q: queue.Queue, stop: threading.Event) -> Any:
 
 
 def run_pipeline(batches: Iterable[tuple[int, int]], read: Callable, infer: Callable, write: Callable,
-                 stats: StreamStats, depth: int = 2) -> None:
+                 stats: StreamStats, depth: int = 2, throttle_s: float = 0.0) -> None:
     """``write(lo, hi, infer(x, lo), y)`` for ``x, y = read(lo, hi)`` over ``batches``, overlapped."""
     stop, errors = threading.Event(), []
     q_in: queue.Queue = queue.Queue(depth)
@@ -104,6 +104,8 @@ def run_pipeline(batches: Iterable[tuple[int, int]], read: Callable, infer: Call
             if item is _END:
                 break
             lo, hi, x, y = item
+            if throttle_s:  # test hook (DISTILL_CACHE_THROTTLE_S): slow runs down so a test can kill them
+                time.sleep(throttle_s)
             t = time.perf_counter()
             logits = infer(x, lo)
             stats.infer_s += time.perf_counter() - t
