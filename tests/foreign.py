@@ -140,13 +140,13 @@ def grey_prepared(path: Path) -> Path:
 
 
 def colour_images(n: int, seed: int = 0, classes: int = 10, size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [n, 3, size, size]: a per-class colour prototype (each channel its own pattern and
-    brightness) plus noise."""
-    rng = np.random.default_rng(seed)
-    protos = np.random.default_rng(99).random((classes, 3, size, size)) > 0.5
-    levels = np.array([200.0, 120.0, 60.0])[None, :, None, None]
+    """uint8 [n, 3, size, size]: as :func:`grey_images`, one background per channel (each its own
+    brightness), each class a sparse +-60 change of 15% of the pixels of every channel, noise sd 50."""
+    rng, g = np.random.default_rng(seed), np.random.default_rng(4321)
+    base = g.uniform(40, 200, (3, size, size)) * np.array([1.0, 0.7, 0.4])[:, None, None]
+    delta = (g.random((classes, 3, size, size)) < 0.15) * g.choice([-60, 60], (classes, 3, size, size))
     y = rng.integers(0, classes, n)
-    x = protos[y] * levels * rng.uniform(0.7, 1.0, (n, 1, 1, 1)) + 30 + rng.normal(0, 30, (n, 3, size, size))
+    x = base + delta[y] + rng.normal(0, 50, (n, 3, size, size))
     return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
 
 
