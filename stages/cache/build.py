@@ -1,9 +1,17 @@
 """Stage 3, cache: run the teachers once with onnxruntime and store soft targets at several T.
 
 Writes the soft-target cache (schema ``kd-cache/1``, :mod:`pipeline.formats.cache`, docs/formats.md):
-raw per-member logits, combined soft targets ``p_T`` at each temperature, labels, per-temperature
-diagnostics and provenance.  Because the raw logits are kept, a new temperature is computed from
-the file without any teacher (``distill cache add-temperature``, :mod:`stages.cache.tools`).
+raw per-member logits, combined soft targets ``p_T`` at each temperature (optionally with member
+weights, :func:`pipeline.soft.combine_soft_targets`), labels, per-temperature diagnostics, each
+member's accuracy and provenance.  Because the raw logits are kept, a new temperature is computed
+from the file without any teacher (``distill cache add-temperature``, :mod:`stages.cache.tools`).
+
+Teachers (docs/teachers.md): each ``--teacher`` is fed under its input contract (command line, then
+the model's metadata, then defaults; :mod:`stages.cache.teachers`), checked before any row is read,
+then scored by the sanity gate (:mod:`stages.cache.gate`) before the first row is committed.  The
+resolved contracts are part of the cache's identity, so a resume, a shard and ``verify`` feed the
+same inputs.  A run that fails (a refused batch, an error in the reader or writer thread, which
+becomes one line) removes its ``.partial``; an interrupt or a kill leaves it to resume.
 
 Streaming: the transfer set is read, run and written batch by batch, with reading and writing
 overlapped with inference (:mod:`stages.cache.stream`), and diagnostics are computed over blocks,
@@ -126,9 +134,9 @@ def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
             tmp.unlink(missing_ok=True)  # a run that failed leaves nothing behind (rerunning would fail again)
             if isinstance(e, PipelineError):
                 raise
-            raise DataError(f"{out}: {' '.join(getattr(e, '__notes__', [])) or 'cache stage'} failed: "
-                            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}; "
-                            f"nothing was published") from e
+            where = " ".join(getattr(e, "__notes__", [])) or "in the cache stage"  # the thread, from run_pipeline
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "(no message)"
+            raise DataError(f"{out}: {type(e).__name__} {where}: {first}; nothing was published") from e
         finally:
             _close(box)
         publish(tmp, out)

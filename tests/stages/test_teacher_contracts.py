@@ -177,6 +177,7 @@ def test_a_per_channel_declaration_must_match_the_channels(sets, teachers, tmp_p
     code, err = cli("cache", "--teacher", f"{teachers['per-channel']}:input=normalised,mean=0.5/0.5,std=0.2",
                     "--transfer-set", sets["colour"], "--out", out, *CPU)
     assert code == 3 and len(err.splitlines()) == 1 and "mean has 2 values" in err and "3 channel(s)" in err, err
+    assert f"{teachers['per-channel']}: " in err and "(declared, command line)" in err  # before any row: resolution
     assert not out.exists() and not (tmp_path / "c.h5.partial").exists()
 
 
