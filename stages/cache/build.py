@@ -41,7 +41,7 @@ import numpy as np
 
 from pipeline import contract as ct
 from pipeline import provenance, runtime, soft
-from pipeline.artifacts import exclusive, publish
+from pipeline.artifacts import claim, exclusive, publish, release
 from pipeline.config import to_dict
 from pipeline.errors import DataError, PipelineError, UsageError
 from pipeline.formats.cache import CacheWriter, t_key
@@ -80,6 +80,8 @@ def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
     index, count = resolve_shard(cfg.shard, env)
     lo, hi = shard_rows(info.rows[cfg.split], cfg.batch_size, index, count)
     out = part_path(Path(out), index, count) if count > 1 else Path(out)
+    if hi <= lo:
+        raise DataError(f"{transfer_set}: the {cfg.split} split has no rows for shard {index}/{count}")
     out.parent.mkdir(parents=True, exist_ok=True)
     teachers = Teachers(specs, ct.Geometry.of(info), len(info.classes), cfg.device, cfg.threads, cfg.batch_size,
                         cfg.io_binding, log=log, device_id=int(env.get("LOCAL_RANK", 0)))
@@ -88,8 +90,13 @@ def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
         weights = soft.normalise_weights(cfg.member_weights, teachers.member_count)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    gates = _gate(cfg, teachers, info, log)  # may take a clear winner for undeclared fields
-    teachers.start()
+    claim(out)  # a second writer fails now, not after this one's gate (the first lock of the output)
+    try:
+        gates = _gate(cfg, teachers, info, log)  # may take a clear winner for undeclared fields
+        teachers.start()
+    except BaseException:
+        release(out)  # refused before any row: no empty .partial left behind
+        raise
     identity = {"teacher_sha256": [provenance.sha256_file(s.path) for s in specs],
                 "transfer_sha256": provenance.sha256_file(transfer_set),
                 "settings": {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_SETTINGS},
@@ -99,8 +106,6 @@ def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
     if count > 1:
         identity["part"] = {"index": index, "count": count, "rows": [lo, hi], "total_rows": info.rows[cfg.split]}
         log(f"cache: shard {index}/{count}, rows [{lo}, {hi}) -> {out}")
-    if hi <= lo:
-        raise DataError(f"{transfer_set}: the {cfg.split} split has no rows for shard {index}/{count}")
     stats = StreamStats()
     with exclusive(out) as tmp:
         box = {"w": CacheWriter.resume(tmp, identity, log)}
