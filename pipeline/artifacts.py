@@ -72,6 +72,13 @@ def claim(*paths: Path) -> None:
         raise
 
 
+def release(*paths: Path) -> None:
+    """Give up this process's claims on ``paths`` that no writer took over (a stage that refused its
+    input after claiming), removing a ``.partial`` that the claim created empty."""
+    for path in map(Path, paths):
+        _release(str(path.absolute()), unlink_empty=True)
+
+
 def _release(key: str, unlink_empty: bool = False) -> None:
     fd = _claimed.pop(key, None)
     if fd is None:

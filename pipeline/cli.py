@@ -31,7 +31,7 @@ def stage_command(group: click.Group, name: str, settings: type, **kw: Any) -> C
     """Register ``fn(cfg, **paths)`` as subcommand ``name`` with the options of ``settings``."""
 
     # the command as the user typed it: `cache merge`, not `merge` (defaults of a group stay implicit)
-    where = name if group is main or getattr(group, "default", None) == name else f"{group.name} {name}"
+    where = name if group is main else group.name if getattr(group, "default", None) == name else f"{group.name} {name}"
 
     def decorate(fn: Callable) -> click.Command:
         @functools.wraps(fn)
@@ -140,9 +140,14 @@ def cache_group() -> None:
     """Soft-target cache: build (default), and tools that work on an existing cache."""
 
 
+TEACHER_HELP = ("teacher ONNX file, optionally with its input contract: PATH[:input=raw|unit|normalised,"
+                "layout=same|nchw|nhwc|flat|flat-nhwc,mean=M[/M..],std=S[/S..],dtype=float32|uint8,output=NAME] "
+                "(a path with ':' ends with one more ':'); repeat for several, outputs are joined as members; "
+                "undeclared fields come from the model's metadata, else the defaults (docs/teachers.md)")
+
+
 @stage_command(cache_group, "build", CacheConfig)
-@click.option("--teacher", "teachers", type=PathArg, multiple=True, required=True,
-              help="teacher ONNX file (repeat for several; outputs are joined as members)")
+@click.option("--teacher", "teachers", multiple=True, required=True, help=TEACHER_HELP)
 @click.option("--transfer-set", type=PathArg, required=True, help="prepared dataset whose rows are the transfer set")
 @click.option("--out", type=PathArg, required=True, help="cache HDF5 file to write (a shard writes "
               "<out stem>.part<i>of<n><suffix>)")
@@ -169,8 +174,9 @@ def cache_add_temperature(cfg, cache_path, out, plot):
 
 @stage_command(cache_group, "verify", VerifyConfig)
 @click.argument("cache_path", type=PathArg)
-@click.option("--teacher", "teachers", type=PathArg, multiple=True, required=True,
-              help="teacher ONNX file the cache was built from (repeat, in the same order)")
+@click.option("--teacher", "teachers", multiple=True, required=True,
+              help="teacher ONNX file the cache was built from (repeat, in the same order); it is fed as the "
+                   "cache recorded, so a declaration (PATH:...) is only checked against that record")
 @click.option("--transfer-set", type=PathArg, required=True, help="prepared dataset the cache was built from")
 def cache_verify(cfg, cache_path, teachers, transfer_set):
     from stages.cache import verify

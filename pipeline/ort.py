@@ -1,4 +1,5 @@
-"""onnxruntime, in one place: provider names, session creation, batched inference, I/O checks.
+"""onnxruntime, in one place: provider names, session creation, batched inference, I/O checks,
+the choice of a classifier's output.
 
 onnxruntime-gpu lists CUDA in ``get_available_providers()`` even where its libraries are missing,
 and asking for CUDA then logs an error and runs on the CPU.  So the provider is always read back
@@ -44,14 +45,59 @@ def require_provider(sess: Any, device: str, path: Path) -> None:
                                  f"{PROVIDERS[device]} is not available here")
 
 
+FLOAT_TENSORS = ("tensor(float)", "tensor(double)", "tensor(float16)")
+
+
+def _describe(o: Any) -> str:
+    dims = "?" if o.shape is None else "[" + ", ".join(str(d) for d in o.shape) + "]"
+    return f"{o.name} ({o.type} {dims})"
+
+
+def _fits_classifier(o: Any) -> bool:
+    return o.type in FLOAT_TENSORS and (o.shape is None or len(o.shape) in (2, 3))
+
+
+def select_output(path: Path, sess: Any, name: str | None = None) -> str:
+    """The output to read class scores from: ``name`` when given, else the first float output shaped
+    ``[batch, classes]`` or ``[batch, members, classes]``; DataError (one line) otherwise.
+
+    A ZipMap output (a sequence of maps, skl2onnx's default for classifiers; onnxruntime returns a
+    list of dicts, one per row) is refused, naming skl2onnx's option that gives a tensor instead;
+    a label-only model is refused naming the outputs it has.
+    """
+    outs = sess.get_outputs()
+    have = ", ".join(map(_describe, outs))
+    zipmap = ("is a ZipMap (a sequence of maps, skl2onnx's default for classifiers); convert the model "
+              "with skl2onnx's options={id(model): {'zipmap': False}} to get a [batch, classes] tensor")
+    if name is not None:
+        o = next((o for o in outs if o.name == name), None)
+        if o is None:
+            raise DataError(f"{path}: no output named {name!r}; the model has {have}")
+        if o.type.startswith("seq(map("):
+            raise DataError(f"{path}: output {name!r} {zipmap}")
+        if not _fits_classifier(o):
+            raise DataError(f"{path}: output {_describe(o)} is not a float [batch, classes] or "
+                            f"[batch, members, classes] tensor; the model has {have}")
+        return name
+    for o in outs:
+        if _fits_classifier(o):
+            return o.name
+    for o in outs:
+        if o.type.startswith("seq(map("):
+            raise DataError(f"{path}: output {o.name!r} {zipmap}")
+    raise DataError(f"{path}: no float [batch, classes] or [batch, members, classes] output (a label-only "
+                    f"model?); the model has {have}")
+
+
 def check_io(path: Path, sess: Any, shape: tuple[int, ...], classes: int, members: bool | None = None,
-             dtype: str = "float32") -> None:
+             dtype: str = "float32", output: str | None = None) -> tuple[int, ...]:
     """Refuse a model that cannot take the data's rows or gives the wrong classes, before long work.
 
     The single input must be ``dtype`` (float32: normalised rows; uint8: raw pixels) of
-    ``[batch, *shape]`` (symbolic dimensions allowed); then one run on two rows of zeros must give
-    floating ``[2, classes]`` (or ``[2, members, classes]``; ``members`` True/False requires/forbids
-    the member axis, None allows both).
+    ``[batch, *shape]`` (symbolic dimensions allowed); then one run on two rows of zeros must give,
+    at ``output`` (default: the first), floating ``[2, classes]`` (or ``[2, members, classes]``;
+    ``members`` True/False requires/forbids the member axis, None allows both).  Returns the trial
+    output's shape.
     """
     onnx_type = {"float32": "tensor(float)", "uint8": "tensor(uint8)"}[dtype]
     inputs = sess.get_inputs()
@@ -69,7 +115,7 @@ def check_io(path: Path, sess: Any, shape: tuple[int, ...], classes: int, member
         raise DataError(f"{path}: input {inp.name!r} has a fixed batch size {dims[0]}; export it with a "
                         f"dynamic batch dimension")
     try:
-        out = sess.run(None, {inp.name: np.zeros((2, *shape), dtype)})[0]
+        out = sess.run(None if output is None else [output], {inp.name: np.zeros((2, *shape), dtype)})[0]
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: the model fails on rows of shape {want}: {msg}") from None
@@ -83,6 +129,7 @@ def check_io(path: Path, sess: Any, shape: tuple[int, ...], classes: int, member
     if out.dtype.kind != "f":
         raise DataError(f"{path}: the model gives {out.dtype} output, expected floating point")
     # Non-finite outputs are judged on the real rows, where the stage can name the row and member.
+    return tuple(out.shape)
 
 
 def cuda_driver_present() -> bool:

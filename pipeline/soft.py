@@ -11,7 +11,12 @@ Tempered softmax, with student logits ``z``, teacher logits ``v`` and ``N`` clas
 Higher T gives a softer distribution. An ensemble of M members gives the soft target
 ``p_T = mean_m softmax(v_m / T)`` ("arithmetic", Hinton's ensemble target, the default) or
 ``p_T = softmax(mean_m(v_m) / T)`` ("geometric"); they differ, and averaging logits is *not* the
-ensemble's averaged distribution.
+ensemble's averaged distribution.  With member weights ``w`` (normalised to sum to 1; equal by
+default, which is the plain mean above bit for bit)::
+
+    arithmetic: p_T = sum_m w_m softmax(v_m / T)      (a mixture of the members' distributions)
+    geometric:  p_T = softmax(sum_m w_m v_m / T)      (the normalised weighted geometric mean of the
+                                                       members' q_T: prod_m q_m^w_m / Z)
 
 Loss of the student, averaged over the rows of a batch::
 
@@ -60,6 +65,26 @@ def check_temperature(T: float) -> float:
     return T
 
 
+def normalise_weights(weights, members: int) -> np.ndarray | None:
+    """Member weights ``w / sum(w)`` as float64, or None when they are all equal (or not given).
+
+    None selects the unweighted formulas, so ``--member-weights 1,1,1`` writes the very bytes of the
+    default.  One weight per member, each finite and >= 0 (0 leaves a member out), their sum > 0;
+    ValueError otherwise.
+    """
+    if weights is None or len(weights) == 0:
+        return None
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or len(w) != members:
+        raise ValueError(f"member weights: {len(w)} given for {members} members (one per member, in the "
+                         f"order of the teachers' outputs)")
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"member weights must be finite, >= 0 and not all 0, got {list(map(float, w))}")
+    if np.all(w == w[0]):
+        return None
+    return w / w.sum()
+
+
 def check_alpha(alpha: float) -> float:
     alpha = float(alpha)
     if not (0.0 <= alpha <= 1.0):  # also rejects NaN
@@ -90,24 +115,30 @@ def tempered_softmax(logits: np.ndarray, T: float) -> np.ndarray:
     return _softmax64(logits, check_temperature(T)).astype(np.float32)
 
 
-def combine_soft_targets(member_logits: np.ndarray, T: float, combine: str = "arithmetic") -> np.ndarray:
+def combine_soft_targets(member_logits: np.ndarray, T: float, combine: str = "arithmetic",
+                         weights=None) -> np.ndarray:
     """Ensemble soft targets ``[n, classes]`` from per-member logits ``[n, members, classes]``.
 
-    arithmetic: ``mean_m softmax(v_m / T)`` (Hinton's ensemble target).
-    geometric:  ``softmax(mean_m(v_m) / T)`` (normalised geometric mean of the members' q_T).
+    arithmetic: ``sum_m w_m softmax(v_m / T)`` (Hinton's ensemble target for equal ``w_m = 1/M``).
+    geometric:  ``softmax(sum_m w_m v_m / T)`` (normalised weighted geometric mean of the members' q_T).
+    ``weights``: one per member, normalised here (:func:`normalise_weights`); None or all equal is
+    the plain mean, computed exactly as without weights.
     """
     T = check_temperature(T)
     x = np.asarray(member_logits)
     if x.ndim != 3:
         raise ValueError(f"member_logits must be [n, members, classes], got shape {x.shape}")
+    w = normalise_weights(weights, x.shape[1])
     if combine == "arithmetic":
         # Average in float64 before rounding, so the rows still sum to 1 to float32 precision.
-        out = _softmax64(x, T).mean(axis=1)
+        p = _softmax64(x, T)
+        out = p.mean(axis=1) if w is None else np.einsum("nmc,m->nc", p, w)
     elif combine == "geometric":
         if not np.all(np.isfinite(x)):
             raise ValueError("logits contain NaN or infinity")
-        # Divide before summing: the mean then stays finite even for float64 logits near 1e308.
-        out = _softmax64((x.astype(np.float64) / x.shape[1]).sum(axis=1), T)
+        # Scale before summing: the mean then stays finite even for float64 logits near 1e308.
+        scaled = x.astype(np.float64) / x.shape[1] if w is None else x.astype(np.float64) * w[:, None]
+        out = _softmax64(scaled.sum(axis=1), T)
     else:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     return out.astype(np.float32)

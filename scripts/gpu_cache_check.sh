@@ -37,15 +37,15 @@ PY
 set -x
 PLOT=(); "$PY" -c "import matplotlib" 2>/dev/null && PLOT=(--plot "$OUT/diagnostics.png")
 D cache --teacher "$W/ens.onnx" --transfer-set "$W/p.h5" --out "$W/cuda.h5" --device cuda --batch-size 4096 \
-  --temperatures 1,2,4,8,20 "${PLOT[@]}" 2>&1 | tail -n 12 | tee "$OUT/runs.txt"
+  --no-gate --temperatures 1,2,4,8,20 "${PLOT[@]}" 2>&1 | tail -n 12 | tee "$OUT/runs.txt"
 D cache --teacher "$W/ens.onnx" --transfer-set "$W/p.h5" --out "$W/cpu.h5" --device cpu --batch-size 4096 \
-  --temperatures 1,2,4,8,20 2>&1 | tail -n 2 | tee -a "$OUT/runs.txt"
+  --no-gate --temperatures 1,2,4,8,20 2>&1 | tail -n 2 | tee -a "$OUT/runs.txt"
 # SIGKILL a CUDA run once 10 batches are committed (polled from outside), resume, compare with the uninterrupted run
 PYTHONPATH=".:${PYTHONPATH:-}" "$PY" - "$W" "$PY" <<'PY' 2>&1 | tee "$OUT/resume.txt"
 import os, signal, subprocess, sys, time, h5py
 w, py = sys.argv[1], sys.argv[2]
 args = ["cache", "--teacher", f"{w}/ens.onnx", "--transfer-set", f"{w}/p.h5", "--out",
-        f"{w}/killed.h5", "--device", "cuda", "--batch-size", "4096", "--temperatures", "1,2,4,8,20"]
+        f"{w}/killed.h5", "--device", "cuda", "--batch-size", "4096", "--temperatures", "1,2,4,8,20", "--no-gate"]
 cmd = [py, "-m", "pipeline.cli", *args]
 # 0.1 s per batch (tests/throttled_cli.py, a test-side hook) so the poll can kill at batch 10
 p = subprocess.Popen([py, "-m", "tests.throttled_cli", "0.1", *args], stderr=subprocess.DEVNULL)

@@ -6,6 +6,7 @@ Layout (docs/formats.md, "kd-cache")::
                              complete, identity, teacher_sha256, transfer_sha256, transfer_split,
                              settings, teacher_probabilities, classes_names, provider,
                              onnxruntime_version, package_version, provenance, [part],
+                             teacher_inputs, member_weights, member_accuracy (not in a part),
                              content_sha256 (the seal)
     /logits           float32 [rows, members, classes]   raw per-member logits
     /soft/<T>         float32 [rows, classes]            combined soft targets at temperature T
@@ -175,6 +176,17 @@ class CacheInfo:
     @property
     def provenance(self) -> dict:
         return json.loads(self.attrs.get("provenance", "{}"))
+
+    @property
+    def member_accuracy(self) -> list[float] | None:
+        """Each member's accuracy on the labelled rows (argmax of its logits), if recorded."""
+        v = self.attrs.get("member_accuracy")
+        return None if v is None else [float(a) for a in np.atleast_1d(v)]
+
+    @property
+    def teacher_inputs(self) -> list[dict] | None:
+        """Per teacher file: its input contract, where each field came from, its sanity-gate record."""
+        return json.loads(self.attrs["teacher_inputs"]) if "teacher_inputs" in self.attrs else None
 
     @property
     def has_logits(self) -> bool:

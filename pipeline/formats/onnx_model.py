@@ -4,9 +4,26 @@ The teacher stage writes the ensemble (output ``member_logits`` [batch, members,
 export stage writes students (output ``logits``) and their variants.  Both carry ``metadata_props``
 (docs/formats.md, "ONNX metadata"):
 
-- ensemble: ``provenance`` (JSON), ``classes`` (JSON list);
+- ensemble: ``provenance`` (JSON), ``classes`` (JSON list), ``input_contract``;
 - student: :data:`STUDENT_KEYS` (class names, normalisation, whether it is in the graph, input
-  dtype, T, alpha, checkpoint and cache sha256, arch, precision).
+  dtype, T, alpha, checkpoint and cache sha256, arch, precision), ``input_contract``.
+
+``input_contract`` (:data:`INPUT_KEY`, :class:`InputContract`) says what the model takes and which
+output to read, so that the cache stage can feed any model, ours or another exporter's, without
+flags (docs/teachers.md).  Its JSON::
+
+    {"layout": "same" | "nchw" | "nhwc" | "flat" | "flat-nhwc",
+     "range": "raw" | "unit" | "normalised",
+     "mean": null | number | [number, ...],      # normalised only; null: the transfer set's
+     "std": null | number | [number, ...],       # (one value, or one per channel)
+     "dtype": "float32" | "uint8",
+     "output": null | "<output name>"}           # null: the first float [batch, C] / [batch, M, C]
+
+Every key is optional (a missing one is not declared).  With ``x`` the transfer set's stored
+pixels and ``scale`` its scale (255 for uint8 images), the model is fed ``x`` (raw), ``x / scale``
+(unit, [0, 1]) or ``(x / scale - mean) / std`` (normalised, per channel when lists), as ``dtype``,
+laid out as the transfer set (same), ``[C, H, W]``, ``[H, W, C]``, or flattened in ``C, H, W`` or
+``H, W, C`` order.
 
 Before any long work a model is loaded without its weights and refused when it is not an ONNX
 protobuf, has an IR version onnxruntime cannot read, or references external data outside its
@@ -14,7 +31,9 @@ folder (``../``, absolute paths, symbolic or hard links), which would let a mode
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -29,7 +48,80 @@ IR_VERSION = 10  # what exports write: opset 18 needs IR >= 8
 MAX_IR_VERSION = 13  # onnxruntime 1.31 refuses IR above 13 ("Unsupported model IR version"); onnx 1.23 writes 14
 STUDENT_KEYS = ("class_names", "normalisation", "normalisation_in_graph", "input_dtype", "temperature", "alpha",
                 "checkpoint_sha256", "cache_sha256", "arch", "precision")
-ENSEMBLE_KEYS = ("provenance", "classes")
+ENSEMBLE_KEYS = ("provenance", "classes", "input_contract")
+INPUT_KEY = "input_contract"
+LAYOUTS = ("same", "nchw", "nhwc", "flat", "flat-nhwc")
+RANGES = ("raw", "unit", "normalised")
+INPUT_DTYPES = ("float32", "uint8")
+CONTRACT_FIELDS = ("range", "layout", "mean", "std", "dtype", "output")
+
+
+def _stats(name: str, value: Any) -> float | tuple[float, ...] | None:
+    """A mean or std: None, one number or a non-empty list of numbers, all finite."""
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray) or isinstance(value, np.generic):  # a prepared file's per-channel stats
+        value = value.tolist()
+    vals = value if isinstance(value, (list, tuple)) else [value]
+    if not vals or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in vals):
+        raise ValueError(f"{name} must be a finite number or a list of them, got {value!r}")
+    out = tuple(float(v) for v in vals)
+    return out if isinstance(value, (list, tuple)) else out[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputContract:
+    """A model's input contract and output choice (metadata ``input_contract``); every field may be
+    None, meaning "not declared" (the cache stage then infers or defaults it)."""
+
+    range: str | None = None
+    layout: str | None = None
+    mean: float | tuple[float, ...] | None = None
+    std: float | tuple[float, ...] | None = None
+    dtype: str | None = None
+    output: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("range", RANGES), ("layout", LAYOUTS), ("dtype", INPUT_DTYPES)):
+            v = getattr(self, name)
+            if v is not None and v not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {v!r}")
+        object.__setattr__(self, "mean", _stats("mean", self.mean))
+        object.__setattr__(self, "std", _stats("std", self.std))
+        if self.std is not None and min(self.std if isinstance(self.std, tuple) else (self.std,)) <= 0:
+            raise ValueError(f"std must be > 0, got {self.std!r}")
+        if (self.mean is not None or self.std is not None) and self.range not in (None, "normalised"):
+            raise ValueError(f"mean and std go with range normalised, not {self.range}")
+        if self.dtype == "uint8" and self.range not in (None, "raw"):
+            raise ValueError(f"a uint8 input takes raw pixels, not range {self.range}")
+        if self.output is not None and (not isinstance(self.output, str) or not self.output):
+            raise ValueError(f"output must be an output's name, got {self.output!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The declared fields as JSON-ready values (tuples become lists; undeclared ones left out)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k in CONTRACT_FIELDS
+                if (v := getattr(self, k)) is not None}
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), sort_keys=True)
+
+    def spec(self) -> str:
+        """The declared fields in the command-line syntax: ``input=unit,layout=flat`` (lists as a/b/c)."""
+        names = {"range": "input"}
+        parts = []
+        for k, v in self.as_dict().items():
+            parts.append(f"{names.get(k, k)}={'/'.join(f'{x:g}' for x in v) if isinstance(v, list) else v}")
+        return ",".join(parts)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "InputContract":
+        """ValueError unless ``d`` is a dict of known fields with valid values."""
+        if not isinstance(d, dict):
+            raise ValueError("the input contract must be a JSON object")
+        unknown = sorted(set(d) - set(CONTRACT_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)} (known: {', '.join(CONTRACT_FIELDS)})")
+        return cls(**d)
 
 
 def check_onnx_file(path: Path) -> onnx.ModelProto:
@@ -117,10 +209,30 @@ def read_metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in check_onnx_file(path).metadata_props}
 
 
+def read_input_contract(path: Path) -> InputContract | None:
+    """The ``input_contract`` a model declares in its metadata, or None; DataError when malformed."""
+    text = read_metadata(path).get(INPUT_KEY)
+    if text is None:
+        return None
+    try:
+        return InputContract.from_dict(json.loads(text))
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{path}: malformed {INPUT_KEY} metadata: {e}") from None
+
+
+def input_contract_metadata(contract: InputContract) -> dict[str, str]:
+    """The ``metadata_props`` entry declaring ``contract``."""
+    return {INPUT_KEY: contract.to_json()}
+
+
 def student_metadata(class_names: list[str], norm: dict[str, float], raw_input: bool, temperature: float,
                      alpha: float, checkpoint_sha256: str, cache_sha256: str, arch: str) -> dict[str, str]:
-    """``metadata_props`` of every exported student file (values are strings; JSON where structured)."""
-    return {"class_names": json.dumps(list(class_names)),
+    """``metadata_props`` of every exported student file (values are strings; JSON where structured);
+    its input contract is the transfer set's normalisation (float32) or, ``raw_input``, raw uint8."""
+    contract = (InputContract(range="raw", layout="same", dtype="uint8", output="logits") if raw_input else
+                InputContract(range="normalised", layout="same", mean=norm["mean"], std=norm["std"],
+                              dtype="float32", output="logits"))
+    return {**input_contract_metadata(contract), "class_names": json.dumps(list(class_names)),
             "normalisation": json.dumps({**norm, "formula": "(x / scale - mean) / std"}),
             "normalisation_in_graph": str(raw_input).lower(),
             "input_dtype": "uint8" if raw_input else "float32",

@@ -1,9 +1,17 @@
 """Stage 3, cache: run the teachers once with onnxruntime and store soft targets at several T.
 
 Writes the soft-target cache (schema ``kd-cache/1``, :mod:`pipeline.formats.cache`, docs/formats.md):
-raw per-member logits, combined soft targets ``p_T`` at each temperature, labels, per-temperature
-diagnostics and provenance.  Because the raw logits are kept, a new temperature is computed from
-the file without any teacher (``distill cache add-temperature``, :mod:`stages.cache.tools`).
+raw per-member logits, combined soft targets ``p_T`` at each temperature (optionally with member
+weights, :func:`pipeline.soft.combine_soft_targets`), labels, per-temperature diagnostics, each
+member's accuracy and provenance.  Because the raw logits are kept, a new temperature is computed
+from the file without any teacher (``distill cache add-temperature``, :mod:`stages.cache.tools`).
+
+Teachers (docs/teachers.md): each ``--teacher`` is fed under its input contract (command line, then
+the model's metadata, then defaults; :mod:`stages.cache.teachers`), checked before any row is read,
+then scored by the sanity gate (:mod:`stages.cache.gate`) before the first row is committed.  The
+resolved contracts are part of the cache's identity, so a resume, a shard and ``verify`` feed the
+same inputs.  A run that fails (a refused batch, an error in the reader or writer thread, which
+becomes one line) removes its ``.partial``; an interrupt or a kill leaves it to resume.
 
 Streaming: the transfer set is read, run and written batch by batch, with reading and writing
 overlapped with inference (:mod:`stages.cache.stream`), and diagnostics are computed over blocks,
@@ -31,49 +39,73 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from pipeline import ort, provenance, runtime, soft
-from pipeline.artifacts import exclusive, publish
+from pipeline import contract as ct
+from pipeline import provenance, runtime, soft
+from pipeline.artifacts import claim, exclusive, publish, release
 from pipeline.config import to_dict
-from pipeline.errors import DataError, UsageError
+from pipeline.errors import DataError, PipelineError, UsageError
 from pipeline.formats.cache import CacheWriter, t_key
 from pipeline.formats.prepared import Prepared, open_prepared
-from stages.cache.settings import DIAG_BLOCK, RUN_ONLY, CacheConfig
-from stages.cache.stream import (StreamStats, diagnostics_in_blocks, part_path, resolve_shard, run_pipeline,
-                                 shard_rows)
+from stages.cache.gate import run_gate
+from stages.cache.settings import DIAG_BLOCK, NOT_IN_SETTINGS, CacheConfig
+from stages.cache.stream import (StreamStats, diagnostics_in_blocks, member_accuracy_in_blocks, part_path,
+                                 resolve_shard, run_pipeline, shard_rows)
 from stages.cache.teachers import Teachers
 
 
-def cache_soft_targets(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: Path,
+def cache_soft_targets(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
                        log: Callable[[str], None] = print) -> Path:
-    """Run ``teacher`` (one or more ONNX files) over ``transfer_set`` and write the cache ``out``
-    (or, when sharded, this rank's part of it; the path written is returned)."""
+    """Run ``teacher`` (one or more ONNX files: paths, or ``PATH:key=value,...`` declarations of their
+    input contracts, :func:`pipeline.contract.parse_teacher`) over ``transfer_set`` and write the
+    cache ``out`` (or, when sharded, this rank's part of it; the path written is returned)."""
     return build_cache(cfg, teacher, transfer_set, out, log)[0]
 
 
-def build_cache(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: Path,
+def _gate(cfg: CacheConfig, teachers: Teachers, info: Prepared, log: Callable[[str], None]) -> list:
+    if not cfg.gate:
+        return [None] * len(teachers.plans)
+    x, y = info.load_raw(cfg.split, 0, min(info.rows[cfg.split], cfg.gate_rows))
+    return run_gate(teachers, x, y, log)
+
+
+def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
                 log: Callable[[str], None] = print, env: Mapping[str, str] | None = None) -> tuple[Path, dict]:
     """:func:`cache_soft_targets`, also returning timings (seconds; for ``distill cache bench``)."""
     if not teacher:
         raise UsageError("give at least one teacher ONNX file")
+    specs = [ct.parse_teacher(t) for t in teacher]
     env = os.environ if env is None else env
     t0 = time.perf_counter()
     info = open_prepared(transfer_set)
     index, count = resolve_shard(cfg.shard, env)
     lo, hi = shard_rows(info.rows[cfg.split], cfg.batch_size, index, count)
     out = part_path(Path(out), index, count) if count > 1 else Path(out)
+    if hi <= lo:
+        raise DataError(f"{transfer_set}: the {cfg.split} split has no rows for shard {index}/{count}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    teachers = Teachers(teacher, info.shape, len(info.classes), cfg.device, cfg.threads, cfg.batch_size,
+    teachers = Teachers(specs, ct.Geometry.of(info), len(info.classes), cfg.device, cfg.threads, cfg.batch_size,
                         cfg.io_binding, log=log, device_id=int(env.get("LOCAL_RANK", 0)))
-    for m in teachers.members:  # a two-row trial run of each teacher, before any row is read
-        ort.check_io(m.path, m.sess, info.shape, len(info.classes))
-    identity = {"teacher_sha256": [provenance.sha256_file(p) for p in teacher],
+    teachers.check()  # a two-row trial run of each teacher, before any row is read
+    try:
+        weights = soft.normalise_weights(cfg.member_weights, teachers.member_count)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    claim(out)  # a second writer fails now, not after this one's gate (the first lock of the output)
+    try:
+        gates = _gate(cfg, teachers, info, log)  # may take a clear winner for undeclared fields
+        teachers.start()
+    except BaseException:
+        release(out)  # refused before any row: no empty .partial left behind
+        raise
+    identity = {"teacher_sha256": [provenance.sha256_file(s.path) for s in specs],
                 "transfer_sha256": provenance.sha256_file(transfer_set),
-                "settings": {k: v for k, v in to_dict(cfg).items() if k not in RUN_ONLY}}
+                "settings": {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_SETTINGS},
+                "teacher_inputs": [c.as_dict() for c in teachers.contracts],
+                **({"member_weights": weights.tolist()} if weights is not None else {})}
+    records = [{**p.record(), "gate": g} for p, g in zip(teachers.plans, gates)]
     if count > 1:
         identity["part"] = {"index": index, "count": count, "rows": [lo, hi], "total_rows": info.rows[cfg.split]}
         log(f"cache: shard {index}/{count}, rows [{lo}, {hi}) -> {out}")
-    if hi <= lo:
-        raise DataError(f"{transfer_set}: the {cfg.split} split has no rows for shard {index}/{count}")
     stats = StreamStats()
     with exclusive(out) as tmp:
         box = {"w": CacheWriter.resume(tmp, identity, log)}
@@ -89,34 +121,47 @@ def build_cache(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: 
                     box["w"] = CacheWriter.create(tmp, identity, hi - lo, logits.shape[1], logits.shape[2],
                                                   cfg.temperatures)
                     box["w"].attrs["teacher_probabilities"] = json.dumps(teachers.probabilities)
-                _write_batch(box["w"], b_lo - lo, logits, y, cfg, stats)
+                _write_batch(box["w"], b_lo - lo, logits, y, cfg, weights, stats)
                 bar.update(b_hi - b_lo)
 
             batches = [(b, min(hi, b + cfg.batch_size)) for b in range(start, hi, cfg.batch_size)]
             with info.rows_reader(cfg.split) as raw:  # one handle; only the reader thread reads it
-                def read(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+                def read(a: int, b: int) -> tuple[list[np.ndarray], np.ndarray]:
                     x, y = raw(a, b)
-                    return info.normalise(x), y
+                    return teachers.adapt(x), y  # each teacher's input, once per distinct contract
 
                 run_pipeline(batches, read, teachers, write, stats)
             bar.close()
-            diags = _finish(box["w"], cfg, teachers, identity, info, transfer_set, count > 1)
+            diags, accs = _finish(box["w"], cfg, teachers, identity, records, weights, info, transfer_set, count > 1)
+        except Exception as e:  # not an interrupt: a killed or interrupted run keeps its partial to resume
+            _close(box)
+            tmp.unlink(missing_ok=True)  # a run that failed leaves nothing behind (rerunning would fail again)
+            if isinstance(e, PipelineError):
+                raise
+            where = " ".join(getattr(e, "__notes__", [])) or "in the cache stage"  # the thread, from run_pipeline
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "(no message)"
+            raise DataError(f"{out}: {type(e).__name__} {where}: {first}; nothing was published") from e
         finally:
-            if box["w"] is not None:
-                box["w"].close()
+            _close(box)
         publish(tmp, out)
     if diags:
-        log(format_diagnostics(diags))
+        log(format_diagnostics(diags, accs))
     wall = time.perf_counter() - t0
     log(f"cache: {hi - lo} rows x {teachers.provider} in {wall:.2f} s -> {out}")
     return out, {"wall_s": wall, "rows": hi - lo, "provider": teachers.provider,
                  "io_binding": teachers.io_binding, **dataclasses.asdict(stats)}
 
 
+def _close(box: dict) -> None:
+    if box["w"] is not None:
+        box["w"].close()
+        box["w"] = None
+
+
 def _write_batch(w: CacheWriter, lo: int, logits: np.ndarray, y: np.ndarray, cfg: CacheConfig,
-                 stats: StreamStats) -> None:
+                 weights: np.ndarray | None, stats: StreamStats) -> None:
     t = time.perf_counter()
-    targets = {T: soft.combine_soft_targets(logits, T, cfg.combine) for T in cfg.temperatures}
+    targets = {T: soft.combine_soft_targets(logits, T, cfg.combine, weights) for T in cfg.temperatures}
     t1 = time.perf_counter()
     w.put(lo, logits, targets, y)
     w.commit(lo + len(logits))
@@ -124,10 +169,15 @@ def _write_batch(w: CacheWriter, lo: int, logits: np.ndarray, y: np.ndarray, cfg
     stats.write_s += time.perf_counter() - t1
 
 
-def content_attrs(cfg: CacheConfig, identity: dict, probabilities: list, info: Prepared) -> dict:
-    """The attributes that describe the content (equal for one run, a resumed run and merged shards)."""
+def content_attrs(cfg: CacheConfig, identity: dict, probabilities: list, info: Prepared, records: list,
+                  weights: np.ndarray | None, members: int) -> dict:
+    """The attributes that describe the content (equal for one run, a resumed run and merged shards):
+    besides the first ones, ``teacher_inputs`` (each file's contract, where its fields came from and
+    its gate record) and ``member_weights`` (normalised; equal when none were given)."""
     versions = provenance.versions()
     return dict(
+        teacher_inputs=json.dumps(records), member_weights=json.dumps(
+            weights.tolist() if weights is not None else [1.0 / members] * members),
         temperatures=[float(t) for t in cfg.temperatures], combine=cfg.combine,
         teacher_sha256=identity["teacher_sha256"], transfer_sha256=identity["transfer_sha256"],
         transfer_split=cfg.split, settings=json.dumps(identity["settings"]),
@@ -136,27 +186,33 @@ def content_attrs(cfg: CacheConfig, identity: dict, probabilities: list, info: P
         package_version=versions.get(provenance.PACKAGE, ""))
 
 
-def _finish(w: CacheWriter | None, cfg: CacheConfig, teachers: Teachers, identity: dict, info: Prepared,
-            transfer_set: Path, part: bool) -> dict:
-    """Diagnostics per temperature (not for a part: merge computes them) and provenance; complete, sealed."""
+def _finish(w: CacheWriter | None, cfg: CacheConfig, teachers: Teachers, identity: dict, records: list,
+            weights: np.ndarray | None, info: Prepared, transfer_set: Path, part: bool) -> tuple[dict, list | None]:
+    """Diagnostics per temperature and each member's accuracy (not for a part: merge computes them)
+    and provenance; complete, sealed."""
     if w is None:
         raise DataError(f"{transfer_set}: the {cfg.split} split has no rows")
-    diags = {} if part else diagnostics_in_blocks(w.read, cfg.temperatures, w.f["labels"].shape[0], DIAG_BLOCK)
+    rows, members = w.f["labels"].shape[0], w.f["logits"].shape[1]
+    diags = {} if part else diagnostics_in_blocks(w.read, cfg.temperatures, rows, DIAG_BLOCK)
     for T, d in diags.items():
         w.write_diagnostics(T, d)
-    w.finish({**content_attrs(cfg, identity, teachers.probabilities, info), "provider": teachers.provider,
+    extra = {} if part else {"member_accuracy": member_accuracy_in_blocks(w.read, rows, DIAG_BLOCK)}
+    w.finish({**content_attrs(cfg, identity, teachers.probabilities, info, records, weights, members),
+              **extra, "provider": teachers.provider,
               "provenance": json.dumps(provenance.record("cache", to_dict(cfg), {
                   **{f"teacher{i}": p for i, p in enumerate(teachers.paths)}, "transfer_set": transfer_set},
                   provider=teachers.provider, io_binding=teachers.io_binding))},
              identity["part"] if part else None)
-    return diags
+    return diags, extra.get("member_accuracy")
 
 
-def format_diagnostics(diags: dict[float, dict]) -> str:
-    """A small table: one row per temperature."""
+def format_diagnostics(diags: dict[float, dict], member_accuracy: list[float] | None = None) -> str:
+    """A small table: one row per temperature; then each member's accuracy, when given."""
     lines = ["     T  entropy(nats)  accuracy  disagreement     ECE"]
     for T in sorted(diags):
         d = diags[T]
         lines.append(f"{t_key(T):>6}  {d['mean_entropy_nats']:13.4f}  {d['teacher_accuracy']:8.4f}  "
                      f"{d['member_disagreement']:12.4f}  {d['ece']:6.4f}")
+    if member_accuracy:
+        lines.append("member accuracy: " + ", ".join(f"{i}: {a:.4f}" for i, a in enumerate(member_accuracy)))
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from pipeline.config import require, require_temperatures, setting
 from pipeline.errors import UsageError
@@ -9,7 +10,10 @@ from pipeline.ort import DEVICES
 from pipeline.soft import COMBINES
 
 DIAG_BLOCK = 16384  # rows per block of diagnostics and tools: ~0.7 MB of logits per member at 10 classes
-RUN_ONLY = ("device", "threads", "shard", "io_binding")  # settings that do not change the content
+# Settings that do not change the content (the gate's only effect, a contract it takes, is recorded
+# with the contracts), and member_weights, recorded normalised in the identity instead of as typed.
+RUN_ONLY = ("device", "threads", "shard", "io_binding", "gate", "gate_rows")
+NOT_IN_SETTINGS = (*RUN_ONLY, "member_weights")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -23,6 +27,11 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def require_weights(weights: tuple[float, ...]) -> None:
+    """Each member weight finite and >= 0, not all 0 (their count is checked against the members)."""
+    require(all(math.isfinite(w) and w >= 0 for w in weights) and (not weights or sum(weights) > 0),
+            f"member_weights must be finite, >= 0 and not all 0, got {','.join(map(str, weights))}")
+
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
@@ -32,6 +41,12 @@ class CacheConfig:
     temperatures: tuple[float, ...] = setting((1.0, 2.0, 4.0, 8.0, 20.0), "temperatures to store soft targets at")
     combine: str = setting("arithmetic", "member combination: arithmetic (mean of softmaxes, Hinton) or "
                                          "geometric (softmax of mean logits)")
+    member_weights: tuple[float, ...] = setting((), "one weight per ensemble member, in the order of the teachers' "
+                                                    "outputs (normalised to sum 1): arithmetic sum_m w_m softmax(v_m/T), "
+                                                    "geometric softmax(sum_m w_m v_m/T); empty = equal")
+    gate: bool = setting(True, "sanity gate: before caching, score each teacher on labelled transfer rows under its "
+                               "input contract and the common alternatives; --no-gate keeps a declaration it refuses")
+    gate_rows: int = setting(2048, "rows from the start of the split that the gate reads (their labelled ones count)")
     split: str = setting("train", "split of the prepared file used as the transfer set")
     batch_size: int = setting(1024, "rows per onnxruntime call (also the commit unit and the CUDA bound size)")
     device: str = setting("auto", "auto (CUDA when onnxruntime can run it, else CPU, said aloud), cpu or cuda")
@@ -47,6 +62,8 @@ class CacheConfig:
         require(self.combine in COMBINES, f"combine must be one of {', '.join(COMBINES)}")
         require(self.split in ("train", "val", "test"), "split must be train, val or test")
         require(self.batch_size >= 1 and self.threads >= 1, "batch_size and threads must be >= 1")
+        require(self.gate_rows >= 1, "gate_rows must be >= 1")
+        require_weights(self.member_weights)
         require(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}")
         require(self.io_binding in ("auto", "on", "off"), "io_binding must be auto, on or off")
         if self.shard:
@@ -56,14 +73,19 @@ class CacheConfig:
 @dataclasses.dataclass(frozen=True)
 class AddTemperatureConfig:
     """Add soft targets at new temperatures to an existing cache from its stored logits (no
-    teacher run); in place, or to --out. Refuses a cache without logits."""
+    teacher run), or recombine them all with new member weights; in place, or to --out. Refuses a
+    cache without logits."""
 
     temperatures: tuple[float, ...] = setting((), "temperatures to add, e.g. 3,5")
+    member_weights: tuple[float, ...] = setting((), "new member weights (one per member, normalised): every stored "
+                                                    "temperature is recomputed with them; empty = keep the cache's")
     block_rows: int = setting(DIAG_BLOCK, "rows read and written per block (bounds memory)")
 
     def __post_init__(self) -> None:
-        require(len(self.temperatures) > 0, "give --temperatures, e.g. 3,5")
+        require(len(self.temperatures) > 0 or len(self.member_weights) > 0,
+                "give --temperatures (e.g. 3,5) or --member-weights")
         require_temperatures(self.temperatures, "temperatures")
+        require_weights(self.member_weights)
         require(self.block_rows >= 1, "block_rows must be >= 1")
 
 

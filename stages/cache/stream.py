@@ -4,7 +4,9 @@ Pipeline: a reader thread reads batch k+1 from the transfer set while the callin
 teachers on batch k (onnxruntime releases the GIL) and a writer thread writes batch k-1.  Queues of
 ``depth`` batches bound the memory to a few batches whatever the row count.  The writer is the only
 thread that touches the output file, and it takes batches in order, so the committed-row counter
-only ever grows by whole batches.  An error in any thread stops the other two and is re-raised.
+only ever grows by whole batches.  An error in any thread stops the other two and is re-raised in
+the calling thread, with a note naming the thread it came from (the stage turns it into its one-line
+error).
 
 Diagnostics are accumulated over blocks of rows as sums, so a million-row cache is never loaded
 whole; :func:`diagnostics_in_blocks` equals :func:`pipeline.soft.diagnostics` on the whole array up to
@@ -72,6 +74,7 @@ def run_pipeline(batches: Iterable[tuple[int, int]], read: Callable, infer: Call
             try:
                 fn()
             except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+                e.add_note(f"in the cache's {fn.__name__} thread")
                 errors.append(e)
                 stop.set()
         return body
@@ -154,6 +157,21 @@ def blocks(lo: int, hi: int, block: int) -> list[tuple[int, int]]:
         out.append((start, stop))
         start = stop
     return out
+
+
+def member_accuracy_in_blocks(read: Callable[[str, int, int], Any], rows: int, block: int) -> list[float]:
+    """Each member's accuracy (argmax of its logits against the labels >= 0; NaN without labels) over
+    a cache's ``rows`` rows, ``block`` rows at a time."""
+    correct, labelled = None, 0
+    for lo, hi in blocks(0, rows, block):
+        logits, labels = read("logits", lo, hi), read("labels", lo, hi)
+        keep = labels >= 0
+        hits = (logits[keep].argmax(axis=2) == labels[keep][:, None]).sum(axis=0)
+        correct = hits if correct is None else correct + hits
+        labelled += int(keep.sum())
+    if correct is None:
+        return []
+    return [float(c) / labelled if labelled else float("nan") for c in correct]
 
 
 def diagnostics_in_blocks(read: Callable[[str, int, int], Any], temperatures: Iterable[float], rows: int,

@@ -5,12 +5,15 @@ seal before anything is returned: a part, a cache to extend or a cache to verify
 since it was written is refused (content checksum mismatch, exit 4), never re-sealed.
 
 - ``add_temperature``: soft targets at new T from the stored raw logits, in blocks, no teacher run
-  (``p_T = mean_m softmax(v_m / T)`` or ``softmax(mean_m v_m / T)``, the combine recorded in the
-  file; docs/design.md, the maths).  The file is copied to ``<target>.partial``, extended and
-  published atomically, so a crash leaves the original untouched.
+  (``p_T = sum_m w_m softmax(v_m / T)`` or ``softmax(sum_m w_m v_m / T)``, the combine and member
+  weights recorded in the file; docs/design.md, the maths).  New ``member_weights`` recompute every
+  stored temperature (and its diagnostics) with them, so that one file never mixes two weightings.
+  The file is copied to ``<target>.partial``, extended and published atomically, so a crash leaves
+  the original untouched.
 - ``verify``: checks the recorded sha256 of the teachers and transfer set against the files given,
-  re-runs random contiguous windows of rows (never row-by-row h5py indexing) and reports the
-  largest difference from the stored logits, and recomputes the stored soft targets from them.
+  re-runs random contiguous windows of rows (never row-by-row h5py indexing) fed as the recorded
+  input contracts say and reports the largest difference from the stored logits, and recomputes the
+  stored soft targets from them.
 - ``merge``: joins the parts written by ``--shard i/n`` into one cache equal to a single-process run.
 - ``plot_diagnostics``: mean entropy and teacher accuracy against T (matplotlib, Agg backend).
 """
@@ -23,20 +26,38 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline import contract as ct
 from pipeline import provenance, soft
 from pipeline.artifacts import atomic_output
 from pipeline.config import to_dict
-from pipeline.errors import DataError, IntegrityError
+from pipeline.errors import DataError, IntegrityError, UsageError
+from pipeline.formats.onnx_model import InputContract
 from pipeline.formats.cache import CacheInfo, CacheWriter, open_cache, open_part, t_key
 from pipeline.formats.prepared import open_prepared
 from stages.cache.build import format_diagnostics
 from stages.cache.settings import DIAG_BLOCK, AddTemperatureConfig, MergeConfig, VerifyConfig
-from stages.cache.stream import blocks, diagnostics_in_blocks
+from stages.cache.stream import blocks, diagnostics_in_blocks, member_accuracy_in_blocks
 from stages.cache.teachers import Teachers
 
 # Attributes every part of one sharded run must share (besides the identity without its "part").
 _SHARED = ("schema", "members", "classes", "temperatures", "combine", "teacher_sha256", "transfer_sha256",
-           "transfer_split", "settings", "teacher_probabilities", "classes_names")
+           "transfer_split", "settings", "teacher_probabilities", "classes_names", "teacher_inputs", "member_weights")
+
+
+def recorded_weights(c: CacheInfo) -> np.ndarray | None:
+    """The member weights a cache was combined with (None: equal; caches before them have none)."""
+    return soft.normalise_weights(json.loads(c.attrs.get("member_weights", "[]")), c.members)
+
+
+def recorded_contracts(c: CacheInfo) -> list[InputContract] | None:
+    """The input contract each teacher file was fed under (None for caches made before contracts,
+    which fed every teacher the transfer set's normalisation: the default)."""
+    if "teacher_inputs" not in c.attrs:
+        return None
+    try:
+        return [InputContract.from_dict(r["input"]) for r in json.loads(c.attrs["teacher_inputs"])]
+    except (ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{c.path}: malformed teacher_inputs attribute ({e})") from None
 
 
 def _need_logits(c: CacheInfo) -> None:
@@ -53,21 +74,30 @@ def add_temperature(cfg: AddTemperatureConfig, cache: Path, out: Path | None = N
     info = open_cache(cache)
     _need_logits(info)
     target = Path(out) if out is not None else cache
+    old_w = recorded_weights(info)
+    weights = old_w
+    if cfg.member_weights:
+        try:
+            weights = soft.normalise_weights(cfg.member_weights, info.members)
+        except ValueError as e:
+            raise UsageError(f"{cache}: {e}") from None
+    reweigh = not _same(weights if weights is not None else [], old_w if old_w is not None else [])
     new = [float(T) for T in cfg.temperatures if float(T) not in info.temperatures]
     for T in sorted(set(map(float, cfg.temperatures)) - set(new)):
-        log(f"{cache}: already has T={t_key(T)}; kept as it is")
-    if not new and target == cache:
+        log(f"{cache}: already has T={t_key(T)}; kept as it is" + ("" if not reweigh else " (recombined)"))
+    if not new and not reweigh and target == cache:
         return cache
+    redo = [*(info.temperatures if reweigh else ()), *new]  # every T combined with the new weights
     with atomic_output(target) as tmp:
         shutil.copyfile(cache, tmp)  # rewrites tmp in place (same inode: the lock holds)
         w = CacheWriter.update(tmp)
         try:
-            sums = {T: soft.DiagnosticSums() for T in new}
+            sums = {T: soft.DiagnosticSums() for T in redo}
             for T in new:
                 w.add_soft(T)
             for lo, hi in blocks(0, info.rows, cfg.block_rows):
                 logits, labels = w.read("logits", lo, hi), w.read("labels", lo, hi)
-                targets = {T: soft.combine_soft_targets(logits, T, info.combine) for T in new}
+                targets = {T: soft.combine_soft_targets(logits, T, info.combine, weights) for T in redo}
                 w.put(lo, None, targets, None)
                 for T, p in targets.items():
                     sums[T].add(logits, p, labels)
@@ -75,13 +105,27 @@ def add_temperature(cfg: AddTemperatureConfig, cache: Path, out: Path | None = N
                 w.write_diagnostics(T, s.result())
             prov = info.provenance
             prov.setdefault("added_temperatures", []).append(
-                {"temperatures": new, "settings": to_dict(cfg), "versions": provenance.versions()})
-            w.finish({"temperatures": [*info.temperatures, *new], "provenance": json.dumps(prov)})
+                {"temperatures": new, "settings": to_dict(cfg), "versions": provenance.versions(),
+                 **({"member_weights": _weights_list(weights, info.members)} if reweigh else {})})
+            attrs = {"temperatures": [*info.temperatures, *new], "provenance": json.dumps(prov)}
+            if reweigh:
+                ident = info.identity
+                ident.pop("member_weights", None)
+                ident.update({"member_weights": weights.tolist()} if weights is not None else {})
+                attrs.update(member_weights=json.dumps(_weights_list(weights, info.members)), identity=json.dumps(ident))
+            w.finish(attrs)
         finally:
             w.close()
-    log(format_diagnostics(open_cache(target).diagnostics()))
-    log(f"add-temperature: T={', '.join(map(t_key, new))} from stored logits -> {target}")
+    done = open_cache(target)
+    log(format_diagnostics(done.diagnostics(), done.member_accuracy))
+    log(f"add-temperature: T={', '.join(map(t_key, new)) or 'none new'} from stored logits"
+        + (f"; every T recombined with member weights {_weights_list(weights, info.members)}" if reweigh else "")
+        + f" -> {target}")
     return target
+
+
+def _weights_list(weights: np.ndarray | None, members: int) -> list[float]:
+    return weights.tolist() if weights is not None else [1.0 / members] * members
 
 
 def _windows(rows: int, cfg: VerifyConfig) -> list[tuple[int, int]]:
@@ -98,11 +142,12 @@ def verify(cfg: VerifyConfig, cache: Path, teacher: list[Path], transfer_set: Pa
     """Check hashes, re-run a sample of rows; returns the report, IntegrityError when anything differs."""
     c = open_cache(cache)
     info = open_prepared(transfer_set)  # corrupt before stale: a damaged file is not "changed"
+    specs = [ct.parse_teacher(t) for t in teacher]
     recorded = c.teacher_sha256
     problems = []
     if len(teacher) != len(recorded):
         problems.append(f"{len(teacher)} teacher file(s) given, the cache was built from {len(recorded)}")
-    for i, (path, sha) in enumerate(zip(teacher, recorded)):
+    for i, (path, sha) in enumerate(zip([s.path for s in specs], recorded)):
         if provenance.sha256_file(path) != sha:
             problems.append(f"teacher {path} differs from teacher {i} of the cache (sha256 {str(sha)[:12]})")
     if provenance.sha256_file(transfer_set) != c.transfer_sha256:
@@ -110,19 +155,27 @@ def verify(cfg: VerifyConfig, cache: Path, teacher: list[Path], transfer_set: Pa
     if problems:
         raise IntegrityError(f"{cache}: " + "; ".join(problems) + "; rebuild with `make cache`")
     windows = _windows(c.rows, cfg)
-    teachers = Teachers(teacher, info.shape, c.classes, cfg.device, cfg.threads, windows[0][1] - windows[0][0],
-                        "off", log=log)
+    contracts = recorded_contracts(c)
+    for spec, rec in zip(specs, contracts or [None] * len(specs)):
+        if spec.declared != InputContract() and (rec is None or ct.merge(spec.declared, rec)[0] != rec):
+            raise IntegrityError(f"{cache}: teacher {spec.path} is declared as {spec.declared.spec()} but the cache "
+                                 f"was built with {rec.spec() if rec else 'the default contract'}; verify feeds the "
+                                 f"recorded contract (give the path alone)")
+    teachers = Teachers(specs, ct.Geometry.of(info), c.classes, cfg.device, cfg.threads,
+                        windows[0][1] - windows[0][0], "off", log=log, contracts=contracts)
+    teachers.start()
     teachers.probabilities = json.loads(c.attrs["teacher_probabilities"])
+    weights = recorded_weights(c)
     logit_diff, scale, soft_diff, label_bad = 0.0, 1.0, 0.0, 0
     with info.rows_reader(c.transfer_split) as rows:
         for lo, hi in windows:
             stored = c.read("logits", lo, hi)
             x, y = rows(lo, hi)
-            got = teachers(info.normalise(x), lo)
+            got = teachers(teachers.adapt(x), lo)
             logit_diff = max(logit_diff, float(np.max(np.abs(got - stored))))
             scale = max(scale, float(np.max(np.abs(stored))))
             for T in c.temperatures:
-                ref = soft.combine_soft_targets(stored, T, c.combine)
+                ref = soft.combine_soft_targets(stored, T, c.combine, weights)
                 soft_diff = max(soft_diff, float(np.max(np.abs(ref - c.soft(T, lo, hi)))))
             label_bad += int(np.sum(c.read("labels", lo, hi) != y))
     n = sum(hi - lo for lo, hi in windows)
@@ -132,7 +185,7 @@ def verify(cfg: VerifyConfig, cache: Path, teacher: list[Path], transfer_set: Pa
     log(f"verify: {n} rows in {len(windows)} windows on {teachers.provider}: max |logit diff| "
         f"{logit_diff:.3g} (tolerance {cfg.tolerance * scale:.3g}), max |soft diff| {soft_diff:.3g}, "
         f"{label_bad} label mismatches; hashes match")
-    log(format_diagnostics(c.diagnostics()))
+    log(format_diagnostics(c.diagnostics(), c.member_accuracy))
     if logit_diff > cfg.tolerance * scale or soft_diff > 1e-6 or label_bad:
         raise IntegrityError(f"{cache}: stored targets differ from the teachers (max |logit diff| {logit_diff:.3g}, "
                              f"max |soft diff| {soft_diff:.3g}, {label_bad} label mismatches); rebuild with `make cache`")
@@ -190,6 +243,7 @@ def merge(cfg: MergeConfig, parts: list[Path], out: Path, log: Callable[[str], N
             for T, d in diagnostics_in_blocks(w.read, temps, total, DIAG_BLOCK).items():
                 w.write_diagnostics(T, d)
             w.finish({**{k: p0.attrs[k] for k in _SHARED if k in p0.attrs and k != "schema"},
+                      "member_accuracy": member_accuracy_in_blocks(w.read, total, DIAG_BLOCK),
                       "onnxruntime_version": p0.attrs.get("onnxruntime_version", ""),
                       "package_version": p0.attrs.get("package_version", ""),
                       "provider": ", ".join(providers), "committed_rows": total,
@@ -198,7 +252,8 @@ def merge(cfg: MergeConfig, parts: list[Path], out: Path, log: Callable[[str], N
                           provider=", ".join(providers), parts=[c.provenance for c in read]))})
         finally:
             w.close()
-    log(format_diagnostics(open_cache(out).diagnostics()))
+    merged = open_cache(out)
+    log(format_diagnostics(merged.diagnostics(), merged.member_accuracy))
     log(f"merge: {len(read)} parts, {total} rows -> {out}")
     return Path(out)
 

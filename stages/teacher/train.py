@@ -4,7 +4,9 @@ Members differ only in their seed (initialisation, batch order, jitter), the ens
 Hinton et al. (2015, section 3).  Default members are small CNNs trained with random shifts of up to
 2 pixels; ``--arch mlp:1200-1200:dropout=0.5`` gives the paper's MLP teacher.  The graph maps
 ``x [batch, ...]`` to ``member_logits [batch, members, classes]`` (docs/design.md, "stages and artifacts"); the cache
-stage combines members, so no averaging is baked into the teacher.
+stage combines members, so no averaging is baked into the teacher.  Its ``input_contract`` metadata
+(:mod:`pipeline.formats.onnx_model`) says it takes the transfer set's layout normalised with the
+train split's mean and std, as float32, and gives ``member_logits``: the cache needs no flags for it.
 
 Each member's checkpoint is written beside the ONNX file as soon as it is trained, with the hash of
 the prepared data and the settings: a run killed after member k resumes at member k+1.
@@ -23,6 +25,7 @@ from pipeline.artifacts import atomic_output, claim
 from pipeline.config import to_dict
 from pipeline.errors import DataError, UsageError
 from pipeline.formats.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from pipeline.formats.onnx_model import InputContract, input_contract_metadata
 from pipeline.formats.prepared import Prepared, open_prepared
 from pipeline.jitter import jitter
 from stages.teacher.settings import TeacherConfig
@@ -120,9 +123,14 @@ def train_teachers(cfg: TeacherConfig, prepared: Path, out: Path, log: Callable[
     ensemble = models.Ensemble(nets).eval()
     prov = provenance.record("teacher", to_dict(cfg), {"prepared": prepared},
                              member_val_accuracy=accs, classes=list(info.classes))
+    # What the graph takes, for any later stage or tool: the transfer set's rows normalised with the
+    # statistics it was trained on (written as numbers: another transfer set may have other ones).
+    takes = InputContract(range="normalised", layout="same", mean=info.mean, std=info.std, dtype="float32",
+                          output="member_logits")
     with atomic_output(out) as tmp:
         onnxio.export(ensemble, data["val"][0][:2], tmp, "member_logits",
-                      metadata={"provenance": json.dumps(prov), "classes": json.dumps(list(info.classes))})
+                      metadata={"provenance": json.dumps(prov), "classes": json.dumps(list(info.classes)),
+                                **input_contract_metadata(takes)})
         sess = ort.session(tmp, "cpu", threads=cfg.threads)
         xval = data["val"][0].numpy()
         onnxio.validate(ensemble, sess, [xval[:1], xval[:7], xval[:256]], what=str(out))

@@ -139,7 +139,7 @@ def unlabelled(tmp_path_factory):
     np.savez(d / "u.npz", x=x, y=y, x_test=xt, y_test=yt)
     prepared = prepare_dataset(PrepareConfig(val_rows=50), d / "u.h5", npz=d / "u.npz")
     teacher = linear_model(d / "t.onnx")
-    cache = cache_soft_targets(CacheConfig(temperatures=(2.0,), device="cpu", threads=1), [teacher], prepared,
+    cache = cache_soft_targets(CacheConfig(temperatures=(2.0,), device="cpu", threads=1, gate=False), [teacher], prepared,
                                d / "c.h5", **QUIET)
     return prepared, cache
 
@@ -163,7 +163,7 @@ def chain(tmp_path, tiny_prepared):
     prepared = tmp_path / "p.h5"
     prepared.write_bytes(tiny_prepared.read_bytes())
     teacher = linear_model(tmp_path / "t.onnx")
-    cache = cache_soft_targets(CacheConfig(temperatures=(2.0,), device="cpu", threads=1), [teacher], prepared,
+    cache = cache_soft_targets(CacheConfig(temperatures=(2.0,), device="cpu", threads=1, gate=False), [teacher], prepared,
                                tmp_path / "c.h5", **QUIET)
     return prepared, teacher, cache
 
@@ -201,7 +201,7 @@ def test_cache_partial_from_other_teacher_or_settings_restarts(tmp_path, tiny_pr
 
     teacher = linear_model(tmp_path / "t.onnx")
     out = tmp_path / "c.h5"
-    cfg = CacheConfig(temperatures=(2.0,), device="cpu", threads=1, batch_size=256)
+    cfg = CacheConfig(temperatures=(2.0,), device="cpu", threads=1, gate=False, batch_size=256)
 
     def killed(*a, **k):
         raise KeyboardInterrupt  # every row committed, never finished: a .partial stays behind
@@ -215,7 +215,7 @@ def test_cache_partial_from_other_teacher_or_settings_restarts(tmp_path, tiny_pr
         if change == "teacher":
             linear_model(teacher, seed=1)
         else:
-            cfg = CacheConfig(temperatures=(2.0, 4.0), device="cpu", threads=1, batch_size=256)
+            cfg = CacheConfig(temperatures=(2.0, 4.0), device="cpu", threads=1, gate=False, batch_size=256)
         logs = []
         with monkeypatch.context() as m:
             m.setattr(cache_mod, "_finish", killed)

@@ -96,7 +96,7 @@ def test_truncated_prepared_is_corrupt_not_stale_at_every_stage(tiny_prepared, t
 def shards(tiny_prepared, tmp_path_factory):
     d = tmp_path_factory.mktemp("shards")
     teacher = linear_model(d / "t.onnx")
-    cfg = dict(temperatures=(1.0, 2.0), device="cpu", threads=1, batch_size=256)
+    cfg = dict(temperatures=(1.0, 2.0), device="cpu", threads=1, batch_size=256, gate=False)  # untrained teacher
     parts = [cache_soft_targets(CacheConfig(shard=f"{i}/2", **cfg), [teacher], tiny_prepared, d / "c.h5", **QUIET)
              for i in range(2)]
     whole = cache_soft_targets(CacheConfig(**cfg), [teacher], tiny_prepared, d / "whole.h5", **QUIET)

@@ -122,6 +122,9 @@ def test_metadata_carries_what_an_edge_runtime_needs(exported, tiny_student, tin
         assert float(meta["temperature"]) == 2.0 and float(meta["alpha"]) == 0.5
         norm = json.loads(meta["normalisation"])
         assert {"scale", "mean", "std", "formula"} <= set(norm) and meta["input_dtype"] == "float32"
+        # the cache stage can take any export as a teacher without flags
+        assert json.loads(meta["input_contract"]) == {"range": "normalised", "layout": "same", "mean": norm["mean"],
+                                                      "std": norm["std"], "dtype": "float32", "output": "logits"}
         assert meta["cache_sha256"] == ckpt.provenance["inputs"]["cache"]["sha256"]
         from pipeline.provenance import sha256_file
         assert meta["checkpoint_sha256"] == sha256_file(tiny_student)
@@ -165,6 +168,16 @@ def test_raw_uint8_input_reproduces_the_normalised_model(exported, tiny_student,
     raw = ex._raw(info, "test")[:64]
     ref = ort.InferenceSession(str(d / "s.onnx")).run(None, {"x": info.normalise(raw)})[0]
     np.testing.assert_allclose(raw_sess.run(None, {"x": raw})[0], ref, atol=1e-5)
+    # either export is a teacher as it stands: its input_contract (uint8 pixels / normalised rows) says how
+    from pipeline.formats.cache import open_cache
+    from stages.cache import CacheConfig, cache_soft_targets
+
+    # no gate: this 2-epoch mlp:16 scores 78.7% on its own normalised rows but 90.2% fed raw pixels (a
+    # weak ReLU net whose biases vanish at that scale), which the gate rightly calls clearly better
+    cfg = CacheConfig(temperatures=(1.0,), device="cpu", threads=1, gate=False)
+    soft = [open_cache(cache_soft_targets(cfg, [m], tiny_prepared, tmp_path / f"{i}.h5", **QUIET)).soft(1.0)
+            for i, m in enumerate((out, d / "s.onnx"))]
+    np.testing.assert_allclose(soft[0], soft[1], atol=1e-5)
 
 
 def _optimised_ops(path, tmp_path) -> list[str]:
