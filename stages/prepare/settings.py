@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from pipeline.config import require, setting
 
@@ -10,6 +11,9 @@ from pipeline.config import require, setting
 class PrepareConfig:
     """Load a transfer set (IDX directory or .npz) into the canonical HDF5 file with
     train/val/test splits, normalisation statistics and checksums."""
+
+    FOOTPRINT: ClassVar[str] = ("prepare holds every split of the source in memory at once; no "
+                                "setting lowers that: raise the memory ceiling")
 
     val_rows: int = setting(5000, "rows held out of the training data for model selection")
     train_rows: int = setting(0, "keep only this many training rows (0 = all); smoke runs shrink this")
