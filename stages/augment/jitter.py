@@ -62,6 +62,7 @@ def jitter_transfer_set(cfg: JitterConfig, prepared: Path, out: Path,
                     b = a + len(block)
                     x[copy * n + a: copy * n + b] = block if copy == 0 else _shifted(block, cfg.max_shift, gen)
                     y[copy * n + a: copy * n + b] = labels
+                    w.check()  # a full disk stops the run at this block, not after all of them
                     bar.update(b - a)
     log(f"jitter: {n} train rows + {cfg.copies} shifted copies (<= {cfg.max_shift} px) -> {out}")
     return out

@@ -17,6 +17,13 @@ from other inputs, is restarted from zero, and the log says which.  The finished
 by fsync, rename, fsync of the directory.  No attribute records a time, so equal runs give equal
 attributes.
 
+Resources: before any row runs, the free space of the output's disk is compared with the finished
+file's size (rows x members x classes and rows x classes per temperature, float32, labels int64, in
+whole chunks: :func:`pipeline.formats.cache.predicted_size`) and the stage refuses (exit 7) with
+both figures when it cannot fit.  A write that fails anyway (the disk filled up meanwhile, a
+file-size limit) is exit 7 too, saying how many rows are committed in the partial file, which the
+same command then resumes.
+
 Sharding: ``--shard i/n`` (or RANK/WORLD_SIZE from torchrun) gives rank i the i-th contiguous run
 of whole batches; it writes ``<out stem>.part<i>of<n><suffix>``, which ``distill cache merge`` joins.
 """
@@ -31,12 +38,13 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from pipeline import ort, provenance, runtime, soft
+from pipeline import ort, provenance, resources, runtime, soft
 from pipeline.artifacts import exclusive, publish
 from pipeline.config import to_dict
-from pipeline.errors import DataError, UsageError
-from pipeline.formats.cache import CacheWriter, t_key
+from pipeline.errors import DataError, PipelineError, UsageError
+from pipeline.formats.cache import CacheWriter, predicted_size, t_key
 from pipeline.formats.prepared import Prepared, open_prepared
+from pipeline.resources import human, require_space
 from stages.cache.settings import DIAG_BLOCK, RUN_ONLY, CacheConfig
 from stages.cache.stream import (StreamStats, diagnostics_in_blocks, part_path, resolve_shard, run_pipeline,
                                  shard_rows)
@@ -76,34 +84,8 @@ def build_cache(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: 
         raise DataError(f"{transfer_set}: the {cfg.split} split has no rows for shard {index}/{count}")
     stats = StreamStats()
     with exclusive(out) as tmp:
-        box = {"w": CacheWriter.resume(tmp, identity, log)}
-        try:
-            start = lo
-            if box["w"] is not None:
-                start = lo + box["w"].committed_rows
-                teachers.probabilities = json.loads(box["w"].attrs["teacher_probabilities"])
-            bar = runtime.progress(total=hi - lo, initial=start - lo, desc="cache", unit="row")
-
-            def write(b_lo: int, b_hi: int, logits: np.ndarray, y: np.ndarray) -> None:
-                if box["w"] is None:
-                    box["w"] = CacheWriter.create(tmp, identity, hi - lo, logits.shape[1], logits.shape[2],
-                                                  cfg.temperatures)
-                    box["w"].attrs["teacher_probabilities"] = json.dumps(teachers.probabilities)
-                _write_batch(box["w"], b_lo - lo, logits, y, cfg, stats)
-                bar.update(b_hi - b_lo)
-
-            batches = [(b, min(hi, b + cfg.batch_size)) for b in range(start, hi, cfg.batch_size)]
-            with info.rows_reader(cfg.split) as raw:  # one handle; only the reader thread reads it
-                def read(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-                    x, y = raw(a, b)
-                    return info.normalise(x), y
-
-                run_pipeline(batches, read, teachers, write, stats)
-            bar.close()
-            diags = _finish(box["w"], cfg, teachers, identity, info, transfer_set, count > 1)
-        finally:
-            if box["w"] is not None:
-                box["w"].close()
+        _require_space(out, tmp, hi - lo, teachers.member_count(), len(info.classes), cfg)
+        diags = _write_cache(cfg, tmp, identity, (lo, hi), info, teachers, stats, transfer_set, count > 1, log)
         publish(tmp, out)
     if diags:
         log(format_diagnostics(diags))
@@ -111,6 +93,66 @@ def build_cache(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: 
     log(f"cache: {hi - lo} rows x {teachers.provider} in {wall:.2f} s -> {out}")
     return out, {"wall_s": wall, "rows": hi - lo, "provider": teachers.provider,
                  "io_binding": teachers.io_binding, **dataclasses.asdict(stats)}
+
+
+def _require_space(out: Path, tmp: Path, rows: int, members: int, classes: int, cfg: CacheConfig) -> None:
+    """Refuse (exit 7) before any row runs when the disk cannot hold the finished file; a partial
+    being resumed or replaced already holds part of that space."""
+    need, figure = predicted_size(rows, members, classes, len(cfg.temperatures))
+    have = tmp.stat().st_size if tmp.exists() else 0
+    require_space(out, need - have, figure + (f", less the {human(have)} of {tmp.name}" if have else ""))
+
+
+def _write_cache(cfg: CacheConfig, tmp: Path, identity: dict, span: tuple[int, int], info: Prepared,
+                 teachers: Teachers, stats: StreamStats, transfer_set: Path, part: bool,
+                 log: Callable[[str], None]) -> dict:
+    """Run the rows of ``span`` not yet committed in ``tmp`` and finish it (diagnostics, seal).
+
+    A failed write of ``tmp`` (full disk, file-size limit) is one ResourceError saying how many rows
+    are committed: the partial file stays, and the same command resumes after them.
+    """
+    lo, hi = span
+    box = {"w": CacheWriter.resume(tmp, identity, log), "rows": 0}
+    try:
+        start = lo
+        if box["w"] is not None:
+            start = lo + box["w"].committed_rows
+            box["rows"] = start - lo
+            teachers.probabilities = json.loads(box["w"].attrs["teacher_probabilities"])
+        bar = runtime.progress(total=hi - lo, initial=start - lo, desc="cache", unit="row")
+
+        def write(b_lo: int, b_hi: int, logits: np.ndarray, y: np.ndarray) -> None:
+            if box["w"] is None:
+                box["w"] = CacheWriter.create(tmp, identity, hi - lo, logits.shape[1], logits.shape[2],
+                                              cfg.temperatures)
+                box["w"].attrs["teacher_probabilities"] = json.dumps(teachers.probabilities)
+            _write_batch(box["w"], b_lo - lo, logits, y, cfg, stats)
+            box["rows"] = b_hi - lo
+            bar.update(b_hi - b_lo)
+
+        batches = [(b, min(hi, b + cfg.batch_size)) for b in range(start, hi, cfg.batch_size)]
+        with info.rows_reader(cfg.split) as raw:  # one handle; only the reader thread reads it
+            def read(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+                x, y = raw(a, b)
+                return info.normalise(x), y
+
+            run_pipeline(batches, read, teachers, write, stats)
+        bar.close()
+        diags = _finish(box["w"], cfg, teachers, identity, info, transfer_set, part)
+        w, box["w"] = box["w"], None
+        w.close()  # its last writes happen here
+        return diags
+    except Exception as e:
+        if isinstance(e, PipelineError) or resources.failed_file(e) != str(tmp):
+            raise
+        done, total = box["rows"], hi - lo
+        raise resources.write_failure(tmp, e, (
+            f"{done} of {total} rows are committed in it: free space and rerun the same command to resume "
+            f"from there" if done < total else "every row is committed in it: free space and rerun the same "
+            "command to finish it")) from None
+    finally:
+        if box["w"] is not None:
+            box["w"].close()
 
 
 def _write_batch(w: CacheWriter, lo: int, logits: np.ndarray, y: np.ndarray, cfg: CacheConfig,

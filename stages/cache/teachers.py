@@ -109,8 +109,19 @@ class Teachers:
         bind = io_binding == "on" or (io_binding == "auto" and self.provider == "CUDAExecutionProvider")
         self.members = [_Member(p, s, bind, batch, shape, device_id) for p, s in zip(self.paths, sessions)]
         self.io_binding = bind
-        self.classes = classes
+        self.classes, self.shape = classes, tuple(shape)
         self.probabilities: list[bool | None] = [None] * len(self.paths)
+
+    def member_count(self) -> int:
+        """Members of the ensemble's output (what the cache will store), read from each model's
+        declared output, or from one row of zeros where that axis is symbolic."""
+        total = 0
+        for m in self.members:
+            dims = m.sess.get_outputs()[0].shape
+            if len(dims) == 3 and not isinstance(dims[1], int):
+                dims = np.asarray(m.sess.run([m.output], {m.input: np.zeros((1, *self.shape), np.float32)})[0]).shape
+            total += 1 if len(dims) == 2 else int(dims[1])
+        return total
 
     def __call__(self, x: np.ndarray, first_row: int) -> np.ndarray:
         """member_logits [rows, members, classes] float32; DataError on NaN/Inf or mismatches."""
