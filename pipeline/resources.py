@@ -182,7 +182,9 @@ def memory_failure(exc: BaseException, hint: str) -> ResourceError:
     """The one-line error of a failed allocation: its size where the library says it, the ceiling, ``hint``."""
     text = str(exc)
     size = next((m.group(1) for r in _SIZE if (m := r.search(text))), None)
-    what = (f"could not allocate {human(int(size)) if size.isdigit() else size}" if size
+    if size:  # numpy says "179. MiB", torch and onnxruntime a byte count
+        size = human(int(size)) if size.isdigit() else re.sub(r"\.?\s+", " ", size)
+    what = (f"could not allocate {size}" if size
             else f"{type(exc).__name__}: {text.strip().splitlines()[0][:120]}" if text.strip() else type(exc).__name__)
     ceilings = _ceilings()
     under = f" under {ceilings[0][2]}" if ceilings else ""

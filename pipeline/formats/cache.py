@@ -53,13 +53,22 @@ def _chunk_rows(rows: int, row_bytes: int) -> int:
     return max(1, min(rows, CHUNK_BYTES // row_bytes))
 
 
+def _whole_chunks(rows: int, row_bytes: int) -> int:
+    """Bytes HDF5 allocates for a dataset of ``rows`` rows: whole chunks, the last one included."""
+    chunk = _chunk_rows(rows, row_bytes)
+    return -(-rows // chunk) * chunk * row_bytes
+
+
+def soft_size(rows: int, classes: int, temperatures: int) -> int:
+    """Bytes of ``temperatures`` soft-target datasets (what ``add-temperature`` adds)."""
+    return temperatures * _whole_chunks(rows, classes * 4)
+
+
 def predicted_size(rows: int, members: int, classes: int, temperatures: int) -> tuple[int, str]:
     """Bytes a finished cache of this shape takes (every dataset in whole chunks, as HDF5 allocates
     them, plus :data:`METADATA_BYTES`), and the figure as a formula a user can check."""
-    def whole(row_bytes: int) -> int:
-        chunk = _chunk_rows(rows, row_bytes)
-        return -(-rows // chunk) * chunk * row_bytes
-    size = whole(members * classes * 4) + temperatures * whole(classes * 4) + whole(8) + METADATA_BYTES
+    size = (_whole_chunks(rows, members * classes * 4) + soft_size(rows, classes, temperatures)
+            + _whole_chunks(rows, 8) + METADATA_BYTES)
     return size, (f"({rows} rows x {members} members x {classes} classes + {rows} x {classes} x {temperatures} "
                   f"temperatures) x 4 bytes + {rows} labels x 8 bytes, in whole chunks, + {METADATA_BYTES >> 10} KiB")
 

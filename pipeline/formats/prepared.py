@@ -29,6 +29,17 @@ SCHEMA = "kd-prepared/1"
 SPLITS = ("train", "val", "test")
 WHAT = "prepared dataset"
 REBUILD = "make prepare"
+METADATA_BYTES = 64 << 10  # headroom for HDF5's own structures, attributes and provenance
+
+
+def predicted_size(rows: dict[str, int], shape: tuple[int, ...], dtype: Any) -> tuple[int, str]:
+    """Bytes a prepared file with these split sizes takes (contiguous datasets: x, int64 labels, plus
+    :data:`METADATA_BYTES`), and the figure as a formula a user can check."""
+    row = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    n = sum(rows.values())
+    return n * (row + 8) + METADATA_BYTES, (
+        f"{' + '.join(f'{r} {s}' for s, r in rows.items())} rows x ({'x'.join(map(str, shape))} pixels x "
+        f"{np.dtype(dtype).itemsize} bytes + 8 bytes of label) + {METADATA_BYTES >> 10} KiB")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,10 @@ so a teacher trained on the source normalises the new rows exactly as it was tra
 copy of each row is moved by its own (dy, dx), uniform on [-max_shift, max_shift]^2 and drawn from
 ``seed``, with the very function that jitters the teacher's training batches
 (:func:`pipeline.jitter.jitter`); pixels shifted in are 0, the background of Fashion-MNIST and MNIST.
+
+The output grows (1 + copies)-fold, so its size is checked against the free space before any row is
+written (exit 7 with both figures: ten copies of Fashion-MNIST are ~0.5 GB); a disk that fills up
+anyway stops the run at the block that failed, and nothing is published.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from pipeline import provenance, runtime
 from pipeline.artifacts import atomic_output, claim
 from pipeline.config import to_dict
 from pipeline.errors import DataError
-from pipeline.formats.prepared import PreparedWriter, open_prepared
+from pipeline.formats.prepared import PreparedWriter, open_prepared, predicted_size
+from pipeline.resources import require_space
 from pipeline.jitter import jitter
 from stages.augment.settings import JitterConfig
 
@@ -50,6 +55,8 @@ def jitter_transfer_set(cfg: JitterConfig, prepared: Path, out: Path,
         raise DataError(f"{prepared}: rows of shape {info.shape} are not [height, width] or "
                         "[channels, height, width] images")
     n = info.rows["train"]
+    rows = {"train": n * (1 + cfg.copies), "val": info.rows["val"], "test": info.rows["test"]}
+    require_space(out, *predicted_size(rows, info.shape, info.dtype))  # exit 7 now, not when the disk fills
     gen = torch.Generator().manual_seed(cfg.seed)
     prov = provenance.record("jitter", to_dict(cfg), {"prepared": prepared})
     with atomic_output(out) as tmp, PreparedWriter(tmp, info.classes, info.norm, prov) as w:

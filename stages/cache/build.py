@@ -39,7 +39,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from pipeline import ort, provenance, resources, runtime, soft
-from pipeline.artifacts import exclusive, publish
+from pipeline.artifacts import exclusive, partial_path, publish
 from pipeline.config import to_dict
 from pipeline.errors import DataError, PipelineError, UsageError
 from pipeline.formats.cache import CacheWriter, predicted_size, t_key
@@ -83,8 +83,8 @@ def build_cache(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: 
     if hi <= lo:
         raise DataError(f"{transfer_set}: the {cfg.split} split has no rows for shard {index}/{count}")
     stats = StreamStats()
+    _require_space(out, hi - lo, teachers.member_count(), len(info.classes), cfg)
     with exclusive(out) as tmp:
-        _require_space(out, tmp, hi - lo, teachers.member_count(), len(info.classes), cfg)
         diags = _write_cache(cfg, tmp, identity, (lo, hi), info, teachers, stats, transfer_set, count > 1, log)
         publish(tmp, out)
     if diags:
@@ -95,10 +95,11 @@ def build_cache(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: 
                  "io_binding": teachers.io_binding, **dataclasses.asdict(stats)}
 
 
-def _require_space(out: Path, tmp: Path, rows: int, members: int, classes: int, cfg: CacheConfig) -> None:
-    """Refuse (exit 7) before any row runs when the disk cannot hold the finished file; a partial
-    being resumed or replaced already holds part of that space."""
+def _require_space(out: Path, rows: int, members: int, classes: int, cfg: CacheConfig) -> None:
+    """Refuse (exit 7) before any row runs, and before the partial file is created, when the disk
+    cannot hold the finished file; a partial being resumed or replaced already holds part of that space."""
     need, figure = predicted_size(rows, members, classes, len(cfg.temperatures))
+    tmp = partial_path(out)
     have = tmp.stat().st_size if tmp.exists() else 0
     require_space(out, need - have, figure + (f", less the {human(have)} of {tmp.name}" if have else ""))
 
