@@ -148,15 +148,15 @@ def atomic_output(path: Path) -> Iterator[Path]:
         os.truncate(tmp, 0)
         try:
             yield tmp
-            fsync_path(tmp)
+            publish(tmp, path)
         except BaseException as e:
+            published = not tmp.exists()  # the rename happened; syncing the folder failed
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             if isinstance(e, PipelineError) or resources.write_errno(e) is None:
                 raise
-            raise resources.write_failure(path, e, "nothing was published") from None
-        os.replace(tmp, path)
-        fsync_path(path.parent)
+            raise resources.write_failure(path, e, "published, but its folder could not be synced" if published
+                                          else "nothing was published") from None
 
 
 def write_json(path: Path, obj: Any) -> Path:

@@ -106,7 +106,7 @@ class CacheWriter:
         try:
             out = H5Output(path, "r+")
         except (OSError, KeyError, ValueError, RuntimeError):
-            log(f"{path}: unreadable partial cache (killed writer, or a full disk?); restarting from row 0")
+            log(f"{path}: unreadable partial cache (killed writer?); restarting from row 0")
             return None
         f = out.f
         try:
@@ -116,7 +116,7 @@ class CacheWriter:
                 return cls(out)
             log(f"{path}: made from other inputs or settings; restarting from row 0")
         except (OSError, KeyError, ValueError, RuntimeError):
-            log(f"{path}: unreadable partial cache (killed writer, or a full disk?); restarting from row 0")
+            log(f"{path}: unreadable partial cache (killed writer?); restarting from row 0")
         out.close()
         return None
 
