@@ -153,6 +153,42 @@ def is_memory_error(exc: BaseException) -> bool:
     return isinstance(exc, Exception) and any(t in str(exc) for t in _MEMORY_TEXT)
 
 
+_CGROUPS = (("", "", "memory.max", "memory.current", "inactive_file"),  # v2, then v1
+            ("memory", "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))
+
+
+def _cgroup_limit(d: Path, limit_file: str, used_file: str, inactive: str) -> tuple[int, int, str] | None:
+    with contextlib.suppress(OSError, ValueError):
+        top = (d / limit_file).read_text().strip()
+        if top != "max" and int(top) < 1 << 62:  # v1 writes "no limit" as a page-rounded 2^63
+            stat = dict(line.split() for line in (d / "memory.stat").read_text().splitlines())
+            used = int((d / used_file).read_text()) - int(stat.get(inactive, 0))
+            return int(top), used, f"the cgroup limit {limit_file} of {human(int(top))} ({d})"
+    return None
+
+
+def cgroup_memory(proc: str = "/proc/self/cgroup", fs: str = "/sys/fs/cgroup") -> tuple[int, int, str] | None:
+    """(limit, bytes in use, description) of the tightest cgroup memory limit on this process (v2
+    ``memory.max``, else v1 ``memory.limit_in_bytes``; its group's or an ancestor's), None without one.
+    In use excludes inactive file pages: the kernel reclaims those before it kills anything (the
+    working set, as kubelet counts it)."""
+    groups = dict(line.split(":", 2)[1:] for line in Path(proc).read_text().splitlines() if line.count(":") >= 2)
+    for key, sub, limit_file, used_file, inactive in _CGROUPS:
+        if key not in groups:
+            continue
+        root = Path(fs) / sub
+        d, found = root / groups[key].lstrip("/"), []
+        while True:  # up to the mount's root (in a cgroup namespace, the container's own group)
+            if (entry := _cgroup_limit(d, limit_file, used_file, inactive)) is not None:
+                found.append(entry)
+            if d == root or d == d.parent:
+                break
+            d = d.parent
+        if found:
+            return min(found, key=lambda e: e[0] - e[1])
+    return None
+
+
 def _ceilings() -> list[tuple[int, int, str]]:
     """(limit, bytes in use, description) of each hard memory ceiling on this process."""
     out = []
@@ -160,13 +196,9 @@ def _ceilings() -> list[tuple[int, int, str]]:
     if soft != resource.RLIM_INFINITY:
         vm = next((int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:")), 0)
         out.append((soft, vm, f"the address-space limit of {human(soft)} (ulimit -v)"))
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        rel = next(line.split("::", 1)[1].strip() for line in open("/proc/self/cgroup") if line.startswith("0::"))
-        d = Path("/sys/fs/cgroup") / rel.lstrip("/")
-        top = (d / "memory.max").read_text().strip()
-        if top != "max":
-            cur = int((d / "memory.current").read_text())
-            out.append((int(top), cur, f"the cgroup limit memory.max of {human(int(top))}"))
+    with contextlib.suppress(OSError, ValueError):
+        if (cgroup := cgroup_memory()) is not None:
+            out.append(cgroup)
     return out
 
 

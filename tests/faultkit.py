@@ -182,8 +182,9 @@ def run_limited(*args, fsize: int | None = None, vmem: int | None = None, vmpeak
                 timeout: float = 600) -> subprocess.CompletedProcess:
     """``distill ARGS`` in a subprocess under ``RLIMIT_FSIZE`` (bytes per file) and/or ``RLIMIT_AS``
     (bytes of address space), set in the child before it starts; ``vmpeak`` makes its last stderr
-    line ``VmPeak <KiB> VmSize <KiB>`` (the peak, and what it holds at exit).  glibc gets two malloc arenas, so that the address space a run takes does
-    not depend on which threads happened to allocate (measured: the same peak to 0.1 MiB)."""
+    line ``VmPeak <KiB> VmSize <KiB>`` (the peak, and what it holds at exit).  glibc gets two malloc
+    arenas, so that the address space a run takes does not depend on which threads happened to
+    allocate (measured: the same peak to 0.1 MiB)."""
     def limit() -> None:
         if fsize is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))

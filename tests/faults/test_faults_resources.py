@@ -116,10 +116,12 @@ def test_a_failed_write_never_lets_committed_rows_advance(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("exc, words", [
-    (OSError(errno.ENOSPC, "No space left on device", "/d/c.h5"), "/d/c.h5: write failed: no space left on device (ENOSPC)"),
+    (OSError(errno.ENOSPC, "No space left on device", "/d/c.h5"),
+     "/d/c.h5: write failed: no space left on device (ENOSPC)"),
     (OSError(errno.EFBIG, "File too large", "/s.onnx", None, "/d/o.onnx"), "/d/o.onnx: write failed: file too large"),
     (RuntimeError("Can't decrement id ref count (file write failed: time = x, filename = '/d/p.h5', file "
-                  "descriptor = 8, errno = 28, error message = 'No space left on device')"), "/d/p.h5: write failed: no space"),
+                  "descriptor = 8, errno = 28, error message = 'No space left on device')"),
+     "/d/p.h5: write failed: no space"),
     (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
                   "tried to allocate 4000000000 bytes. Error code 12 (Cannot allocate memory)"),
      "out of memory: could not allocate 3.7 GiB; HINT"),
@@ -135,6 +137,32 @@ def test_resource_faults_are_worded_from_what_libraries_raise(exc, words):
     assert str(resources.as_resource_error(exc, "HINT")).startswith(words)
     assert resources.as_resource_error(ValueError("bad value"), "HINT") is None
     assert resources.as_resource_error(OSError(errno.ENOENT, "No such file or directory", "/x"), "HINT") is None
+
+
+def test_cgroup_memory_limits_are_read_v2_and_v1(tmp_path):
+    """The tightest limit of the group and its ancestors, used = usage - inactive file pages; none
+    when every level says max (v2) or 2^63 (v1)."""
+    from pipeline.resources import cgroup_memory
+
+    def tree(files: dict) -> None:
+        for rel, text in files.items():
+            (tmp_path / "fs" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "fs" / rel).write_text(text)
+
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/user/job\n")
+    tree({"user/memory.max": "1000000000\n", "user/memory.current": "600000000\n",
+          "user/memory.stat": "anon 1\ninactive_file 100000000\n",
+          "user/job/memory.max": "max\n", "user/job/memory.current": "1\n", "user/job/memory.stat": "anon 1\n"})
+    limit, used, what = cgroup_memory(str(proc), str(tmp_path / "fs"))
+    assert (limit, used) == (1_000_000_000, 500_000_000) and "memory.max" in what and "user" in what
+    proc.write_text("4:memory:/job\n0::/\n")
+    tree({"memory/job/memory.limit_in_bytes": "9223372036854771712\n", "memory/job/memory.usage_in_bytes": "5\n",
+          "memory/job/memory.stat": "total_inactive_file 1\n"})
+    assert cgroup_memory(str(proc), str(tmp_path / "fs")) is None
+    tree({"memory/job/memory.limit_in_bytes": "2147483648\n", "memory/job/memory.usage_in_bytes": "1073741824\n",
+          "memory/job/memory.stat": "cache 9\ntotal_inactive_file 73741824\n"})
+    assert cgroup_memory(str(proc), str(tmp_path / "fs"))[:2] == (2147483648, 1_000_000_000)
 
 
 # ---------------------------------------------------------------------------------------- RLIMIT_FSIZE
@@ -175,7 +203,8 @@ def test_teacher_member_and_ensemble_under_file_size_limit(tiny_prepared, tiny_t
     _unpublished(out)
     assert all(m.is_file() for m in members)  # finished members stay: the rerun starts from them
     log = []
-    train_teachers(TeacherConfig(members=2, arch="mlp:32", epochs=2, threads=1, shift=1), tiny_prepared, out, log.append)
+    cfg = TeacherConfig(members=2, arch="mlp:32", epochs=2, threads=1, shift=1)  # tiny_teacher's, as TEACHER
+    train_teachers(cfg, tiny_prepared, out, log.append)
     assert sum("reusing" in line for line in log) == 2
     assert out.read_bytes() == tiny_teacher.read_bytes()
 
