@@ -85,7 +85,8 @@ def build_cache(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: 
     stats = StreamStats()
     _require_space(out, hi - lo, teachers.member_count(), len(info.classes), cfg)
     with exclusive(out) as tmp:
-        diags = _write_cache(cfg, tmp, identity, (lo, hi), info, teachers, stats, transfer_set, count > 1, log)
+        diags = _write_cache(cfg, tmp, identity, (lo, hi), info, teachers, stats, transfer_set, count > 1, log,
+                             throttle_s=float(env.get("DISTILL_CACHE_THROTTLE_S", 0) or 0))
         publish(tmp, out)
     if diags:
         log(format_diagnostics(diags))
@@ -106,7 +107,7 @@ def _require_space(out: Path, rows: int, members: int, classes: int, cfg: CacheC
 
 def _write_cache(cfg: CacheConfig, tmp: Path, identity: dict, span: tuple[int, int], info: Prepared,
                  teachers: Teachers, stats: StreamStats, transfer_set: Path, part: bool,
-                 log: Callable[[str], None]) -> dict:
+                 log: Callable[[str], None], throttle_s: float = 0.0) -> dict:
     """Run the rows of ``span`` not yet committed in ``tmp`` and finish it (diagnostics, seal).
 
     A failed write of ``tmp`` (full disk, file-size limit) is one ResourceError saying how many rows
@@ -137,7 +138,7 @@ def _write_cache(cfg: CacheConfig, tmp: Path, identity: dict, span: tuple[int, i
                 x, y = raw(a, b)
                 return info.normalise(x), y
 
-            run_pipeline(batches, read, teachers, write, stats)
+            run_pipeline(batches, read, teachers, write, stats, throttle_s=throttle_s)
         bar.close()
         diags = _finish(box["w"], cfg, teachers, identity, info, transfer_set, part)
         w, box["w"] = box["w"], None
