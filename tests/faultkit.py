@@ -204,6 +204,34 @@ def address_space(proc: subprocess.CompletedProcess) -> tuple[int, int]:
     return int(words[1]) * 1024, int(words[3]) * 1024
 
 
+def exit7(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The one error line of a command that ended with exit 7, out of resources (log lines may precede
+    it, nothing follows it, no traceback), checked to contain each of ``fragments``."""
+    assert proc.returncode == 7, f"exit {proc.returncode}:\n{proc.stderr[-3000:]}"
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if ": error: " in line]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def unpublished(*paths: Path) -> None:
+    """Neither the artifact nor its ``.partial`` exists."""
+    for path in paths:
+        partial = path.with_name(path.name + ".partial")
+        assert not path.exists(), f"{path} was published"
+        assert not partial.exists(), f"{partial} was left behind"
+
+
+def content_digest(path: Path) -> str:
+    """The seal of an HDF5 artifact (``content_sha256``: every dataset and attribute)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return str(f.attrs["content_sha256"])
+
+
 def _vmpeak(argv: list[str]) -> None:
     import atexit
     import runpy
