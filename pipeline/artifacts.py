@@ -3,7 +3,9 @@
 Every artifact is written to ``<name>.partial`` beside its final path and moved into place only when
 complete: fsync the file, ``os.replace`` (atomic on POSIX), then fsync the directory so the rename
 itself survives a power cut.  A second writer on the same output fails at once (``flock`` on a
-the partial file) instead of corrupting the first.
+the partial file) instead of corrupting the first.  A write that fails for want of resources (full
+disk, file-size limit, quota, read-only folder, I/O error) removes the partial and becomes one
+ResourceError naming the file, the cause and the free space (exit 7, :mod:`pipeline.resources`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.errors import BusyError
+from pipeline import resources
+from pipeline.errors import BusyError, PipelineError
 
 
 def partial_path(path: Path) -> Path:
@@ -141,16 +144,26 @@ def exclusive(path: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield an empty, locked ``.partial`` path to write; publish it on success, delete it on failure."""
+    """Yield an empty, locked ``.partial`` path to write; publish it on success, delete it on failure.
+
+    A failed write of the partial (or of its fsync, where a network filesystem reports a full disk)
+    is raised as a ResourceError naming ``path``: nothing was published, and any previous ``path``
+    is untouched.
+    """
     path = Path(path)
     with exclusive(path) as tmp:
         os.truncate(tmp, 0)
         try:
             yield tmp
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        publish(tmp, path)
+            publish(tmp, path)
+        except BaseException as e:
+            published = not tmp.exists()  # the rename happened; syncing the folder failed
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if isinstance(e, PipelineError) or resources.write_errno(e) is None:
+                raise
+            raise resources.write_failure(path, e, "published, but its folder could not be synced" if published
+                                          else "nothing was published") from None
 
 
 def write_json(path: Path, obj: Any) -> Path:

@@ -5,6 +5,10 @@ command's help.  A settings object can come from command-line options, from a JS
 (``--config FILE``; options given on the command line win) or from a dict in code: all three go
 through :func:`from_dict`, which rejects unknown keys and wrong types.  A smoke run is the same
 dataclass with smaller numbers, never a second code path (big_vision's runlocal idea).
+
+A settings class may also carry ``FOOTPRINT`` (a ``ClassVar``, not a setting): which of its settings
+lowers the command's memory footprint, with ``{field}`` for the value in force.  An out-of-memory
+error of the command ends with it (exit 7, :mod:`pipeline.cli`).
 """
 from __future__ import annotations
 

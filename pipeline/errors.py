@@ -10,7 +10,14 @@ code  class                  meaning
 4     IntegrityError         provenance/hash mismatch, stale input, incomplete artifact
 5     RuntimeUnavailable     the requested execution provider or device cannot run
 6     BusyError              another writer holds the output
+7     ResourceError          out of resources: a write failed (disk full, file-size limit,
+                             quota, read-only or unwritable folder, I/O error), the disk
+                             cannot hold what a stage will write, or memory ran out
 ====  =====================  ==========================================================
+
+Code 7 says "nothing is wrong with your inputs or settings; the machine ran out": a script can free
+space (or memory) and rerun the same command, which resumes where the stage can (the cache, the
+teacher's members) and starts over where it cannot, never from a half-written file.
 """
 from __future__ import annotations
 
@@ -39,3 +46,7 @@ class RuntimeUnavailable(PipelineError):
 
 class BusyError(PipelineError):
     exit_code = 6
+
+
+class ResourceError(PipelineError):
+    exit_code = 7

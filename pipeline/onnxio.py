@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import torch
 
+from pipeline import resources
 from pipeline.errors import IntegrityError
 from pipeline.formats.onnx_model import IR_VERSION, OPSET, set_metadata
 
@@ -37,7 +38,7 @@ def export(module: torch.nn.Module, example: torch.Tensor, out: Path, output_nam
     or after a module moved, are different files, and a cache built from them a different cache.
     """
     module = module.eval()
-    with quiet():
+    with resources.writing(out), quiet():  # torch and onnx.save raise a failed write naming no file
         torch.onnx.export(module, (example,), str(out), input_names=["x"], output_names=[output_name],
                           dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=OPSET,
                           external_data=False, dynamo=True, verbose=False)
@@ -45,7 +46,7 @@ def export(module: torch.nn.Module, example: torch.Tensor, out: Path, output_nam
     model.ir_version = IR_VERSION
     set_metadata(model, metadata or {})
     onnx.checker.check_model(model, full_check=True)
-    with open(out, "wb") as f:  # save via an explicit handle: onnx.save on a .partial name is fine too
+    with resources.writing(out), open(out, "wb") as f:  # an explicit handle: onnx.save on a .partial is fine too
         f.write(model.SerializeToString())
     return Path(out)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import resources
 from pipeline.errors import DataError, RuntimeUnavailable, UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -117,6 +118,8 @@ def check_io(path: Path, sess: Any, shape: tuple[int, ...], classes: int, member
     try:
         out = sess.run(None if output is None else [output], {inp.name: np.zeros((2, *shape), dtype)})[0]
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        if resources.is_memory_error(e):
+            raise  # out of memory is not the model's fault: exit 7 from the command line
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: the model fails on rows of shape {want}: {msg}") from None
     out = np.asarray(out)
@@ -202,6 +205,8 @@ def _try_session(ort: Any, path: Path, opts: Any, providers: list[str], raise_er
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        if resources.is_memory_error(e):
+            raise  # a thread pool that cannot start is out of memory, not a bad model: exit 7
         if raise_errors:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(f"{path}: onnxruntime cannot load this model: {msg[:300]}") from None

@@ -71,6 +71,29 @@ def tiny_student(tmp_path_factory, tiny_cache, tiny_prepared) -> Path:
     return distill_student(cfg, tiny_cache, tiny_prepared, d / "s.ckpt", d / "s.metrics.json", log=lambda m: None)
 
 
+BIG_ROWS = 59800  # train rows of big_transfer (60000 - 200 for validation)
+
+
+@pytest.fixture(scope="session")
+def big_transfer(tmp_path_factory, tiny_teacher):
+    """A 60000-row transfer set (47 MB) and its cache (13 MB, several chunks per dataset, built at batch
+    1024, temperatures 1, 2, 4): big enough for a cache to commit batches before a resource limit stops
+    it, and for the memory tests' allocations to stand out from the interpreter's."""
+    from types import SimpleNamespace
+
+    from stages.cache import CacheConfig, cache_soft_targets
+    from stages.prepare import PrepareConfig, prepare_dataset
+
+    d = tmp_path_factory.mktemp("big")
+    x, y = synthetic_images(BIG_ROWS + 200, seed=3)
+    xt, yt = synthetic_images(300, seed=4)
+    np.savez(d / "big.npz", x=x, y=y, x_test=xt, y_test=yt)
+    prepared = prepare_dataset(PrepareConfig(val_rows=200), d / "big.h5", npz=d / "big.npz")
+    cfg = CacheConfig(temperatures=(1.0, 2.0, 4.0), batch_size=1024, device="cpu", threads=1)
+    cache = cache_soft_targets(cfg, [tiny_teacher], prepared, d / "c.h5", log=lambda m: None)
+    return SimpleNamespace(prepared=prepared, cache=cache)
+
+
 def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m pipeline.cli ARGS`` in a subprocess from the project root."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}

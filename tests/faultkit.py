@@ -2,9 +2,12 @@
 
 Run as a module, it is the child process of the HDF5 mutation tests: it opens each mutated file the
 way the stages do, under an address-space limit (a multi-GB allocation fails instead of happening),
-and prints one JSON line per mutation; a segfault or hang shows up as the child dying.
+and prints one JSON line per mutation; a segfault or hang shows up as the child dying.  With
+``vmpeak`` it runs a ``distill`` command and prints the process's peak address space last, which the
+memory-ceiling tests set their ``RLIMIT_AS`` from.
 
     python -m tests.faultkit prepared|cache ORIGINAL WORKDIR SEED COUNT
+    python -m tests.faultkit vmpeak DISTILL-ARGS...
 """
 from __future__ import annotations
 
@@ -175,6 +178,73 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float 
     raise AssertionError(f"{proc.args}: nothing to kill at after {timeout} s")
 
 
+def run_limited(*args, fsize: int | None = None, vmem: int | None = None, vmpeak: bool = False,
+                timeout: float = 600) -> subprocess.CompletedProcess:
+    """``distill ARGS`` in a subprocess under ``RLIMIT_FSIZE`` (bytes per file) and/or ``RLIMIT_AS``
+    (bytes of address space), set in the child before it starts; ``vmpeak`` makes its last stderr
+    line ``VmPeak <KiB> VmSize <KiB>`` (the peak, and what it holds at exit).  glibc gets two malloc
+    arenas, so that the address space a run takes does not depend on which threads happened to
+    allocate (measured: the same peak to 0.1 MiB)."""
+    def limit() -> None:
+        if fsize is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        if vmem is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (vmem, vmem))
+
+    cmd = [sys.executable, "-m", "tests.faultkit", "vmpeak"] if vmpeak else [sys.executable, "-m", "pipeline.cli"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_ARENA_MAX": "2"}
+    return subprocess.run([*cmd, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=limit)
+
+
+def address_space(proc: subprocess.CompletedProcess) -> tuple[int, int]:
+    """Bytes of (peak, final) address space a ``run_limited(..., vmpeak=True)`` child reported."""
+    words = proc.stderr.strip().splitlines()[-1].split()
+    assert words[0] == "VmPeak", proc.stderr[-2000:]
+    return int(words[1]) * 1024, int(words[3]) * 1024
+
+
+def exit7(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The one error line of a command that ended with exit 7, out of resources (log lines may precede
+    it, nothing follows it, no traceback), checked to contain each of ``fragments``."""
+    assert proc.returncode == 7, f"exit {proc.returncode}:\n{proc.stderr[-3000:]}"
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if ": error: " in line]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def unpublished(*paths: Path) -> None:
+    """Neither the artifact nor its ``.partial`` exists."""
+    for path in paths:
+        partial = path.with_name(path.name + ".partial")
+        assert not path.exists(), f"{path} was published"
+        assert not partial.exists(), f"{partial} was left behind"
+
+
+def content_digest(path: Path) -> str:
+    """The seal of an HDF5 artifact (``content_sha256``: every dataset and attribute)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return str(f.attrs["content_sha256"])
+
+
+def _vmpeak(argv: list[str]) -> None:
+    import atexit
+    import runpy
+
+    def report() -> None:
+        vm = {line.split(":")[0]: line.split()[1] for line in open("/proc/self/status") if line.startswith("Vm")}
+        print(f"VmPeak {vm['VmPeak']} VmSize {vm['VmSize']}", file=sys.stderr, flush=True)
+
+    atexit.register(report)
+    sys.argv = ["distill", *argv]
+    runpy.run_module("pipeline.cli", run_name="__main__")
+
+
 def _reap_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # children (bench workers) would otherwise outlive it
@@ -183,5 +253,8 @@ def _reap_group(proc: subprocess.Popen) -> None:
 
 
 if __name__ == "__main__":
-    kind, original, workdir, seed, count = sys.argv[1:6]
-    child(kind, Path(original), Path(workdir), int(seed), int(count))
+    if sys.argv[1] == "vmpeak":
+        _vmpeak(sys.argv[2:])
+    else:
+        kind, original, workdir, seed, count = sys.argv[1:6]
+        child(kind, Path(original), Path(workdir), int(seed), int(count))

@@ -17,6 +17,11 @@ Crash safety (the writer): rows are written in batches; after each batch the dat
 ``committed_rows`` advanced, flushed and the file fsynced, so a committed row is always on disk and
 a killed writer resumes after its last committed batch.  The seal is written last; readers verify
 it before returning anything, so a finished cache that changed since is refused as corrupt.
+
+A failed write (full disk, file-size limit) is raised as the OSError it was, at the latest by the
+commit of its batch and before ``committed_rows`` can advance (:mod:`pipeline.formats.h5write`: HDF5
+never sees the failure, and every write after it is dropped), so the partial file on disk holds
+exactly the batches committed before the fault and a rerun resumes after them.
 """
 from __future__ import annotations
 
@@ -29,14 +34,15 @@ from typing import Any, Callable, Iterator
 import h5py
 import numpy as np
 
-from pipeline.artifacts import fsync_path
 from pipeline.errors import DataError, IntegrityError, UsageError
 from pipeline.formats import h5seal
+from pipeline.formats.h5write import H5Output
 
 SCHEMA = "kd-cache/1"
 WHAT = "soft-target cache"
 REBUILD = "make cache"
 CHUNK_BYTES = 512 << 10  # chunks of whole rows, ~512 KiB: in the 256 KiB - 1 MiB band of docs/formats.md
+METADATA_BYTES = 64 << 10  # headroom for HDF5's own structures, attributes and provenance (~30 KiB measured)
 
 
 def t_key(T: float) -> str:
@@ -44,24 +50,50 @@ def t_key(T: float) -> str:
     return f"{float(T):g}"
 
 
+def _chunk_rows(rows: int, row_bytes: int) -> int:
+    return max(1, min(rows, CHUNK_BYTES // row_bytes))
+
+
+def _whole_chunks(rows: int, row_bytes: int) -> int:
+    """Bytes HDF5 allocates for a dataset of ``rows`` rows: whole chunks, the last one included."""
+    chunk = _chunk_rows(rows, row_bytes)
+    return -(-rows // chunk) * chunk * row_bytes
+
+
+def soft_size(rows: int, classes: int, temperatures: int) -> int:
+    """Bytes of ``temperatures`` soft-target datasets (what ``add-temperature`` adds)."""
+    return temperatures * _whole_chunks(rows, classes * 4)
+
+
+def predicted_size(rows: int, members: int, classes: int, temperatures: int) -> tuple[int, str]:
+    """Bytes a finished cache of this shape takes (every dataset in whole chunks, as HDF5 allocates
+    them, plus :data:`METADATA_BYTES`), and the figure as a formula a user can check."""
+    size = (_whole_chunks(rows, members * classes * 4) + soft_size(rows, classes, temperatures)
+            + _whole_chunks(rows, 8) + METADATA_BYTES)
+    return size, (f"({rows} rows x {members} members x {classes} classes + {rows} x {classes} x {temperatures} "
+                  f"temperatures) x 4 bytes + {rows} labels x 8 bytes, in whole chunks, + {METADATA_BYTES >> 10} KiB")
+
+
 class CacheWriter:
     """An open cache being written (a ``.partial``); the stage's tools change a cache only through it."""
 
-    def __init__(self, f: h5py.File):
-        self.f = f
+    def __init__(self, out: H5Output):
+        self.out = out
+        self.f = out.f
 
     # ---- opening
     @classmethod
     def create(cls, path: Path, identity: dict, rows: int, members: int, classes: int,
                temperatures: tuple[float, ...]) -> "CacheWriter":
         """A new, empty cache at ``path`` (truncated if it exists) with its datasets."""
-        f = h5py.File(path, "w", locking=False)
-        chunk = max(1, min(rows, CHUNK_BYTES // (members * classes * 4)))
+        out = H5Output(path, "w")
+        f = out.f
+        chunk = _chunk_rows(rows, members * classes * 4)
         f.create_dataset("logits", (rows, members, classes), np.float32, chunks=(chunk, members, classes))
-        w = cls(f)
+        w = cls(out)
         for T in temperatures:
             w.add_soft(T)
-        f.create_dataset("labels", (rows,), np.int64, chunks=(max(1, min(rows, CHUNK_BYTES // 8)),))
+        f.create_dataset("labels", (rows,), np.int64, chunks=(_chunk_rows(rows, 8),))
         f.attrs.update(schema=SCHEMA, rows=rows, members=members, classes=classes, committed_rows=0,
                        complete=False, identity=json.dumps(identity))
         return w
@@ -73,25 +105,26 @@ class CacheWriter:
         if path.stat().st_size == 0:  # just created by the lock: nothing to resume
             return None
         try:
-            f = h5py.File(path, "r+", locking=False)
-        except (OSError, KeyError, ValueError):
+            out = H5Output(path, "r+")
+        except (OSError, KeyError, ValueError, RuntimeError):
             log(f"{path}: unreadable partial cache (killed writer?); restarting from row 0")
             return None
+        f = out.f
         try:
             if (json.loads(f.attrs["identity"]) == identity and "logits" in f
                     and "teacher_probabilities" in f.attrs):
                 log(f"resuming {path} at row {int(f.attrs['committed_rows'])} (its last committed batch)")
-                return cls(f)
+                return cls(out)
             log(f"{path}: made from other inputs or settings; restarting from row 0")
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, RuntimeError):
             log(f"{path}: unreadable partial cache (killed writer?); restarting from row 0")
-        f.close()
+        out.close()
         return None
 
     @classmethod
     def update(cls, path: Path) -> "CacheWriter":
         """Open a copy of a finished cache (``path``, a ``.partial``) to extend it; reseal on finish."""
-        return cls(h5py.File(path, "r+", locking=False))
+        return cls(H5Output(path, "r+"))
 
     # ---- writing
     @property
@@ -104,7 +137,7 @@ class CacheWriter:
 
     def add_soft(self, T: float) -> h5py.Dataset:
         rows, classes = self.f["logits"].shape[0], self.f["logits"].shape[2]
-        soft_chunk = max(1, min(rows, CHUNK_BYTES // (classes * 4)))
+        soft_chunk = _chunk_rows(rows, classes * 4)
         return self.f.create_dataset(f"soft/{t_key(T)}", (rows, classes), np.float32, chunks=(soft_chunk, classes))
 
     def put(self, lo: int, logits: np.ndarray | None, soft: dict[float, np.ndarray], labels: np.ndarray | None) -> None:
@@ -116,14 +149,15 @@ class CacheWriter:
             self.f[f"soft/{t_key(T)}"][lo:lo + n] = p
         if labels is not None:
             self.f["labels"][lo:lo + n] = labels
+        self.out.check()
 
     def commit(self, rows: int) -> None:
         """Data before the counter: flush, advance ``committed_rows``, flush, fsync (h5py's flush
-        reaches the OS only; the counter must survive a crash)."""
-        self.f.flush()
+        reaches the OS only; the counter must survive a crash).  A failed write of the data is raised
+        by the first flush, before the counter changes."""
+        self.out.flush()
         self.f.attrs["committed_rows"] = rows
-        self.f.flush()
-        fsync_path(Path(self.f.filename))
+        self.out.flush(fsync=True)
 
     def read(self, name: str, lo: int, hi: int) -> np.ndarray:
         return self.f[name][lo:hi]
@@ -137,11 +171,13 @@ class CacheWriter:
         if part is not None:
             self.f.attrs["part"] = json.dumps(part)
         self.f.attrs["complete"] = True
+        self.out.flush()  # a failed write is raised here, never sealed over
         h5seal.seal(self.f)
-        self.f.flush()
+        self.out.flush()
 
     def close(self) -> None:
-        self.f.close()
+        """Close the file; raises a failed write not raised yet (the last flush happens here)."""
+        self.out.close()
 
 
 @dataclasses.dataclass(frozen=True)

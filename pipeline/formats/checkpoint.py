@@ -22,11 +22,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from pipeline.errors import DataError
 from pipeline.formats import h5seal
+from pipeline.formats.h5write import H5Output
 
 SCHEMA = "kd-checkpoint/1"
 ROLES = {"student": "make student", "teacher-member": "make teacher"}
@@ -48,10 +48,12 @@ class Checkpoint:
 
 
 def write_checkpoint(path: Path, ckpt: Checkpoint) -> Path:
-    """Write ``ckpt`` to ``path`` (normally a ``.partial``) and seal it."""
+    """Write ``ckpt`` to ``path`` (normally a ``.partial``) and seal it; a failed write is raised as
+    the OSError it was (:mod:`pipeline.formats.h5write`)."""
     if ckpt.role not in ROLES:
         raise ValueError(f"role must be one of {sorted(ROLES)}, got {ckpt.role!r}")
-    with h5py.File(path, "w", locking=False) as f:
+    with H5Output(path, "w") as out:
+        f = out.f
         f.attrs.update(schema=SCHEMA, role=ckpt.role, arch=ckpt.arch, input_shape=json.dumps(list(ckpt.input_shape)),
                        class_names=json.dumps(list(ckpt.class_names)), norm=json.dumps(ckpt.norm),
                        state_keys=json.dumps(list(ckpt.state)), meta=json.dumps(ckpt.meta),
@@ -59,6 +61,7 @@ def write_checkpoint(path: Path, ckpt: Checkpoint) -> Path:
         g = f.create_group("state")
         for name, value in ckpt.state.items():
             g.create_dataset(name, data=np.asarray(value))
+        out.flush()  # a failed write is raised here, never sealed over
         h5seal.seal(f)
     return Path(path)
 

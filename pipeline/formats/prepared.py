@@ -32,11 +32,23 @@ import numpy as np
 
 from pipeline.errors import DataError
 from pipeline.formats import h5seal
+from pipeline.formats.h5write import H5Output
 
 SCHEMA = "kd-prepared/1"
 SPLITS = ("train", "val", "test")
 WHAT = "prepared dataset"
 REBUILD = "make prepare"
+METADATA_BYTES = 64 << 10  # headroom for HDF5's own structures, attributes and provenance
+
+
+def predicted_size(rows: dict[str, int], shape: tuple[int, ...], dtype: Any) -> tuple[int, str]:
+    """Bytes a prepared file with these split sizes takes (contiguous datasets: x, int64 labels, plus
+    :data:`METADATA_BYTES`), and the figure as a formula a user can check."""
+    row = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    n = sum(rows.values())
+    return n * (row + 8) + METADATA_BYTES, (
+        f"{' + '.join(f'{r} {s}' for s, r in rows.items())} rows x ({'x'.join(map(str, shape))} pixels x "
+        f"{np.dtype(dtype).itemsize} bytes + 8 bytes of label) + {METADATA_BYTES >> 10} KiB")
 
 
 Stat = float | tuple[float, ...]  # one value, or one per channel
@@ -89,12 +101,14 @@ class PreparedWriter:
 
     ``put`` writes a whole split; ``allocate`` creates a split's datasets for the caller to fill
     in blocks (a split larger than memory, as the transfer-set augmentation writes); ``copy``
-    takes a split from another prepared file unchanged.
+    takes a split from another prepared file unchanged.  A failed write (full disk, file-size limit)
+    is raised as the OSError it was (:mod:`pipeline.formats.h5write`), after each split and on close.
     """
 
     def __init__(self, path: Path, classes: list[str] | tuple[str, ...], norm: Normalisation,
                  provenance: dict[str, Any]):
-        self.f = h5py.File(path, "w", locking=False)
+        self.out = H5Output(path, "w")
+        self.f = self.out.f
         self.f.attrs.update(schema=SCHEMA, classes=json.dumps(list(classes)), scale=float(norm.scale),
                             mean=_stat_attr(norm.mean), std=_stat_attr(norm.std), provenance=json.dumps(provenance))
 
@@ -102,6 +116,7 @@ class PreparedWriter:
         g = self.f.create_group(split)
         g.create_dataset("x", data=x if x.dtype == np.uint8 else x.astype(np.float32))
         g.create_dataset("y", data=np.asarray(y).astype(np.int64))
+        self.out.check()
 
     def allocate(self, split: str, rows: int, shape: tuple[int, ...], dtype: Any) -> tuple[h5py.Dataset, h5py.Dataset]:
         g = self.f.create_group(split)
@@ -111,11 +126,19 @@ class PreparedWriter:
     def copy(self, source: Path, split: str) -> None:
         with h5seal.open_untrusted(source, WHAT, REBUILD) as src:
             src.copy(src[split], self.f, name=split)
+        self.out.check()
+
+    def check(self) -> None:
+        """Raise a failed write now (a caller filling allocated datasets in blocks calls it per block)."""
+        self.out.check()
 
     def close(self, seal: bool = True) -> None:
-        if seal:
-            h5seal.seal(self.f)
-        self.f.close()
+        try:
+            if seal:
+                self.out.flush()  # a failed write is raised here, never sealed over
+                h5seal.seal(self.f)
+        finally:
+            self.out.close()
 
     def __enter__(self) -> "PreparedWriter":
         return self

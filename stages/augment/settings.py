@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from pipeline.config import require, setting
 
@@ -10,6 +11,8 @@ from pipeline.config import require, setting
 class JitterConfig:
     """Write a prepared transfer set whose train split is the source's rows plus shifted copies of
     them (val, test and normalisation unchanged), for a cache of the teacher on more inputs."""
+
+    FOOTPRINT: ClassVar[str] = "jitter holds 8192 rows at a time whatever --copies; raise the memory ceiling"
 
     copies: int = setting(9, "shifted copies of every training row (the train split grows (1 + copies)-fold)")
     max_shift: int = setting(2, "largest shift in pixels along each image axis (the teacher's default jitter)")

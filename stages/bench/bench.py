@@ -13,13 +13,12 @@ are measured in this process on the whole test split.  The report is the ``kd-be
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from pipeline import ort, provenance, runtime
+from pipeline import ort, provenance, resources, runtime
 from pipeline.artifacts import claim, write_text
 from pipeline.config import to_dict
 from pipeline.errors import DataError
@@ -79,11 +78,11 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
     torch_models = {f"{k}{TORCH_SUFFIX}": Path(v) for k, v in (torch_models or {}).items()}
     teacher_pred = ort.predict_proba(teacher, xtest).argmax(1)
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with resources.temporary_folder() as tmp:  # a full TMPDIR is one line naming it (exit 7)
         pools, floors = {}, {}
         for dtype, x in rows.items():
             pools[dtype] = Path(tmp) / f"pool-{dtype}.npy"
-            np.save(pools[dtype], x[:1024])  # a pool of real rows, cycled; 1024 rows is ~3 MiB of MNIST
+            bench_worker.save_pool(pools[dtype], x[:1024])  # a pool of real rows, cycled; 1024 rows is ~3 MiB of MNIST
             floors[benchreport.floor_name(dtype, "onnxruntime")] = bench_worker.write_identity_model(
                 Path(tmp) / f"identity-{dtype}.onnx", info.shape, dtype)
             dtypes[benchreport.floor_name(dtype, "onnxruntime")] = dtype
@@ -122,13 +121,15 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
               "environment": environment(),
               "provenance": provenance.record("bench", to_dict(cfg), {"prepared": prepared, **models,
                                                                      **torch_models})}
+    # Each file is published atomically; the Markdown, make's target, goes last, so a run that fails
+    # on the way (a full disk: exit 7) leaves make with a reason to run the bench again.
     benchreport.write_csv(csv_path, results)
     if plot_accuracy is not None:
         benchreport.plot_accuracy_latency(report, plot_accuracy)
     if plot_throughput is not None:
         benchreport.plot_throughput(report, plot_throughput)
-    write_text(markdown, benchreport.render_markdown(report, plots=[p for p in (plot_accuracy, plot_throughput) if p]))
     write_bench_report(out, benchreport.strip_latencies(report))
+    write_text(markdown, benchreport.render_markdown(report, plots=[p for p in (plot_accuracy, plot_throughput) if p]))
     log(f"bench: {len(results)} models -> {out}, {markdown}")
     return out
 

@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline import ort, provenance
+from pipeline import ort, provenance, resources
 from pipeline.artifacts import write_json
 from pipeline.config import to_dict
 from pipeline.formats.onnx_model import input_dtype
@@ -113,10 +113,10 @@ def check_fidelity(cfg: FidelityConfig, teacher: Path, student: Path, student_in
     them, verdicts included, to ``out``."""
     info = open_prepared(prepared)
     xtest = info.load("test")[0][:1024]
-    with tempfile.TemporaryDirectory() as tmp:
+    with resources.temporary_folder() as tmp:  # a full TMPDIR is one line naming it (exit 7)
         pools = {"float32": Path(tmp) / "pool.npy", "uint8": Path(tmp) / "pixels.npy"}
-        np.save(pools["float32"], xtest)
-        np.save(pools["uint8"], info.load_raw("test", 0, 1024)[0])  # for a model that takes raw pixels
+        bench_worker.save_pool(pools["float32"], xtest)
+        bench_worker.save_pool(pools["uint8"], info.load_raw("test", 0, 1024)[0])  # for a model taking raw pixels
         floor = bench_worker.write_identity_model(Path(tmp) / "identity.onnx", info.shape)
         rounds: dict[tuple[str, str], list[dict]] = defaultdict(list)
         for i in range(cfg.rounds):

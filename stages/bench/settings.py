@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import ClassVar
 
 from pipeline.config import require, setting
 
@@ -13,6 +14,8 @@ class BenchConfig:
     """Benchmark edge inference (latency percentiles, throughput across batch sizes, start-up, memory,
     size, accuracy) of student ONNX models (and PyTorch eager baselines) against the teacher
     ensemble, each configuration in a fresh process."""
+
+    FOOTPRINT: ClassVar[str] = "lower --batches (now {batches}): each timed process holds one batch and its outputs"
 
     threads: tuple[int, ...] = setting((1, 0), "intra-op thread counts to time; 0 = all cores (os.cpu_count())")
     batches: tuple[int, ...] = setting((1, 16, 256), "batch sizes to time (1 = latency; larger = throughput)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import itertools
 import json
 import math
@@ -39,8 +40,8 @@ import onnx
 import onnxruntime as ort
 
 from pipeline import ort as ortx
-from pipeline import runtime
-from pipeline.errors import DataError, PipelineError, RuntimeUnavailable
+from pipeline import resources, runtime
+from pipeline.errors import DataError, PipelineError, ResourceError, RuntimeUnavailable
 from pipeline.formats.onnx_model import IR_VERSION, OPSET
 from stages.bench import stats as benchstats
 from stages.bench.settings import TIMING_DEFAULTS
@@ -65,6 +66,16 @@ def load_pool(inputs: str | Path | np.ndarray) -> np.ndarray:
     if pool.ndim < 1 or pool.shape[0] < 1:
         raise ValueError(f"input pool needs at least one row, got shape {pool.shape}")
     return pool
+
+
+def save_pool(path: Path, pool: np.ndarray) -> Path:
+    """Write a pool of rows as .npy through Python's own file I/O: ``np.save`` to a file reports a
+    full disk as "N requested and M written", without the errno that makes it exit 7."""
+    buf = io.BytesIO()
+    np.save(buf, pool, allow_pickle=False)
+    with resources.writing(path):
+        Path(path).write_bytes(buf.getbuffer())
+    return Path(path)
 
 
 def cut_batches(pool: np.ndarray, batch: int) -> list[np.ndarray]:
@@ -312,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"bench_worker: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - out of memory is exit 7 for the bench to report; the rest is a bug
+        err = resources.as_resource_error(exc, "lower --batches")
+        if err is None:
+            raise
+        print(f"bench_worker: {err}", file=sys.stderr)
+        return err.exit_code
     json.dump(result, real_stdout)
     real_stdout.write("\n")
     real_stdout.flush()
@@ -325,8 +342,8 @@ def run_isolated(model, inputs, threads: int, batch: int, provider: str = "cpu",
     """Run the worker in a fresh ``python -m stages.bench.worker`` process and return its JSON.
 
     ``timing`` takes warmup_count, warmup_s, min_count, min_s, trials. When the worker fails, raises
-    RuntimeUnavailable (its exit 5) or DataError (any other exit) with its exit code and the last
-    line of its stderr.
+    RuntimeUnavailable (its exit 5), ResourceError (its exit 7: out of memory) or DataError (any other
+    exit) with its exit code and the last line of its stderr.
     """
     unknown = set(timing) - set(TIMING_DEFAULTS)
     if unknown:
@@ -341,6 +358,8 @@ def run_isolated(model, inputs, threads: int, batch: int, provider: str = "cpu",
     if proc.returncode != 0:  # a documented exit for the bench command, never a traceback
         lines = proc.stderr.strip().splitlines()
         why = f"bench worker exited {proc.returncode}: {lines[-1] if lines else '(no stderr)'}"
+        if proc.returncode == ResourceError.exit_code:
+            raise ResourceError(f"{model}: {why}")
         raise RuntimeUnavailable(why) if proc.returncode == RuntimeUnavailable.exit_code else DataError(f"{model}: {why}")
     return json.loads(proc.stdout)
 
@@ -361,7 +380,8 @@ def write_identity_model(path, input_shape_without_batch: tuple[int, ...],
     onnx.checker.check_model(model, full_check=True)
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    onnx.save_model(model, str(partial))
+    with resources.writing(partial):
+        onnx.save_model(model, str(partial))
     os.replace(partial, path)
     return path
 

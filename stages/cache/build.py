@@ -11,7 +11,9 @@ the model's metadata, then defaults; :mod:`stages.cache.teachers`), checked befo
 then scored by the sanity gate (:mod:`stages.cache.gate`) before the first row is committed.  The
 resolved contracts are part of the cache's identity, so a resume, a shard and ``verify`` feed the
 same inputs.  A run that fails (a refused batch, an error in the reader or writer thread, which
-becomes one line) removes its ``.partial``; an interrupt or a kill leaves it to resume.
+becomes one line) removes its ``.partial``; an interrupt, a kill or a failed write (a full disk, a
+file-size limit: exit 7, saying how many rows are committed) leaves it to resume.  Before the
+partial file is created, the disk is checked for the finished file's size.
 
 Streaming: the transfer set is read, run and written batch by batch, with reading and writing
 overlapped with inference (:mod:`stages.cache.stream`), and diagnostics are computed over blocks,
@@ -40,12 +42,13 @@ from typing import Callable, Mapping
 import numpy as np
 
 from pipeline import contract as ct
-from pipeline import provenance, runtime, soft
-from pipeline.artifacts import claim, exclusive, publish, release
+from pipeline import provenance, resources, runtime, soft
+from pipeline.artifacts import claim, exclusive, partial_path, publish, release
 from pipeline.config import to_dict
 from pipeline.errors import DataError, PipelineError, UsageError
-from pipeline.formats.cache import CacheWriter, t_key
+from pipeline.formats.cache import CacheWriter, predicted_size, t_key
 from pipeline.formats.prepared import Prepared, open_prepared
+from pipeline.resources import human, require_space
 from stages.cache.gate import run_gate
 from stages.cache.settings import DIAG_BLOCK, NOT_IN_SETTINGS, CacheConfig
 from stages.cache.stream import (StreamStats, diagnostics_in_blocks, member_accuracy_in_blocks, part_path,
@@ -107,42 +110,14 @@ def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
         identity["part"] = {"index": index, "count": count, "rows": [lo, hi], "total_rows": info.rows[cfg.split]}
         log(f"cache: shard {index}/{count}, rows [{lo}, {hi}) -> {out}")
     stats = StreamStats()
+    try:
+        _require_space(out, hi - lo, teachers.member_count, len(info.classes), cfg)
+    except BaseException:
+        release(out)
+        raise
     with exclusive(out) as tmp:
-        box = {"w": CacheWriter.resume(tmp, identity, log)}
-        try:
-            start = lo
-            if box["w"] is not None:
-                start = lo + box["w"].committed_rows
-                teachers.probabilities = json.loads(box["w"].attrs["teacher_probabilities"])
-            bar = runtime.progress(total=hi - lo, initial=start - lo, desc="cache", unit="row")
-
-            def write(b_lo: int, b_hi: int, logits: np.ndarray, y: np.ndarray) -> None:
-                if box["w"] is None:
-                    box["w"] = CacheWriter.create(tmp, identity, hi - lo, logits.shape[1], logits.shape[2],
-                                                  cfg.temperatures)
-                    box["w"].attrs["teacher_probabilities"] = json.dumps(teachers.probabilities)
-                _write_batch(box["w"], b_lo - lo, logits, y, cfg, weights, stats)
-                bar.update(b_hi - b_lo)
-
-            batches = [(b, min(hi, b + cfg.batch_size)) for b in range(start, hi, cfg.batch_size)]
-            with info.rows_reader(cfg.split) as raw:  # one handle; only the reader thread reads it
-                def read(a: int, b: int) -> tuple[list[np.ndarray], np.ndarray]:
-                    x, y = raw(a, b)
-                    return teachers.adapt(x), y  # each teacher's input, once per distinct contract
-
-                run_pipeline(batches, read, teachers, write, stats)
-            bar.close()
-            diags, accs = _finish(box["w"], cfg, teachers, identity, records, weights, info, transfer_set, count > 1)
-        except Exception as e:  # not an interrupt: a killed or interrupted run keeps its partial to resume
-            _close(box)
-            tmp.unlink(missing_ok=True)  # a run that failed leaves nothing behind (rerunning would fail again)
-            if isinstance(e, PipelineError):
-                raise
-            where = " ".join(getattr(e, "__notes__", [])) or "in the cache stage"  # the thread, from run_pipeline
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "(no message)"
-            raise DataError(f"{out}: {type(e).__name__} {where}: {first}; nothing was published") from e
-        finally:
-            _close(box)
+        diags, accs = _write_cache(cfg, tmp, identity, (lo, hi), info, teachers, weights, records, stats,
+                                   transfer_set, count > 1, log)
         publish(tmp, out)
     if diags:
         log(format_diagnostics(diags, accs))
@@ -150,6 +125,75 @@ def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
     log(f"cache: {hi - lo} rows x {teachers.provider} in {wall:.2f} s -> {out}")
     return out, {"wall_s": wall, "rows": hi - lo, "provider": teachers.provider,
                  "io_binding": teachers.io_binding, **dataclasses.asdict(stats)}
+
+
+def _require_space(out: Path, rows: int, members: int, classes: int, cfg: CacheConfig) -> None:
+    """Refuse (exit 7) before any row runs, and before the partial file is created, when the disk
+    cannot hold the finished file; a partial being resumed or replaced already holds part of that space."""
+    need, figure = predicted_size(rows, members, classes, len(cfg.temperatures))
+    tmp = partial_path(out)
+    have = tmp.stat().st_size if tmp.exists() else 0
+    require_space(out, need - have, figure + (f", less the {human(have)} of {tmp.name}" if have else ""))
+
+
+def _write_cache(cfg: CacheConfig, tmp: Path, identity: dict, span: tuple[int, int], info: Prepared,
+                 teachers: Teachers, weights: np.ndarray | None, records: list, stats: StreamStats,
+                 transfer_set: Path, part: bool, log: Callable[[str], None]) -> tuple[dict, list | None]:
+    """Run the rows of ``span`` not yet committed in ``tmp`` and finish it (diagnostics, seal).
+
+    A failed write of ``tmp`` (full disk, file-size limit) is one ResourceError saying how many rows
+    are committed: the partial stays, and the same command resumes after them.  Any other failure (a
+    refused batch, an error in the reader or writer thread) is one line and removes the partial:
+    rerunning would fail the same way.  An interrupt or a kill keeps it.
+    """
+    lo, hi = span
+    box = {"w": CacheWriter.resume(tmp, identity, log), "rows": 0}
+    try:
+        start = lo
+        if box["w"] is not None:
+            start = lo + box["w"].committed_rows
+            box["rows"] = start - lo
+            teachers.probabilities = json.loads(box["w"].attrs["teacher_probabilities"])
+        bar = runtime.progress(total=hi - lo, initial=start - lo, desc="cache", unit="row")
+
+        def write(b_lo: int, b_hi: int, logits: np.ndarray, y: np.ndarray) -> None:
+            if box["w"] is None:
+                box["w"] = CacheWriter.create(tmp, identity, hi - lo, logits.shape[1], logits.shape[2],
+                                              cfg.temperatures)
+                box["w"].attrs["teacher_probabilities"] = json.dumps(teachers.probabilities)
+            _write_batch(box["w"], b_lo - lo, logits, y, cfg, weights, stats)
+            box["rows"] = b_hi - lo
+            bar.update(b_hi - b_lo)
+
+        batches = [(b, min(hi, b + cfg.batch_size)) for b in range(start, hi, cfg.batch_size)]
+        with info.rows_reader(cfg.split) as raw:  # one handle; only the reader thread reads it
+            def read(a: int, b: int) -> tuple[list[np.ndarray], np.ndarray]:
+                x, y = raw(a, b)
+                return teachers.adapt(x), y  # each teacher's input, once per distinct contract
+
+            run_pipeline(batches, read, teachers, write, stats)
+        bar.close()
+        out = _finish(box["w"], cfg, teachers, identity, records, weights, info, transfer_set, part)
+        w, box["w"] = box["w"], None
+        w.close()  # its last writes happen here
+        return out
+    except Exception as e:  # not an interrupt: a killed or interrupted run keeps its partial to resume
+        if resources.failed_file(e) == str(tmp):
+            done, total = box["rows"], hi - lo
+            raise resources.write_failure(tmp, e, (
+                f"{done} of {total} rows are committed in it: free space and rerun the same command to resume "
+                f"from there" if done < total else "every row is committed in it: free space and rerun the same "
+                "command to finish it")) from None
+        _close(box)
+        tmp.unlink(missing_ok=True)  # a run that failed leaves nothing behind (rerunning would fail again)
+        if isinstance(e, PipelineError):
+            raise
+        where = " ".join(getattr(e, "__notes__", [])) or "in the cache stage"  # the thread, from run_pipeline
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "(no message)"
+        raise DataError(f"{tmp.with_name(tmp.name.removesuffix('.partial'))}: {type(e).__name__} {where}: "
+                        f"{first}; nothing was published") from e
+    finally:
+        _close(box)
 
 
 def _close(box: dict) -> None:

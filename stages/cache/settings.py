@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 from pipeline.config import require, require_temperatures, setting
 from pipeline.errors import UsageError
@@ -37,6 +38,8 @@ def require_weights(weights: tuple[float, ...]) -> None:
 class CacheConfig:
     """Run the teacher ensemble over the transfer set with onnxruntime and write the soft-target
     cache (kd-cache/1): per-member logits and combined soft targets at each temperature."""
+
+    FOOTPRINT: ClassVar[str] = "lower --batch-size (now {batch_size}): the stage holds a few batches of rows at a time"
 
     temperatures: tuple[float, ...] = setting((1.0, 2.0, 4.0, 8.0, 20.0), "temperatures to store soft targets at")
     combine: str = setting("arithmetic", "member combination: arithmetic (mean of softmaxes, Hinton) or "
@@ -76,6 +79,8 @@ class AddTemperatureConfig:
     teacher run), or recombine them all with new member weights; in place, or to --out. Refuses a
     cache without logits."""
 
+    FOOTPRINT: ClassVar[str] = "lower --block-rows (now {block_rows})"
+
     temperatures: tuple[float, ...] = setting((), "temperatures to add, e.g. 3,5")
     member_weights: tuple[float, ...] = setting((), "new member weights (one per member, normalised): every stored "
                                                     "temperature is recomputed with them; empty = keep the cache's")
@@ -94,6 +99,8 @@ class VerifyConfig:
     """Check a cache against its teachers and transfer set: recorded sha256 of each file, and a
     random sample of rows re-run through the teachers compared with the stored logits."""
 
+    FOOTPRINT: ClassVar[str] = "lower --sample-rows (now {sample_rows})"
+
     sample_rows: int = setting(256, "rows to re-run (in `windows` random contiguous windows)")
     windows: int = setting(8, "number of random contiguous windows the sample is drawn in")
     seed: int = setting(0, "seed of the sample")
@@ -111,6 +118,8 @@ class MergeConfig:
     """Join the parts of a sharded cache (`distill cache --shard i/n`) into one cache, after checking
     that every part exists, is complete, has the same provenance and that they cover the rows once."""
 
+    FOOTPRINT: ClassVar[str] = "lower --block-rows (now {block_rows})"
+
     block_rows: int = setting(DIAG_BLOCK, "rows copied per block (bounds memory)")
 
     def __post_init__(self) -> None:
@@ -121,6 +130,8 @@ class MergeConfig:
 class CacheBenchConfig:
     """Rows/s of one teacher ensemble in onnxruntime vs PyTorch eager (side by side), and the
     share of the cache stage's wall time spent in HDF5 I/O."""
+
+    FOOTPRINT: ClassVar[str] = "lower --rows (now {rows}) or --batch-size (now {batch_size})"
 
     rows: int = setting(4096, "rows of the synthetic transfer set")
     members: int = setting(3, "ensemble members")
@@ -137,6 +148,8 @@ class CacheBenchConfig:
 @dataclasses.dataclass(frozen=True)
 class CacheScaleConfig:
     """Peak RSS and wall time of `distill cache` on synthetic transfer sets of growing size."""
+
+    FOOTPRINT: ClassVar[str] = "lower --sizes (now {sizes}) or --batch-size (now {batch_size})"
 
     sizes: tuple[int, ...] = setting((10_000, 100_000, 1_000_000), "transfer-set rows, one run each")
     features: int = setting(784, "float32 features per row")

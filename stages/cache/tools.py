@@ -16,6 +16,9 @@ since it was written is refused (content checksum mismatch, exit 4), never re-se
   stored soft targets from them.
 - ``merge``: joins the parts written by ``--shard i/n`` into one cache equal to a single-process run.
 - ``plot_diagnostics``: mean entropy and teacher accuracy against T (matplotlib, Agg backend).
+
+``add_temperature`` and ``merge`` check the free space for their output before writing (exit 7 with
+the figure); a write that fails anyway removes the partial, leaving any original untouched.
 """
 from __future__ import annotations
 
@@ -31,8 +34,10 @@ from pipeline import provenance, soft
 from pipeline.artifacts import atomic_output
 from pipeline.config import to_dict
 from pipeline.errors import DataError, IntegrityError, UsageError
+from pipeline.formats.cache import (CacheInfo, CacheWriter, open_cache, open_part, predicted_size, soft_size,
+                                    t_key)
 from pipeline.formats.onnx_model import InputContract
-from pipeline.formats.cache import CacheInfo, CacheWriter, open_cache, open_part, t_key
+from pipeline.resources import human, require_space
 from pipeline.formats.prepared import open_prepared
 from stages.cache.build import format_diagnostics
 from stages.cache.settings import DIAG_BLOCK, AddTemperatureConfig, MergeConfig, VerifyConfig
@@ -88,6 +93,10 @@ def add_temperature(cfg: AddTemperatureConfig, cache: Path, out: Path | None = N
     if not new and not reweigh and target == cache:
         return cache
     redo = [*(info.temperatures if reweigh else ()), *new]  # every T combined with the new weights
+    size = cache.stat().st_size  # the cache is copied to the partial first, even to replace it in place
+    require_space(target, size + soft_size(info.rows, info.classes, len(new)),
+                  f"a copy of {cache.name} ({human(size)}) + {info.rows} rows x {info.classes} classes x "
+                  f"{len(new)} new temperatures x 4 bytes, in whole chunks")
     with atomic_output(target) as tmp:
         shutil.copyfile(cache, tmp)  # rewrites tmp in place (same inode: the lock holds)
         w = CacheWriter.update(tmp)
@@ -232,6 +241,7 @@ def merge(cfg: MergeConfig, parts: list[Path], out: Path, log: Callable[[str], N
     base = {k: v for k, v in p0.identity.items() if k != "part"}
     temps = p0.temperatures
     providers = sorted({str(c.attrs["provider"]) for c in read})
+    require_space(Path(out), *predicted_size(total, p0.members, p0.classes, len(temps)))
     with atomic_output(Path(out)) as tmp:
         w = CacheWriter.create(tmp, base, total, p0.members, p0.classes, temps)
         try:

@@ -20,7 +20,6 @@ config and onnxruntime's NNAPI / CoreML usability analysis, summarised in the re
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +27,7 @@ import numpy as np
 import onnx
 import torch
 
-from pipeline import models, onnxio, ort, provenance
+from pipeline import models, onnxio, ort, provenance, resources
 from pipeline.artifacts import atomic_output, claim, write_json
 from pipeline.config import to_dict
 from pipeline.errors import IntegrityError, UsageError
@@ -124,7 +123,8 @@ def _variant(kind: str, fp32: Path, tmp: Path, calib: np.ndarray, cfg: ExportCon
     keep the first that passes (else the last), the verdicts of the ones passed over included."""
     passed_over = {}
     for scales in WEIGHT_SCALES[cfg.weight_scales] if kind != "fp16" else ("-",):
-        path = _make_variant(kind, fp32, tmp / f"{kind}-{scales}.onnx", calib, cfg, scales)
+        with resources.writing(tmp / f"{kind}-{scales}.onnx"):  # the quantisers name no file
+            path = _make_variant(kind, fp32, tmp / f"{kind}-{scales}.onnx", calib, cfg, scales)
         _stamp(path, meta, kind)
         verdict = {**score(path), **({"weight_scales": scales} if kind != "fp16" else {})}
         if verdict["passed"]:
@@ -172,7 +172,7 @@ def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out:
     meta = metadata(ckpt, checkpoint, cfg.raw_input)
     wanted = {k: Path(p) for k, p in (("int8", out_int8), ("dynamic", out_dynamic), ("fp16", out_fp16)) if p}
     result: dict = {"settings": to_dict(cfg), "metadata": meta, "variants": {}}
-    with tempfile.TemporaryDirectory() as tmp:
+    with resources.temporary_folder() as tmp:  # a full TMPDIR is one line naming it (exit 7)
         fp32 = Path(tmp) / "fp32.onnx"
         onnxio.export(graph, torch.from_numpy(xin[:2]), fp32, "logits", metadata={**meta, "precision": "fp32"})
         sess = ort.session(fp32, "cpu", threads=1)

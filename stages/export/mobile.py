@@ -17,9 +17,9 @@ import io
 import logging
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
+from pipeline import resources
 from pipeline.artifacts import atomic_output
 
 CONFIG_NAME = "required_operators.config"
@@ -34,14 +34,20 @@ def convert_to_ort(models: dict[str, Path], out_dir: Path) -> dict:
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with resources.temporary_folder() as tmp:  # a full TMPDIR is one line naming it (exit 7)
         src, dst = Path(tmp) / "src", Path(tmp) / "dst"
         src.mkdir()
         for stem, path in models.items():
             shutil.copyfile(path, src / f"{stem}.onnx")
         logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # "Created config in <tmp>"
         with contextlib.redirect_stdout(io.StringIO()):  # the tool prints progress on stdout
-            convert_onnx_models_to_ort(src, output_dir=dst, optimization_styles=[OptimizationStyle.Fixed])
+            try:
+                convert_onnx_models_to_ort(src, output_dir=dst, optimization_styles=[OptimizationStyle.Fixed])
+            except Exception as e:  # noqa: BLE001 - onnxruntime says only "Failed to save ...", no errno
+                if "Failed to save" not in str(e):
+                    raise
+                raise resources.write_failure(dst, None, "a temporary folder: point TMPDIR at one with space; "
+                                                         "nothing was published") from None
         written = {}
         for stem in models:
             written[stem] = _publish_copy(dst / f"{stem}.ort", out_dir / f"{stem}.ort")

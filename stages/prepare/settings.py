@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import ClassVar
 
 from pipeline.config import require, setting
 
@@ -28,6 +29,9 @@ class PrepareConfig:
     """Load a transfer set (IDX directory, .npz arrays or a folder of PNG/JPEG images) into the
     canonical HDF5 file with train/val/test splits, normalisation statistics (per channel for colour
     images) and checksums."""
+
+    FOOTPRINT: ClassVar[str] = ("prepare holds every split of the source in memory at once; no "
+                                "setting lowers that: raise the memory ceiling")
 
     val_rows: int = setting(5000, "rows held out of the training data for model selection")
     train_rows: int = setting(0, "keep only this many training rows (0 = all); smoke runs shrink this")

@@ -14,6 +14,10 @@ Two modes, chosen by a memory budget (MiB) against the bytes the selected rows n
   carrying the remainder into the next buffer.  Resident memory is bounded by the budget, whatever
   the cache's size; the number of steps per epoch is the same as in resident mode.
 
+Under a hard memory ceiling (``ulimit -v``, a cgroup's memory.max) a resident copy that would not fit
+under it is refused before it is allocated (exit 7, naming the budget that streams it instead): under
+a cgroup the allocation would not fail, the kernel would kill the process.
+
 Row selection (a transfer subset: a fraction of the rows, one class left out) is a sorted index of
 cache rows, applied inside each contiguous block with numpy, never through h5py.  Labels (8 bytes
 a row) are read whole to choose the rows.
@@ -26,7 +30,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, ResourceError
+from pipeline.resources import human, memory_headroom
 from pipeline.formats.cache import CacheInfo, t_key
 from pipeline.formats.prepared import Prepared
 
@@ -65,6 +70,7 @@ class TransferLoader:
         self.resident = self.n * self.row_bytes <= self.budget_bytes
         self.peak_buffer_rows = 0  # largest number of rows held at once (what the memory test checks)
         if self.resident:
+            _require_memory(self.n * self.row_bytes, self.n, budget_mib)
             self._all = self._read(0, cache.rows)
             self.peak_buffer_rows = self.n
         else:
@@ -141,6 +147,16 @@ class TransferLoader:
             carry = (x[full:], t[full:], y[full:])
         if carry is not None and len(carry[2]):
             yield carry
+
+
+def _require_memory(need: int, rows: int, budget_mib: float) -> None:
+    """ResourceError when a resident copy of ``need`` bytes cannot fit under the process's memory ceiling."""
+    left = memory_headroom()
+    if left is not None and need > left[0]:
+        raise ResourceError(f"out of memory: the {rows} training rows need {human(need)} held in memory (they fit "
+                            f"--memory-budget-mib {budget_mib:g}), only {human(max(0, left[0]))} is left under "
+                            f"{left[1]}; lower --memory-budget-mib below {max(1, left[0] // MiB // 2)} so they are "
+                            f"streamed in blocks")
 
 
 def select_rows(labels: np.ndarray, fraction: float = 1.0, drop_class: int = -1, seed: int = 0) -> np.ndarray:

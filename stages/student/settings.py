@@ -3,6 +3,7 @@ builds ``--help`` from them, and a sweep's grid is checked before any worker sta
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from pipeline.config import require, require_temperatures, setting
 from pipeline.specs import parse_spec
@@ -15,6 +16,9 @@ EXPERIMENTS = ("small-transfer", "omitted-class")
 class StudentConfig:
     """Train a student from the soft-target cache with
     alpha*T^2*KL(p_T || q_T) + (1-alpha)*CE(y, q_1); the epoch is selected on validation accuracy."""
+
+    FOOTPRINT: ClassVar[str] = ("lower --memory-budget-mib (now {memory_budget_mib}) so the "
+                                "rows are streamed in blocks, or --batch-size (now {batch_size})")
 
     arch: str = setting("mlp:128", "student architecture spec (mlp:64 is 784-64-10; mlp:800-800 Hinton's)")
     temperature: float = setting(2.0, "distillation temperature T; the cache must hold soft targets at T")
@@ -48,6 +52,9 @@ class StudentConfig:
 class SweepConfig:
     """Train students over a grid of temperatures, alphas, sizes and seeds from one cache (the
     hard-label baseline, alpha 0, always included) and write a CSV, a Markdown table and a plot."""
+
+    FOOTPRINT: ClassVar[str] = ("lower --jobs (now {jobs}) or --memory-budget-mib (now "
+                                "{memory_budget_mib}): each job holds its own rows")
 
     temperatures: tuple[float, ...] = setting((1.0, 2.0, 4.0, 8.0, 20.0), "temperatures (each must be in the cache)")
     alphas: tuple[float, ...] = setting((0.5, 0.9), "soft-term weights > 0 (alpha 0, hard labels, is always added)")
@@ -89,6 +96,8 @@ class ExperimentConfig:
     with and without early stopping; omitted-class: one class left out, errors on it before and
     after a bias correction fitted on validation data) and write its Markdown table."""
 
+    FOOTPRINT: ClassVar[str] = "lower --jobs (now {jobs}): each job holds its own rows"
+
     name: str = setting("small-transfer", "small-transfer or omitted-class")
     arch: str = setting("mlp:800-800", "student architecture (Hinton's 784-800-800-10 by default)")
     temperature: float = setting(4.0, "distillation temperature (must be in the cache)")
@@ -118,6 +127,8 @@ class ExperimentConfig:
 class StudentBenchConfig:
     """Time student epochs from the cache, from arrays in memory and with the teacher run online,
     side by side in one run; write JSON with the ratios."""
+
+    FOOTPRINT: ClassVar[str] = "lower --rows (now {rows}; 0 = all)"
 
     arch: str = setting("mlp:128", "student architecture")
     temperature: float = setting(4.0, "temperature (must be in the cache)")

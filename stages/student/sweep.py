@@ -26,7 +26,7 @@ import numpy as np
 from pipeline import ort, provenance, runtime
 from pipeline.artifacts import atomic_output, write_json, write_text
 from pipeline.config import to_dict
-from pipeline.errors import DataError, IntegrityError, PipelineError
+from pipeline.errors import DataError, IntegrityError
 from pipeline.formats.cache import open_cache
 from pipeline.formats.prepared import open_prepared
 from stages.student.settings import StudentConfig, SweepConfig
@@ -95,7 +95,7 @@ def run_students(configs: list[StudentConfig], cache: Path, transfer_set: Path, 
         for done, fut in enumerate(cf.as_completed(futures), 1):
             try:
                 rows[futures[fut]] = row = fut.result()
-            except PipelineError:
+            except Exception:  # a PipelineError, or a resource fault the command line words (exit 7)
                 for f in futures:
                     f.cancel()
                 raise

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from pipeline.config import require, setting
 from pipeline.specs import parse_spec
@@ -11,6 +12,9 @@ from pipeline.specs import parse_spec
 class TeacherConfig:
     """Train an ensemble of teachers with different seeds and export it to one ONNX graph
     (output member_logits [batch, members, classes])."""
+
+    FOOTPRINT: ClassVar[str] = ("the train and val splits are held in memory as float32; lower "
+                                "--batch-size (now {batch_size}) or a smaller --arch to lower the rest")
 
     members: int = setting(3, "number of ensemble members (each trained from its own seed)")
     arch: str = setting("cnn:32-64-128", "member architecture spec, e.g. cnn:32-64-128 or mlp:1200-1200:dropout=0.5")
