@@ -63,12 +63,8 @@ def _get(q: queue.Queue, stop: threading.Event) -> Any:
 
 
 def run_pipeline(batches: Iterable[tuple[int, int]], read: Callable, infer: Callable, write: Callable,
-                 stats: StreamStats, depth: int = 2, throttle_s: float = 0.0) -> None:
-    """``write(lo, hi, infer(x, lo), y)`` for ``x, y = read(lo, hi)`` over ``batches``, overlapped.
-
-    ``throttle_s``: a test hook (``DISTILL_CACHE_THROTTLE_S``), seconds slept per batch so that a test
-    can SIGKILL a run after a given number of committed batches (tests/faults/test_cache_crash.py).
-    """
+                 stats: StreamStats, depth: int = 2) -> None:
+    """``write(lo, hi, infer(x, lo), y)`` for ``x, y = read(lo, hi)`` over ``batches``, overlapped."""
     stop, errors = threading.Event(), []
     q_in: queue.Queue = queue.Queue(depth)
     q_out: queue.Queue = queue.Queue(depth)
@@ -108,8 +104,6 @@ def run_pipeline(batches: Iterable[tuple[int, int]], read: Callable, infer: Call
             if item is _END:
                 break
             lo, hi, x, y = item
-            if throttle_s:
-                time.sleep(throttle_s)
             t = time.perf_counter()
             logits = infer(x, lo)
             stats.infer_s += time.perf_counter() - t
