@@ -11,6 +11,13 @@ Layout (docs/formats.md, "kd-cache")::
     /soft/<T>         float32 [rows, classes]            combined soft targets at temperature T
     /labels           int64   [rows]                     -1 where the transfer set has no label
     /diagnostics/<T>  attrs: mean_entropy_nats, teacher_accuracy, member_disagreement, ece
+    /view_params      uint8   [rows, 8]                  a views cache only: each view's parameters
+
+A views cache (attribute ``views``: the view function's version and settings, JSON; ``source_rows``
+N) holds K views of each of N transfer rows as its ``rows = N * K`` rows, view k of transfer row r
+at row ``r * K + k``; the student re-makes each view from the prepared rows and these parameters
+(:mod:`pipeline.views`).  ``/logits`` may be float16 (``logits_dtype``); soft targets are then
+computed from the rounded logits, so the file stays self-consistent.
 
 Crash safety (the writer): rows are written in batches; after each batch the data is flushed, then
 ``committed_rows`` advanced, flushed and the file fsynced, so a committed row is always on disk and
@@ -35,6 +42,7 @@ from pipeline.formats import h5seal
 SCHEMA = "kd-cache/1"
 WHAT = "soft-target cache"
 REBUILD = "make cache"
+VIEW_PARAM_BYTES = 8  # pipeline.views.PARAM_BYTES: a view's parameters
 CHUNK_BYTES = 512 << 10  # chunks of whole rows, ~512 KiB: in the 256 KiB - 1 MiB band of docs/formats.md
 
 
@@ -52,17 +60,24 @@ class CacheWriter:
     # ---- opening
     @classmethod
     def create(cls, path: Path, identity: dict, rows: int, members: int, classes: int,
-               temperatures: tuple[float, ...]) -> "CacheWriter":
-        """A new, empty cache at ``path`` (truncated if it exists) with its datasets."""
+               temperatures: tuple[float, ...], views: dict | None = None, source_rows: int | None = None,
+               logits_dtype: str = "float32") -> "CacheWriter":
+        """A new, empty cache at ``path`` (truncated if it exists) with its datasets; ``views`` (the
+        view function's settings, with ``count`` K) makes it a views cache of ``rows = N * K`` rows."""
         f = h5py.File(path, "w", locking=False)
-        chunk = max(1, min(rows, CHUNK_BYTES // (members * classes * 4)))
-        f.create_dataset("logits", (rows, members, classes), np.float32, chunks=(chunk, members, classes))
+        dt = np.dtype(logits_dtype)
+        chunk = max(1, min(rows, CHUNK_BYTES // (members * classes * dt.itemsize)))
+        f.create_dataset("logits", (rows, members, classes), dt, chunks=(chunk, members, classes))
         w = cls(f)
         for T in temperatures:
             w.add_soft(T)
         f.create_dataset("labels", (rows,), np.int64, chunks=(max(1, min(rows, CHUNK_BYTES // 8)),))
         f.attrs.update(schema=SCHEMA, rows=rows, members=members, classes=classes, committed_rows=0,
                        complete=False, identity=json.dumps(identity))
+        if views is not None:
+            f.create_dataset("view_params", (rows, VIEW_PARAM_BYTES), np.uint8,
+                             chunks=(max(1, min(rows, CHUNK_BYTES // VIEW_PARAM_BYTES)), VIEW_PARAM_BYTES))
+            f.attrs.update(views=json.dumps(views), source_rows=int(source_rows))
         return w
 
     @classmethod
@@ -79,7 +94,7 @@ class CacheWriter:
         try:
             if (json.loads(f.attrs["identity"]) == identity and "logits" in f
                     and "teacher_probabilities" in f.attrs):
-                log(f"{path}: resuming at row {int(f.attrs['committed_rows'])} (the last committed batch)")
+                log(f"resuming {path} at row {int(f.attrs['committed_rows'])} (its last committed batch)")
                 return cls(f)
             log(f"{path}: made from other inputs or settings; restarting from row 0")
         except (OSError, KeyError, ValueError):
@@ -106,7 +121,8 @@ class CacheWriter:
         soft_chunk = max(1, min(rows, CHUNK_BYTES // (classes * 4)))
         return self.f.create_dataset(f"soft/{t_key(T)}", (rows, classes), np.float32, chunks=(soft_chunk, classes))
 
-    def put(self, lo: int, logits: np.ndarray | None, soft: dict[float, np.ndarray], labels: np.ndarray | None) -> None:
+    def put(self, lo: int, logits: np.ndarray | None, soft: dict[float, np.ndarray], labels: np.ndarray | None,
+            view_params: np.ndarray | None = None) -> None:
         """Rows ``[lo, lo + n)`` of the datasets given (no commit: see :meth:`commit`)."""
         n = len(next(iter(soft.values()))) if logits is None else len(logits)
         if logits is not None:
@@ -115,6 +131,8 @@ class CacheWriter:
             self.f[f"soft/{t_key(T)}"][lo:lo + n] = p
         if labels is not None:
             self.f["labels"][lo:lo + n] = labels
+        if view_params is not None:
+            self.f["view_params"][lo:lo + n] = view_params
 
     def commit(self, rows: int) -> None:
         """Data before the counter: flush, advance ``committed_rows``, flush, fsync (h5py's flush
@@ -175,6 +193,16 @@ class CacheInfo:
     @property
     def provenance(self) -> dict:
         return json.loads(self.attrs.get("provenance", "{}"))
+
+    @property
+    def views(self) -> dict | None:
+        """The view function's version and settings (``count`` = K) of a views cache, else None."""
+        return json.loads(self.attrs["views"]) if "views" in self.attrs else None
+
+    @property
+    def source_rows(self) -> int:
+        """Transfer rows the cache covers (``rows / K`` for a views cache)."""
+        return int(self.attrs.get("source_rows", self.rows))
 
     @property
     def has_logits(self) -> bool:
@@ -249,6 +277,15 @@ def _check(path: Path, f: h5py.File, part: bool) -> CacheInfo:
             continue  # soft targets alone still train a student; tools that need logits say so
         if name not in f or f[name].shape != shape:
             raise DataError(f"{path}: dataset {name} is missing or not of shape {shape}")
+    if "views" in a and not part:
+        try:
+            k, n = int(json.loads(a["views"])["count"]), int(a["source_rows"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{path}: corrupt {WHAT}: malformed views attributes") from None
+        if k < 1 or n * k != info.rows or f.get("view_params") is None \
+                or f["view_params"].shape != (info.rows, VIEW_PARAM_BYTES):
+            raise DataError(f"{path}: views cache of {info.rows} rows does not hold K={k} views of {n} rows "
+                            f"with {VIEW_PARAM_BYTES}-byte parameters each")
     y = f["labels"][:]
     if ((y < -1) | (y >= info.classes)).any():
         raise DataError(f"{path}: labels outside [-1, {info.classes})")

@@ -41,6 +41,7 @@ from stages.cache.settings import DIAG_BLOCK, RUN_ONLY, CacheConfig
 from stages.cache.stream import (StreamStats, diagnostics_in_blocks, part_path, resolve_shard, run_pipeline,
                                  shard_rows)
 from stages.cache.teachers import Teachers
+from stages.cache.viewsource import RowSource
 
 
 def cache_soft_targets(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: Path,
@@ -58,8 +59,15 @@ def build_cache(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: 
     env = os.environ if env is None else env
     t0 = time.perf_counter()
     info = open_prepared(transfer_set)
+    spec = cfg.view_spec()
+    if spec is not None:
+        try:
+            spec.check_shape(info.shape)
+        except ValueError as e:
+            raise UsageError(f"{transfer_set}: {e}") from None
+    total = info.rows[cfg.split] * (spec.count if spec is not None else 1)  # cache rows: views of the rows
     index, count = resolve_shard(cfg.shard, env)
-    lo, hi = shard_rows(info.rows[cfg.split], cfg.batch_size, index, count)
+    lo, hi = shard_rows(total, cfg.batch_size, index, count)
     out = part_path(Path(out), index, count) if count > 1 else Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     teachers = Teachers(teacher, info.shape, len(info.classes), cfg.device, cfg.threads, cfg.batch_size,
@@ -67,10 +75,9 @@ def build_cache(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: 
     for m in teachers.members:  # a two-row trial run of each teacher, before any row is read
         ort.check_io(m.path, m.sess, info.shape, len(info.classes))
     identity = {"teacher_sha256": [provenance.sha256_file(p) for p in teacher],
-                "transfer_sha256": provenance.sha256_file(transfer_set),
-                "settings": {k: v for k, v in to_dict(cfg).items() if k not in RUN_ONLY}}
+                "transfer_sha256": provenance.sha256_file(transfer_set), "settings": content_settings(cfg)}
     if count > 1:
-        identity["part"] = {"index": index, "count": count, "rows": [lo, hi], "total_rows": info.rows[cfg.split]}
+        identity["part"] = {"index": index, "count": count, "rows": [lo, hi], "total_rows": total}
         log(f"cache: shard {index}/{count}, rows [{lo}, {hi}) -> {out}")
     if hi <= lo:
         raise DataError(f"{transfer_set}: the {cfg.split} split has no rows for shard {index}/{count}")
@@ -84,21 +91,19 @@ def build_cache(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: 
                 teachers.probabilities = json.loads(box["w"].attrs["teacher_probabilities"])
             bar = runtime.progress(total=hi - lo, initial=start - lo, desc="cache", unit="row")
 
-            def write(b_lo: int, b_hi: int, logits: np.ndarray, y: np.ndarray) -> None:
+            def write(b_lo: int, b_hi: int, logits: np.ndarray, labels_params: tuple) -> None:
                 if box["w"] is None:
-                    box["w"] = CacheWriter.create(tmp, identity, hi - lo, logits.shape[1], logits.shape[2],
-                                                  cfg.temperatures)
+                    box["w"] = CacheWriter.create(
+                        tmp, identity, hi - lo, logits.shape[1], logits.shape[2], cfg.temperatures,
+                        views=None if spec is None else spec.as_dict(), source_rows=info.rows[cfg.split],
+                        logits_dtype=cfg.logits_dtype)
                     box["w"].attrs["teacher_probabilities"] = json.dumps(teachers.probabilities)
-                _write_batch(box["w"], b_lo - lo, logits, y, cfg, stats)
+                _write_batch(box["w"], b_lo - lo, logits, *labels_params, cfg, stats)
                 bar.update(b_hi - b_lo)
 
             batches = [(b, min(hi, b + cfg.batch_size)) for b in range(start, hi, cfg.batch_size)]
             with info.rows_reader(cfg.split) as raw:  # one handle; only the reader thread reads it
-                def read(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-                    x, y = raw(a, b)
-                    return info.normalise(x), y
-
-                run_pipeline(batches, read, teachers, write, stats)
+                run_pipeline(batches, RowSource(info, cfg.split, spec, raw).read, teachers, write, stats)
             bar.close()
             diags = _finish(box["w"], cfg, teachers, identity, info, transfer_set, count > 1)
         finally:
@@ -113,12 +118,30 @@ def build_cache(cfg: CacheConfig, teacher: list[Path], transfer_set: Path, out: 
                  "io_binding": teachers.io_binding, **dataclasses.asdict(stats)}
 
 
-def _write_batch(w: CacheWriter, lo: int, logits: np.ndarray, y: np.ndarray, cfg: CacheConfig,
-                 stats: StreamStats) -> None:
+def used_settings(cfg: CacheConfig) -> dict:
+    """The settings as recorded: the view and storage settings only when used, so a plain float32
+    cache records (and is identified by) what it always was."""
+    d = to_dict(cfg)
+    if not cfg.views:
+        d = {k: v for k, v in d.items() if not k.startswith("view")}
+    if cfg.logits_dtype == "float32":
+        d.pop("logits_dtype")
+    return d
+
+
+def content_settings(cfg: CacheConfig) -> dict:
+    """The settings that change a cache's content (its identity): the used ones but the run-only ones."""
+    return {k: v for k, v in used_settings(cfg).items() if k not in RUN_ONLY}
+
+
+def _write_batch(w: CacheWriter, lo: int, logits: np.ndarray, y: np.ndarray, params: np.ndarray | None,
+                 cfg: CacheConfig, stats: StreamStats) -> None:
     t = time.perf_counter()
-    targets = {T: soft.combine_soft_targets(logits, T, cfg.combine) for T in cfg.temperatures}
+    if cfg.logits_dtype != "float32":  # targets from the stored (rounded) logits: the file agrees with itself
+        logits = logits.astype(cfg.logits_dtype)
+    targets = {T: soft.combine_soft_targets(logits.astype(np.float32, copy=False), T, cfg.combine) for T in cfg.temperatures}
     t1 = time.perf_counter()
-    w.put(lo, logits, targets, y)
+    w.put(lo, logits, targets, y, params)
     w.commit(lo + len(logits))
     stats.combine_s += t1 - t
     stats.write_s += time.perf_counter() - t1
@@ -145,7 +168,7 @@ def _finish(w: CacheWriter | None, cfg: CacheConfig, teachers: Teachers, identit
     for T, d in diags.items():
         w.write_diagnostics(T, d)
     w.finish({**content_attrs(cfg, identity, teachers.probabilities, info), "provider": teachers.provider,
-              "provenance": json.dumps(provenance.record("cache", to_dict(cfg), {
+              "provenance": json.dumps(provenance.record("cache", used_settings(cfg), {
                   **{f"teacher{i}": p for i, p in enumerate(teachers.paths)}, "transfer_set": transfer_set},
                   provider=teachers.provider, io_binding=teachers.io_binding))},
              identity["part"] if part else None)
