@@ -45,7 +45,7 @@ EXP_H_ARGS ?=
 
 # ---- code: every target depends on the files its stage runs, read from the import graph by
 # scripts/code_deps.py (regenerated whenever a .py file changes; make then restarts with it), and on
-# the CLI.  Stages never import each other (tests/test_layering.py), so a module only the student
+# the CLI.  Stages never import each other (tests/unit/test_layering.py), so a module only the student
 # imports reruns the students and what follows, never the cache. ----
 CODE_MK := .make/code.mk
 PY_FILES := $(shell find pipeline stages -name '*.py' 2>/dev/null)

@@ -6,7 +6,7 @@ with one line on stderr and the exit code of :mod:`pipeline.errors`.
 
 Lazy: this module imports only the stages' settings modules (no torch, no onnxruntime); a command
 imports its stage's code when it runs, so ``distill --help`` and ``distill <stage> --help`` are fast
-(``tests/test_cli_lazy.py`` checks ``sys.modules``).
+(``tests/unit/test_cli_lazy.py`` checks ``sys.modules``).
 """
 from __future__ import annotations
 

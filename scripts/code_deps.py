@@ -1,4 +1,4 @@
-"""The code each stage runs, from the import graph: make's code prerequisites (``make/code.mk``).
+"""The code each stage runs, from the import graph: make's code prerequisites (``.make/code.mk``).
 
 For each stage package ``stages/<name>/``, the files of this repository that its modules import,
 directly or through other modules, at module level or inside functions, with every package

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the edge benchmark: the student fp32 and fp16 on onnxruntime's CUDA execution provider
 # (inputs bound once with IOBinding, outputs left on the device), each (model, batch) in a fresh
-# process by stages.bench_worker, with the CPU provider at batch 1 and 256 alongside for a ratio
+# process by stages.bench.worker, with the CPU provider at batch 1 and 256 alongside for a ratio
 # measured in the same run.
 #
 #   scripts/gpu_bench_check.sh STUDENT.onnx STUDENT.fp16.onnx [POOL.npy] [OUT.jsonl]
@@ -42,7 +42,7 @@ fi
 
 : > "$OUT"
 run() {  # model label provider batch
-  if ! "$PY" -m stages.bench_worker --model "$1" --inputs "$POOL" --threads 1 --batch "$4" --provider "$3" \
+  if ! "$PY" -m stages.bench.worker --model "$1" --inputs "$POOL" --threads 1 --batch "$4" --provider "$3" \
        $TIMING > "$OUT.one" 2> "$OUT.err"; then
     echo "gpu_bench_check: $2 on $3 (batch $4) failed: $(tail -n 1 "$OUT.err")" >&2
     [ "$3" = cuda ] && exit 5 || return 0

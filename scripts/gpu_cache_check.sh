@@ -29,7 +29,7 @@ SCALE_SIZES=${SCALE_SIZES-10000,100000,1000000}  # empty: skip bench-cache-scale
 PYTHONPATH=".:${PYTHONPATH:-}" "$PY" - "$W" "$ROWS" <<'PY'
 import sys, torch
 from pathlib import Path
-from stages.cache_bench import synthetic_prepared, _ensemble, CacheBenchConfig
+from stages.cache.bench import synthetic_prepared, _ensemble, CacheBenchConfig
 w = Path(sys.argv[1])
 synthetic_prepared(w / "p.h5", int(sys.argv[2]), (1, 28, 28))
 _ensemble(CacheBenchConfig(), (1, 28, 28), w / "ens.onnx")
@@ -44,9 +44,11 @@ D cache --teacher "$W/ens.onnx" --transfer-set "$W/p.h5" --out "$W/cpu.h5" --dev
 PYTHONPATH=".:${PYTHONPATH:-}" "$PY" - "$W" "$PY" <<'PY' 2>&1 | tee "$OUT/resume.txt"
 import os, signal, subprocess, sys, time, h5py
 w, py = sys.argv[1], sys.argv[2]
-cmd = [py, "-m", "pipeline.cli", "cache", "--teacher", f"{w}/ens.onnx", "--transfer-set", f"{w}/p.h5", "--out",
-       f"{w}/killed.h5", "--device", "cuda", "--batch-size", "4096", "--temperatures", "1,2,4,8,20"]
-p = subprocess.Popen(cmd, env={**os.environ, "DISTILL_CACHE_THROTTLE_S": "0.1"}, stderr=subprocess.DEVNULL)
+args = ["cache", "--teacher", f"{w}/ens.onnx", "--transfer-set", f"{w}/p.h5", "--out",
+        f"{w}/killed.h5", "--device", "cuda", "--batch-size", "4096", "--temperatures", "1,2,4,8,20"]
+cmd = [py, "-m", "pipeline.cli", *args]
+# 0.1 s per batch (tests/throttled_cli.py, a test-side hook) so the poll can kill at batch 10
+p = subprocess.Popen([py, "-m", "tests.throttled_cli", "0.1", *args], stderr=subprocess.DEVNULL)
 done, t0 = 0, time.time()
 while p.poll() is None and done < 10 * 4096 and time.time() - t0 < 120:
     try:

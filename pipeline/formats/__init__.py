@@ -8,6 +8,6 @@
 - :mod:`~pipeline.formats.h5seal`: the seal (``content_sha256``) and untrusted opening of HDF5 files
 
 Readers verify the seal and the schema before returning anything.  This package imports numpy,
-h5py and onnx, never torch, onnxruntime or a stage (``tests/test_layering.py``).  The schemas are
+h5py and onnx, never torch, onnxruntime or a stage (``tests/unit/test_layering.py``).  The schemas are
 described for users in docs/formats.md.
 """

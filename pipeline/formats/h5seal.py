@@ -13,7 +13,7 @@ attribute of any size, or simply decode to different numbers.  Before anything i
 
 Then the content checksum written by :func:`seal` (``content_sha256``: every object's name, attributes,
 dtype, shape and bytes, in sorted order) is recomputed block by block, so a flipped bit anywhere that
-matters is a one-line DataError instead of silently different data.  Float datasets must be finite.
+matters is a one-line IntegrityError (exit 4) instead of silently different data.  Float datasets must be finite.
 Any error of the HDF5 library while doing so becomes a DataError naming the file.
 """
 from __future__ import annotations

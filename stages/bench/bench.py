@@ -103,7 +103,7 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
                 scores, params = _torch_scores(path, xtest)
                 pred = scores.argmax(1)
                 entry.update(files=model_files(path), size_bytes=model_size(path), parameters=params,
-                             size_note="checkpoint: weights plus optimiser state and provenance")
+                             size_note="checkpoint: weights, metadata and provenance (kd-checkpoint/1)")
             elif not floor:
                 pred = ort.predict_proba(path, rows[dtype]).argmax(1)
                 entry.update(files=model_files(path), size_bytes=model_size(path), parameters=parameter_count(path))

@@ -2,7 +2,7 @@
 
 Every cache is read and written through :mod:`pipeline.formats.cache`, whose reader verifies the
 seal before anything is returned: a part, a cache to extend or a cache to verify that changed
-since it was written is refused as corrupt (exit 3), never re-sealed.
+since it was written is refused (content checksum mismatch, exit 4), never re-sealed.
 
 - ``add_temperature``: soft targets at new T from the stored raw logits, in blocks, no teacher run
   (``p_T = mean_m softmax(v_m / T)`` or ``softmax(mean_m v_m / T)``, the combine recorded in the

@@ -93,7 +93,7 @@ def bench_student(cfg: StudentBenchConfig, cache: Path, transfer_set: Path, teac
         "rows": n, "epochs_timed": cfg.epochs, "batch_size": cfg.batch_size, "torch_threads": torch.get_num_threads(),
         "resident_load_seconds": load_s, "streaming_budget_mib": stream_mib, "streaming_block_rows": streaming.block_rows,
         "streaming_buffer_rows": streaming.buffer_blocks * streaming.block_rows,
-        "onnxruntime_provider": runtime.provider_name(sess),
+        "onnxruntime_provider": ort.provider_name(sess),
         "modes": {m: {"median_epoch_seconds": med[m], "min_epoch_seconds": min(state[m][4]),
                       "epoch_seconds": state[m][4], "ratio_to_in_memory": med[m] / med["in_memory"]} for m in MODES},
         "target": "cache_resident and cache_streaming within 1.15x of in_memory",

@@ -42,10 +42,10 @@ def _committed(partial):
 def test_sigkill_then_resume_gives_identical_content(batches, reference, tiny_teacher, tiny_prepared, tmp_path):
     out = tmp_path / "c.h5"
     partial = tmp_path / "c.h5.partial"
-    cmd = [sys.executable, "-m", "pipeline.cli", "cache", "--teacher", tiny_teacher, "--transfer-set", tiny_prepared,
-           "--out", out, *ARGS]
-    # 0.05 s per batch (test hook): slow enough to poll, while the kill still lands mid-batch
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DISTILL_CACHE_THROTTLE_S": "0.05"}
+    # 0.05 s per batch (tests/throttled_cli.py): slow enough to poll, while the kill still lands mid-batch
+    cmd = [sys.executable, "-m", "tests.throttled_cli", "0.05", "cache", "--teacher", tiny_teacher,
+           "--transfer-set", tiny_prepared, "--out", out, *ARGS]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:

@@ -4,7 +4,7 @@ Measured, not assumed: with onnxruntime 1.31's CPU provider (MLAS) the teachers'
 bit for bit the same for batch sizes 1 to 1200 and 1 or 2 threads, for MLP and CNN members alike, so
 no tolerance is needed; soft targets and diagnostics are computed from them in numpy, batch by batch.
 If a future onnxruntime or CPU breaks this, this test is where it shows.  (Two seeded student runs
-giving identical weights: tests/test_pipeline.py::test_seeded_students_are_identical.)
+giving identical weights: tests/e2e/test_pipeline.py::test_seeded_students_are_identical.)
 """
 import h5py
 import numpy as np
