@@ -18,9 +18,10 @@ and the model sees ``normalise(v)``.  Parameters, 8 bytes a view (:data:`PARAM_B
 ``dy`` int8, ``dx`` int8, ``flags`` uint8 (bit 0 flip), ``lam`` uint8, ``partner`` uint32.
 
 View 0 of every row is the row itself (all zero parameters), so a cache of K = 1 view is the plain
-cache.  Views 1..K-1 are drawn per block of :data:`BLOCK` rows from ``SeedSequence([seed, block])``
-(:func:`params`), so any batch, resume or shard draws the same parameters; a mixing partner lies
-in the same block, so readers of contiguous blocks always hold it.  ``VERSION`` names this function:
+cache.  View j >= 1 is drawn per block of :data:`BLOCK` rows from ``SeedSequence([seed, block, j])``
+(:func:`params`), so any batch, resume or shard draws the same parameters, and the first K' views
+of a K-view cache are a K'-view cache; a mixing partner lies in the same block, so readers of
+contiguous blocks always hold it.  ``VERSION`` names this function:
 a cache made by another version is refused (docs/formats.md, "kd-cache").
 """
 from __future__ import annotations
@@ -104,25 +105,30 @@ def params(spec: ViewSpec, lo: int, hi: int, rows: int) -> np.ndarray:
     return np.concatenate(out).view(np.uint8).reshape(-1, PARAM_BYTES) if out else np.zeros((0, PARAM_BYTES), np.uint8)
 
 
+@functools.lru_cache(maxsize=4)  # a reader asks for the same block batch after batch: draw it once
 def _block(spec: ViewSpec, b: int, rows: int) -> np.ndarray:
-    """The structured parameters of every view of block ``b`` (rows [b*BLOCK, min(rows, (b+1)*BLOCK)))."""
+    """The structured parameters of every view of block ``b`` (rows [b*BLOCK, min(rows, (b+1)*BLOCK))).
+
+    View j >= 1 of every row of the block is drawn from ``SeedSequence([seed, b, j])``: it does not
+    depend on K, so the first K' views of a cache of K are the views of a cache of K' (a student may
+    use fewer views than were cached, and an experiment over K needs one cache)."""
     start = b * BLOCK
     n, k = min(rows, start + BLOCK) - start, spec.count
     p = np.zeros((n, k), _DT)
-    if k == 1 or n <= 0:
-        return p.reshape(-1)
-    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, b]))
-    shape = (n, k - 1)  # the same draws in the same order whatever the spec, so settings compose
-    dy, dx = (rng.integers(-spec.max_shift, spec.max_shift + 1, shape) for _ in range(2))
-    flip = rng.random(shape) < spec.flip
-    mix = rng.random(shape) < spec.mixup
-    lam = rng.beta(spec.mixup_alpha, spec.mixup_alpha, shape)
-    partner = start + rng.integers(0, n, shape)
-    v = p[:, 1:]
-    v["dy"], v["dx"], v["flags"] = dy, dx, flip
-    v["lam"] = np.where(mix, np.rint(np.minimum(lam, 1 - lam) * 255), 0)
-    v["partner"] = np.where(mix, partner, 0)
-    return p.reshape(-1)
+    for j in range(1, k):
+        rng = np.random.default_rng(np.random.SeedSequence([spec.seed, b, j]))
+        dy, dx = (rng.integers(-spec.max_shift, spec.max_shift + 1, n) for _ in range(2))
+        flip = rng.random(n) < spec.flip
+        mix = rng.random(n) < spec.mixup
+        lam = rng.beta(spec.mixup_alpha, spec.mixup_alpha, n)
+        partner = start + rng.integers(0, n, n)
+        v = p[:, j]
+        v["dy"], v["dx"], v["flags"] = dy, dx, flip
+        v["lam"] = np.where(mix, np.rint(np.minimum(lam, 1 - lam) * 255), 0)
+        v["partner"] = np.where(mix, partner, 0)
+    out = p.reshape(-1)
+    out.flags.writeable = False
+    return out
 
 
 def decode(p: np.ndarray) -> np.ndarray:

@@ -146,6 +146,12 @@ class CacheScaleConfig:
     threads: int = setting(2, "onnxruntime threads")
     device: str = setting("cpu", "cpu, cuda or auto")
     keep: bool = setting(False, "keep the synthetic files (GBs at 1M rows) in the work folder")
+    views: tuple[int, ...] = setting((1, 4, 16, 64), "K views per row of one view_rows-row set of images: time per "
+                                                    "view and peak RSS against K (empty = none)")
+    view_rows: int = setting(10_000, "transfer rows of the views runs (each run caches view_rows x K views)")
+    view_image: int = setting(28, "side of the views runs' square one-channel images (features = side^2)")
 
     def __post_init__(self) -> None:
         require(len(self.sizes) > 0 and min(self.sizes) >= 1, "sizes must be >= 1")
+        require(min(self.views, default=1) >= 1 and self.view_rows >= 1 and self.view_image >= 5,
+                "views and view_rows must be >= 1, view_image >= 5")

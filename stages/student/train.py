@@ -95,7 +95,9 @@ def make_loader(cfg: StudentConfig, c, info) -> TransferLoader | ViewLoader:
         labels = view_row_labels(c) if c.views is not None else c.read("labels")
         rows = select_rows(labels, cfg.train_fraction, cfg.drop_class, cfg.subset_seed)
     if c.views is not None:
-        return ViewLoader(c, info, _target_kind(cfg), cfg.temperature, rows, cfg.memory_budget_mib)
+        return ViewLoader(c, info, _target_kind(cfg), cfg.temperature, rows, cfg.memory_budget_mib, cfg.views_used)
+    if cfg.views_used > 1:
+        raise UsageError(f"{c.path}: views_used {cfg.views_used}, but this cache holds the rows themselves, no views")
     return TransferLoader(c, info, _target_kind(cfg), cfg.temperature, rows, cfg.memory_budget_mib, cfg.block_rows)
 
 

@@ -38,9 +38,12 @@ class ViewLoader:
     resident = True
 
     def __init__(self, cache: CacheInfo, prepared: Prepared, target: str, temperature: float,
-                 rows: np.ndarray | None = None, budget_mib: float = 1024.0):
+                 rows: np.ndarray | None = None, budget_mib: float = 1024.0, views_used: int = 0):
         self.spec = views.spec_of(cache.views, cache.path)
         self.k, self.n_all = self.spec.count, cache.source_rows
+        if views_used > self.k:
+            raise UsageError(f"{cache.path}: views_used {views_used}, but the cache holds {self.k} views of each row")
+        self.used = views_used or self.k  # views 0 .. used-1 of each row (view j does not depend on K)
         split = cache.transfer_split
         if prepared.rows[split] != self.n_all:
             raise DataError(f"{cache.path}: views of {self.n_all} rows, but the {split} split of {prepared.path} "
@@ -84,7 +87,7 @@ class ViewLoader:
     def epoch(self, gen: torch.Generator, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """One pass over the selected rows in a random order, each through one uniformly drawn view."""
         order = torch.randperm(self.n, generator=gen).numpy()
-        view = torch.randint(0, self.k, (self.n,), generator=gen).numpy()
+        view = torch.randint(0, self.used, (self.n,), generator=gen).numpy()
         for i in range(0, self.n, batch_size):
             yield self.batch(self.rows[order[i:i + batch_size]], view[i:i + batch_size])
 

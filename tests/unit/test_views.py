@@ -107,3 +107,11 @@ def test_shape_checks():
         views.ViewSpec(count=4, max_shift=5).check_shape((3, 4, 4))
     with pytest.raises(ValueError, match="shifts further"):
         views.Maker(np.zeros((2, 6, 6), np.uint8), 1, False)(np.arange(2), _params(np.random.default_rng(0), 2, 3))
+
+
+def test_fewer_views_are_a_prefix_of_more():
+    """View j does not depend on K: the first 4 views of a 16-view draw are the 4-view draw."""
+    kw = dict(max_shift=2, flip=0.5, mixup=0.5, seed=3)
+    many = views.params(views.ViewSpec(count=16, **kw), 0, 5000, 5000).reshape(5000, 16, 8)
+    few = views.params(views.ViewSpec(count=4, **kw), 0, 5000, 5000).reshape(5000, 4, 8)
+    assert np.array_equal(many[:, :4], few)
