@@ -81,7 +81,7 @@ stamp = $(PARAMS)/$(1).args
 
 .PHONY: help all smoke setup test test-fast prepare teacher cache student export bench bench-fidelity clean clean-smoke
 .PHONY: bench-student sweep experiments exp-small-transfer exp-omitted-class exp-temperature
-.PHONY: jitter cache-jitter exp-hinton
+.PHONY: jitter cache-jitter exp-hinton views-caches exp-views
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_.-]+:.*## ' $(firstword $(MAKEFILE_LIST)) | awk 'BEGIN{FS=":.*## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -185,8 +185,9 @@ $(BENCH).fidelity.json: $(TEACHER) $(KD).onnx $(RAW).onnx $(PREPARED) $(call cod
 # ---- student sweeps and the paper's experiments (phony: each reruns, reusing students already trained) ----
 EXP_IN := --cache $(CACHE) --transfer-set $(PREPARED)
 
-bench-student: $(CACHE) $(PREPARED) $(TEACHER) | $(INSTALLED) ## student epoch: cache vs in-memory vs online teacher (JSON)
-	$(DISTILL) student bench $(EXP_IN) --teacher $(TEACHER) --out $(DATA)/bench/$(DS)-student.json $(BENCH_STUDENT_ARGS)
+bench-student: $(CACHE) $(PREPARED) $(TEACHER) $(call views_cache,shift) | $(INSTALLED) ## student epoch: cache, views vs in-memory vs online (JSON)
+	$(DISTILL) student bench $(EXP_IN) --teacher $(TEACHER) --views-cache $(call views_cache,shift) \
+	  --out $(DATA)/bench/$(DS)-student.json $(BENCH_STUDENT_ARGS)
 
 sweep: $(CACHE) $(PREPARED) $(TEACHER) | $(INSTALLED) ## T x alpha x size x seed from one cache: CSV, Markdown, PNG
 	$(DISTILL) student sweep $(EXP_IN) --teacher $(TEACHER) --work-dir $(SWEEPS)/students --csv $(SWEEPS)/sweep.csv \
@@ -213,6 +214,31 @@ exp-hinton: $(CACHE_J) $(PREPARED_J) $(TEACHER) | $(INSTALLED) ## 784-800-800-10
 	$(DISTILL) student sweep --cache $(CACHE_J) --transfer-set $(PREPARED_J) --teacher $(TEACHER) \
 	  --work-dir $(SWEEPS)/students-jitter --csv $(SWEEPS)/hinton-800-jitter.csv --archs mlp:800-800 \
 	  --temperatures $(EXP_H_TEMPS) --alphas 0.5 --epochs $(EXP_H_EPOCHS) --memory-budget-mib 4096 --jobs $(JOBS) $(EXP_H_ARGS)
+
+# ---- views (issue 14): one cache of VIEWS_K views per row for each view family; students draw from the
+# first K' of them (view j of a row does not depend on K, so one cache serves every K') ----
+VIEWS_K ?= 64
+VIEW_FAMILIES ?= shift mix
+VIEW_ARGS_shift ?= --view-shift 2
+VIEW_ARGS_mix ?= --view-shift 2 --view-flip 0.5 --view-mixup 0.5
+views_cache = $(DATA)/cache/$(DS)-views-$(1).h5
+EXP_V_ARCHS ?= mlp:128,mlp:800-800
+EXP_V_USED ?= 1,4,16,64
+EXP_V_EPOCHS ?= 30,60,120,120
+EXP_V_TEMPS ?= 4
+EXP_V_ARGS ?=
+$(DATA)/cache/$(DS)-views-%.h5: $(TEACHER) $(PREPARED) $(call code,cache) $(call stamp,cache) | $(INSTALLED)
+	$(DISTILL) cache --teacher $< --transfer-set $(PREPARED) --out $@ --views $(VIEWS_K) $(VIEW_ARGS_$*) $(ARGS_cache)
+
+views-caches: $(foreach f,$(VIEW_FAMILIES),$(call views_cache,$(f))) ## VIEWS_K views of every row per view family (data/cache/<ds>-views-<family>.h5)
+
+exp-views: views-caches $(PREPARED) $(TEACHER) | $(INSTALLED) ## students from K' in EXP_V_USED views x family: table and plot
+	$(foreach f,$(VIEW_FAMILIES),$(DISTILL) student sweep --cache $(call views_cache,$(f)) --transfer-set $(PREPARED) \
+	  --teacher $(TEACHER) --work-dir $(SWEEPS)/students-views-$(f) --csv $(SWEEPS)/views-$(f).csv --archs $(EXP_V_ARCHS) \
+	  --views-used $(EXP_V_USED) --view-epochs $(EXP_V_EPOCHS) --temperatures $(EXP_V_TEMPS) --alphas 0.5 \
+	  --memory-budget-mib 4096 --jobs $(JOBS) $(EXP_V_ARGS) &&) true
+	$(PY) scripts/views_report.py $(foreach f,$(VIEW_FAMILIES),$(f)=$(SWEEPS)/views-$(f).json) \
+	  --markdown $(SWEEPS)/views.md --plot $(SWEEPS)/views.png
 
 clean-smoke: ## remove the smoke run's artifacts
 	rm -rf $(SMOKE_DATA)

@@ -286,10 +286,12 @@ def student_experiment(cfg, cache_path, transfer_set, work_dir, markdown):
 @cache_inputs
 @click.option("--teacher", type=PathArg, required=True, help="teacher ensemble ONNX (run every step in online mode)")
 @click.option("--out", type=PathArg, required=True, help="report JSON to write")
-def student_bench(cfg, cache_path, transfer_set, teacher, out):
+@click.option("--views-cache", type=PathArg, default=None, help="a views cache of the same transfer set: adds the "
+              "views mode (one view per row per epoch, re-made on the fly)")
+def student_bench(cfg, cache_path, transfer_set, teacher, out, views_cache):
     from stages.student import bench_student
 
-    bench_student(cfg, cache_path, transfer_set, teacher, out, log=_say)
+    bench_student(cfg, cache_path, transfer_set, teacher, out, log=_say, views_cache=views_cache)
 
 
 @stage_command(main, "export", ExportConfig)

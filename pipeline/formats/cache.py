@@ -12,6 +12,13 @@ Layout (docs/formats.md, "kd-cache")::
     /soft/<T>         float32 [rows, classes]            combined soft targets at temperature T
     /labels           int64   [rows]                     -1 where the transfer set has no label
     /diagnostics/<T>  attrs: mean_entropy_nats, teacher_accuracy, member_disagreement, ece
+    /view_params      uint8   [rows, 8]                  a views cache only: each view's parameters
+
+A views cache (attribute ``views``: the view function's version and settings, JSON; ``source_rows``
+N) holds K views of each of N transfer rows as its ``rows = N * K`` rows, view k of transfer row r
+at row ``r * K + k``; the student re-makes each view from the prepared rows and these parameters
+(:mod:`pipeline.views`).  ``/logits`` may be float16 (``logits_dtype``); soft targets are then
+computed from the rounded logits, so the file stays self-consistent.
 
 Crash safety (the writer): rows are written in batches; after each batch the data is flushed, then
 ``committed_rows`` advanced, flushed and the file fsynced, so a committed row is always on disk and
@@ -41,6 +48,7 @@ from pipeline.formats.h5write import H5Output
 SCHEMA = "kd-cache/1"
 WHAT = "soft-target cache"
 REBUILD = "make cache"
+VIEW_PARAM_BYTES = 8  # pipeline.views.PARAM_BYTES: a view's parameters
 CHUNK_BYTES = 512 << 10  # chunks of whole rows, ~512 KiB: in the 256 KiB - 1 MiB band of docs/formats.md
 METADATA_BYTES = 64 << 10  # headroom for HDF5's own structures, attributes and provenance (~30 KiB measured)
 
@@ -65,13 +73,20 @@ def soft_size(rows: int, classes: int, temperatures: int) -> int:
     return temperatures * _whole_chunks(rows, classes * 4)
 
 
-def predicted_size(rows: int, members: int, classes: int, temperatures: int) -> tuple[int, str]:
+def predicted_size(rows: int, members: int, classes: int, temperatures: int, logit_bytes: int = 4,
+                   views: bool = False) -> tuple[int, str]:
     """Bytes a finished cache of this shape takes (every dataset in whole chunks, as HDF5 allocates
-    them, plus :data:`METADATA_BYTES`), and the figure as a formula a user can check."""
-    size = (_whole_chunks(rows, members * classes * 4) + soft_size(rows, classes, temperatures)
+    them, plus :data:`METADATA_BYTES`), and the figure as a formula a user can check. ``logit_bytes``:
+    4 (float32) or 2 (float16 logits); ``views``: a views cache, with 8 bytes of parameters per row."""
+    size = (_whole_chunks(rows, members * classes * logit_bytes) + soft_size(rows, classes, temperatures)
             + _whole_chunks(rows, 8) + METADATA_BYTES)
-    return size, (f"({rows} rows x {members} members x {classes} classes + {rows} x {classes} x {temperatures} "
-                  f"temperatures) x 4 bytes + {rows} labels x 8 bytes, in whole chunks, + {METADATA_BYTES >> 10} KiB")
+    extra = ""
+    if views:
+        size += _whole_chunks(rows, VIEW_PARAM_BYTES)
+        extra = f" + {rows} x {VIEW_PARAM_BYTES} bytes of view parameters"
+    return size, (f"{rows} rows x {members} members x {classes} classes x {logit_bytes} bytes + {rows} x {classes} "
+                  f"x {temperatures} temperatures x 4 bytes + {rows} labels x 8 bytes{extra}, in whole chunks, "
+                  f"+ {METADATA_BYTES >> 10} KiB")
 
 
 class CacheWriter:
@@ -84,18 +99,25 @@ class CacheWriter:
     # ---- opening
     @classmethod
     def create(cls, path: Path, identity: dict, rows: int, members: int, classes: int,
-               temperatures: tuple[float, ...]) -> "CacheWriter":
-        """A new, empty cache at ``path`` (truncated if it exists) with its datasets."""
+               temperatures: tuple[float, ...], views: dict | None = None, source_rows: int | None = None,
+               logits_dtype: str = "float32") -> "CacheWriter":
+        """A new, empty cache at ``path`` (truncated if it exists) with its datasets; ``views`` (the
+        view function's settings, with ``count`` K) makes it a views cache of ``rows = N * K`` rows."""
         out = H5Output(path, "w")
         f = out.f
-        chunk = _chunk_rows(rows, members * classes * 4)
-        f.create_dataset("logits", (rows, members, classes), np.float32, chunks=(chunk, members, classes))
+        dt = np.dtype(logits_dtype)
+        chunk = _chunk_rows(rows, members * classes * dt.itemsize)
+        f.create_dataset("logits", (rows, members, classes), dt, chunks=(chunk, members, classes))
         w = cls(out)
         for T in temperatures:
             w.add_soft(T)
         f.create_dataset("labels", (rows,), np.int64, chunks=(_chunk_rows(rows, 8),))
         f.attrs.update(schema=SCHEMA, rows=rows, members=members, classes=classes, committed_rows=0,
                        complete=False, identity=json.dumps(identity))
+        if views is not None:
+            f.create_dataset("view_params", (rows, VIEW_PARAM_BYTES), np.uint8,
+                             chunks=(_chunk_rows(rows, VIEW_PARAM_BYTES), VIEW_PARAM_BYTES))
+            f.attrs.update(views=json.dumps(views), source_rows=int(source_rows))
         return w
 
     @classmethod
@@ -140,7 +162,8 @@ class CacheWriter:
         soft_chunk = _chunk_rows(rows, classes * 4)
         return self.f.create_dataset(f"soft/{t_key(T)}", (rows, classes), np.float32, chunks=(soft_chunk, classes))
 
-    def put(self, lo: int, logits: np.ndarray | None, soft: dict[float, np.ndarray], labels: np.ndarray | None) -> None:
+    def put(self, lo: int, logits: np.ndarray | None, soft: dict[float, np.ndarray], labels: np.ndarray | None,
+            view_params: np.ndarray | None = None) -> None:
         """Rows ``[lo, lo + n)`` of the datasets given (no commit: see :meth:`commit`)."""
         n = len(next(iter(soft.values()))) if logits is None else len(logits)
         if logits is not None:
@@ -149,6 +172,8 @@ class CacheWriter:
             self.f[f"soft/{t_key(T)}"][lo:lo + n] = p
         if labels is not None:
             self.f["labels"][lo:lo + n] = labels
+        if view_params is not None:
+            self.f["view_params"][lo:lo + n] = view_params
         self.out.check()
 
     def commit(self, rows: int) -> None:
@@ -225,6 +250,16 @@ class CacheInfo:
         return json.loads(self.attrs["teacher_inputs"]) if "teacher_inputs" in self.attrs else None
 
     @property
+    def views(self) -> dict | None:
+        """The view function's version and settings (``count`` = K) of a views cache, else None."""
+        return json.loads(self.attrs["views"]) if "views" in self.attrs else None
+
+    @property
+    def source_rows(self) -> int:
+        """Transfer rows the cache covers (``rows / K`` for a views cache)."""
+        return int(self.attrs.get("source_rows", self.rows))
+
+    @property
     def has_logits(self) -> bool:
         with h5py.File(self.path, "r") as f:
             return "logits" in f
@@ -297,6 +332,15 @@ def _check(path: Path, f: h5py.File, part: bool) -> CacheInfo:
             continue  # soft targets alone still train a student; tools that need logits say so
         if name not in f or f[name].shape != shape:
             raise DataError(f"{path}: dataset {name} is missing or not of shape {shape}")
+    if "views" in a and not part:
+        try:
+            k, n = int(json.loads(a["views"])["count"]), int(a["source_rows"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{path}: corrupt {WHAT}: malformed views attributes") from None
+        if k < 1 or n * k != info.rows or f.get("view_params") is None \
+                or f["view_params"].shape != (info.rows, VIEW_PARAM_BYTES):
+            raise DataError(f"{path}: views cache of {info.rows} rows does not hold K={k} views of {n} rows "
+                            f"with {VIEW_PARAM_BYTES}-byte parameters each")
     y = f["labels"][:]
     if ((y < -1) | (y >= info.classes)).any():
         raise DataError(f"{path}: labels outside [-1, {info.classes})")

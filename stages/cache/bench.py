@@ -10,6 +10,7 @@ Synthetic inputs are written in blocks (1M rows x 784 float32 is 3.1 GB; it neve
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -44,15 +45,19 @@ def synthetic_prepared(path: Path, rows: int, shape: tuple[int, ...], classes: i
     return Path(path)
 
 
-def linear_teacher(path: Path, features: int, classes: int = 10, seed: int = 0) -> Path:
-    """The smallest honest teacher: ``x [batch, features] -> x W + b`` (so the stage's own costs show)."""
+def linear_teacher(path: Path, features: int, classes: int = 10, seed: int = 0,
+                   shape: tuple[int, ...] | None = None) -> Path:
+    """The smallest honest teacher: ``x [batch, features] -> x W + b`` (so the stage's own costs show);
+    ``shape``: rows of that shape, flattened first."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
+    flat = [helper.make_node("Flatten", ["x"], ["f"], axis=1)] if shape else []
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "b"], ["logits"])], "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        flat + [helper.make_node("MatMul", ["f" if shape else "x", "W"], ["m"]),
+                helper.make_node("Add", ["m", "b"], ["logits"])], "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *(shape or (features,))])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
         [numpy_helper.from_array(rng.normal(0, features ** -0.5, (features, classes)).astype(np.float32), "W"),
          numpy_helper.from_array(np.zeros(classes, np.float32), "b")])
@@ -144,19 +149,26 @@ def bench_speed(cfg: CacheBenchConfig, work: Path, out: Path, log: Callable[[str
     return report
 
 
-def _run_sized(cfg: CacheScaleConfig, work: Path, rows: int, log: Callable) -> dict:
+def _run_sized(cfg: CacheScaleConfig, work: Path, rows: int, log: Callable, shape: tuple[int, ...] | None = None,
+               views: int = 0) -> dict:
+    """One ``distill cache`` in a fresh process on ``rows`` synthetic rows (of ``shape``; with ``views``
+    K views of each when given): peak RSS (its own, from wait4), time and sizes."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    prepared = work / f"scale-{rows}.h5"
+    shape = shape or (cfg.features,)
+    name = f"scale-{rows}" + (f"-k{views}" if views else "")
+    prepared = work / f"{name}.h5"
     # Generated in its own process: a child's ru_maxrss starts from its parent's high-water mark
     # (exec records the old address space's peak), so generating here would inflate every figure.
-    subprocess.run([sys.executable, "-c", "import sys; from stages.cache.bench import synthetic_prepared; "
-                    "synthetic_prepared(sys.argv[1], int(sys.argv[2]), (int(sys.argv[3]),))",
-                    str(prepared), str(rows), str(cfg.features)], env=env, check=True)
-    cache = work / f"scale-{rows}.cache.h5"
-    cmd = [sys.executable, "-m", "pipeline.cli", "cache", "--teacher", str(work / "linear.onnx"),
+    subprocess.run([sys.executable, "-c", "import sys, json; from stages.cache.bench import synthetic_prepared; "
+                    "synthetic_prepared(sys.argv[1], int(sys.argv[2]), tuple(json.loads(sys.argv[3])))",
+                    str(prepared), str(rows), json.dumps(list(shape))], env=env, check=True)
+    cache = work / f"{name}.cache.h5"
+    teacher = work / ("linear.onnx" if len(shape) == 1 else "linear-image.onnx")
+    cmd = [sys.executable, "-m", "pipeline.cli", "cache", "--teacher", str(teacher),
            "--transfer-set", str(prepared), "--out", str(cache), "--temperatures", "1,2,4,8,20",
            "--batch-size", str(cfg.batch_size), "--threads", str(cfg.threads), "--device", cfg.device,
-           "--no-gate"]  # an untrained linear teacher: the gate would rightly refuse it
+           "--no-gate",  # an untrained linear teacher: the gate would rightly refuse it
+           *(["--views", str(views)] if views else [])]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone: its own peak RSS
@@ -170,9 +182,12 @@ def _run_sized(cfg: CacheScaleConfig, work: Path, rows: int, log: Callable) -> d
     if not cfg.keep:
         prepared.unlink()
         cache.unlink()
-    row = {"rows": rows, "peak_rss_mib": usage.ru_maxrss / 1024, "process_wall_s": wall, "stage_s": stage_s,
-           "us_per_row": 1e6 * stage_s / rows, **sizes}
-    log(f"bench-cache-scale: {rows} rows: peak RSS {row['peak_rss_mib']:.0f} MiB, stage {stage_s:.1f} s")
+    cached = rows * max(1, views)  # cache rows: one per view
+    row = {"rows": rows, "views": views, "cache_rows": cached, "peak_rss_mib": usage.ru_maxrss / 1024,
+           "process_wall_s": wall, "stage_s": stage_s, "us_per_row": 1e6 * stage_s / cached,
+           "cache_bytes_per_row": sizes["cache_bytes"] / cached, **sizes}
+    log(f"bench-cache-scale: {rows} rows" + (f" x {views} views" if views else "")
+        + f": peak RSS {row['peak_rss_mib']:.0f} MiB, stage {stage_s:.1f} s, {row['us_per_row']:.1f} us per cache row")
     return row
 
 
@@ -183,9 +198,17 @@ def bench_scale(cfg: CacheScaleConfig, work: Path, out: Path, log: Callable[[str
     linear_teacher(work / "linear.onnx", cfg.features)
     runs = [_run_sized(cfg, work, rows, log) for rows in cfg.sizes]
     first = runs[0]
+    image = (1, cfg.view_image, cfg.view_image)
+    views = []
+    if cfg.views:
+        linear_teacher(work / "linear-image.onnx", cfg.view_image ** 2, shape=image)
+        views = [_run_sized(cfg, work, cfg.view_rows, log, image, k) for k in cfg.views]
     import resource
 
     report = {"settings": to_dict(cfg), "teacher": f"linear {cfg.features}->10", "runs": runs,
+              # K views of the same rows: time per cached view and peak RSS against K (memory flat in K)
+              "views": views, "views_rss_ratio_vs_fewest": [v["peak_rss_mib"] / views[0]["peak_rss_mib"] for v in views],
+              "views_time_per_view_ratio_vs_fewest": [v["us_per_row"] / views[0]["us_per_row"] for v in views],
               # floor of every child's figure (see _run_sized): this process's own peak
               "parent_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "rss_ratio_vs_smallest": [r["peak_rss_mib"] / first["peak_rss_mib"] for r in runs],

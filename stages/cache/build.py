@@ -54,6 +54,7 @@ from stages.cache.settings import DIAG_BLOCK, NOT_IN_SETTINGS, CacheConfig
 from stages.cache.stream import (StreamStats, diagnostics_in_blocks, member_accuracy_in_blocks, part_path,
                                  resolve_shard, run_pipeline, shard_rows)
 from stages.cache.teachers import Teachers
+from stages.cache.viewsource import RowSource
 
 
 def cache_soft_targets(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
@@ -80,8 +81,15 @@ def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
     env = os.environ if env is None else env
     t0 = time.perf_counter()
     info = open_prepared(transfer_set)
+    spec = cfg.view_spec()
+    if spec is not None:
+        try:
+            spec.check_shape(info.shape)
+        except ValueError as e:
+            raise UsageError(f"{transfer_set}: {e}") from None
+    total = info.rows[cfg.split] * (spec.count if spec is not None else 1)  # cache rows: views of the rows
     index, count = resolve_shard(cfg.shard, env)
-    lo, hi = shard_rows(info.rows[cfg.split], cfg.batch_size, index, count)
+    lo, hi = shard_rows(total, cfg.batch_size, index, count)
     out = part_path(Path(out), index, count) if count > 1 else Path(out)
     if hi <= lo:
         raise DataError(f"{transfer_set}: the {cfg.split} split has no rows for shard {index}/{count}")
@@ -96,18 +104,20 @@ def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
     claim(out)  # a second writer fails now, not after this one's gate (the first lock of the output)
     try:
         gates = _gate(cfg, teachers, info, log)  # may take a clear winner for undeclared fields
+        if spec is not None and spec.mixup > 0 and any(c.dtype == "uint8" for c in teachers.contracts):
+            raise UsageError("views that mix rows (--view-mixup > 0) are not whole pixels, and a teacher here "
+                             "takes uint8 input; build the views without mixing")
         teachers.start()
     except BaseException:
         release(out)  # refused before any row: no empty .partial left behind
         raise
     identity = {"teacher_sha256": [provenance.sha256_file(s.path) for s in specs],
-                "transfer_sha256": provenance.sha256_file(transfer_set),
-                "settings": {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_SETTINGS},
+                "transfer_sha256": provenance.sha256_file(transfer_set), "settings": content_settings(cfg),
                 "teacher_inputs": [c.as_dict() for c in teachers.contracts],
                 **({"member_weights": weights.tolist()} if weights is not None else {})}
     records = [{**p.record(), "gate": g} for p, g in zip(teachers.plans, gates)]
     if count > 1:
-        identity["part"] = {"index": index, "count": count, "rows": [lo, hi], "total_rows": info.rows[cfg.split]}
+        identity["part"] = {"index": index, "count": count, "rows": [lo, hi], "total_rows": total}
         log(f"cache: shard {index}/{count}, rows [{lo}, {hi}) -> {out}")
     stats = StreamStats()
     try:
@@ -130,7 +140,8 @@ def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
 def _require_space(out: Path, rows: int, members: int, classes: int, cfg: CacheConfig) -> None:
     """Refuse (exit 7) before any row runs, and before the partial file is created, when the disk
     cannot hold the finished file; a partial being resumed or replaced already holds part of that space."""
-    need, figure = predicted_size(rows, members, classes, len(cfg.temperatures))
+    need, figure = predicted_size(rows, members, classes, len(cfg.temperatures),
+                                  logit_bytes=2 if cfg.logits_dtype == "float16" else 4, views=cfg.views > 0)
     tmp = partial_path(out)
     have = tmp.stat().st_size if tmp.exists() else 0
     require_space(out, need - have, figure + (f", less the {human(have)} of {tmp.name}" if have else ""))
@@ -156,20 +167,26 @@ def _write_cache(cfg: CacheConfig, tmp: Path, identity: dict, span: tuple[int, i
             teachers.probabilities = json.loads(box["w"].attrs["teacher_probabilities"])
         bar = runtime.progress(total=hi - lo, initial=start - lo, desc="cache", unit="row")
 
-        def write(b_lo: int, b_hi: int, logits: np.ndarray, y: np.ndarray) -> None:
+        spec = cfg.view_spec()
+
+        def write(b_lo: int, b_hi: int, logits: np.ndarray, labels_params: tuple) -> None:
             if box["w"] is None:
-                box["w"] = CacheWriter.create(tmp, identity, hi - lo, logits.shape[1], logits.shape[2],
-                                              cfg.temperatures)
+                box["w"] = CacheWriter.create(
+                    tmp, identity, hi - lo, logits.shape[1], logits.shape[2], cfg.temperatures,
+                    views=None if spec is None else spec.as_dict(), source_rows=info.rows[cfg.split],
+                    logits_dtype=cfg.logits_dtype)
                 box["w"].attrs["teacher_probabilities"] = json.dumps(teachers.probabilities)
-            _write_batch(box["w"], b_lo - lo, logits, y, cfg, weights, stats)
+            _write_batch(box["w"], b_lo - lo, logits, *labels_params, cfg, weights, stats)
             box["rows"] = b_hi - lo
             bar.update(b_hi - b_lo)
 
         batches = [(b, min(hi, b + cfg.batch_size)) for b in range(start, hi, cfg.batch_size)]
         with info.rows_reader(cfg.split) as raw:  # one handle; only the reader thread reads it
-            def read(a: int, b: int) -> tuple[list[np.ndarray], np.ndarray]:
-                x, y = raw(a, b)
-                return teachers.adapt(x), y  # each teacher's input, once per distinct contract
+            source = RowSource(info, cfg.split, spec, raw)
+
+            def read(a: int, b: int) -> tuple[list[np.ndarray], tuple]:
+                x, labels_params = source.read(a, b)
+                return teachers.adapt(x), labels_params  # each teacher's input, once per distinct contract
 
             run_pipeline(batches, read, teachers, write, stats)
         bar.close()
@@ -202,12 +219,31 @@ def _close(box: dict) -> None:
         box["w"] = None
 
 
-def _write_batch(w: CacheWriter, lo: int, logits: np.ndarray, y: np.ndarray, cfg: CacheConfig,
-                 weights: np.ndarray | None, stats: StreamStats) -> None:
+def used_settings(cfg: CacheConfig) -> dict:
+    """The settings as recorded: the view and storage settings only when used, so a plain float32
+    cache records (and is identified by) what it always was."""
+    d = to_dict(cfg)
+    if not cfg.views:
+        d = {k: v for k, v in d.items() if not k.startswith("view")}
+    if cfg.logits_dtype == "float32":
+        d.pop("logits_dtype")
+    return d
+
+
+def content_settings(cfg: CacheConfig) -> dict:
+    """The settings that change a cache's content (its identity): the used ones but the run-only ones."""
+    return {k: v for k, v in used_settings(cfg).items() if k not in NOT_IN_SETTINGS}
+
+
+def _write_batch(w: CacheWriter, lo: int, logits: np.ndarray, y: np.ndarray, params: np.ndarray | None,
+                 cfg: CacheConfig, weights: np.ndarray | None, stats: StreamStats) -> None:
     t = time.perf_counter()
-    targets = {T: soft.combine_soft_targets(logits, T, cfg.combine, weights) for T in cfg.temperatures}
+    if cfg.logits_dtype != "float32":  # targets from the stored (rounded) logits: the file agrees with itself
+        logits = logits.astype(cfg.logits_dtype)
+    f32 = logits.astype(np.float32, copy=False)
+    targets = {T: soft.combine_soft_targets(f32, T, cfg.combine, weights) for T in cfg.temperatures}
     t1 = time.perf_counter()
-    w.put(lo, logits, targets, y)
+    w.put(lo, logits, targets, y, params)
     w.commit(lo + len(logits))
     stats.combine_s += t1 - t
     stats.write_s += time.perf_counter() - t1
@@ -243,7 +279,7 @@ def _finish(w: CacheWriter | None, cfg: CacheConfig, teachers: Teachers, identit
     extra = {} if part else {"member_accuracy": member_accuracy_in_blocks(w.read, rows, DIAG_BLOCK)}
     w.finish({**content_attrs(cfg, identity, teachers.probabilities, info, records, weights, members),
               **extra, "provider": teachers.provider,
-              "provenance": json.dumps(provenance.record("cache", to_dict(cfg), {
+              "provenance": json.dumps(provenance.record("cache", used_settings(cfg), {
                   **{f"teacher{i}": p for i, p in enumerate(teachers.paths)}, "transfer_set": transfer_set},
                   provider=teachers.provider, io_binding=teachers.io_binding))},
              identity["part"] if part else None)

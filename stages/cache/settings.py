@@ -57,6 +57,15 @@ class CacheConfig:
     io_binding: str = setting("auto", "bind inputs/outputs at a fixed padded batch: auto (on CUDA only), on, off")
     shard: str = setting("", "i/n: write part i of n (rows of a contiguous range of batches) to "
                              "<out stem>.part<i>of<n><suffix>; empty = RANK/WORLD_SIZE when set, else all rows")
+    views: int = setting(0, "K views of every transfer row, made from 8 bytes of parameters each (view 0 is the "
+                            "row itself; docs/design.md, views); 0 = the rows themselves, no views")
+    view_shift: int = setting(2, "views: largest shift in pixels along each image axis")
+    view_flip: float = setting(0.0, "views: probability of a horizontal flip")
+    view_mixup: float = setting(0.0, "views: probability of mixing in a partner row (weight <= 0.5)")
+    view_mixup_alpha: float = setting(1.0, "views: the partner's weight w is min(b, 1 - b), b ~ Beta(alpha, alpha)")
+    view_seed: int = setting(0, "views: seed of every view's parameters")
+    logits_dtype: str = setting("float32", "storage of the per-member logits: float32, or float16 (half the bytes; "
+                                           "soft targets are then computed from the rounded logits)")
 
     def __post_init__(self) -> None:
         require(len(self.temperatures) > 0, "give at least one temperature")
@@ -71,6 +80,21 @@ class CacheConfig:
         require(self.io_binding in ("auto", "on", "off"), "io_binding must be auto, on or off")
         if self.shard:
             parse_shard(self.shard)
+        require(self.views >= 0, f"views must be >= 0 (K views per row; 0 = none), got {self.views}")
+        require(self.logits_dtype in ("float32", "float16"), "logits_dtype must be float32 or float16")
+        try:
+            self.view_spec()
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+    def view_spec(self):
+        """The views to make (a :class:`pipeline.views.ViewSpec`), or None for a plain cache."""
+        from pipeline.views import ViewSpec
+
+        if not self.views:
+            return None
+        return ViewSpec(count=self.views, max_shift=self.view_shift, flip=self.view_flip, mixup=self.view_mixup,
+                        mixup_alpha=self.view_mixup_alpha, seed=self.view_seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +181,12 @@ class CacheScaleConfig:
     threads: int = setting(2, "onnxruntime threads")
     device: str = setting("cpu", "cpu, cuda or auto")
     keep: bool = setting(False, "keep the synthetic files (GBs at 1M rows) in the work folder")
+    views: tuple[int, ...] = setting((1, 4, 16, 64), "K views per row of one view_rows-row set of images: time per "
+                                                    "view and peak RSS against K (empty = none)")
+    view_rows: int = setting(10_000, "transfer rows of the views runs (each run caches view_rows x K views)")
+    view_image: int = setting(28, "side of the views runs' square one-channel images (features = side^2)")
 
     def __post_init__(self) -> None:
         require(len(self.sizes) > 0 and min(self.sizes) >= 1, "sizes must be >= 1")
+        require(min(self.views, default=1) >= 1 and self.view_rows >= 1 and self.view_image >= 5,
+                "views and view_rows must be >= 1, view_image >= 5")

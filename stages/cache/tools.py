@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline import contract as ct
-from pipeline import provenance, soft
+from pipeline import provenance, soft, views
 from pipeline.artifacts import atomic_output
 from pipeline.config import to_dict
 from pipeline.errors import DataError, IntegrityError, UsageError
@@ -43,10 +43,12 @@ from stages.cache.build import format_diagnostics
 from stages.cache.settings import DIAG_BLOCK, AddTemperatureConfig, MergeConfig, VerifyConfig
 from stages.cache.stream import blocks, diagnostics_in_blocks, member_accuracy_in_blocks
 from stages.cache.teachers import Teachers
+from stages.cache.viewsource import RowSource
 
 # Attributes every part of one sharded run must share (besides the identity without its "part").
 _SHARED = ("schema", "members", "classes", "temperatures", "combine", "teacher_sha256", "transfer_sha256",
-           "transfer_split", "settings", "teacher_probabilities", "classes_names", "teacher_inputs", "member_weights")
+           "transfer_split", "settings", "teacher_probabilities", "classes_names", "teacher_inputs", "member_weights",
+           "views", "source_rows")
 
 
 def recorded_weights(c: CacheInfo) -> np.ndarray | None:
@@ -175,29 +177,37 @@ def verify(cfg: VerifyConfig, cache: Path, teacher: list[Path], transfer_set: Pa
     teachers.start()
     teachers.probabilities = json.loads(c.attrs["teacher_probabilities"])
     weights = recorded_weights(c)
-    logit_diff, scale, soft_diff, label_bad = 0.0, 1.0, 0.0, 0
-    with info.rows_reader(c.transfer_split) as rows:
+    spec = views.spec_of(c.views, cache)  # a views cache: its views are re-made from their parameters
+    logit_diff, scale, soft_diff, label_bad, param_bad = 0.0, 1.0, 0.0, 0, 0
+    stored_dtype = c.read("logits", 0, 1).dtype
+    with info.rows_reader(c.transfer_split) as raw:
+        source = RowSource(info, c.transfer_split, spec, raw)
         for lo, hi in windows:
-            stored = c.read("logits", lo, hi)
-            x, y = rows(lo, hi)
-            got = teachers(teachers.adapt(x), lo)
+            stored = c.read("logits", lo, hi).astype(np.float32)
+            x, (y, params) = source.read(lo, hi)
+            got = teachers(teachers.adapt(x), lo).astype(stored_dtype).astype(np.float32)  # as stored
             logit_diff = max(logit_diff, float(np.max(np.abs(got - stored))))
             scale = max(scale, float(np.max(np.abs(stored))))
             for T in c.temperatures:
                 ref = soft.combine_soft_targets(stored, T, c.combine, weights)
                 soft_diff = max(soft_diff, float(np.max(np.abs(ref - c.soft(T, lo, hi)))))
             label_bad += int(np.sum(c.read("labels", lo, hi) != y))
+            if params is not None:  # the stored parameters are the ones the recorded seed draws
+                param_bad += int(np.sum(np.any(c.read("view_params", lo, hi) != params, axis=1)))
     n = sum(hi - lo for lo, hi in windows)
     report = {"rows_checked": n, "windows": windows, "max_abs_logit_diff": logit_diff,
               "logit_tolerance": cfg.tolerance * scale, "max_abs_soft_diff": soft_diff,
-              "label_mismatches": label_bad, "hashes": "match", "provider": teachers.provider}
+              "label_mismatches": label_bad, "view_param_mismatches": param_bad, "hashes": "match",
+              "provider": teachers.provider}
     log(f"verify: {n} rows in {len(windows)} windows on {teachers.provider}: max |logit diff| "
         f"{logit_diff:.3g} (tolerance {cfg.tolerance * scale:.3g}), max |soft diff| {soft_diff:.3g}, "
-        f"{label_bad} label mismatches; hashes match")
+        f"{label_bad} label mismatches" + (f", {param_bad} view parameter mismatches" if spec else "")
+        + "; hashes match")
     log(format_diagnostics(c.diagnostics(), c.member_accuracy))
-    if logit_diff > cfg.tolerance * scale or soft_diff > 1e-6 or label_bad:
+    if logit_diff > cfg.tolerance * scale or soft_diff > 1e-6 or label_bad or param_bad:
         raise IntegrityError(f"{cache}: stored targets differ from the teachers (max |logit diff| {logit_diff:.3g}, "
-                             f"max |soft diff| {soft_diff:.3g}, {label_bad} label mismatches); rebuild with `make cache`")
+                             f"max |soft diff| {soft_diff:.3g}, {label_bad} label mismatches, {param_bad} view "
+                             f"parameter mismatches); rebuild with `make cache`")
     return report
 
 
@@ -241,15 +251,19 @@ def merge(cfg: MergeConfig, parts: list[Path], out: Path, log: Callable[[str], N
     base = {k: v for k, v in p0.identity.items() if k != "part"}
     temps = p0.temperatures
     providers = sorted({str(c.attrs["provider"]) for c in read})
-    require_space(Path(out), *predicted_size(total, p0.members, p0.classes, len(temps)))
+    logits_dtype = np.dtype(p0.read("logits", 0, 1).dtype)
+    require_space(Path(out), *predicted_size(total, p0.members, p0.classes, len(temps),
+                                             logit_bytes=logits_dtype.itemsize, views=p0.views is not None))
     with atomic_output(Path(out)) as tmp:
-        w = CacheWriter.create(tmp, base, total, p0.members, p0.classes, temps)
+        w = CacheWriter.create(tmp, base, total, p0.members, p0.classes, temps, views=p0.views,
+                               source_rows=p0.source_rows if p0.views else None,
+                               logits_dtype=str(logits_dtype))
         try:
             for c in read:
                 off = c.part["rows"][0]
                 for lo, hi in blocks(0, c.rows, cfg.block_rows):
                     w.put(off + lo, c.read("logits", lo, hi), {T: c.soft(T, lo, hi) for T in temps},
-                          c.read("labels", lo, hi))
+                          c.read("labels", lo, hi), c.read("view_params", lo, hi) if c.views else None)
             for T, d in diagnostics_in_blocks(w.read, temps, total, DIAG_BLOCK).items():
                 w.write_diagnostics(T, d)
             w.finish({**{k: p0.attrs[k] for k in _SHARED if k in p0.attrs and k != "schema"},

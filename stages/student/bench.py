@@ -7,6 +7,8 @@ one run, as ratios.  Modes, each with its own student, optimiser and seed, epoch
 - ``in_memory``: x, p_T and y already float32 tensors in memory (the floor).
 - ``cache_resident``: :class:`stages.student.loader.TransferLoader` within budget (its one-off load timed apart).
 - ``cache_streaming``: the same loader with a small budget, reading contiguous blocks every epoch.
+- ``views`` (with a views cache): one view of each row per epoch, re-made from its 8 bytes of
+  parameters (:class:`stages.student.viewloader.ViewLoader`), against the same target of 1.15x.
 - ``online``: no cache: the teacher ensemble runs (onnxruntime) on every minibatch and p_T is computed
   from its member logits, as a pipeline without a cache would.
 
@@ -31,6 +33,7 @@ from pipeline.formats.prepared import open_prepared
 from stages.student.loader import TransferLoader
 from stages.student.settings import StudentBenchConfig, StudentConfig
 from stages.student.train import train_epoch
+from stages.student.viewloader import ViewLoader
 
 MODES = ("in_memory", "cache_resident", "cache_streaming", "online")
 
@@ -45,8 +48,10 @@ def _online_batches(x, y, sess, T, gen, batch):
 
 
 def bench_student(cfg: StudentBenchConfig, cache: Path, transfer_set: Path, teacher: Path, out: Path,
-                  log: Callable[[str], None] = print) -> dict:
-    """Time ``cfg.epochs`` interleaved epochs of every mode and write the report ``out`` (JSON)."""
+                  log: Callable[[str], None] = print, views_cache: Path | None = None) -> dict:
+    """Time ``cfg.epochs`` interleaved epochs of every mode and write the report ``out`` (JSON);
+    ``views_cache`` (a views cache of the same transfer set) adds the ``views`` mode: one view of each
+    row per epoch, re-made from its parameters on the fly."""
     runtime.set_torch_threads(cfg.threads)
     c, info = open_cache(cache), open_prepared(transfer_set)
     c.check_built_from(transfer_set, provenance.sha256_file(transfer_set))
@@ -73,8 +78,15 @@ def bench_student(cfg: StudentBenchConfig, cache: Path, transfer_set: Path, teac
                "cache_resident": lambda g: resident.epoch(g, cfg.batch_size),
                "cache_streaming": lambda g: streaming.epoch(g, cfg.batch_size),
                "online": lambda g: _online_batches(x, y, sess, cfg.temperature, g, cfg.batch_size)}
+    modes = list(MODES)
+    if views_cache is not None:
+        vc = open_cache(views_cache)
+        vc.check_built_from(transfer_set, provenance.sha256_file(transfer_set))
+        viewed = ViewLoader(vc, info, "soft", cfg.temperature, sel, budget_mib=1 << 20)
+        sources["views"] = lambda g: viewed.epoch(g, cfg.batch_size)
+        modes.append("views")
     state = {}
-    for mode in MODES:
+    for mode in modes:
         torch.manual_seed(0)
         net = models.build(cfg.arch, info.shape, len(info.classes))
         opt = torch.optim.AdamW(net.parameters(), lr=scfg.lr)
@@ -82,25 +94,27 @@ def bench_student(cfg: StudentBenchConfig, cache: Path, transfer_set: Path, teac
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=scfg.lr, total_steps=steps)
         state[mode] = (net, opt, sched, torch.Generator().manual_seed(0), [])
     for epoch in range(cfg.epochs):
-        for mode in MODES:
+        for mode in modes:
             net, opt, sched, gen, times = state[mode]
             t1 = time.perf_counter()
             train_epoch(scfg, net, opt, sched, sources[mode](gen))
             times.append(time.perf_counter() - t1)
-        log(f"bench-student epoch {epoch + 1}: " + ", ".join(f"{m} {state[m][4][-1]:.2f}s" for m in MODES))
-    med = {m: statistics.median(state[m][4]) for m in MODES}
+        log(f"bench-student epoch {epoch + 1}: " + ", ".join(f"{m} {state[m][4][-1]:.2f}s" for m in modes))
+    med = {m: statistics.median(state[m][4]) for m in modes}
     report = {
         "rows": n, "epochs_timed": cfg.epochs, "batch_size": cfg.batch_size, "torch_threads": torch.get_num_threads(),
         "resident_load_seconds": load_s, "streaming_budget_mib": stream_mib, "streaming_block_rows": streaming.block_rows,
         "streaming_buffer_rows": streaming.buffer_blocks * streaming.block_rows,
         "onnxruntime_provider": ort.provider_name(sess),
         "modes": {m: {"median_epoch_seconds": med[m], "min_epoch_seconds": min(state[m][4]),
-                      "epoch_seconds": state[m][4], "ratio_to_in_memory": med[m] / med["in_memory"]} for m in MODES},
-        "target": "cache_resident and cache_streaming within 1.15x of in_memory",
-        "provenance": provenance.record("bench-student", to_dict(cfg),
-                                        {"cache": cache, "transfer_set": transfer_set, "teacher": teacher}),
+                      "epoch_seconds": state[m][4], "ratio_to_in_memory": med[m] / med["in_memory"]} for m in modes},
+        "target": "cache_resident, cache_streaming and views within 1.15x of in_memory",
+        "views": None if views_cache is None else {"cache": str(views_cache), "views": vc.views},
+        "provenance": provenance.record("bench-student", to_dict(cfg), {
+            "cache": cache, "transfer_set": transfer_set, "teacher": teacher,
+            **({"views_cache": views_cache} if views_cache is not None else {})}),
     }
     write_json(out, report)
-    log("bench-student: " + ", ".join(f"{m} {report['modes'][m]['ratio_to_in_memory']:.2f}x" for m in MODES)
+    log("bench-student: " + ", ".join(f"{m} {report['modes'][m]['ratio_to_in_memory']:.2f}x" for m in modes)
         + f" of in-memory -> {out}")
     return report

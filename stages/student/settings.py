@@ -36,6 +36,8 @@ class StudentConfig:
     train_fraction: float = setting(1.0, "use a seeded fraction of the transfer rows (0.03: Hinton's 3%)")
     drop_class: int = setting(-1, "leave the rows labelled with this class out of the transfer set (-1: none)")
     subset_seed: int = setting(0, "seed of the train_fraction sample (fixed apart from seed: one subset, many runs)")
+    views_used: int = setting(0, "a views cache: draw each epoch's view of a row from its first K' views only "
+                                 "(0 = all K; 1 = the rows themselves)")
 
     def __post_init__(self) -> None:
         require_temperatures(self.temperature)
@@ -45,6 +47,7 @@ class StudentConfig:
         require(self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight_decay >= 0")
         require(self.memory_budget_mib > 0 and self.block_rows >= 1, "memory_budget_mib and block_rows must be > 0")
         require(0 < self.train_fraction <= 1, f"train_fraction must lie in (0, 1], got {self.train_fraction}")
+        require(self.views_used >= 0, f"views_used must be >= 0 (0 = all views), got {self.views_used}")
         parse_spec(self.arch)
 
 
@@ -67,6 +70,10 @@ class SweepConfig:
     train_fraction: float = setting(1.0, "fraction of the transfer rows every student uses")
     memory_budget_mib: float = setting(1024.0, "memory budget of each job's loader (MiB)")
     jobs: int = setting(2, "students trained at once, each in its own process with one torch thread")
+    views_used: tuple[int, ...] = setting((0,), "a views cache: K' values, each student drawing from its rows' first "
+                                                "K' views (0 = all)")
+    view_epochs: tuple[int, ...] = setting((), "epochs for each views_used value, in order (patience grows with "
+                                                "K'); empty = `epochs` for all")
 
     def __post_init__(self) -> None:
         require(len(self.temperatures) > 0, "give at least one temperature")
@@ -74,19 +81,25 @@ class SweepConfig:
         require(all(0 < a <= 1 for a in self.alphas), "alphas must lie in (0, 1]; the baseline alpha 0 is added")
         require(len(self.archs) > 0 and len(self.seeds) > 0, "give at least one arch and one seed")
         require(self.jobs >= 1, "jobs must be >= 1")
+        require(len(self.views_used) > 0 and min(self.views_used) >= 0, "views_used must be >= 0")
+        require(not self.view_epochs or len(self.view_epochs) == len(self.views_used),
+                "view_epochs needs one epoch count per views_used value")
+        require(min(self.view_epochs, default=1) >= 1, "view_epochs must be >= 1")
         for arch in self.archs:  # fail before any job starts
             StudentConfig(arch=arch)
 
     def students(self) -> list[StudentConfig]:
-        base = dict(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, objective=self.objective,
+        base = dict(batch_size=self.batch_size, lr=self.lr, objective=self.objective,
                     train_fraction=self.train_fraction, memory_budget_mib=self.memory_budget_mib, threads=1)
+        epochs = self.view_epochs or (self.epochs,) * len(self.views_used)
         out = []
         for arch in self.archs:
-            for seed in self.seeds:
-                # The baseline's T is never read (alpha 0); the first temperature keeps the check cheap.
-                out.append(StudentConfig(arch=arch, seed=seed, alpha=0.0, temperature=self.temperatures[0], **base))
-                out += [StudentConfig(arch=arch, seed=seed, alpha=a, temperature=t, **base)
-                        for t in self.temperatures for a in self.alphas]
+            for used, ep in zip(self.views_used, epochs):
+                for seed in self.seeds:
+                    one = dict(arch=arch, seed=seed, views_used=used, epochs=ep, **base)
+                    # The baseline's T is never read (alpha 0); the first temperature keeps the check cheap.
+                    out.append(StudentConfig(alpha=0.0, temperature=self.temperatures[0], **one))
+                    out += [StudentConfig(alpha=a, temperature=t, **one) for t in self.temperatures for a in self.alphas]
         return out
 
 

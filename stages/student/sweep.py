@@ -32,8 +32,8 @@ from pipeline.formats.prepared import open_prepared
 from stages.student.settings import StudentConfig, SweepConfig
 from stages.student.train import distill_student
 
-FIELDS = ("arch", "temperature", "alpha", "seed", "val_accuracy", "test_accuracy", "test_accuracy_last_epoch",
-          "best_epoch", "train_rows", "parameters", "train_seconds", "checkpoint")
+FIELDS = ("arch", "temperature", "alpha", "seed", "views_used", "epochs", "val_accuracy", "test_accuracy",
+          "test_accuracy_last_epoch", "best_epoch", "train_rows", "parameters", "train_seconds", "checkpoint")
 
 
 def job_name(cfg: StudentConfig) -> str:
@@ -41,7 +41,8 @@ def job_name(cfg: StudentConfig) -> str:
     extra = (f"-f{cfg.train_fraction:g}" if cfg.train_fraction < 1 else "") + (
         f"-drop{cfg.drop_class}" if cfg.drop_class >= 0 else "")
     soft = "hard" if cfg.alpha == 0 else f"T{cfg.temperature:g}-a{cfg.alpha:g}"
-    return f"{arch}{extra}-{soft}-s{cfg.seed}"
+    views = f"-k{cfg.views_used}-e{cfg.epochs}" if cfg.views_used else ""
+    return f"{arch}{extra}{views}-{soft}-s{cfg.seed}"
 
 
 def _init_worker() -> None:
@@ -53,7 +54,8 @@ def _job(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Path) -> dict
     distill_student(cfg, cache, transfer_set, out, out.with_suffix(".metrics.json"), log=lambda m: None)
     m = json.loads(out.with_suffix(".metrics.json").read_text())
     row = {k: m.get(k) for k in FIELDS}
-    row.update(arch=cfg.arch, temperature=cfg.temperature if cfg.alpha > 0 else "", alpha=cfg.alpha,
+    row.update(arch=cfg.arch, views_used=cfg.views_used, epochs=cfg.epochs,
+               temperature=cfg.temperature if cfg.alpha > 0 else "", alpha=cfg.alpha,
                seed=cfg.seed, checkpoint=str(out))
     return row
 
@@ -85,6 +87,7 @@ def run_students(configs: list[StudentConfig], cache: Path, transfer_set: Path, 
             m = json.loads(metrics.read_text())
             if _same_student(m["settings"], cfg) and m["provenance"]["inputs"]["cache"]["sha256"] == cache_sha:
                 rows[i] = {**{k: m.get(k) for k in FIELDS}, "arch": cfg.arch, "alpha": cfg.alpha, "seed": cfg.seed,
+                           "views_used": cfg.views_used, "epochs": cfg.epochs,
                            "temperature": cfg.temperature if cfg.alpha > 0 else "", "checkpoint": str(out)}
                 continue
         todo.append((i, cfg, out))
@@ -115,13 +118,14 @@ def teacher_test_accuracy(teacher: Path, cache: Path, transfer_set: Path) -> flo
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and sample std over seeds per (arch, T, alpha), in first-seen order."""
+    """Mean and sample std over seeds per (arch, views used, epochs, T, alpha), in first-seen order."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["arch"], r["temperature"], r["alpha"]), []).append(r)
+        key = (r["arch"], r.get("views_used", 0), r.get("epochs"), r["temperature"], r["alpha"])
+        groups.setdefault(key, []).append(r)
     out = []
-    for (arch, T, alpha), rs in groups.items():
-        s = {"arch": arch, "temperature": T, "alpha": alpha, "n": len(rs)}
+    for (arch, used, epochs, T, alpha), rs in groups.items():
+        s = {"arch": arch, "views_used": used, "epochs": epochs, "temperature": T, "alpha": alpha, "n": len(rs)}
         for k in ("val_accuracy", "test_accuracy", "test_accuracy_last_epoch"):
             v = np.array([r[k] for r in rs], dtype=np.float64)
             s[k] = float(v.mean())
@@ -130,20 +134,30 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _student(s: dict) -> tuple:
+    return s["arch"], s.get("views_used", 0), s.get("epochs")
+
+
 def best_per_arch(summary: list[dict], teacher_acc: float | None) -> list[dict]:
-    """Per size: the hard baseline, the distilled config with the best mean *validation* accuracy
-    (selection never looks at test), its test accuracy and the fraction of the gap it closes."""
+    """Per student (size, views used, epochs): the hard baseline, the distilled config with the best mean
+    *validation* accuracy (selection never looks at test), its test accuracy and the gap it closes."""
     out = []
-    for arch in dict.fromkeys(s["arch"] for s in summary):
-        hard = next(s for s in summary if s["arch"] == arch and s["alpha"] == 0)
-        soft = [s for s in summary if s["arch"] == arch and s["alpha"] > 0]
+    for key in dict.fromkeys(_student(s) for s in summary):
+        hard = next(s for s in summary if _student(s) == key and s["alpha"] == 0)
+        soft = [s for s in summary if _student(s) == key and s["alpha"] > 0]
         if not soft:
             continue
         best = max(soft, key=lambda s: s["val_accuracy"])
         gap = None if teacher_acc is None else teacher_acc - hard["test_accuracy"]
-        out.append({"arch": arch, "hard": hard, "best": best, "gain": best["test_accuracy"] - hard["test_accuracy"],
+        out.append({"arch": key[0], "views_used": key[1], "epochs": key[2], "hard": hard, "best": best,
+                    "gain": best["test_accuracy"] - hard["test_accuracy"],
                     "gap_closed": None if not gap else (best["test_accuracy"] - hard["test_accuracy"]) / gap})
     return out
+
+
+def _name(s: dict) -> str:
+    """The student as a table names it: its arch, and K' views over E epochs when from a views cache."""
+    return s["arch"] + (f" (K'={s['views_used']}, {s['epochs']} ep.)" if s.get("views_used") else "")
 
 
 def _pm(s: dict, k: str) -> str:
@@ -158,7 +172,7 @@ def markdown(summary: list[dict], best: list[dict], teacher_acc: float | None, t
     lines += ["| student | T | alpha | seeds | val | test | test, last epoch |", "|---|---|---|---|---|---|---|"]
     for s in summary:
         T = "hard" if s["alpha"] == 0 else f"{s['temperature']:g}"
-        lines.append(f"| {s['arch']} | {T} | {s['alpha']:g} | {s['n']} | {_pm(s, 'val_accuracy')} | "
+        lines.append(f"| {_name(s)} | {T} | {s['alpha']:g} | {s['n']} | {_pm(s, 'val_accuracy')} | "
                      f"{_pm(s, 'test_accuracy')} | {_pm(s, 'test_accuracy_last_epoch')} |")
     lines += ["", "Best distilled configuration per size, chosen on validation accuracy:", "",
               "| student | hard labels | best (T, alpha) | its test | gain | gain / spread | gap closed |",
@@ -167,7 +181,7 @@ def markdown(summary: list[dict], best: list[dict], teacher_acc: float | None, t
         spread = max(b["hard"]["test_accuracy_std"], b["best"]["test_accuracy_std"])
         ratio = f"{b['gain'] / spread:.1f}" if spread > 0 else "n/a"
         closed = "n/a" if b["gap_closed"] is None else f"{100 * b['gap_closed']:.0f}%"
-        lines.append(f"| {b['arch']} | {_pm(b['hard'], 'test_accuracy')} | T={b['best']['temperature']:g}, "
+        lines.append(f"| {_name(b)} | {_pm(b['hard'], 'test_accuracy')} | T={b['best']['temperature']:g}, "
                      f"alpha={b['best']['alpha']:g} | {_pm(b['best'], 'test_accuracy')} | "
                      f"{100 * b['gain']:+.2f} | {ratio} | {closed} |")
     return "\n".join(lines) + "\n"
@@ -181,13 +195,14 @@ def plot(summary: list[dict], path: Path, teacher_acc: float | None) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for ci, arch in enumerate(dict.fromkeys(s["arch"] for s in summary)):
-        color = f"C{ci}"
-        hard = [s for s in summary if s["arch"] == arch and s["alpha"] == 0]
+    for ci, arch in enumerate(dict.fromkeys(_name(s) for s in summary)):  # a student: size (and views)
+        color = f"C{ci % 10}"
+        hard = [s for s in summary if _name(s) == arch and s["alpha"] == 0]
         if hard:
             ax.axhline(100 * hard[0]["test_accuracy"], color=color, ls="--", lw=1, label=f"{arch} hard labels")
-        for ai, alpha in enumerate(sorted({s["alpha"] for s in summary if s["arch"] == arch and s["alpha"] > 0})):
-            pts = sorted((s["temperature"], s) for s in summary if s["arch"] == arch and s["alpha"] == alpha)
+        for ai, alpha in enumerate(sorted({s["alpha"] for s in summary if _name(s) == arch and s["alpha"] > 0})):
+            pts = sorted(((s["temperature"], s) for s in summary if _name(s) == arch and s["alpha"] == alpha),
+                         key=lambda ts: ts[0])
             ax.errorbar([t for t, _ in pts], [100 * s["test_accuracy"] for _, s in pts],
                         yerr=[100 * s["test_accuracy_std"] for _, s in pts], color=color, marker="os^v"[ai % 4],
                         ls="-" if ai == 0 else ":", capsize=3, label=f"{arch} alpha={alpha:g}")

@@ -30,6 +30,7 @@ from pipeline.formats.checkpoint import Checkpoint, write_checkpoint
 from pipeline.formats.prepared import open_prepared
 from stages.student.loader import TransferLoader, select_rows
 from stages.student.settings import StudentConfig
+from stages.student.viewloader import ViewLoader, view_row_labels
 
 
 def _target_kind(cfg: StudentConfig) -> str:
@@ -84,13 +85,19 @@ def train_epoch(cfg: StudentConfig, model: torch.nn.Module, opt, sched, batches,
     return float(loss.detach())
 
 
-def make_loader(cfg: StudentConfig, c, info) -> TransferLoader:
-    """The loader of ``cfg``'s rows of cache ``c`` (a subset when train_fraction < 1 or drop_class >= 0)."""
+def make_loader(cfg: StudentConfig, c, info) -> TransferLoader | ViewLoader:
+    """The loader of ``cfg``'s rows of cache ``c`` (a subset when train_fraction < 1 or drop_class >= 0):
+    a :class:`ViewLoader` for a views cache (one view of each transfer row per epoch)."""
     if cfg.drop_class >= c.classes:
         raise UsageError(f"drop_class {cfg.drop_class} is not a class of {c.path} ({c.classes} classes)")
     rows = None
     if cfg.train_fraction < 1 or cfg.drop_class >= 0:
-        rows = select_rows(c.read("labels"), cfg.train_fraction, cfg.drop_class, cfg.subset_seed)
+        labels = view_row_labels(c) if c.views is not None else c.read("labels")
+        rows = select_rows(labels, cfg.train_fraction, cfg.drop_class, cfg.subset_seed)
+    if c.views is not None:
+        return ViewLoader(c, info, _target_kind(cfg), cfg.temperature, rows, cfg.memory_budget_mib, cfg.views_used)
+    if cfg.views_used > 1:
+        raise UsageError(f"{c.path}: views_used {cfg.views_used}, but this cache holds the rows themselves, no views")
     return TransferLoader(c, info, _target_kind(cfg), cfg.temperature, rows, cfg.memory_budget_mib, cfg.block_rows)
 
 

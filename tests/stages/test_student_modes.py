@@ -1,6 +1,7 @@
 """The student end to end in its other modes: under torchrun with DDP (two CPU processes, gloo), and
 with the logit-matching objective, through the command line."""
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -52,12 +53,19 @@ def test_logit_matching_objective_end_to_end(tiny_cache, tiny_prepared, tmp_path
 
 
 def test_bench_student_writes_side_by_side_ratios(tiny_cache, tiny_prepared, tiny_teacher, tmp_path):
+    views = tmp_path / "views.h5"
+    run_cli("cache", "--teacher", tiny_teacher, "--transfer-set", tiny_prepared, "--out", views, "--views", "4",
+            "--temperatures", "2", "--device", "cpu", "--threads", "1", check=True)
     out = tmp_path / "bench.json"
     run_cli("student", "bench", "--cache", tiny_cache, "--transfer-set", tiny_prepared, "--teacher", tiny_teacher,
-            "--out", out, "--arch", "mlp:8", "--epochs", "2", "--stream-budget-mib", "0.5", "--temperature", "2",
-            check=True)
+            "--out", out, "--arch", "mlp:8", "--epochs", "3", "--stream-budget-mib", "0.5", "--temperature", "2",
+            "--views-cache", views, check=True)
     r = json.loads(out.read_text())
-    assert set(r["modes"]) == {"in_memory", "cache_resident", "cache_streaming", "online"}
-    assert r["modes"]["in_memory"]["ratio_to_in_memory"] == 1.0 and r["rows"] == 1200
-    assert all(len(m["epoch_seconds"]) == 2 and m["median_epoch_seconds"] > 0 for m in r["modes"].values())
-    assert r["onnxruntime_provider"] == "CPUExecutionProvider" and r["provenance"]["inputs"]["teacher"]["sha256"]
+    assert set(r["modes"]) == {"in_memory", "cache_resident", "cache_streaming", "online", "views"}
+    assert r["rows"] == 1200 and r["views"]["views"]["count"] == 4
+    base = statistics.median(r["modes"]["in_memory"]["epoch_seconds"])
+    for m in r["modes"].values():  # every ratio is its own median over in-memory's, from the raw epoch times
+        assert len(m["epoch_seconds"]) == 3 and all(t > 0 for t in m["epoch_seconds"])
+        assert m["median_epoch_seconds"] == statistics.median(m["epoch_seconds"])
+        assert m["ratio_to_in_memory"] == pytest.approx(m["median_epoch_seconds"] / base, rel=1e-12)
+    assert r["onnxruntime_provider"] == "CPUExecutionProvider" and r["provenance"]["inputs"]["views_cache"]["sha256"]

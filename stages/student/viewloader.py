@@ -1,0 +1,98 @@
+"""The student's data from a views cache: every epoch, one view of each transfer row, re-made on the fly.
+
+A views cache holds, for K views of each transfer row, the view's 8 bytes of parameters and the
+teacher's outputs for it (:mod:`pipeline.formats.cache`, :mod:`pipeline.views`); the pixels are not
+stored.  Each epoch draws, for every selected row, one of its K views uniformly (from the epoch's
+torch generator, so a seed fixes the whole schedule), and each batch re-makes those views from the
+raw rows with :func:`pipeline.views.make`: the very pixels the teacher saw, normalised as the
+teacher's input was.  Over E epochs a row is seen through E views drawn from K: K bounds how many
+different functions values the student can match, the epochs how many it does (Beyer et al. 2022:
+consistent views, and patience).
+
+Resident only: the raw rows (uint8 for images), the targets of every view at T and the parameters
+must fit ``memory_budget_mib``; a views cache that does not is refused with the figure to set.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipeline import views
+from pipeline.errors import DataError, UsageError
+from pipeline.formats.cache import CacheInfo
+from pipeline.formats.prepared import Prepared
+
+MiB = 1 << 20
+
+
+class ViewLoader:
+    """Minibatches ``(x, target, y)`` of one view per selected transfer row, one epoch at a time.
+
+    ``target``: ``soft`` (p_T of the view), ``logits`` (the members' mean logits for it) or ``none``;
+    ``rows``: sorted transfer-row indices to use (None = all).  ``y`` is the row's label.
+    """
+
+    resident = True
+
+    def __init__(self, cache: CacheInfo, prepared: Prepared, target: str, temperature: float,
+                 rows: np.ndarray | None = None, budget_mib: float = 1024.0, views_used: int = 0):
+        self.spec = views.spec_of(cache.views, cache.path)
+        self.k, self.n_all = self.spec.count, cache.source_rows
+        if views_used > self.k:
+            raise UsageError(f"{cache.path}: views_used {views_used}, but the cache holds {self.k} views of each row")
+        self.used = views_used or self.k  # views 0 .. used-1 of each row (view j does not depend on K)
+        split = cache.transfer_split
+        if prepared.rows[split] != self.n_all:
+            raise DataError(f"{cache.path}: views of {self.n_all} rows, but the {split} split of {prepared.path} "
+                            f"has {prepared.rows[split]}; rebuild with `make cache`")
+        if target == "soft":
+            cache.require_temperature(temperature)
+        self.rows = np.arange(self.n_all) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.n = len(self.rows)
+        pixel_bytes = math.prod(prepared.shape) * np.dtype(prepared.dtype).itemsize
+        need = self.n_all * (pixel_bytes * (2 if self.spec.flip else 1) + 8) + cache.rows * (views.PARAM_BYTES + (4 * cache.classes if target != "none" else 0))
+        if need > budget_mib * MiB:
+            raise UsageError(f"{cache.path}: a views cache is read into memory: it needs {need / MiB:.0f} MiB "
+                             f"(rows, every view's targets and parameters), more than --memory-budget-mib "
+                             f"{budget_mib:g}; raise it")
+        self.prepared = prepared
+        x, labels = prepared.load_raw(split)
+        self.maker = views.Maker(x, self.spec.max_shift, self.spec.flip > 0)  # the rows, padded once
+        self.labels_all = labels.astype(np.int64)
+        self.params = cache.read("view_params")
+        if target == "soft":
+            self.targets = cache.soft(temperature)
+        elif target == "logits":
+            self.targets = cache.read("logits").astype(np.float32).mean(axis=1)
+        else:
+            self.targets = np.zeros((cache.rows, cache.classes), np.float32)
+        self.peak_buffer_rows = self.n
+
+    def labels(self) -> np.ndarray:
+        """Labels of the selected rows (-1 where unlabelled)."""
+        return self.labels_all[self.rows]
+
+    def steps(self, batch_size: int) -> int:
+        return -(-self.n // batch_size)
+
+    def batch(self, src: np.ndarray, view: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """View ``view[i]`` of transfer row ``src[i]``: its normalised pixels, target and label."""
+        vr = src * self.k + view
+        x = self.prepared.normalise(self.maker(src, self.params[vr]))
+        return torch.from_numpy(x), torch.from_numpy(self.targets[vr]), torch.from_numpy(self.labels_all[src])
+
+    def epoch(self, gen: torch.Generator, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One pass over the selected rows in a random order, each through one uniformly drawn view."""
+        order = torch.randperm(self.n, generator=gen).numpy()
+        view = torch.randint(0, self.used, (self.n,), generator=gen).numpy()
+        for i in range(0, self.n, batch_size):
+            yield self.batch(self.rows[order[i:i + batch_size]], view[i:i + batch_size])
+
+
+def view_row_labels(cache: CacheInfo) -> np.ndarray:
+    """Labels per transfer row of a views cache (its rows' labels, taken at view 0)."""
+    return cache.read("labels")[::views.spec_of(cache.views, cache.path).count]
+
