@@ -6,12 +6,15 @@ recorded beside it, and the verdicts at their thresholds on known p50s."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 
 import pytest
 
 from stages.bench import bench, fidelity
 from stages.export import ExportConfig, export_student
+from tests.conftest import run_cli
+from tests.oracles import median
 
 TINY = dict(warmup_count=2, warmup_s=0, min_count=10, min_s=0, trials=3)
 
@@ -190,3 +193,26 @@ def test_fidelity_report(student_onnx, raw_int8, tiny_teacher, tiny_prepared, tm
     for call in ("run", "iobinding"):
         assert "Identity floor" in r["calls"][call]["fp32_vs_floor"]["explanation"]
     assert r["student_int8_input"] == "uint8"
+
+
+@pytest.mark.slow
+def test_bench_fidelity_command(student_onnx, tiny_teacher, tiny_prepared, tmp_path):
+    """`distill bench-fidelity` as make bench-fidelity runs it, at a tiny size: three rounds, so each
+    p50 is a true median of three; the verdicts follow from the p50s and the documented targets."""
+    fp32, int8 = student_onnx
+    out = tmp_path / "f.json"
+    proc = run_cli("bench-fidelity", "--teacher", tiny_teacher, "--student", fp32, "--student-int8", int8,
+                   "--prepared", tiny_prepared, "--out", out, "--warmup-count", "2", "--warmup-s", "0",
+                   "--min-count", "20", "--min-s", "0", "--trials", "3", "--profile-runs", "30", "--rounds", "3",
+                   check=True)
+    r = json.loads(out.read_text())
+    assert {k: r["settings"][k] for k in TARGETS} == TARGETS and r["settings"]["rounds"] == 3
+    assert r["student_int8_input"] == "float32"  # a float-input int8 export, fed normalised rows
+    for call in ("run", "iobinding"):
+        p = r["p50_us"][call]
+        for name, run in r["runs"][call].items():
+            assert len(run["round_p50s"]) == 3 and p[name] == median(run["round_p50s"]), (call, name)
+        assert {k: v["ok"] for k, v in r["calls"][call].items()} == _verdicts(p), (call, p)
+        assert f"fidelity ({call}): harness {p['student']:.2f} us" in proc.stderr
+    for key, path in (("teacher", tiny_teacher), ("student", fp32), ("student_int8", int8), ("prepared", tiny_prepared)):
+        assert r["provenance"]["inputs"][key]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest(), key
