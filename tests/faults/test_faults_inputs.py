@@ -73,6 +73,21 @@ def test_malicious_member_checkpoint_is_refused_not_retrained(tiny_prepared, tmp
     assert not marker.exists() and not out.exists() and member.read_bytes() == before
 
 
+def test_corrupt_member_checkpoint_is_refused_not_retrained(tiny_prepared, tiny_teacher, tmp_path):
+    """The other unreadable member: one of our own HDF5 checkpoints, cut short (a full disk, a copy
+    interrupted).  Exit 3 naming it; not retrained over, not replaced."""
+    out = tmp_path / "t" / "ensemble.onnx"
+    out.parent.mkdir()
+    good = tiny_teacher.with_name("member0.ckpt").read_bytes()
+    member = out.with_name("member0.ckpt")
+    member.write_bytes(good[: len(good) // 2])
+    before = member.read_bytes()
+    proc = run_cli("teacher", "--prepared", tiny_prepared, "--out", out, "--members", "1", "--arch", "mlp:8",
+                   "--epochs", "1", "--threads", "1", "--shift", "0")
+    assert proc.returncode == 3 and str(member) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "truncated" in proc.stderr and not out.exists() and member.read_bytes() == before
+
+
 def test_no_pickle_anywhere():
     """Checkpoints are HDF5 arrays (kd-checkpoint/1): no code path unpickles anything."""
     for path in sorted((ROOT / "pipeline").rglob("*.py")) + sorted((ROOT / "stages").rglob("*.py")):
