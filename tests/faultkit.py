@@ -154,10 +154,14 @@ def external_model(path: Path, location: str, data_file: Path | None = None) -> 
 
 
 # ------------------------------------------------------------------------------------ processes
-def start_cli(*args, env: dict | None = None, **kw) -> subprocess.Popen:
-    """``python -m pipeline.cli ARGS`` in its own process group (so the test can kill stragglers)."""
+def start_cli(*args, env: dict | None = None, throttle_s: float | None = None, **kw) -> subprocess.Popen:
+    """``python -m pipeline.cli ARGS`` in its own process group (so the test can kill stragglers).
+
+    ``throttle_s`` runs it through ``tests/throttled_cli.py`` instead: the cache's teachers then take
+    that many extra seconds per batch, so that a poll can kill at a chosen committed row."""
     full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=ROOT, env=full,
+    head = ["pipeline.cli"] if throttle_s is None else ["tests.throttled_cli", str(throttle_s)]
+    return subprocess.Popen([sys.executable, "-m", *head, *map(str, args)], cwd=ROOT, env=full,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 

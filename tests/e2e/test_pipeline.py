@@ -5,16 +5,16 @@ import h5py
 import numpy as np
 import onnxruntime as ort
 import pytest
-
+import torch
 
 from pipeline.errors import IntegrityError
-from pipeline import losses
-from pipeline import soft as sm
 from pipeline.formats.cache import open_cache
+from pipeline.formats.prepared import open_prepared
 from stages.export import ExportConfig, export_student
 from stages.prepare import PrepareConfig, prepare_dataset
 from pipeline.models import load as load_checkpoint
 from stages.student import StudentConfig, distill_student
+from tests import oracles
 from tests.conftest import run_cli
 
 
@@ -36,11 +36,13 @@ def test_cache_schema_and_soft_targets(tiny_cache, tiny_teacher, tiny_prepared):
         logits = f["logits"][:]
         for T in ("1", "2", "4"):
             soft = f[f"soft/{T}"][:]
-            # stored soft targets are exactly the arithmetic mean of member softmaxes (float32 round-off)
-            np.testing.assert_allclose(soft, sm.combine_soft_targets(logits, float(T)), atol=1e-7)
+            # stored soft targets are the arithmetic mean of member softmaxes (float32 round-off), recomputed
+            # by tests/oracles.py, which shares no code with the stage
+            np.testing.assert_allclose(soft, oracles.soft_targets(logits, float(T)), rtol=0, atol=1e-7)
             np.testing.assert_allclose(soft.sum(1), 1.0, atol=1e-5)
             d = dict(f[f"diagnostics/{T}"].attrs)
-            assert 0 <= d["ece"] <= 1 and 0 <= d["mean_entropy_nats"] <= np.log(10)
+            want = oracles.diagnostics(logits, soft, f["labels"][:])
+            assert all(d[k] == pytest.approx(v, abs=1e-12) for k, v in want.items()), (T, d, want)
         assert f["labels"].dtype == np.int64
     sess = ort.InferenceSession(str(tiny_teacher), providers=["CPUExecutionProvider"])
     with h5py.File(tiny_prepared) as f:
@@ -81,11 +83,25 @@ def test_student_refuses_cache_of_another_transfer_set(tiny_cache, tiny_npz, tmp
 
 def test_export_parity_and_int8(tiny_student, tiny_prepared, tmp_path):
     out, out8, rep = tmp_path / "s.onnx", tmp_path / "s.int8.onnx", tmp_path / "s.export.json"
-    # 300 test rows: one row is 0.33 points, so the default 0.5-point gate is too fine here (tests/test_export.py)
-    export_student(ExportConfig(calibration_rows=200, max_accuracy_drop=5.0, mobile=False), tiny_student, tiny_prepared, out, out8, rep, log=lambda m: None)
+    # The documented gate is 0.5 points, on Fashion-MNIST's 10,000 test rows.  This tiny student (two
+    # epochs on synthetic data, 300 test rows: one row is 0.33 points) loses 1.0 point in int8 (3 rows,
+    # 98% agreement with fp32), so its gate is 2 points (6 rows): room for another CPU's rounding, while
+    # a broken quantisation (wrong scale, mis-ordered weights) loses tens of points.
+    export_student(ExportConfig(calibration_rows=200, max_accuracy_drop=2.0, mobile=False), tiny_student, tiny_prepared, out, out8, rep, log=lambda m: None)
     report = json.loads(rep.read_text())
-    assert report["fp32"]["max_abs_diff_vs_torch"] < 1e-4
-    assert abs(report["variants"]["int8"]["test_accuracy"] - report["fp32"]["test_accuracy"]) < 0.05
+    x, y = open_prepared(tiny_prepared).load("test")
+    net = load_checkpoint(tiny_student)[0].eval()
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    tol = 1e-5 * max(1.0, float(np.abs(ref).max()))  # docs/design.md: 1e-5 x max(1, max |logit|)
+    assert report["fp32"]["max_abs_diff_vs_torch"] <= tol
+    # the gate's figures, recomputed from the published int8 file with numpy
+    q = ort.InferenceSession(str(out8), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    change = 100 * (np.mean(q.argmax(1) == y) - np.mean(ref.argmax(1) == y))
+    v = report["variants"]["int8"]
+    assert v["accuracy_change_points"] == pytest.approx(change, abs=1e-9) and abs(change) <= 2.0
+    agreement = float(np.mean(q.argmax(1) == ref.argmax(1)))
+    assert v["agreement_with_fp32"] == pytest.approx(agreement) and agreement >= 0.95
     import onnx
     m = onnx.load(str(out))
     assert m.ir_version <= 13 and {p.key for p in m.metadata_props} >= {"class_names", "temperature", "cache_sha256"}

@@ -96,9 +96,20 @@ def test_hostile_structures_are_refused(tmp_path, build, fragment):
         h5safe.verify(path, f, "make prepare")
 
 
+def _empty(split):
+    def mutate(f):
+        shape, dtype = f[f"{split}/x"].shape[1:], f[f"{split}/x"].dtype
+        del f[split]
+        f.create_dataset(f"{split}/x", shape=(0, *shape), dtype=dtype)
+        f.create_dataset(f"{split}/y", shape=(0,), dtype=np.int64)
+    return mutate
+
+
 def test_prepared_labels_out_of_range_and_empty_split_are_refused(tiny_prepared, tmp_path):
     for mutate, fragment in [(lambda f: f["val/y"].__setitem__(0, 10), "labels outside"),
-                             (lambda f: f["test/y"].__setitem__(0, -1), "labels outside")]:
+                             (lambda f: f["test/y"].__setitem__(0, -1), "labels outside"),
+                             (_empty("train"), "the train split is empty"),
+                             (_empty("test"), "the test split is empty")]:
         path = tmp_path / "p.h5"
         path.write_bytes(tiny_prepared.read_bytes())
         with h5py.File(path, "r+") as f:  # re-sealed: the checksum is not a signature, the checks still run

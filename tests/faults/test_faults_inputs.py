@@ -9,6 +9,8 @@
    message names the make target.
 """
 import builtins
+import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -69,6 +71,21 @@ def test_malicious_member_checkpoint_is_refused_not_retrained(tiny_prepared, tmp
                    "--epochs", "1", "--threads", "1", "--shift", "0")
     assert proc.returncode == 3 and str(member) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not marker.exists() and not out.exists() and member.read_bytes() == before
+
+
+def test_corrupt_member_checkpoint_is_refused_not_retrained(tiny_prepared, tiny_teacher, tmp_path):
+    """The other unreadable member: one of our own HDF5 checkpoints, cut short (a full disk, a copy
+    interrupted).  Exit 3 naming it; not retrained over, not replaced."""
+    out = tmp_path / "t" / "ensemble.onnx"
+    out.parent.mkdir()
+    good = tiny_teacher.with_name("member0.ckpt").read_bytes()
+    member = out.with_name("member0.ckpt")
+    member.write_bytes(good[: len(good) // 2])
+    before = member.read_bytes()
+    proc = run_cli("teacher", "--prepared", tiny_prepared, "--out", out, "--members", "1", "--arch", "mlp:8",
+                   "--epochs", "1", "--threads", "1", "--shift", "0")
+    assert proc.returncode == 3 and str(member) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "truncated" in proc.stderr and not out.exists() and member.read_bytes() == before
 
 
 def test_no_pickle_anywhere():
@@ -191,9 +208,16 @@ def test_transfer_set_changed_since_cache(chain, tmp_path, tiny_npz):
 
 
 def test_unchanged_inputs_pass(chain, tmp_path):
+    """The control of the two tests above: unchanged inputs train, and the student records the very
+    files it was trained from (sha256 computed here with hashlib, not with the stage's helper)."""
     prepared, teacher, cache = chain
-    distill_student(StudentConfig(arch="mlp:8", epochs=1, temperature=2.0), cache, prepared, tmp_path / "s.ckpt",
-                    tmp_path / "s.json", **QUIET)
+    out = distill_student(StudentConfig(arch="mlp:8", epochs=1, temperature=2.0), cache, prepared,
+                          tmp_path / "s.ckpt", tmp_path / "s.json", **QUIET)
+    assert out == tmp_path / "s.ckpt" and out.is_file() and not list(tmp_path.glob("*.partial"))
+    inputs = load_checkpoint(out)[1].provenance["inputs"]
+    assert json.loads((tmp_path / "s.json").read_text())["provenance"]["inputs"] == inputs
+    for key, path in (("cache", cache), ("transfer_set", prepared)):
+        assert inputs[key]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest(), key
 
 
 def test_cache_partial_from_other_teacher_or_settings_restarts(tmp_path, tiny_prepared, monkeypatch):

@@ -1,10 +1,12 @@
 """Cases 1 and 2: SIGKILL at several points of each long stage, then run it again.
 
-Progress is watched from outside (files appearing and growing, worker processes starting), with no
-test hooks in the code.  After every kill: no published artifact is partial (each one present loads
-completely), a previous artifact being replaced is still the previous one, and the rerun succeeds.
-The cache's identical-content resume is tested in the cache's own tests; here only that nothing
-half-written is published and that the rerun finishes.
+Progress is watched from outside (files appearing, the cache's committed_rows counter, worker
+processes starting), with no test hooks in the code: the cache is slowed by tests/throttled_cli.py, a
+wrapper that lives in the tests.  After every kill: no published artifact is partial (each one present
+loads completely), a previous artifact being replaced is still the previous one, and the rerun
+succeeds.  The cache's identical-content resume is tested in tests/faults/test_cache_crash.py; here
+that nothing half-written is published, that the second kill lands mid-file (by committed rows) and
+that the rerun resumes from there.
 """
 import json
 import os
@@ -13,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -89,15 +92,32 @@ def test_kill_teacher_then_resume(tiny_prepared, tmp_path):
     _valid(out)
 
 
+def _committed(partial: Path) -> int | None:
+    """``committed_rows`` of a cache being written, read from outside (None while unreadable)."""
+    try:
+        with h5py.File(partial, "r", locking=False) as f:
+            return int(f.attrs["committed_rows"])
+    except (OSError, KeyError):
+        return None
+
+
 def test_kill_cache_never_publishes_a_partial(tiny_teacher, tiny_prepared, tmp_path):
     out = tmp_path / "c.h5"
     args = ["cache", "--teacher", tiny_teacher, "--transfer-set", tiny_prepared, "--out", out, "--device", "cpu",
-            "--threads", "1", "--batch-size", "8", "--temperatures", "1,2,4"]
+            "--threads", "1", "--batch-size", "64", "--temperatures", "1,2,4"]  # 1200 rows: 19 batches
     partial = tmp_path / "c.h5.partial"
-    for threshold in (0, 120_000):  # as soon as rows are written; about half way
-        assert kill_when(start_cli(*args), lambda: _size(partial) > threshold, poll=0.002)
+    # Where the kill lands is read from the file's own commit counter, not from its size (HDF5
+    # allocates the datasets up front, so bytes say nothing about rows).  0.05 s per batch
+    # (tests/throttled_cli.py) lets a 10 ms poll stop it within a batch of its mark.
+    points = [("as soon as the partial exists", lambda: partial.exists()),
+              ("half way, by committed rows", lambda: (_committed(partial) or 0) >= 600)]
+    for what, ready in points:
+        assert kill_when(start_cli(*args, throttle_s=0.05), ready, poll=0.01), f"finished before {what}"
         assert not out.exists()
-    _rerun(args)
+    done = _committed(partial)
+    assert done is not None and 600 <= done < 1200 and done % 64 == 0, done  # really mid-file
+    proc = _rerun(args)
+    assert f"resuming {partial} at row {done}" in proc.stderr  # the rerun starts where the kill left it
     _valid(out)
     assert open_cache(out).rows == 1200 and not partial.exists()
 

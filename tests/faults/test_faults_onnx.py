@@ -1,10 +1,14 @@
 """Case 4: hostile or unsuitable ONNX files are rejected before any long work starts.
 
 "Before long work" is checked, not assumed: the transfer set's rows (cache) and the timing workers
-and predictions (bench) are replaced by tripwires that fail the test if they are reached.
+and predictions (bench) are replaced by tripwires that fail the test if they are reached.  The
+tripwires are shown to be live: a good model reaches them, and a cache that reads rows before its
+check (a deliberately wrong ordering) trips them.  "Before any row is read" means before the stage
+reads rows to run: opening the prepared file already verifies its seal, which hashes it in full.
 """
 import os
 
+import numpy as np
 import onnx
 import pytest
 
@@ -115,12 +119,47 @@ def test_cache_rejects_before_reading_rows(case, tiny_prepared, tmp_path, tripwi
     assert not out.exists() and not (tmp_path / "c.h5.partial").exists()
 
 
+def test_the_tripwire_is_on_the_cache_path(tiny_prepared, tmp_path, tripwire):
+    """Control: with a good model the cache does reach a patched reader, so the tests above would
+    notice a stage that read rows before checking its teachers (and not pass vacuously)."""
+    cfg = CacheConfig(temperatures=(2.0,), device="cpu", threads=1)
+    with pytest.raises(AssertionError, match="long work started"):
+        cache_soft_targets(cfg, [linear_model(tmp_path / "good.onnx")], tiny_prepared, tmp_path / "c.h5",
+                           log=lambda m: None)
+
+
+def test_the_tripwire_fires_on_a_wrong_ordering(tiny_prepared, tmp_path, tripwire, monkeypatch):
+    """A cache stage that peeks at the first rows before it checks the teachers (the ordering the
+    tests above forbid) is caught by the tripwire even with a model the check would refuse."""
+    opened = []
+    real_open, real_teachers = cache.open_prepared, cache.Teachers
+
+    def open_prepared(path):
+        opened.append(real_open(path))
+        return opened[-1]
+
+    def peeking_teachers(*a, **k):
+        opened[-1].load("train", 0, 1)  # rows first: the wrong order
+        return real_teachers(*a, **k)
+
+    monkeypatch.setattr(cache, "open_prepared", open_prepared)
+    monkeypatch.setattr(cache, "Teachers", peeking_teachers)
+    bad = linear_model(tmp_path / "seven.onnx", classes=7)
+    with pytest.raises(AssertionError, match="long work started"):
+        cache_soft_targets(CacheConfig(temperatures=(2.0,), device="cpu", threads=1), [bad], tiny_prepared,
+                           tmp_path / "c.h5", log=lambda m: None)
+
+
 def test_good_external_data_is_accepted(tmp_path):
     d = tmp_path / "m"
     d.mkdir()
     model = external_model(d / "m.onnx", "w.bin", data_file=d / "w.bin")  # inside the folder, one link
     sess = runtime.session(model, "cpu")
     runtime.check_io(model, sess, (28, 28), 10)
+    # and the weights it runs are the external file's: x W with W read from w.bin by numpy
+    w = np.frombuffer((d / "w.bin").read_bytes(), np.float32).reshape(784, 10)
+    x = np.random.default_rng(0).normal(size=(3, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], x.reshape(3, 784) @ w, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["wrong class count", "wrong input shape", "external ../"])
@@ -139,6 +178,10 @@ def test_bench_rejects_before_timing(case, tiny_teacher, tiny_prepared, tmp_path
         benchmark(BenchConfig(), tiny_teacher, {"s": model}, tiny_prepared, out, tmp_path / "b.md",
                   tmp_path / "b.csv", log=lambda m: None)
     assert not out.exists() and not (tmp_path / "b.md").exists()
+    # control: with a good candidate the bench does reach the tripwires (they are on its path)
+    with pytest.raises(AssertionError, match="timing started before"):
+        benchmark(BenchConfig(), tiny_teacher, {"s": linear_model(d / "good.onnx")}, tiny_prepared, out,
+                  tmp_path / "b.md", tmp_path / "b.csv", log=lambda m: None)
 
 
 def test_cli_exit_codes(tiny_teacher, tiny_prepared, tmp_path):

@@ -1,4 +1,5 @@
-"""Cache stage, pure pieces: block diagnostics, block and shard arithmetic, padding, the pipeline."""
+"""Cache stage, pure pieces: block diagnostics (against a hand-computed example and a naive
+re-implementation, tests/oracles.py), block and shard arithmetic, padding, the pipeline."""
 import threading
 
 import numpy as np
@@ -14,6 +15,7 @@ from stages.cache.stream import part_path, resolve_shard, shard_rows
 from stages.cache.stream import StreamStats, blocks, run_pipeline
 from pipeline.soft import DiagnosticSums
 from stages.cache.teachers import pad_rows
+from tests import oracles
 
 
 @settings(max_examples=40, deadline=None)
@@ -31,6 +33,54 @@ def test_block_diagnostics_equal_whole_array(n, members, block, seed, T, unlabel
     got = sums.result()
     for k, v in whole.items():  # same formulas, only the float64 summation order differs
         assert (np.isnan(v) and np.isnan(got[k])) or abs(got[k] - v) <= 1e-12, k
+
+
+# Five rows, three classes, two members, worked by hand (the stage's formulas are not consulted):
+#   soft row             label  argmax  confidence, ECE bin (k/15, (k+1)/15]   H(p) = -sum p ln p
+#   .70 .20 .10            0     0 ok    .70 -> bin 10 (.667, .733]             0.801818552543
+#   .71 .19 .10            1     0       .71 -> bin 10                          0.788965557948
+#   .20 .75 .05            0     1       .75 -> bin 11 (.733, .800]             0.687435750503
+#   .05 .10 .85            2     2 ok    .85 -> bin 12 (.800, .867]             0.518186213050
+#   .50 .40 .10           -1     0       (unlabelled: entropy and disagreement only)  0.943348392329
+# accuracy 2/4; ECE = (|1 + 0 - .70 - .71| + |0 - .75| + |1 - .85|) / 4 = (.41 + .75 + .15) / 4 = .3275
+# (bin 10 holds two rows: per-bin sums, not per-row |errors|, which would give (.30 + .71 + .75 + .15) / 4);
+# member 0 agrees with argmax p on every row, member 1 differs on rows 1 and 3: 2 / (5 x 2) = 0.2.
+HAND_SOFT = np.array([[.70, .20, .10], [.71, .19, .10], [.20, .75, .05], [.05, .10, .85], [.50, .40, .10]])
+HAND_LABELS = np.array([0, 1, 0, 2, -1])
+HAND_LOGITS = np.zeros((5, 2, 3), np.float32)
+for _r, (_m0, _m1) in enumerate([(0, 0), (0, 1), (1, 1), (2, 0), (0, 0)]):
+    HAND_LOGITS[_r, 0, _m0] = HAND_LOGITS[_r, 1, _m1] = 2.0
+HAND = {"mean_entropy_nats": (0.8018185525433372 + 0.788965557947729 + 0.6874357505033553 + 0.5181862130502128
+                              + 0.9433483923290391) / 5,
+        "teacher_accuracy": 0.5, "member_disagreement": 0.2, "ece": 0.3275}
+
+
+@pytest.mark.parametrize("block", [5, 2, 1])  # whole array, and streamed in blocks
+def test_diagnostics_hand_computed(block):
+    sums = DiagnosticSums()
+    for lo, hi in blocks(0, 5, block):
+        sums.add(HAND_LOGITS[lo:hi], HAND_SOFT[lo:hi], HAND_LABELS[lo:hi])
+    for got in (sums.result(), sm.diagnostics(HAND_LOGITS, HAND_SOFT, HAND_LABELS, 1.0)):
+        for k, v in HAND.items():  # float64 sums of five terms: 1e-12 is rounding
+            assert got[k] == pytest.approx(v, abs=1e-12), k
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 60), members=st.integers(1, 3), seed=st.integers(0, 2**31), T=st.sampled_from([0.5, 1.0, 4.0]),
+       unlabelled=st.floats(0, 1))
+def test_soft_targets_and_diagnostics_match_a_naive_reimplementation(n, members, seed, T, unlabelled):
+    """pipeline.soft against tests/oracles.py (loops and the math module, written from docs/design.md)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 3, (n, members, 5)).astype(np.float32)
+    labels = np.where(rng.random(n) < unlabelled, -1, rng.integers(0, 5, n))
+    for combine in sm.COMBINES:
+        # float32 result of a float64 computation: half an ulp of numbers <= 1 is 6e-8
+        np.testing.assert_allclose(sm.combine_soft_targets(logits, T, combine), oracles.soft_targets(logits, T, combine),
+                                   rtol=0, atol=1e-7, err_msg=combine)
+    soft = sm.combine_soft_targets(logits, T)
+    got, want = sm.diagnostics(logits, soft, labels, T), oracles.diagnostics(logits, soft, labels)
+    for k, v in want.items():
+        assert (np.isnan(v) and np.isnan(got[k])) or got[k] == pytest.approx(v, abs=1e-12), k
 
 
 @given(lo=st.integers(0, 1000), span=st.integers(0, 1000), block=st.integers(1, 97))

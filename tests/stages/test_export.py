@@ -131,9 +131,30 @@ def test_metadata_carries_what_an_edge_runtime_needs(exported, tiny_student, tin
         assert onnx.load(str(d / f"{name}.onnx")).ir_version <= 13
 
 
+def parity_tolerance(checkpoint, x) -> tuple[float, np.ndarray]:
+    """The documented parity tolerance, 1e-5 x max(1, max |logit|), with the PyTorch logits of ``x``."""
+    from pipeline.models import load
+
+    net = load(checkpoint)[0].eval()
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    return 1e-5 * max(1.0, float(np.abs(ref).max())), ref
+
+
+def test_fp32_parity_at_the_documented_tolerance(exported, tiny_student, tiny_prepared):
+    """fp32 ONNX against PyTorch at docs/design.md's tolerance, recomputed here on every test row (the
+    stage checks batches 1, 7 and 256 only), and the report's own figure within it too."""
+    d, report = exported
+    x = open_prepared(tiny_prepared).load("test")[0]
+    tol, ref = parity_tolerance(tiny_student, x)
+    got = ort.InferenceSession(str(d / "s.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert float(np.abs(got - ref).max()) <= tol and (got.argmax(1) == ref.argmax(1)).all()
+    assert report["fp32"]["max_abs_diff_vs_torch"] <= tol and report["settings"]["rtol"] == 1e-5
+
+
 def test_report_gates_every_variant(exported):
     d, report = exported
-    assert report["fp32"]["max_abs_diff_vs_torch"] < 1e-4 and report["fp32"]["parity_batches"] == [1, 7, 256]
+    assert report["fp32"]["parity_batches"] == [1, 7, 256]
     assert set(report["variants"]) == {"int8", "dynamic", "fp16"}
     for kind, v in report["variants"].items():
         assert v["passed"] and v["written"] and 0 <= v["agreement_with_fp32"] <= 1, kind
@@ -154,6 +175,56 @@ def test_mobile_files_come_from_onnxruntime_tools(exported):
         assert set(m["usability"][stem]["providers"]) == {"NNAPI", "CoreML NeuralNetwork", "CoreML MLProgram"}
     config = (d / "mobile" / "required_operators.config").read_text()
     assert "Gemm" in config and "/tmp" not in config and m["operators"]
+
+
+CALIBRATORS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(CALIBRATORS))
+def test_each_calibration_method(method, tiny_student, tiny_prepared, tmp_path, monkeypatch):
+    """Each --calibration-method reaches onnxruntime's calibrator as itself, and sets the input's
+    quantisation range from the calibration rows: minmax to exactly their range (computed here with
+    numpy), the histogram methods to at most that range (percentile clips the 0.001% tails).  With
+    onnxruntime 1.31, Entropy through quantize_static has 128 bins for 128 quantised bins, so its KL
+    search has one candidate, the whole range: the same scale as minmax (docs/design.md, export)."""
+    import importlib
+
+    from onnxruntime.quantization import CalibrationMethod
+
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the module, not the function
+
+    used, real = [], ort_quantize.create_calibrator
+    monkeypatch.setattr(ort_quantize, "create_calibrator",
+                        lambda *a, **k: used.append(k.get("calibrate_method")) or real(*a, **k))
+    info = open_prepared(tiny_prepared)
+    calib = info.load("train")[0]  # calibration_rows >= the train split: every train row, in any order
+    out8, rep = tmp_path / "s.int8.onnx", tmp_path / "s.json"
+    # 2-point gate: see test_export_parity_and_int8 (tests/e2e) for this tiny student's int8 loss
+    ex.export_student(ex.ExportConfig(calibration_method=method, calibration_rows=len(calib), mobile=False,
+                                      max_accuracy_drop=2.0), tiny_student, tiny_prepared, tmp_path / "s.onnx", out8,
+                      rep, **QUIET)
+    assert used == [getattr(CalibrationMethod, CALIBRATORS[method])]
+    v = json.loads(rep.read_text())["variants"]["int8"]
+    assert v["passed"] and v["written"] and v["agreement_with_fp32"] >= 0.95
+    model = onnx.load(str(out8))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    first_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")  # the flattened input
+    scale = float(inits[first_q.input[1]])
+    # asymmetric int8 activations: scale = (max(x, 0) - min(x, 0)) / (127 - (-128))
+    minmax = (max(float(calib.max()), 0.0) - min(float(calib.min()), 0.0)) / 255
+    if method == "percentile":
+        assert scale < minmax * (1 - 1e-6), (scale, minmax)
+    else:  # minmax, and entropy as explained above
+        assert scale == pytest.approx(minmax, rel=1e-6)
+
+
+def test_calibration_batches_are_equal():
+    """onnxruntime's histogram calibrators stack the batches of a tensor into one array: a shorter
+    last batch (2000 rows in 64s end with 16) made --calibration-method entropy|percentile crash."""
+    for rows in (2000, 1200, 200, 97, 64, 1):
+        sizes = {len(b["x"]) for b in quantize._Calibration("x", np.zeros((rows, 3), np.float32))._batches}
+        assert len(sizes) == 1 and 1 <= sizes.pop() <= 64, rows
 
 
 def test_raw_uint8_input_reproduces_the_normalised_model(exported, tiny_student, tiny_prepared, tmp_path):
@@ -227,7 +298,8 @@ def test_folded_normalisation_matches_the_explicit_one(scale, mean, std, seed):
     pixels = torch.randint(0, 256, (16, 1, 3, 4), dtype=torch.uint8)
     with torch.no_grad():
         ref = ex.RawInput(net, scale, mean, std)(pixels)
-        torch.testing.assert_close(folded(pixels), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+        # the tolerance the export applies to this very graph (docs/design.md): 1e-5 x max(1, max |logit|)
+        torch.testing.assert_close(folded(pixels), ref, rtol=0, atol=1e-5 * max(1.0, float(ref.abs().max())))
 
 
 def test_normalisation_is_not_folded_into_a_convolution():

@@ -98,6 +98,19 @@ def test_wide_spread_is_invalid_with_reason():
     assert combine_trials([trial(100.0)] * 2 + [trial(130.0)], max_spread=0.5)["valid"] is True
 
 
+@pytest.mark.parametrize("p50s, valid", [
+    ((100.0, 105.0, 110.0), True),    # spread (110 - 100) / 105 = 9.5%
+    ((100.0, 100.0, 110.0), True),    # exactly 10% (10 / 100 is exact in binary): the target, not over it
+    ((100.0, 100.0, 110.5), False),   # 10.5%
+    ((100.0, 90.0, 110.0), False),    # 20%, the median in the middle
+])
+def test_spread_verdict_on_both_sides_of_the_threshold(p50s, valid):
+    """docs/design.md: a result whose trials' p50s spread more than 10% of their median is noisy."""
+    c = combine_trials([trial(p) for p in p50s])
+    assert c["spread"] == pytest.approx((max(p50s) - min(p50s)) / sorted(p50s)[1])
+    assert c["valid"] is valid and (c["reason"] == "") is valid
+
+
 def test_too_few_trials_is_invalid_with_reason():
     c = combine_trials([trial(100.0), trial(100.0)])
     assert c["valid"] is False and "trial" in c["reason"] and "spread" not in c["reason"]
