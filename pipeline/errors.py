@@ -10,6 +10,7 @@ code  class                  meaning
 4     IntegrityError         provenance/hash mismatch, stale input, incomplete artifact
 5     RuntimeUnavailable     the requested execution provider or device cannot run
 6     BusyError              another writer holds the output
+7     NothingFits            no model meets the budgets of ``distill bench pick``
 ====  =====================  ==========================================================
 """
 from __future__ import annotations
@@ -39,3 +40,7 @@ class RuntimeUnavailable(PipelineError):
 
 class BusyError(PipelineError):
     exit_code = 6
+
+
+class NothingFits(PipelineError):
+    exit_code = 7

@@ -64,14 +64,16 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
              f"as onnxruntime_perf_test measures); the others call `session.run` with numpy arrays (what a "
              f"Python caller pays). "
              f"A result is *noisy* when the trials' p50s spread more than {cfg['max_spread']:.0%}.\n",
-             "## Models\n", "| model | engine | weights (rank >= 2) | size KiB (files) | test acc | agrees w/ teacher |",
-             "|---|---|---:|---:|---:|---:|"]
+             "## Models\n", "| model | engine | weights (rank >= 2) | MACs / image | size KiB (files) | test acc | "
+             "agrees w/ teacher |", "|---|---|---:|---:|---:|---:|---:|"]
     for name, e in models.items():
         if "size_bytes" not in e:
             continue
         files = ", ".join(f"{k} {v / 1024:.1f}" for k, v in e["files"].items())
-        lines.append(f"| {name} | {e['engine']} | {e['parameters']:,} | {e['size_bytes'] / 1024:.1f} ({files}) | "
+        lines.append(f"| {name} | {e['engine']} | {e['parameters']:,} | {_fmt(e.get('macs_per_image'), ',')} | "
+                     f"{e['size_bytes'] / 1024:.1f} ({files}) | "
                      f"{e['test_accuracy'] * 100:.2f}% | {e['agreement_with_teacher'] * 100:.2f}% |")
+    lines += choice_section(report)
     lines += ["\n## Latency at batch 1\n",
               "| model | threads | p50 | p90 | p99 | p99.9 | max | x floor | load ms | first run us | "
               "RSS +MiB (session) | peak RSS MiB | valid |", "|---|---:|" + "---:|" * 10 + "---|"]
@@ -113,6 +115,47 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
                  + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + f"; git {env['git']}. "
                  f"Throughput is at batch {big} in the JSON summary; every timed run is in the CSV.\n")
     return "\n".join(lines) + "\n"
+
+
+def _floor_p50(models: dict, dtype: str, engine: str, threads: int) -> float | None:
+    floor = models.get(floor_name(dtype, "iobinding" if engine == "iobinding" else "onnxruntime"))
+    r = run_of(floor, threads, 1) if floor else None
+    return r["steady"]["p50"] if r else None
+
+
+def choice_section(report: dict) -> list[str]:
+    """Accuracy, agreement, MACs, size and batch-1 p50 (both call paths, and as a multiple of their
+    Identity floors) of every scored ONNX model side by side, Pareto-optimal ones marked."""
+    from pipeline.errors import UsageError
+    from stages.bench import choice
+
+    models = report["models"]
+    fronts = {(f["threads"], f["engine"]): set(f["models"]) for f in report.get("pareto") or choice.fronts(report)}
+    lines = ["\n## Choosing an edge model (batch 1)\n",
+             "Pareto-optimal: no other model is at least as accurate, as fast (p50) and as small, and strictly "
+             "better in one; marked per call path. `distill bench pick --report <this JSON> --max-latency-us N "
+             "--max-size-kib N` picks the most accurate model within a budget.\n",
+             "| model | threads | test acc | agrees w/ teacher | MACs / image | KiB | p50 `run` us (x floor) | "
+             "p50 IOBinding us (x floor) | Pareto `run` | Pareto IOBinding |", "|---|---:|" + "---:|" * 6 + "---|---|"]
+    for t in report["threads_resolved"]:
+        per = {}
+        for engine in choice.ENGINES:
+            try:
+                per[engine] = {c["name"]: c for c in choice.candidates(report, engine, t)}
+            except UsageError:  # a call path this run did not time (--no-iobinding)
+                per[engine] = {}
+        for name in dict.fromkeys([*per["run"], *per["iobinding"]]):
+            e = models[name]
+            cells = []
+            for engine in choice.ENGINES:
+                c = per[engine].get(name)
+                floor = _floor_p50(models, e["input_dtype"], engine, t)
+                cells.append("-" if c is None else f"{c['latency_us']:.1f} ({_fmt(floor and c['latency_us'] / floor, '.2f')})")
+            marks = ["yes" if name in fronts.get((t, engine), ()) else "-" for engine in choice.ENGINES]
+            lines.append(f"| {name} | {t} | {e['test_accuracy'] * 100:.2f}% | {e['agreement_with_teacher'] * 100:.2f}% | "
+                         f"{_fmt(e.get('macs_per_image'), ',')} | {e['size_bytes'] / 1024:.1f} | {cells[0]} | {cells[1]} | "
+                         f"{marks[0]} | {marks[1]} |")
+    return lines
 
 
 def _save(fig, path: Path) -> None:
