@@ -58,16 +58,18 @@ def pixel_path(graph: onnx.GraphProto, ends: tuple[str, ...] = FIRST_LAYERS) -> 
 
 def pixel_zero_point(shift: np.ndarray) -> int | None:
     """The uint8 zero point ``z`` with which quantising ``p - shift`` at scale 1 gives back every
-    pixel ``p`` in 0..255 unchanged (``clip(rint(p - shift) + z, 0, 255) == p``, rint rounding half
-    to even as QuantizeLinear does), or None (a per-channel shift whose channels round apart, or a
-    shift at exactly half a pixel)."""
-    values = np.unique(np.asarray(shift, np.float32))
-    if values.size != 1:
-        return None
-    z = int(np.rint(values[0]))
+    pixel ``p`` in 0..255 unchanged (``clip(rint(p - s) + z, 0, 255) == p`` for every value ``s`` of
+    the shift, rint rounding half to even as QuantizeLinear does), or None: a per-channel shift whose
+    channels round to different pixel values (QLinearConv takes one input zero point), or a shift of
+    exactly half a pixel."""
     p = np.arange(256, dtype=np.float32)
-    ok = 0 <= z <= 255 and np.array_equal(np.clip(np.rint(p - values[0]) + z, 0, 255), p)
-    return z if ok else None
+    zeros = set()
+    for s in np.unique(np.asarray(shift, np.float32)):
+        z = int(np.rint(s))
+        if not (0 <= z <= 255 and np.array_equal(np.clip(np.rint(p - s) + z, 0, 255), p)):
+            return None
+        zeros.add(z)
+    return zeros.pop() if len(zeros) == 1 else None
 
 
 def _rewire(graph: onnx.GraphProto, old: str, new: str) -> None:
