@@ -164,18 +164,21 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_accuracy_latency(report: dict, path: Path) -> Path:
-    """Test accuracy against p50 latency at batch 1 (first thread count), one point per candidate."""
+    """Test accuracy against p50 latency at batch 1 (first thread count), one point per candidate;
+    the Pareto-optimal ones (``session.run``, accuracy / latency / size) ringed in black."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t = report["threads_resolved"][0]
+    front = next((set(f["models"]) for f in report.get("pareto", []) if f["threads"] == t and f["engine"] == "run"), set())
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, (name, e) in enumerate(report["models"].items()):
         r = run_of(e, t, 1)
         if r is None or "test_accuracy" not in e:
             continue
-        ax.scatter(r["steady"]["p50"], e["test_accuracy"] * 100, marker="s" if e["engine"] == "torch" else "o")
+        ax.scatter(r["steady"]["p50"], e["test_accuracy"] * 100, marker="s" if e["engine"] == "torch" else "o",
+                   edgecolors="black" if name in front else "none", linewidths=1.5)  # ringed: Pareto-optimal
         ax.annotate(name, (r["steady"]["p50"], e["test_accuracy"] * 100), fontsize=8,
                     xytext=(4, 3 - 10 * (i % 3)), textcoords="offset points")  # stagger: students often coincide
     floor = report["models"].get("identity-floor")
@@ -184,7 +187,7 @@ def plot_accuracy_latency(report: dict, path: Path) -> Path:
         ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set(xlabel=f"p50 latency, batch 1, {t} thread(s) (us, log)", ylabel="test accuracy (%)",
-           title="Accuracy against latency")
+           title="Accuracy against latency (ringed: Pareto-optimal)")
     ax.grid(alpha=0.3)
     _save(fig, path)
     plt.close(fig)

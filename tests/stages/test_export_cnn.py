@@ -111,6 +111,19 @@ def test_raw_int8_takes_the_pixels_into_its_first_qlinearconv(cnn_exports, tiny_
     assert fp32_ops[:2] == ["Cast", "Sub"] and "Div" not in fp32_ops, fp32_ops  # the scale is in the conv
 
 
+def test_cnn_mobile_files(cnn_exports):
+    """The .ort files run, the reduced-build operator config lists the integer conv kernels, and the
+    usability report covers both files (NNAPI takes the int8 CNN's QDQ groups once shapes are fixed)."""
+    d = cnn_exports["dws:8-16/2-32/2", False]
+    for stem in ("s", "s.int8", "s.dyn", "s.fp16"):
+        sess = ort.InferenceSession(str(d / "mobile" / f"{stem}.ort"), providers=["CPUExecutionProvider"])
+        assert sess.run(None, {"x": np.zeros((2, 1, 28, 28), np.float32)})[0].shape == (2, 10)
+    config = (d / "mobile" / "required_operators.config").read_text()
+    assert "QLinearConv" in config and "QLinearAveragePool" in config
+    usability = json.loads((d / "s.json").read_text())["mobile"]["usability"]
+    assert usability["s.int8"]["providers"]["NNAPI"]["fixed_shapes"] == "YES"
+
+
 WARNING = re.compile(r"\[(W|E|F):onnxruntime")
 LOAD_ALL = """
 import sys
