@@ -44,7 +44,7 @@ EXP_H_TEMPS ?= 2,4,8,20
 EXP_H_ARGS ?=
 # the convolutional edge students (pipeline/specs.py), benchmarked beside the MLP ones by `make bench-edge`
 EDGE_ARCHS ?= conv:32/2-64/2-128/2 dws:32/2-64-128/2-256/2
-EDGE_EPOCHS ?= 10
+EDGE_EPOCHS ?= 8
 EDGE_STUDENT_ARGS ?=
 BENCH_EDGE_ARGS ?= --threads 1 --batches 1
 
