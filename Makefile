@@ -42,6 +42,11 @@ JITTER_ARGS ?=
 EXP_H_EPOCHS ?= 12
 EXP_H_TEMPS ?= 2,4,8,20
 EXP_H_ARGS ?=
+# the convolutional edge students (pipeline/specs.py), benchmarked beside the MLP ones by `make bench-edge`
+EDGE_ARCHS ?= conv:32/2-64/2-128/2 dws:32/2-64-128/2-256/2
+EDGE_EPOCHS ?= 8
+EDGE_STUDENT_ARGS ?=
+BENCH_EDGE_ARGS ?= --threads 1 --batches 1
 
 # ---- code: every target depends on the files its stage runs, read from the import graph by
 # scripts/code_deps.py (regenerated whenever a .py file changes; make then restarts with it), and on
@@ -77,11 +82,13 @@ ARGS_hard := --arch $(STUDENT_ARCH) --alpha 0 --temperature $(T) --epochs $(EPOC
 ARGS_kd := --arch $(STUDENT_ARCH) --alpha $(ALPHA) --temperature $(T) --epochs $(EPOCHS) $(STUDENT_ARGS)
 ARGS_export := $(EXPORT_ARGS)
 ARGS_bench := $(BENCH_ARGS)
+ARGS_edge := --alpha $(ALPHA) --temperature $(T) --epochs $(EDGE_EPOCHS) $(EDGE_STUDENT_ARGS)
+ARGS_bench_edge := $(BENCH_EDGE_ARGS)
 stamp = $(PARAMS)/$(1).args
 
 .PHONY: help all smoke setup test test-fast prepare teacher cache student export bench bench-fidelity clean clean-smoke
 .PHONY: bench-student sweep experiments exp-small-transfer exp-omitted-class exp-temperature
-.PHONY: jitter cache-jitter exp-hinton views-caches exp-views
+.PHONY: jitter cache-jitter exp-hinton views-caches exp-views student-edge export-edge bench-edge
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_.-]+:.*## ' $(firstword $(MAKEFILE_LIST)) | awk 'BEGIN{FS=":.*## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -133,7 +140,7 @@ $(FASHION):
 # `make test` must not touch them either.
 NO_STAMP_GOALS := help smoke clean-smoke test test-fast setup
 ifneq ($(filter-out $(NO_STAMP_GOALS),$(or $(MAKECMDGOALS),$(.DEFAULT_GOAL))),)
-$(foreach s,prepare jitter teacher cache hard kd export bench,$(shell mkdir -p $(PARAMS) && \
+$(foreach s,prepare jitter teacher cache hard kd export bench edge bench_edge,$(shell mkdir -p $(PARAMS) && \
   printf '%s\n' '$(ARGS_$(s))' | cmp -s - $(PARAMS)/$(s).args || printf '%s\n' '$(ARGS_$(s))' > $(PARAMS)/$(s).args))
 endif
 
@@ -168,6 +175,11 @@ $(RAW).onnx: $(KD).ckpt $(PREPARED) $(TEACHER) $(call code,export) $(call stamp,
 	$(DISTILL) export --raw-input --checkpoint $< --transfer-set $(PREPARED) --out $@ --int8 $(RAW).int8.onnx \
 	  --report $(RAW).export.json --teacher $(TEACHER) --mobile-dir $(RAW).mobile $(ARGS_export)
 
+# any student on raw uint8 pixels (the edge students of EDGE_ARCHS)
+$(STU)/%.raw.onnx: $(STU)/%.ckpt $(PREPARED) $(TEACHER) $(call code,export) $(call stamp,export) | $(INSTALLED)
+	$(DISTILL) export --raw-input --checkpoint $< --transfer-set $(PREPARED) --out $@ --int8 $(STU)/$*.raw.int8.onnx \
+	  --report $(STU)/$*.raw.export.json --teacher $(TEACHER) --mobile-dir $(STU)/$*.raw.mobile $(ARGS_export)
+
 $(BENCH).md: $(TEACHER) $(KD).onnx $(HARD).onnx $(RAW).onnx $(KD).ckpt $(PREPARED) $(call code,bench) \
              $(call stamp,bench) | $(INSTALLED)
 	$(DISTILL) bench --teacher $(TEACHER) --candidate student-hard=$(HARD).onnx --candidate student-kd=$(KD).onnx \
@@ -181,6 +193,32 @@ FIDELITY_ARGS ?=
 $(BENCH).fidelity.json: $(TEACHER) $(KD).onnx $(RAW).onnx $(PREPARED) $(call code,bench) | $(INSTALLED)
 	$(DISTILL) bench-fidelity --teacher $(TEACHER) --student $(KD).onnx --student-int8 $(RAW).int8.onnx \
 	  --prepared $(PREPARED) --out $@ $(FIDELITY_ARGS)
+
+# ---- convolutional edge students: each arch of EDGE_ARCHS distilled like the kd student, exported on raw
+# uint8 pixels (fp32 and int8), and benchmarked with the MLP students in one run ----
+edge_name = $(DS)-kd-$(subst /,s,$(subst :,-,$(1)))
+EDGE_RAW = $(foreach a,$(EDGE_ARCHS),$(STU)/$(call edge_name,$(a)).raw.onnx)
+BENCH_EDGE := $(DATA)/bench/$(DS)-edge
+
+define EDGE_RULES
+$(STU)/$(call edge_name,$(1)).ckpt: $(CACHE) $(PREPARED) $(call code,student) $(call stamp,edge) | $(INSTALLED)
+	$(DISTILL) student --cache $(CACHE) --transfer-set $(PREPARED) --out $$@ \
+	  --metrics $(STU)/$(call edge_name,$(1)).metrics.json --arch $(1) $(ARGS_edge)
+endef
+$(foreach a,$(EDGE_ARCHS),$(eval $(call EDGE_RULES,$(a))))
+
+student-edge: $(foreach a,$(EDGE_ARCHS),$(STU)/$(call edge_name,$(a)).ckpt) ## the CNN students of EDGE_ARCHS (data/students/)
+export-edge: $(EDGE_RAW) ## their raw-pixel exports, fp32 and int8, with the export reports
+bench-edge: $(BENCH_EDGE).md ## MLP and CNN students side by side: accuracy, latency, MACs, size, Pareto front
+
+$(BENCH_EDGE).md: $(TEACHER) $(KD).onnx $(HARD).onnx $(RAW).onnx $(EDGE_RAW) $(PREPARED) $(call code,bench) \
+                  $(call stamp,bench_edge) | $(INSTALLED)
+	$(DISTILL) bench --teacher $(TEACHER) --candidate mlp-hard=$(HARD).onnx --candidate mlp-kd=$(KD).onnx \
+	  --candidate mlp-kd-int8=$(KD).int8.onnx --candidate mlp-kd-raw=$(RAW).onnx --candidate mlp-kd-int8-raw=$(RAW).int8.onnx \
+	  $(foreach a,$(EDGE_ARCHS),--candidate $(subst /,s,$(subst :,-,$(a)))-raw=$(STU)/$(call edge_name,$(a)).raw.onnx \
+	    --candidate $(subst /,s,$(subst :,-,$(a)))-int8-raw=$(STU)/$(call edge_name,$(a)).raw.int8.onnx) \
+	  --prepared $(PREPARED) --out $(BENCH_EDGE).json --markdown $@ --csv $(BENCH_EDGE).csv \
+	  --plot-accuracy $(BENCH_EDGE).accuracy.png $(ARGS_bench_edge)
 
 # ---- student sweeps and the paper's experiments (phony: each reruns, reusing students already trained) ----
 EXP_IN := --cache $(CACHE) --transfer-set $(PREPARED)

@@ -114,7 +114,7 @@ def main() -> None:
 
 
 from stages.augment.settings import JitterConfig  # noqa: E402 - settings only: torch-free
-from stages.bench.settings import BenchConfig, FidelityConfig  # noqa: E402
+from stages.bench.settings import BenchConfig, FidelityConfig, PickConfig  # noqa: E402
 from stages.cache.settings import (AddTemperatureConfig, CacheBenchConfig, CacheConfig,  # noqa: E402
                                    CacheScaleConfig, MergeConfig, VerifyConfig)
 from stages.export.settings import ExportConfig  # noqa: E402
@@ -325,7 +325,12 @@ def _candidates(values: tuple[str, ...]) -> dict[str, Path]:
     return out
 
 
-@stage_command(main, "bench", BenchConfig)
+@main.group("bench", cls=DefaultGroup, default="run")
+def bench_group() -> None:
+    """Edge benchmark: run it (default), or pick a model from its report under latency and size budgets."""
+
+
+@stage_command(bench_group, "run", BenchConfig)
 @click.option("--teacher", "teacher_path", type=PathArg, required=True, help="teacher ensemble ONNX file")
 @click.option("--candidate", "candidates", multiple=True, required=True, help="NAME=PATH of a student ONNX (repeat)")
 @click.option("--prepared", type=PathArg, required=True, help="prepared dataset (test rows)")
@@ -344,6 +349,22 @@ def bench(cfg, teacher_path, candidates, prepared, out, markdown, csv_path, torc
                      markdown or out.with_suffix(".md"), csv_path or out.with_suffix(".csv"), log=_say,
                      torch_models=_candidates(torch_models), plot_accuracy=plot_accuracy,
                      plot_throughput=plot_throughput)
+
+
+@stage_command(bench_group, "pick", PickConfig)
+@click.option("--report", type=PathArg, required=True, help="bench report JSON (from `distill bench`)")
+@click.option("--out", type=PathArg, default=None, help="also write the decision as JSON here [default: none]")
+def bench_pick(cfg, report, out):
+    from pipeline.artifacts import write_json
+    from pipeline.config import to_dict
+    from pipeline.formats.bench_report import read_bench_report
+    from stages.bench.choice import describe, pick
+
+    decision = pick(read_bench_report(report), **to_dict(cfg))
+    for line in describe(decision):
+        click.echo(line)
+    if out is not None:
+        write_json(out, {"report": str(report), **decision})
 
 
 @stage_command(main, "bench-fidelity", FidelityConfig)

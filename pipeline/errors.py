@@ -13,6 +13,7 @@ code  class                  meaning
 7     ResourceError          out of resources: a write failed (disk full, file-size limit,
                              quota, read-only or unwritable folder, I/O error), the disk
                              cannot hold what a stage will write, or memory ran out
+8     NothingFits            no model meets the budgets of ``distill bench pick``
 ====  =====================  ==========================================================
 
 Code 7 says "nothing is wrong with your inputs or settings; the machine ran out": a script can free
@@ -50,3 +51,7 @@ class BusyError(PipelineError):
 
 class ResourceError(PipelineError):
     exit_code = 7
+
+
+class NothingFits(PipelineError):
+    exit_code = 8

@@ -1,12 +1,17 @@
 """Networks built from spec strings (:mod:`pipeline.specs`), and the ensemble exported as one ONNX graph.
 
-Shared by the teacher, student, export and bench stages (torch).  Spec grammar:
-``<kind>:<widths>[:dropout=<p>]`` with widths joined by ``-``.
+Shared by the teacher, student, export and bench stages (torch).  Spec grammar in
+:mod:`pipeline.specs`; the input shape ``[C, H, W]`` (any channel count) and the class count come
+from the data.
 
-- ``mlp:64`` is 784-64-10 on Fashion-MNIST (input and class count come from the data);
-  ``mlp:1200-1200:dropout=0.5`` is the paper's teacher; ``mlp:800-800`` Hinton's student.
+- ``mlp:64`` is 784-64-10 on Fashion-MNIST; ``mlp:1200-1200:dropout=0.5`` is the paper's teacher;
+  ``mlp:800-800`` Hinton's student.
 - ``cnn:32-64-128`` is conv(32) -> pool -> conv(64) -> pool -> fc(128) -> classes, 3x3 convolutions
   with 2x2 max pooling: the reference's small CNN teacher.
+- ``conv:16-32/2-64/2`` and ``dws:16-32/2-64/2-128/2``: plain and depthwise-separable students
+  for microcontroller- and phone-class devices (batch norm, strided downsampling, global average
+  pooling), one flat ``nn.Sequential`` so that :func:`fold_batchnorm` can fold every BN into the
+  convolution before it.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ from pipeline.specs import parse_spec
 
 def build(spec: str, input_shape: tuple[int, ...], classes: int) -> nn.Module:
     """The network for ``spec`` taking ``[batch, *input_shape]`` float32 and returning logits."""
-    kind, widths, dropout = parse_spec(spec)
+    parsed = parse_spec(spec)
+    kind, widths, dropout = parsed.kind, parsed.widths, parsed.dropout
     if kind == "mlp":
         layers: list[nn.Module] = [nn.Flatten()]
         last = math.prod(input_shape)
@@ -32,14 +38,73 @@ def build(spec: str, input_shape: tuple[int, ...], classes: int) -> nn.Module:
             last = w
         return nn.Sequential(*layers, nn.Linear(last, classes))
     if len(input_shape) != 3:
-        raise UsageError(f"cnn needs [channels, height, width] inputs, data has shape {input_shape}")
+        raise UsageError(f"{kind} needs [channels, height, width] inputs, data has shape {input_shape}")
     c, h, w = input_shape
+    if kind in ("conv", "dws"):
+        return _blocks(parsed, (c, h, w), classes)
+    if h < 4 or w < 4:
+        raise UsageError(f"cnn pools twice by 2: it needs images of at least 4x4, data has {h}x{w}")
     c1, c2, fc = widths
     return nn.Sequential(
         nn.Conv2d(c, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(c2 * (h // 4) * (w // 4), fc), nn.ReLU(),
         *([nn.Dropout(dropout)] if dropout else []), nn.Linear(fc, classes))
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int, groups: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+def _blocks(spec, input_shape: tuple[int, int, int], classes: int) -> nn.Sequential:
+    """``conv`` / ``dws`` students: blocks of :mod:`pipeline.specs`, global average pool, Linear.
+
+    The global average pool is an ``AvgPool2d`` over the whole final feature map (a 3x3 conv with
+    padding 1 and stride 2 maps ``h`` to ``ceil(h / 2)``): it exports as ``AveragePool``, which
+    onnxruntime runs in int8 (QLinearAveragePool); ``AdaptiveAvgPool2d`` exports as ``ReduceMean``,
+    which it does not, leaving a DequantizeLinear / QuantizeLinear pair around a float kernel.
+    """
+    layers: list[nn.Module] = []
+    last, h, w = input_shape
+    for i, (width, stride) in enumerate(zip(spec.widths, spec.strides)):
+        h, w = -(-h // stride), -(-w // stride)
+        if spec.kind == "conv" or i == 0:
+            layers += _conv_bn_relu(last, width, 3, stride)
+        else:  # depthwise 3x3 on each channel, then pointwise 1x1 across channels
+            layers += _conv_bn_relu(last, last, 3, stride, groups=last) + _conv_bn_relu(last, width, 1, 1)
+        last = width
+    return nn.Sequential(*layers, nn.AvgPool2d((h, w)), nn.Flatten(),
+                         *([nn.Dropout(spec.dropout)] if spec.dropout else []), nn.Linear(last, classes))
+
+
+def fold_batchnorm(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` (eval mode) with every ``BatchNorm2d`` that follows a ``Conv2d`` in an
+    ``nn.Sequential`` folded into that convolution and replaced by ``nn.Identity``.
+
+    In eval mode BN is the affine map ``y = gamma (z - mu) / sqrt(var + eps) + beta`` per channel;
+    with ``k = gamma / sqrt(var + eps)`` the convolution ``z = W * x + b`` becomes
+    ``W' = k W`` (each output channel's filter scaled) and ``b' = k (b - mu) + beta``
+    (Ioffe & Szegedy 2015; the usual inference-time fusion), computed in float64.  The network
+    computes the same function to float32 round-off; the export checks it against the unfolded one.
+    """
+    import copy
+
+    folded = copy.deepcopy(net).eval()
+    for seq in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(1, len(seq)):
+            conv, bn = seq[i - 1], seq[i]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            with torch.no_grad():
+                k = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+                bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(k)
+                fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                                  padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True)
+                fused.weight.copy_((conv.weight.double() * k.view(-1, 1, 1, 1)).float())
+                fused.bias.copy_((k * (bias - bn.running_mean.double()) + bn.bias.double()).float())
+            seq[i - 1], seq[i] = fused.eval(), nn.Identity()
+    return folded
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -102,3 +102,45 @@ def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: f
     if check and proc.returncode != 0:
         raise AssertionError(f"distill {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
     return proc
+
+
+# ---- channel-first images [n, 1, 28, 28]: the convolutional students' chain --------------------------
+CNN_SPECS = ("cnn:8-16-16", "conv:8/2-16/2", "dws:8-16/2-32/2")  # the teacher's kind and both student kinds
+
+
+@pytest.fixture(scope="session")
+def tiny_chw_prepared(tmp_path_factory) -> Path:
+    from stages.prepare import PrepareConfig, prepare_dataset
+
+    d = tmp_path_factory.mktemp("chw")
+    x, y = synthetic_images(1400)
+    xt, yt = synthetic_images(300, seed=1)
+    np.savez(d / "chw.npz", x=x[:, None], y=y, x_test=xt[:, None], y_test=yt)
+    return prepare_dataset(PrepareConfig(val_rows=200), d / "chw.h5", npz=d / "chw.npz")
+
+
+@pytest.fixture(scope="session")
+def tiny_chw_cache(tmp_path_factory, tiny_chw_prepared) -> tuple[Path, Path]:
+    """(teacher ONNX, cache) of the channel-first set: one small MLP teacher, soft targets at T=2."""
+    from stages.cache import CacheConfig, cache_soft_targets
+    from stages.teacher import TeacherConfig, train_teachers
+
+    d = tmp_path_factory.mktemp("chw-cache")
+    teacher = train_teachers(TeacherConfig(members=1, arch="mlp:32", epochs=2, threads=1, shift=1), tiny_chw_prepared,
+                             d / "ensemble.onnx", log=lambda m: None)
+    cfg = CacheConfig(temperatures=(2.0,), batch_size=256, device="cpu", threads=1)
+    return teacher, cache_soft_targets(cfg, [teacher], tiny_chw_prepared, d / "chw.h5", log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_cnn_students(tmp_path_factory, tiny_chw_cache, tiny_chw_prepared) -> dict[str, Path]:
+    """A checkpoint of each of :data:`CNN_SPECS`, distilled from the cache like any student."""
+    from stages.student import StudentConfig, distill_student
+
+    d = tmp_path_factory.mktemp("cnn-students")
+    out = {}
+    for i, spec in enumerate(CNN_SPECS):
+        cfg = StudentConfig(arch=spec, epochs=3, lr=1e-2, temperature=2.0, alpha=0.5)
+        out[spec] = distill_student(cfg, tiny_chw_cache[1], tiny_chw_prepared, d / f"s{i}.ckpt", d / f"s{i}.json",
+                                    log=lambda m: None)
+    return out

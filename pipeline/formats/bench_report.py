@@ -10,10 +10,15 @@ reads the JSON, so its keys are declared here and checked both ways (docs/format
     environment       cpu, cores, affinity_cores, cpu_flags, simd, versions, git
     provenance        stage, settings, inputs (path, sha256), versions
     models            {name: MODEL}
+    pareto            (optional) [FRONT]: the Pareto-optimal models per thread count and call path
 
     MODEL   path, engine ("onnxruntime" | "iobinding" | "torch"), input_dtype, runs: [RUN];
             scored models add test_accuracy, agreement_with_teacher, sha256; files models add
-            files {name: bytes}, size_bytes, parameters; IOBinding rows add same_model_as
+            files {name: bytes}, size_bytes, parameters and (optional) macs_per_image;
+            IOBinding rows add same_model_as
+    FRONT   threads, engine ("run" | "iobinding"), latency ("p50", ...), models [names, fastest first]:
+            no other scored ONNX model is at least as accurate, as fast at batch 1 and as small, and
+            strictly better in one (stages.bench.choice)
     RUN     threads, batch, providers_used, load {session_create_s, rss_added_mb, ...},
             first_run_s, peak_rss_mb, steady {count, min, mean, p50, p90, p95, p99, p999, max (us),
             valid, reason, spread, throughput_rows_s, ...}
@@ -34,6 +39,8 @@ TOP = {"settings": dict, "threads_resolved": list, "environment": dict, "provena
 MODEL = {"path": str, "engine": str, "input_dtype": str, "runs": list}
 SCORED = {"test_accuracy": float, "agreement_with_teacher": float, "sha256": str}
 SIZED = {"files": dict, "size_bytes": int, "parameters": int}
+OPTIONAL_SIZED = {"macs_per_image": int}  # reports written before it was added lack it
+FRONT = {"threads": int, "engine": str, "latency": str, "models": list}
 RUN = {"threads": int, "batch": int, "providers_used": list, "load": dict, "first_run_s": float, "steady": dict}
 STEADY = {"p50": float, "p90": float, "p99": float, "p999": float, "max": float, "valid": bool,
           "throughput_rows_s": float}
@@ -63,6 +70,14 @@ def check(report: dict) -> None:
     for key in SETTINGS:
         if key not in report["settings"]:
             raise ValueError(f"report.settings lacks {key!r}")
+    if "pareto" in report:
+        if not isinstance(report["pareto"], list):
+            raise ValueError("report.pareto is not a list")
+        for i, front in enumerate(report["pareto"]):
+            _need(front, FRONT, f"report.pareto[{i}]")
+            unknown = [n for n in front["models"] if n not in report["models"]]
+            if unknown:
+                raise ValueError(f"report.pareto[{i}] names models the report lacks: {unknown}")
     for name, m in report["models"].items():
         where = f"models[{name!r}]"
         _need(m, MODEL, where)
@@ -72,6 +87,7 @@ def check(report: dict) -> None:
             _need(m, SCORED, where)
         if "size_bytes" in m:
             _need(m, SIZED, where)
+            _need(m, {k: t for k, t in OPTIONAL_SIZED.items() if k in m}, where)
         for i, r in enumerate(m["runs"]):
             _need(r, RUN, f"{where}.runs[{i}]")
             _need(r["steady"], STEADY, f"{where}.runs[{i}].steady")

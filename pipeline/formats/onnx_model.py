@@ -281,6 +281,38 @@ def parameter_count(path: Path) -> int:
                    and len(t.dims) >= 2))
 
 
+MAC_OPS = ("Conv", "ConvInteger", "Gemm", "MatMul", "MatMulInteger")
+
+
+def onnx_macs(path: Path) -> int:
+    """Multiply-accumulates per image (batch row) of the Conv / Gemm / MatMul nodes of an ONNX file,
+    as :func:`pipeline.macs.count_macs` counts them for a torch module: a Conv costs
+    ``prod(output[1:]) * prod(weight[1:])`` (output channels and positions times the
+    ``C_in / groups * k_h * k_w`` products each), a Gemm or MatMul ``K * N`` per row.  Shapes come
+    from onnx's shape inference, so the same count comes out of an fp32, QDQ int8, dynamic int8 or
+    fp16 file (the weight read through its DequantizeLinear or Cast); an ensemble sums its members."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    g = model.graph
+    dims = {t.name: list(t.dims) for t in g.initializer}
+    for v in [*g.value_info, *g.input, *g.output]:
+        shape = v.type.tensor_type.shape
+        dims.setdefault(v.name, [d.dim_value if d.HasField("dim_value") else None for d in shape.dim])
+    total = 0
+    for n in g.node:
+        if n.op_type not in MAC_OPS:
+            continue
+        w, out = dims.get(n.input[1]), dims.get(n.output[0])
+        if not w or not out or None in w or None in out[1:]:
+            raise DataError(f"{path}: cannot infer the shapes of {n.op_type} node {n.name!r} to count its MACs")
+        if n.op_type.startswith("Conv"):
+            total += int(np.prod(out[1:])) * int(np.prod(w[1:]))
+        else:
+            trans_b = any(a.name == "transB" and a.i for a in n.attribute)
+            k = w[1] if trans_b else w[0]
+            total += int(np.prod(out[1:])) * int(k)
+    return total
+
+
 def input_dtype(path: Path) -> str:
     """``uint8`` for a model that takes raw pixels (normalisation in its graph), else ``float32``."""
     model = onnx.load(str(path), load_external_data=False)

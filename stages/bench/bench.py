@@ -7,8 +7,11 @@ duration, inputs cycled from real test rows, threads explicit, the provider that
 validity flag when the trials' p50s spread more than ``max_spread``).  An Identity model of the same
 input shape is the floor of what one ``run()`` costs; PyTorch eager on the student checkpoints is the
 baseline the ONNX files are compared with.  Accuracy and top-1 agreement with the teacher ensemble
-are measured in this process on the whole test split.  The report is the ``kd-bench/1`` JSON
-(:mod:`pipeline.formats.bench_report`), rendered by :mod:`stages.bench.report`.
+are measured in this process on the whole test split, multiply-accumulates per image from each
+file's graph (:func:`pipeline.formats.onnx_model.onnx_macs`).  The report is the ``kd-bench/1`` JSON
+(:mod:`pipeline.formats.bench_report`), rendered by :mod:`stages.bench.report`, with the Pareto
+front of accuracy, latency and size per thread count and call path (:mod:`stages.bench.choice`,
+which also picks a model under budgets: ``distill bench pick``).
 """
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ from pipeline.artifacts import claim, write_text
 from pipeline.config import to_dict
 from pipeline.errors import DataError
 from pipeline.formats.bench_report import write_bench_report
-from pipeline.formats.onnx_model import input_dtype, model_files, model_size, parameter_count
+from pipeline.formats.onnx_model import input_dtype, model_files, model_size, onnx_macs, parameter_count
 from pipeline.formats.prepared import open_prepared
+from stages.bench import choice
 from stages.bench import report as benchreport
 from stages.bench import worker as bench_worker
 from stages.bench.settings import BenchConfig
@@ -34,12 +38,12 @@ TORCH_SUFFIX = "-torch"
 IOBINDING_SUFFIX = "-iobinding"
 
 
-def _torch_scores(checkpoint: Path, x: np.ndarray) -> tuple[np.ndarray, int]:
-    from pipeline import models
+def _torch_scores(checkpoint: Path, x: np.ndarray) -> tuple[np.ndarray, int, int]:
+    from pipeline import macs, models
 
-    net, _ = models.load(checkpoint)
+    net, ckpt = models.load(checkpoint)
     weights = sum(p.numel() for p in net.parameters() if p.dim() >= 2)  # as parameter_count counts
-    return models.predict(net, x).numpy(), int(weights)
+    return models.predict(net, x).numpy(), int(weights), macs.count_macs(net, tuple(ckpt.input_shape))
 
 
 def _time(cfg: BenchConfig, path: Path, pool: Path, log: Callable, engine: str = "onnxruntime") -> list[dict]:
@@ -99,13 +103,15 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
             if engine == "iobinding":
                 entry["same_model_as"] = name.removesuffix(IOBINDING_SUFFIX)  # scored under that name
             elif engine == "torch":
-                scores, params = _torch_scores(path, xtest)
+                scores, params, macs = _torch_scores(path, xtest)
                 pred = scores.argmax(1)
                 entry.update(files=model_files(path), size_bytes=model_size(path), parameters=params,
+                             macs_per_image=macs,
                              size_note="checkpoint: weights, metadata and provenance (kd-checkpoint/1)")
             elif not floor:
                 pred = ort.predict_proba(path, rows[dtype]).argmax(1)
-                entry.update(files=model_files(path), size_bytes=model_size(path), parameters=parameter_count(path))
+                entry.update(files=model_files(path), size_bytes=model_size(path), parameters=parameter_count(path),
+                             macs_per_image=onnx_macs(path))
             if not floor and engine != "iobinding":
                 entry.update(test_accuracy=float(np.mean(pred == ytest)),
                              agreement_with_teacher=float(np.mean(pred == teacher_pred)),
@@ -121,6 +127,7 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
               "environment": environment(),
               "provenance": provenance.record("bench", to_dict(cfg), {"prepared": prepared, **models,
                                                                      **torch_models})}
+    report["pareto"] = choice.fronts(report)
     # Each file is published atomically; the Markdown, make's target, goes last, so a run that fails
     # on the way (a full disk: exit 7) leaves make with a reason to run the bench again.
     benchreport.write_csv(csv_path, results)

@@ -64,14 +64,16 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
              f"as onnxruntime_perf_test measures); the others call `session.run` with numpy arrays (what a "
              f"Python caller pays). "
              f"A result is *noisy* when the trials' p50s spread more than {cfg['max_spread']:.0%}.\n",
-             "## Models\n", "| model | engine | weights (rank >= 2) | size KiB (files) | test acc | agrees w/ teacher |",
-             "|---|---|---:|---:|---:|---:|"]
+             "## Models\n", "| model | engine | weights (rank >= 2) | MACs / image | size KiB (files) | test acc | "
+             "agrees w/ teacher |", "|---|---|---:|---:|---:|---:|---:|"]
     for name, e in models.items():
         if "size_bytes" not in e:
             continue
         files = ", ".join(f"{k} {v / 1024:.1f}" for k, v in e["files"].items())
-        lines.append(f"| {name} | {e['engine']} | {e['parameters']:,} | {e['size_bytes'] / 1024:.1f} ({files}) | "
+        lines.append(f"| {name} | {e['engine']} | {e['parameters']:,} | {_fmt(e.get('macs_per_image'), ',')} | "
+                     f"{e['size_bytes'] / 1024:.1f} ({files}) | "
                      f"{e['test_accuracy'] * 100:.2f}% | {e['agreement_with_teacher'] * 100:.2f}% |")
+    lines += choice_section(report)
     lines += ["\n## Latency at batch 1\n",
               "| model | threads | p50 | p90 | p99 | p99.9 | max | x floor | load ms | first run us | "
               "RSS +MiB (session) | peak RSS MiB | valid |", "|---|---:|" + "---:|" * 10 + "---|"]
@@ -115,24 +117,68 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _floor_p50(models: dict, dtype: str, engine: str, threads: int) -> float | None:
+    floor = models.get(floor_name(dtype, "iobinding" if engine == "iobinding" else "onnxruntime"))
+    r = run_of(floor, threads, 1) if floor else None
+    return r["steady"]["p50"] if r else None
+
+
+def choice_section(report: dict) -> list[str]:
+    """Accuracy, agreement, MACs, size and batch-1 p50 (both call paths, and as a multiple of their
+    Identity floors) of every scored ONNX model side by side, Pareto-optimal ones marked."""
+    from pipeline.errors import UsageError
+    from stages.bench import choice
+
+    models = report["models"]
+    fronts = {(f["threads"], f["engine"]): set(f["models"]) for f in report.get("pareto") or choice.fronts(report)}
+    lines = ["\n## Choosing an edge model (batch 1)\n",
+             "Pareto-optimal: no other model is at least as accurate, as fast (p50) and as small, and strictly "
+             "better in one; marked per call path. `distill bench pick --report <this JSON> --max-latency-us N "
+             "--max-size-kib N` picks the most accurate model within a budget.\n",
+             "| model | threads | test acc | agrees w/ teacher | MACs / image | KiB | p50 `run` us (x floor) | "
+             "p50 IOBinding us (x floor) | Pareto `run` | Pareto IOBinding |", "|---|---:|" + "---:|" * 6 + "---|---|"]
+    for t in report["threads_resolved"]:
+        per = {}
+        for engine in choice.ENGINES:
+            try:
+                per[engine] = {c["name"]: c for c in choice.candidates(report, engine, t)}
+            except UsageError:  # a call path this run did not time (--no-iobinding)
+                per[engine] = {}
+        for name in dict.fromkeys([*per["run"], *per["iobinding"]]):
+            e = models[name]
+            cells = []
+            for engine in choice.ENGINES:
+                c = per[engine].get(name)
+                floor = _floor_p50(models, e["input_dtype"], engine, t)
+                cells.append("-" if c is None else f"{c['latency_us']:.1f} ({_fmt(floor and c['latency_us'] / floor, '.2f')})")
+            marks = ["yes" if name in fronts.get((t, engine), ()) else "-" for engine in choice.ENGINES]
+            lines.append(f"| {name} | {t} | {e['test_accuracy'] * 100:.2f}% | {e['agreement_with_teacher'] * 100:.2f}% | "
+                         f"{_fmt(e.get('macs_per_image'), ',')} | {e['size_bytes'] / 1024:.1f} | {cells[0]} | {cells[1]} | "
+                         f"{marks[0]} | {marks[1]} |")
+    return lines
+
+
 def _save(fig, path: Path) -> None:
     with atomic_output(Path(path)) as part:
         fig.savefig(part, format="png", dpi=120, bbox_inches="tight")
 
 
 def plot_accuracy_latency(report: dict, path: Path) -> Path:
-    """Test accuracy against p50 latency at batch 1 (first thread count), one point per candidate."""
+    """Test accuracy against p50 latency at batch 1 (first thread count), one point per candidate;
+    the Pareto-optimal ones (``session.run``, accuracy / latency / size) ringed in black."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t = report["threads_resolved"][0]
+    front = next((set(f["models"]) for f in report.get("pareto", []) if f["threads"] == t and f["engine"] == "run"), set())
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, (name, e) in enumerate(report["models"].items()):
         r = run_of(e, t, 1)
         if r is None or "test_accuracy" not in e:
             continue
-        ax.scatter(r["steady"]["p50"], e["test_accuracy"] * 100, marker="s" if e["engine"] == "torch" else "o")
+        ax.scatter(r["steady"]["p50"], e["test_accuracy"] * 100, marker="s" if e["engine"] == "torch" else "o",
+                   edgecolors="black" if name in front else "none", linewidths=1.5)  # ringed: Pareto-optimal
         ax.annotate(name, (r["steady"]["p50"], e["test_accuracy"] * 100), fontsize=8,
                     xytext=(4, 3 - 10 * (i % 3)), textcoords="offset points")  # stagger: students often coincide
     floor = report["models"].get("identity-floor")
@@ -141,7 +187,7 @@ def plot_accuracy_latency(report: dict, path: Path) -> Path:
         ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set(xlabel=f"p50 latency, batch 1, {t} thread(s) (us, log)", ylabel="test accuracy (%)",
-           title="Accuracy against latency")
+           title="Accuracy against latency (ringed: Pareto-optimal)")
     ax.grid(alpha=0.3)
     _save(fig, path)
     plt.close(fig)

@@ -43,6 +43,30 @@ class BenchConfig:
         return list(dict.fromkeys(t or (os.cpu_count() or 1) for t in self.threads))
 
 
+@dataclasses.dataclass(frozen=True)
+class PickConfig:
+    """Pick the edge model for a device from a bench report: the most accurate model whose batch-1
+    latency and file size fit the budgets (ties: faster, then smaller); prints the choice, why, the
+    runner-up and what each budget left out.  Exit 7 when no model fits."""
+
+    max_latency_us: float = setting(0.0, "latency budget in microseconds per image at batch 1 (0: none)")
+    max_size_kib: float = setting(0.0, "size budget of the model file(s) in KiB (0: none)")
+    engine: str = setting("iobinding", "call path the device will use: iobinding (C/C++ API, inputs bound once) "
+                                       "or run (Python session.run)")
+    threads: int = setting(1, "intra-op threads the device will give the model (a count the report timed)")
+    latency: str = setting("p50", "latency percentile held to the budget: p50, p90, p99 or p999 (a frame "
+                                  "deadline wants p99)")
+    min_agreement: float = setting(0.0, "least top-1 agreement with the teacher (fraction, 0 to 1)")
+    allow_noisy: bool = setting(True, "count timings whose trials spread more than the bench's max_spread")
+
+    def __post_init__(self) -> None:
+        require(self.max_latency_us >= 0 and self.max_size_kib >= 0, "budgets must be >= 0 (0: none)")
+        require(self.engine in ("iobinding", "run"), "engine must be iobinding or run")
+        require(self.threads >= 1, "threads must be >= 1")
+        require(self.latency in ("p50", "p90", "p99", "p999"), "latency must be p50, p90, p99 or p999")
+        require(0.0 <= self.min_agreement <= 1.0, "min_agreement must lie in [0, 1]")
+
+
 #: The worker's own defaults (``python -m stages.bench.worker``): the bench settings' defaults, one source.
 TIMING_DEFAULTS = {k: getattr(BenchConfig(), k) for k in ("warmup_count", "warmup_s", "min_count", "min_s", "trials")}
 

@@ -3,10 +3,13 @@
 fp32: the torch.export-based exporter, one self-contained file (no ``.onnx.data``), dynamic batch,
 opset 18, IR 10, ``onnx.checker`` full check, and the metadata an edge runtime needs (class names,
 input normalisation, T and alpha, the hashes of the checkpoint and of the cache it was distilled
-from, input dtype).  With ``raw_input`` the normalisation ``(x / scale - mean) / std`` is part of the
-graph and the input is raw uint8 pixels.  onnxruntime must reproduce PyTorch on real test rows at
-batch sizes 1, 7 and 256 (:func:`pipeline.onnxio.validate`: every failure collected, the largest
-difference named).
+from, input dtype).  What is exported is the network rewritten for the edge
+(:mod:`stages.export.graph`: batch norm folded, channels-last flatten); with ``raw_input`` the
+normalisation ``(x / scale - mean) / std`` is part of the graph (folded where exact) and the input
+is raw uint8 pixels.  onnxruntime must reproduce the checkpoint's *unrewritten* PyTorch network on
+real test rows at batch sizes 1, 7 and 256 (:func:`pipeline.onnxio.validate`: every failure
+collected, the largest difference named).  The report gives the network's parameters and
+multiply-accumulates per image (:func:`pipeline.macs.count_macs`).
 
 Variants (:mod:`stages.export.quantize`): static QDQ int8, dynamic int8, fp16, each scored against fp32 on
 the whole test split by the quality gate (int8 with per-tensor weight scales first, per-channel
@@ -27,7 +30,7 @@ import numpy as np
 import onnx
 import torch
 
-from pipeline import models, onnxio, ort, provenance, resources
+from pipeline import macs, models, onnxio, ort, provenance, resources
 from pipeline.artifacts import atomic_output, claim, write_json
 from pipeline.config import to_dict
 from pipeline.errors import IntegrityError, UsageError
@@ -35,56 +38,10 @@ from pipeline.formats.checkpoint import Checkpoint
 from pipeline.formats.onnx_model import set_metadata, student_metadata
 from pipeline.formats.prepared import Prepared, open_prepared
 from stages.export import mobile, quantize
+from stages.export.graph import RawInput, edge_module, fold_normalisation  # noqa: F401 - the stage's API
 from stages.export.settings import WEIGHT_SCALES, ExportConfig
 
 PARITY_BATCHES = (1, 7, 256)
-
-
-class RawInput(torch.nn.Module):
-    """``net`` behind the prepared set's normalisation: uint8 pixels in, logits out."""
-
-    def __init__(self, net: torch.nn.Module, scale: float, mean: float, std: float):
-        super().__init__()
-        self.net = net
-        # as in Prepared.normalise, in float32, so the graph computes what training saw bit for bit
-        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x.to(torch.float32) / self.scale - self.mean) / self.std)
-
-
-def fold_normalisation(net: torch.nn.Module, scale: float, mean: float, std: float) -> torch.nn.Module | None:
-    """``net`` with the normalisation folded into its first Linear layer, taking float pixels; None
-    unless ``net`` is Flatten -> Linear -> ... (a convolution's zero padding would not fold exactly).
-
-    With ``x = p / (scale * std) - mean / std`` elementwise, ``W x + b = W' p + b'`` where
-    ``W' = W / (scale * std)`` and ``b' = b - (mean / std) * W 1`` (row sums of W), computed in float64.
-    """
-    import copy
-
-    layers = list(net.children()) if isinstance(net, torch.nn.Sequential) else []
-    if len(layers) < 2 or not isinstance(layers[0], torch.nn.Flatten) or not isinstance(layers[1], torch.nn.Linear):
-        return None
-    folded = copy.deepcopy(net).eval()
-    first = folded[1]
-    with torch.no_grad():
-        w = first.weight.double()
-        first.bias.copy_((first.bias.double() - w.sum(1) * (mean / std)).float())
-        first.weight.copy_((w / (scale * std)).float())
-    return _FloatPixels(folded)
-
-
-class _FloatPixels(torch.nn.Module):
-    """uint8 pixels -> float32 -> ``net`` (whose first layer expects un-normalised pixels)."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.to(torch.float32))
 
 
 def metadata(ckpt: Checkpoint, checkpoint: Path, raw_input: bool) -> dict[str, str]:
@@ -99,6 +56,10 @@ def _raw(info: Prepared, split: str) -> np.ndarray:
     if x.dtype != np.uint8:
         raise UsageError(f"{info.path}: raw_input needs uint8 pixels, the prepared {split} split holds {x.dtype}")
     return x
+
+
+def _count_bn(net: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
 
 
 def _stamp(path: Path, meta: dict[str, str], precision: str) -> None:
@@ -159,19 +120,21 @@ def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out:
         raise UsageError(f"{transfer_set}: per-channel normalisation; the raw-input export folds a single mean "
                          "and std only (export without --raw-input)")
     if cfg.raw_input:
-        # checked against the normalisation as trained; the folded graph is what ships when there is one
-        module, xin, calib = RawInput(net, info.scale, info.mean, info.std).eval(), _raw(info, "test"), \
-            _raw(info, "train")[calib_idx]
-        graph = fold_normalisation(net, info.scale, info.mean, info.std) or module
+        # checked against the normalisation as trained; the rewritten graph is what ships
+        module, xin, calib = RawInput(net, info.scale, info.mean, info.std, info.shape).eval(), \
+            _raw(info, "test"), _raw(info, "train")[calib_idx]
     else:
         module, xin, calib = net, xtest, info.load("train")[0][calib_idx]
-        graph = module
+    graph, front = edge_module(net, info.shape, cfg.raw_input, info.scale, info.mean, info.std)
     teacher_pred = None
     if teacher is not None:
         teacher_pred = ort.predict_proba(Path(teacher), xtest).argmax(1)  # the ensemble takes normalised rows
     meta = metadata(ckpt, checkpoint, cfg.raw_input)
     wanted = {k: Path(p) for k, p in (("int8", out_int8), ("dynamic", out_dynamic), ("fp16", out_fp16)) if p}
-    result: dict = {"settings": to_dict(cfg), "metadata": meta, "variants": {}}
+    result: dict = {"settings": to_dict(cfg), "metadata": meta, "arch": ckpt.arch,
+                    "parameters": models.count_parameters(net),
+                    "macs_per_image": macs.count_macs(net, tuple(info.shape)),
+                    "graph": {"input": front, "batchnorm_folded": _count_bn(net)}, "variants": {}}
     with resources.temporary_folder() as tmp:  # a full TMPDIR is one line naming it (exit 7)
         fp32 = Path(tmp) / "fp32.onnx"
         onnxio.export(graph, torch.from_numpy(xin[:2]), fp32, "logits", metadata={**meta, "precision": "fp32"})

@@ -32,6 +32,7 @@ import onnx
 from pipeline import ort
 from pipeline.formats.onnx_model import IR_VERSION
 from pipeline.onnxio import quiet
+from stages.export.rewrites import float_logits, pixel_path, pixel_zero_point, pixels_in
 
 VARIANTS = ("int8", "dynamic", "fp16")
 
@@ -76,89 +77,17 @@ def _preprocessed(fp32: Path, tmp: str) -> Path:
     return pre
 
 
-PIXEL_PATH_OPS = ("Cast", "Reshape", "Flatten")  # ops that change neither a pixel's value nor its order
-
-
-def _pixel_path(graph: onnx.GraphProto, ends: tuple[str, ...] = ("Gemm", "MatMul")) -> list[onnx.NodeProto]:
-    """The chain of single-consumer Cast / Reshape / Flatten nodes from a uint8 graph input to a node
-    of type ``ends`` (by default a matrix product: only it may take the pixels as they are, anything
-    else would need them normalised): the pixels, unchanged but for type (empty for any other graph)."""
-    inp = graph.input[0]
-    if inp.type.tensor_type.elem_type != onnx.TensorProto.UINT8:
-        return []
-    path, tensor = [], inp.name
-    while len(users := [n for n in graph.node if tensor in n.input]) == 1 and users[0].op_type in PIXEL_PATH_OPS:
-        path.append(users[0])
-        tensor = users[0].output[0]
-    return path if len(users) == 1 and users[0].op_type in ends else []
-
-
-def _rewire(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for n in graph.node:
-        n.input[:] = [new if t == old else t for t in n.input]
-
-
-def pixels_in(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Feed raw uint8 pixels straight to the first quantised layer.
-
-    A raw-input model whose normalisation is folded into its first layer computes
-    ``Gemm(Cast(pixels))``; quantised with the pixels' own scale 1 and zero point 0 (uint8, see
-    :func:`static_int8`) this is ``DQ(Q(Cast(p), 1, 0))`` = p exactly, so the Cast and the
-    QuantizeLinear are removed and the shape ops run on uint8: onnxruntime then fuses the first layer
-    into a QGemm on the input itself.  A model not of that form is returned unchanged.
-    """
-    g = model.graph
-    path = _pixel_path(g, ends=("QuantizeLinear",))
-    if not path:
-        return model
-    q = next(n for n in g.node if path[-1].output[0] in n.input)
-    init = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
-    scale, zero = init.get(q.input[1]), init.get(q.input[2]) if len(q.input) > 2 else None
-    if scale is None or zero is None or zero.dtype != np.uint8 or scale.size != 1 or float(scale) != 1.0 \
-            or int(zero) != 0:
-        return model
-    for n in [*(n for n in path if n.op_type == "Cast"), q]:
-        _rewire(g, n.output[0], n.input[0])
-        g.node.remove(n)
-    stale = {o for n in path for o in n.output}  # their recorded float type no longer holds
-    kept = [v for v in g.value_info if v.name not in stale]
-    del g.value_info[:]
-    g.value_info.extend(kept)
-    return model
-
-
-def float_logits(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop a QuantizeLinear -> DequantizeLinear pair between a final Gemm / MatMul and a graph output.
-
-    Rounding the logits to 8 bits and back serves no consumer: without the pair onnxruntime fuses the
-    last layer into a QGemm with float32 output, one kernel (and one rounding) fewer per run.
-    """
-    g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    uses = lambda t: sum(t in n.input for n in g.node)  # noqa: E731
-    for out in g.output:
-        dq = producer.get(out.name)
-        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        if q is None or q.op_type != "QuantizeLinear" or uses(q.output[0]) != 1:
-            continue
-        last = producer.get(q.input[0])
-        if last is None or last.op_type not in ("Gemm", "MatMul") or uses(q.input[0]) != 1:
-            continue
-        last.output[list(last.output).index(q.input[0])] = out.name
-        g.node.remove(q)
-        g.node.remove(dq)
-    return model
-
-
 def static_int8(fp32: Path, out: Path, calib: np.ndarray, method: str = "minmax",
                 per_channel: bool = False) -> Path:
     """Static QDQ int8 of ``fp32`` into ``out``, activation ranges calibrated on ``calib`` rows.
 
     Activations asymmetric (ReLU outputs are non-negative: a symmetric range would waste a bit),
     weights symmetric, per output channel when ``per_channel``.  Logits stay float32
-    (:func:`float_logits`).  A raw uint8 model whose first layer takes the pixels unchanged
-    (normalisation folded into its weights, see ``stages.export``) quantises them as what they are,
-    uint8 with scale 1 and zero point 0, and takes them without any conversion (:func:`pixels_in`).
+    (:func:`stages.export.rewrites.float_logits`).  A raw uint8 model whose first layer takes the
+    pixels unchanged (MLP: normalisation folded into its weights) or shifted by a constant (CNN: the
+    mean in pixel units) quantises that input at scale 1 with the zero point that gives back the
+    pixels themselves, and takes them without any conversion
+    (:func:`stages.export.rewrites.pixels_in`).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -168,10 +97,11 @@ def static_int8(fp32: Path, out: Path, calib: np.ndarray, method: str = "minmax"
     with tempfile.TemporaryDirectory() as tmp:
         pre = _preprocessed(fp32, tmp)
         extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
-        if path := _pixel_path(onnx.load(str(pre)).graph):
+        path, shift = pixel_path(onnx.load(str(pre)).graph)
+        if path and (zero := pixel_zero_point(shift)) is not None:
             extra["TensorQuantOverrides"] = {path[-1].output[0]: [{
                 "quant_type": QuantType.QUInt8, "scale": np.array(1.0, np.float32),
-                "zero_point": np.array(0, np.uint8)}]}
+                "zero_point": np.array(zero, np.uint8)}]}
         with quiet():
             quantize_static(str(pre), str(out), _Calibration(name, calib), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,

@@ -20,7 +20,9 @@ class StudentConfig:
     FOOTPRINT: ClassVar[str] = ("lower --memory-budget-mib (now {memory_budget_mib}) so the "
                                 "rows are streamed in blocks, or --batch-size (now {batch_size})")
 
-    arch: str = setting("mlp:128", "student architecture spec (mlp:64 is 784-64-10; mlp:800-800 Hinton's)")
+    arch: str = setting("mlp:128", "student architecture spec (pipeline/specs.py): mlp:64 is 784-64-10, mlp:800-800 "
+                                   "Hinton's; conv:16-32/2-64/2 plain and dws:16-32/2-64/2-128/2 depthwise-separable "
+                                   "CNNs (C/2: stride 2)")
     temperature: float = setting(2.0, "distillation temperature T; the cache must hold soft targets at T")
     alpha: float = setting(0.5, "weight of the soft term; 0 = hard labels only, 1 = soft targets only")
     objective: str = setting("kd", "kd (tempered soft targets) or logits (match zero-meaned mean logits)")

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from pipeline import losses, models, provenance, runtime
+from pipeline import losses, macs, models, provenance, runtime
 from pipeline.artifacts import atomic_output, claim, write_json
 from pipeline.config import to_dict
 from pipeline.errors import UsageError
@@ -156,6 +156,7 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
     with atomic_output(out) as tmp:
         write_checkpoint(tmp, ckpt)
         result = {"name": out.stem, "settings": to_dict(cfg), "parameters": models.count_parameters(net),
+                  "macs_per_image": macs.count_macs(net, tuple(info.shape)),
                   "best_epoch": best[1], "val_accuracy": best[0], "test_accuracy": test_acc,
                   "test_accuracy_last_epoch": test_last, "train_rows": loader.n,
                   "loader": "resident" if loader.resident else "streaming", "world_size": world,

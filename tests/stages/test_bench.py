@@ -65,6 +65,9 @@ def test_bench_report_sections_csv_and_plots(student_onnx, tiny_teacher, tiny_pr
             assert r["providers_used"][0] == ("torch-eager-cpu" if name == "s-torch" else "CPUExecutionProvider")
     s, t = report["models"]["s"], report["models"]["s-torch"]
     assert s["files"] == {"s.onnx": s["size_bytes"]} and s["parameters"] == t["parameters"]
+    assert s["macs_per_image"] == t["macs_per_image"] == report["models"]["s-int8"]["macs_per_image"] == 784 * 16 + 160
+    assert [(f["threads"], f["engine"]) for f in report["pareto"]] == [(1, "run"), (1, "iobinding")]
+    assert all(set(f["models"]) <= {"teacher-ensemble", "s", "s-int8"} and f["models"] for f in report["pareto"])
     # same weights, two runtimes: export checked them to 1e-5 x max(1, |logit|) with identical argmax,
     # so at most a near-tie row may differ (one row of 300 is 0.0033)
     assert s["test_accuracy"] == pytest.approx(t["test_accuracy"], abs=1 / 300 + 1e-9)
@@ -83,6 +86,7 @@ def test_bench_report_sections_csv_and_plots(student_onnx, tiny_teacher, tiny_pr
                                           "s-torch": run, "teacher-ensemble-iobinding": bound, "s-iobinding": bound,
                                           "s-int8-iobinding": bound, "identity-floor-iobinding": bound})
     assert _p50(report["models"][bound]) != _p50(report["models"][run])  # two floors, not one twice
+    assert "## Choosing an edge model" in md and "| 12,704 |" in md  # MACs of mlp:16 on 28x28
     for p in plots.values():
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -119,6 +123,41 @@ def test_bench_feeds_a_raw_pixel_model_pixels(student_onnx, raw_int8, tiny_teach
     _check_x_floor(md, m, {"raw-int8": "identity-floor-uint8", "identity-floor-uint8": "identity-floor-uint8",
                            "s": "identity-floor", "teacher-ensemble": "identity-floor",
                            "identity-floor": "identity-floor"})
+
+
+@pytest.mark.slow
+def test_bench_compares_mlp_and_cnn_students(tiny_cnn_students, tiny_chw_cache, tiny_chw_prepared, tmp_path):
+    """MLP and CNN students of one cache side by side: fp32 and raw int8 of a depthwise-separable CNN,
+    an MLP, their MACs from the graphs, the Pareto fronts, and a pick from the report."""
+    from pipeline.macs import count_macs
+    from pipeline.models import load
+    from stages.bench.choice import pick
+    from stages.student import StudentConfig, distill_student
+
+    teacher, cache = tiny_chw_cache
+    mlp = distill_student(StudentConfig(arch="mlp:16", epochs=2), cache, tiny_chw_prepared, tmp_path / "m.ckpt",
+                          tmp_path / "m.json", log=lambda m: None)
+    dws = tiny_cnn_students["dws:8-16/2-32/2"]
+    files = {}
+    for name, ckpt, raw in (("mlp", mlp, False), ("dws", dws, False), ("dws-raw", dws, True)):
+        export_student(ExportConfig(raw_input=raw, calibration_rows=100, max_accuracy_drop=100, mobile=False), ckpt,
+                       tiny_chw_prepared, tmp_path / f"{name}.onnx", tmp_path / f"{name}.int8.onnx",
+                       tmp_path / f"{name}.json", log=lambda m: None)
+        files[name] = tmp_path / f"{name}.onnx"
+    files["dws-raw-int8"] = tmp_path / "dws-raw.int8.onnx"
+    cfg = bench.BenchConfig(threads=(1,), batches=(1,), **TINY)
+    bench.benchmark(cfg, teacher, files, tiny_chw_prepared, tmp_path / "b.json", tmp_path / "b.md",
+                    tmp_path / "b.csv", log=lambda m: None)
+    report = json.loads((tmp_path / "b.json").read_text())
+    m = report["models"]
+    assert m["dws-raw-int8"]["input_dtype"] == "uint8" and m["dws"]["input_dtype"] == "float32"
+    want = count_macs(load(dws)[0], (1, 28, 28))
+    assert m["dws"]["macs_per_image"] == m["dws-raw-int8"]["macs_per_image"] == want
+    assert m["mlp"]["macs_per_image"] == 784 * 16 + 160
+    assert {f["engine"] for f in report["pareto"]} == {"run", "iobinding"}
+    decision = pick(report, engine="run")  # no budget: the most accurate model of the report
+    assert decision["choice"]["test_accuracy"] == max(e.get("test_accuracy", 0) for e in m.values())
+    assert "dws-raw-int8-iobinding" in m and "| dws-raw-int8 | 1 |" in (tmp_path / "b.md").read_text()
 
 
 def test_thread_counts_resolve_all_cores(monkeypatch):

@@ -375,3 +375,43 @@ def test_exports_carry_no_paths_or_module_names(tmp_path):
     assert all(len(n.metadata_props) == 0 for n in m.graph.node)
     data = path.read_bytes()
     assert str(ROOT).encode() not in data and b"stack_trace" not in data and b"torch.nn.modules" not in data
+
+
+# ---------------------------------------------------------------- int8 graph rewrites, on hand-made graphs
+from stages.export import rewrites  # noqa: E402
+
+
+@pytest.mark.parametrize("shift, zero", [(0.0, 0), (72.9, 73), (np.array([[[72.7]], [[73.4]], [[72.6]]]), 73),
+                                         (72.5, None), (np.array([60.2, 73.0]), None), (-3.0, None)])
+def test_pixel_zero_point(shift, zero):
+    """Q(p - s) at scale 1 and zero point z is p for every pixel: z = rint(s), one for all channels."""
+    assert rewrites.pixel_zero_point(np.asarray(shift, np.float32)) == zero
+
+
+def _raw_qdq_graph(shift: np.ndarray, zero: int) -> onnx.ModelProto:
+    """uint8 x -> Cast -> Sub(shift) -> Q(1, zero) -> DQ -> Conv, as the quantiser leaves a raw CNN."""
+    h = onnx.helper
+    x = h.make_tensor_value_info("x", onnx.TensorProto.UINT8, ["n", 3, 4, 4])
+    y = h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 2, 4, 4])
+    inits = [onnx.numpy_helper.from_array(np.asarray(shift, np.float32), "shift"),
+             onnx.numpy_helper.from_array(np.array(1.0, np.float32), "s"),
+             onnx.numpy_helper.from_array(np.array(zero, np.uint8), "z"),
+             onnx.numpy_helper.from_array(np.ones((2, 3, 3, 3), np.float32), "w")]
+    nodes = [h.make_node("Cast", ["x"], ["xf"], to=onnx.TensorProto.FLOAT), h.make_node("Sub", ["xf", "shift"], ["xs"]),
+             h.make_node("QuantizeLinear", ["xs", "s", "z"], ["xq"]),
+             h.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             h.make_node("Conv", ["xd", "w"], ["y"], pads=[1, 1, 1, 1])]
+    return h.make_model(h.make_graph(nodes, "g", [x], [y], inits), opset_imports=[h.make_opsetid("", 18)])
+
+
+def test_pixels_in_feeds_the_pixels_and_drops_what_it_orphans():
+    model = rewrites.pixels_in(_raw_qdq_graph(np.full((3, 1, 1), 72.8), 73))
+    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "Conv"]
+    assert model.graph.node[0].input[0] == "x" and {t.name for t in model.graph.initializer} == {"s", "z", "w"}
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_pixels_in_leaves_channels_that_round_apart_alone():
+    model = _raw_qdq_graph(np.array([60.2, 73.0, 90.4]).reshape(3, 1, 1), 73)
+    before = model.SerializeToString()
+    assert rewrites.pixels_in(model).SerializeToString() == before  # Cast -> Sub -> Q stays: exact, one cheap op

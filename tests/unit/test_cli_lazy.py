@@ -9,7 +9,7 @@ from tests.conftest import ROOT
 COMMANDS = [[], ["prepare"], ["jitter"], ["teacher"], ["cache"], ["cache", "build"], ["cache", "add-temperature"],
             ["cache", "verify"], ["cache", "merge"], ["cache", "bench"], ["cache", "bench-scale"], ["student"],
             ["student", "train"], ["student", "sweep"], ["student", "experiment"], ["student", "bench"], ["export"],
-            ["bench"], ["bench-fidelity"]]
+            ["bench"], ["bench", "run"], ["bench", "pick"], ["bench-fidelity"]]
 
 PROBE = """
 import json, sys

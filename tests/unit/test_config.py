@@ -51,7 +51,8 @@ def test_config_file_and_override(tmp_path):
         config.load(StudentConfig, f, {})
 
 
-@pytest.mark.parametrize("stage", ["prepare", "teacher", "cache build", "student train", "export", "bench"])
+@pytest.mark.parametrize("stage", ["prepare", "teacher", "cache build", "student train", "export", "bench run",
+                                   "bench pick"])
 def test_every_stage_has_help_from_its_settings(stage):
     proc = run_cli(*stage.split(), "--help", check=True)
     assert "--config" in proc.stdout and "[default:" in proc.stdout
