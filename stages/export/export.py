@@ -116,9 +116,6 @@ def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out:
     ntrain = info.rows["train"]
     calib_idx = np.sort(np.random.default_rng(cfg.seed).choice(ntrain, size=min(cfg.calibration_rows, ntrain),
                                                                replace=False))
-    if cfg.raw_input and info.norm.per_channel:
-        raise UsageError(f"{transfer_set}: per-channel normalisation; the raw-input export folds a single mean "
-                         "and std only (export without --raw-input)")
     if cfg.raw_input:
         # checked against the normalisation as trained; the rewritten graph is what ships
         module, xin, calib = RawInput(net, info.scale, info.mean, info.std, info.shape).eval(), \

@@ -1,7 +1,8 @@
 """End to end on data not shaped like Fashion-MNIST: coloured shapes, 32 x 32 x 3, 10 classes, in three
 forms (a PNG image folder, a channel-last and a channel-first .npz) that prepare to one content, then
 through every stage's command line at smoke size: prepare, jitter (the shifted copies), a CNN
-teacher, the cache on the jittered set, a student, its int8 export and the bench."""
+teacher, the cache on the jittered set, a depthwise-separable CNN student, its raw-pixel (uint8, per-channel
+normalisation in the graph) fp32 and int8 export, and the bench."""
 import json
 
 import numpy as np
@@ -36,10 +37,10 @@ def test_colour_image_folder_through_every_stage(tmp_path):
             "--batch-size", "32", "--lr", "0.005", "--threads", "1", check=True)
     run_cli("cache", "--teacher", t, "--transfer-set", pj, "--out", c, "--temperatures", "2", "--threads", "1",
             check=True)
-    run_cli("student", "--cache", c, "--transfer-set", pj, "--out", s, "--arch", "mlp:32", "--epochs", "4",
-            "--temperature", "2", "--alpha", "0.5", check=True)
+    run_cli("student", "--cache", c, "--transfer-set", pj, "--out", s, "--arch", "dws:8/2-16/2", "--epochs", "8",
+            "--lr", "0.01", "--batch-size", "32", "--temperature", "2", "--alpha", "0.5", check=True)
     run_cli("export", "--checkpoint", s, "--transfer-set", pj, "--out", tmp_path / "s.onnx", "--int8",
-            tmp_path / "s.int8.onnx", "--teacher", t, "--no-mobile", "--calibration-rows", "300",
+            tmp_path / "s.int8.onnx", "--teacher", t, "--no-mobile", "--calibration-rows", "300", "--raw-input",
             "--max-accuracy-drop", "5", check=True)
     run_cli("bench", "--teacher", t, "--candidate", f"student={tmp_path / 's.onnx'}",
             "--candidate", f"student-int8={tmp_path / 's.int8.onnx'}", "--prepared", p, "--out", tmp_path / "b.json",
@@ -52,6 +53,8 @@ def test_colour_image_folder_through_every_stage(tmp_path):
     assert metrics["test_accuracy"] > 0.4, metrics  # chance is 0.1: shape and colour were learnt
     assert export["fp32"]["max_abs_diff_vs_torch"] < 1e-4 and export["variants"]["int8"]["written"]
     assert bench["teacher-ensemble"]["test_accuracy"] > 0.5, bench["teacher-ensemble"]
+    assert export["graph"]["input"] == "shifted"  # per-channel normalisation in the graph: uint8 pixels in
     for name in ("student", "student-int8"):
+        assert bench[name]["input_dtype"] == "uint8"
         assert abs(bench[name]["test_accuracy"] - metrics["test_accuracy"]) < 0.05
         assert bench[name]["runs"][0]["batch"] == 1 and bench[name]["runs"][0]["steady"]["p50"] > 0
