@@ -72,6 +72,7 @@ def build(args, tmp: Path) -> dict[str, Path]:
     from pipeline import onnxio
     from stages.export import export as ex
     from stages.export import quantize as q
+    from stages.export import rewrites as rw
 
     net, (scale, mean, std), test, train = student(args)
     normalise = lambda p: ((p.astype(np.float32) / scale - mean) / std).astype(np.float32)  # noqa: E731
@@ -86,7 +87,8 @@ def build(args, tmp: Path) -> dict[str, Path]:
         with tempfile.TemporaryDirectory() as t:
             pre = q._preprocessed(src, t)
             extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
-            if path := q._pixel_path(__import__("onnx").load(str(pre)).graph):
+            path, _ = rw.pixel_path(__import__("onnx").load(str(pre)).graph)
+            if path:
                 extra["TensorQuantOverrides"] = {path[-1].output[0]: [{
                     "quant_type": QuantType.QUInt8, "scale": np.array(1.0, np.float32),
                     "zero_point": np.array(0, np.uint8)}]}
@@ -98,9 +100,9 @@ def build(args, tmp: Path) -> dict[str, Path]:
         return q._finish(out, *rewrites)
 
     return {"qdq": quantise(fp32, tmp / "qdq.onnx", normalise(train), True, ()),
-            "float-logits": quantise(fp32, tmp / "float-logits.onnx", normalise(train), True, (q.float_logits,)),
-            "raw-pixels": quantise(raw, tmp / "raw-pixels.onnx", train, True, (q.float_logits, q.pixels_in)),
-            "per-tensor": quantise(raw, tmp / "per-tensor.onnx", train, False, (q.float_logits, q.pixels_in))}, \
+            "float-logits": quantise(fp32, tmp / "float-logits.onnx", normalise(train), True, (rw.float_logits,)),
+            "raw-pixels": quantise(raw, tmp / "raw-pixels.onnx", train, True, (rw.float_logits, rw.pixels_in)),
+            "per-tensor": quantise(raw, tmp / "per-tensor.onnx", train, False, (rw.float_logits, rw.pixels_in))}, \
         test, normalise
 
 

@@ -61,7 +61,7 @@ def test_sigkill_then_resume_gives_identical_content(batches, reference, tiny_te
     assert done <= 1200 and done % 64 == 0  # only whole batches are ever committed
     rerun = _build(tiny_teacher, tiny_prepared, out)
     if done:
-        assert f"{partial}: resuming at row {done} " in rerun.stderr
+        assert f"resuming {partial} at row {done} (its last committed batch)" in rerun.stderr
     assert digest(out) == digest(reference)  # every dataset in row order and every attribute
     assert not partial.exists()
 

@@ -85,7 +85,7 @@ def test_cache_under_file_size_limit_resumes_after_committed_rows(big_transfer, 
     assert 0 < committed < BIG_ROWS and not out.exists()
     proc = run_limited(*args)
     assert proc.returncode == 0, proc.stderr
-    assert f"resuming at row {committed} " in proc.stderr
+    assert f" at row {committed} (its last committed batch)" in proc.stderr
     assert content_digest(out) == content_digest(big_transfer.cache)
 
 
