@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import UsageError
-from pipeline.specs import parse_spec
+from pipeline.specs import KINDS, Spec, parse_spec
 
 
 @pytest.mark.parametrize("spec, parsed", [
@@ -24,7 +24,12 @@ from pipeline.specs import parse_spec
     ("mlp", ("mlp", [], 0.0)),                                        # no hidden layer: a linear classifier
 ])
 def test_well_formed_specs(spec, parsed):
-    assert parse_spec(spec) == parsed
+    assert parse_spec(spec) == _spec(*parsed)
+
+
+def _spec(kind, widths, dropout):
+    """The Spec parse_spec returns for these (no stride given: every block at stride 1)."""
+    return Spec(kind, tuple(widths), (1,) * len(widths), dropout)
 
 
 @pytest.mark.parametrize("spec", [
@@ -52,7 +57,7 @@ def _specs(draw):
 @given(_specs())
 def test_every_spec_of_the_grammar_round_trips(case):
     text, parsed = case
-    assert parse_spec(text) == parsed
+    assert parse_spec(text) == _spec(*parsed)
 
 
 @settings(max_examples=300, deadline=None)
@@ -62,10 +67,12 @@ def test_every_spec_of_the_grammar_round_trips(case):
                            st.text(max_size=20))))
 def test_any_text_is_refused_cleanly_or_describes_a_buildable_network(text):
     try:
-        kind, widths, dropout = parse_spec(text)
+        spec = parse_spec(text)
     except UsageError as e:
         assert repr(text) in str(e)
         return
-    assert kind in ("mlp", "cnn") and all(isinstance(w, int) and w >= 1 for w in widths)
+    kind, widths, dropout = spec.kind, spec.widths, spec.dropout
+    assert kind in KINDS and all(isinstance(w, int) and w >= 1 for w in widths)
+    assert len(spec.strides) == len(widths) and all(s in (1, 2) for s in spec.strides)
     assert len(widths) == 3 if kind == "cnn" else True
     assert math.isfinite(dropout) and 0.0 <= dropout < 1.0
