@@ -203,8 +203,8 @@ def _write_cache(cfg: CacheConfig, tmp: Path, identity: dict, span: tuple[int, i
                 "command to finish it")) from None
         _close(box)
         tmp.unlink(missing_ok=True)  # a run that failed leaves nothing behind (rerunning would fail again)
-        if isinstance(e, PipelineError):
-            raise
+        if isinstance(e, PipelineError) or resources.is_memory_error(e):
+            raise  # the command line words a memory error (exit 7, naming --batch-size)
         where = " ".join(getattr(e, "__notes__", [])) or "in the cache stage"  # the thread, from run_pipeline
         first = str(e).strip().splitlines()[0] if str(e).strip() else "(no message)"
         raise DataError(f"{tmp.with_name(tmp.name.removesuffix('.partial'))}: {type(e).__name__} {where}: "
