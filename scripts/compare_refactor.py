@@ -11,7 +11,6 @@ whether everything else is.  Outputs kept: docs/checks/refactor-{full-size,smoke
 import hashlib, json, sys
 from pathlib import Path
 import h5py, numpy as np, onnx
-from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.onnxio import strip_node_metadata
 base, new = Path(sys.argv[1]), Path(sys.argv[2])
