@@ -124,7 +124,7 @@ smoke: ## the same pipeline shrunk (a few thousand rows, tiny models), under two
 setup: $(INSTALLED) $(FASHION) ## create .venv (CPU torch without a GPU) and install the dataset
 
 test: setup ## run the test suite (unit, formats, stages, faults, end to end: what CI runs)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup ## the tests that run no pipeline in a subprocess (not marked slow), a few minutes
 	$(PY) -m pytest -q -m "not slow"
