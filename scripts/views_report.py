@@ -34,11 +34,16 @@ def table(sweeps: dict[str, dict]) -> list[str]:
              "(teacher - hard), against the hard twin on the same views and against the plain hard student.", "",
              "| family | student | K' | epochs | hard (same views) | distilled (T) | gain | gap closed | "
              "gap closed vs plain hard |", "|---|---|---:|---:|---|---|---:|---:|---:|"]
+    # K' = 1 is view 0 alone, the rows themselves, in every family: the plain hard student of any of them
+    plain = {b["arch"]: b["hard"] for sw in sweeps.values() for b in sw["best"] if b["views_used"] == 1}
+
+    def pm(s: dict) -> str:
+        return f"{100 * s['test_accuracy']:.2f}" + (f" ± {100 * s['test_accuracy_std']:.2f}" if s["n"] > 1 else
+                                                     " (1 seed)")
+
     for family, sw in sweeps.items():
-        plain = {b["arch"]: b["hard"] for b in sw["best"] if b["views_used"] == 1}
         for b in sw["best"]:
             h, k = b["hard"], b["best"]
-            pm = lambda s: f"{100 * s['test_accuracy']:.2f} ± {100 * s['test_accuracy_std']:.2f}"  # noqa: E731
             base = plain.get(b["arch"])
             vs_plain = "-" if base is None else \
                 f"{100 * (k['test_accuracy'] - base['test_accuracy']) / (teacher - base['test_accuracy']):.0f}%"
