@@ -30,7 +30,7 @@ def _named_paths(doc):
             continue
         if token.startswith(("docs/", "scripts/", "tests/", "pipeline/", "stages/")):
             yield token, ROOT / token
-        elif doc.parent != ROOT and re.match(r"(\.\./|sources/|gpu/|bench/)", token):
+        elif doc.parent != ROOT and re.match(r"(\.\./|sources/|gpu/|bench/|runs/)", token):
             yield token, (doc.parent / token).resolve()
 
 
