@@ -188,7 +188,7 @@ def test_cache_on_a_full_disk_is_refused_then_resumed(big_transfer, tiny_teacher
     args = ["cache", "--teacher", tiny_teacher, "--transfer-set", big_transfer.prepared, "--out", out, *BIG_CACHE]
     filler = _fill(small_disk, leave=4 << 20)
     line = exit7(run_limited(*args), f"{out}: needs ", f"only 4.0 MiB free on {small_disk}")
-    assert re.search(r"needs 1\d\.\d MiB \(\(59800 rows x 2 members x 10 classes", line), line
+    assert re.search(r"needs 1\d\.\d MiB \(59800 rows x 2 members x 10 classes x 4 bytes", line), line
     unpublished(out)  # refused before the partial file was created
     filler.unlink()
     proc = start_cli(*args)  # a disk with room, filled by another writer once the first batch is committed
