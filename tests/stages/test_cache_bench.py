@@ -57,7 +57,8 @@ def test_bench_speed_stage_shares_are_ratios_of_its_seconds(speed):
 
 @pytest.mark.slow
 def test_bench_scale_figures_follow_from_its_runs(tmp_path):
-    cfg = CacheScaleConfig(sizes=(500, 1500), features=16, batch_size=128, threads=1, device="cpu")
+    cfg = CacheScaleConfig(sizes=(500, 1500), features=16, batch_size=128, threads=1, device="cpu",
+                           views=(1, 4), view_rows=300, view_image=8)
     r = bench_scale(cfg, tmp_path / "work", tmp_path / "scale.json", **QUIET)
     assert json.loads((tmp_path / "scale.json").read_text()) == json.loads(json.dumps(r))
     assert [run["rows"] for run in r["runs"]] == [500, 1500] and r["teacher"] == "linear 16->10"
@@ -73,6 +74,12 @@ def test_bench_scale_figures_follow_from_its_runs(tmp_path):
         [x["us_per_row"] / first["us_per_row"] for x in r["runs"]])
     assert r["rss_ratio_vs_smallest"][0] == 1.0 and r["parent_peak_rss_mib"] > 0
     assert not list((tmp_path / "work").glob("scale-*.h5"))  # keep=False: the GB-sized inputs are removed
+    # the views runs: K views of view_rows rows each, their ratios against the fewest views
+    v = r["views"]
+    assert [(x["views"], x["rows"], x["cache_rows"]) for x in v] == [(1, 300, 300), (4, 300, 1200)]
+    assert all(x["us_per_row"] == pytest.approx(1e6 * x["stage_s"] / x["cache_rows"], rel=1e-12) for x in v)
+    assert r["views_rss_ratio_vs_fewest"] == pytest.approx([x["peak_rss_mib"] / v[0]["peak_rss_mib"] for x in v])
+    assert r["views_time_per_view_ratio_vs_fewest"] == pytest.approx([x["us_per_row"] / v[0]["us_per_row"] for x in v])
 
 
 @pytest.mark.slow
