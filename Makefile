@@ -70,12 +70,12 @@ EXP_V_ARGS ?=
 # the CLI.  Stages never import each other (tests/unit/test_layering.py), so a module only the student
 # imports reruns the students and what follows, never the cache. ----
 CODE_MK := .make/code.mk
-PY_FILES := $(shell find pipeline stages -name '*.py' 2>/dev/null)
+PY_FILES := $(shell find commands pipeline stages -name '*.py' 2>/dev/null)
 $(CODE_MK): $(PY_FILES) scripts/code_deps.py
 	@mkdir -p $(@D)
 	@$(PYTHON) scripts/code_deps.py > $@.tmp && mv $@.tmp $@
 include $(CODE_MK)
-code = $(CODE_$(1)) pipeline/cli.py
+code = $(CODE_$(1)) $(wildcard commands/*.py)
 
 # ---- artifacts ----
 PREPARED := $(DATA)/prepared/$(DS).h5

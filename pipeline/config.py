@@ -8,7 +8,7 @@ dataclass with smaller numbers, never a second code path (big_vision's runlocal 
 
 A settings class may also carry ``FOOTPRINT`` (a ``ClassVar``, not a setting): which of its settings
 lowers the command's memory footprint, with ``{field}`` for the value in force.  An out-of-memory
-error of the command ends with it (exit 7, :mod:`pipeline.cli`).
+error of the command ends with it (exit 7, :mod:`commands.main`).
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ if ! "$PY" -c "import tqdm" 2>/dev/null; then
   mkdir -p "$W/shim/tqdm"; printf 'class tqdm:\n    def __init__(self, it=None, **k): self.it = it\n    def __iter__(self): return iter(self.it)\n    def update(self, n=1): pass\n    def close(self): pass\n    def __enter__(self): return self\n    def __exit__(self, *a): pass\n' > "$W/shim/tqdm/auto.py"; touch "$W/shim/tqdm/__init__.py"
   export PYTHONPATH="$W/shim"
 fi
-D() { PYTHONPATH=".:${PYTHONPATH:-}" "$PY" -m pipeline.cli "$@"; }
+D() { PYTHONPATH=".:${PYTHONPATH:-}" "$PY" -m commands "$@"; }
 # 200k synthetic rows of 1x28x28 and a 3-member CNN ensemble (random weights), made by the bench helpers
 ROWS=${ROWS:-200000}  # synthetic transfer-set rows
 SCALE_SIZES=${SCALE_SIZES-10000,100000,1000000}  # empty: skip bench-cache-scale
@@ -46,7 +46,7 @@ import os, signal, subprocess, sys, time, h5py
 w, py = sys.argv[1], sys.argv[2]
 args = ["cache", "--teacher", f"{w}/ens.onnx", "--transfer-set", f"{w}/p.h5", "--out",
         f"{w}/killed.h5", "--device", "cuda", "--batch-size", "4096", "--temperatures", "1,2,4,8,20", "--no-gate"]
-cmd = [py, "-m", "pipeline.cli", *args]
+cmd = [py, "-m", "commands", *args]
 # 0.1 s per batch (tests/throttled_cli.py, a test-side hook) so the poll can kill at batch 10
 p = subprocess.Popen([py, "-m", "tests.throttled_cli", "0.1", *args], stderr=subprocess.DEVNULL)
 done, t0 = 0, time.time()

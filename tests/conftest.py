@@ -95,9 +95,9 @@ def big_transfer(tmp_path_factory, tiny_teacher):
 
 
 def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m pipeline.cli ARGS`` in a subprocess from the project root."""
+    """Run ``python -m commands ARGS`` in a subprocess from the project root."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=ROOT, env=full_env,
+    proc = subprocess.run([sys.executable, "-m", "commands", *map(str, args)], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"distill {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")

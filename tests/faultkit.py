@@ -155,12 +155,12 @@ def external_model(path: Path, location: str, data_file: Path | None = None) -> 
 
 # ------------------------------------------------------------------------------------ processes
 def start_cli(*args, env: dict | None = None, throttle_s: float | None = None, **kw) -> subprocess.Popen:
-    """``python -m pipeline.cli ARGS`` in its own process group (so the test can kill stragglers).
+    """``python -m commands ARGS`` in its own process group (so the test can kill stragglers).
 
     ``throttle_s`` runs it through ``tests/throttled_cli.py`` instead: the cache's teachers then take
     that many extra seconds per batch, so that a poll can kill at a chosen committed row."""
     full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    head = ["pipeline.cli"] if throttle_s is None else ["tests.throttled_cli", str(throttle_s)]
+    head = ["commands"] if throttle_s is None else ["tests.throttled_cli", str(throttle_s)]
     return subprocess.Popen([sys.executable, "-m", *head, *map(str, args)], cwd=ROOT, env=full,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
@@ -195,7 +195,7 @@ def run_limited(*args, fsize: int | None = None, vmem: int | None = None, vmpeak
         if vmem is not None:
             resource.setrlimit(resource.RLIMIT_AS, (vmem, vmem))
 
-    cmd = [sys.executable, "-m", "tests.faultkit", "vmpeak"] if vmpeak else [sys.executable, "-m", "pipeline.cli"]
+    cmd = [sys.executable, "-m", "tests.faultkit", "vmpeak"] if vmpeak else [sys.executable, "-m", "commands"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_ARENA_MAX": "2"}
     return subprocess.run([*cmd, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout, preexec_fn=limit)
@@ -246,7 +246,7 @@ def _vmpeak(argv: list[str]) -> None:
 
     atexit.register(report)
     sys.argv = ["distill", *argv]
-    runpy.run_module("pipeline.cli", run_name="__main__")
+    runpy.run_module("commands", run_name="__main__")
 
 
 def _reap_group(proc: subprocess.Popen) -> None:

@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
         return call(self, x, first_row)
 
     teachers.Teachers.__call__ = slow
-    from pipeline.cli import main as cli
+    from commands.main import main as cli
 
     cli(argv[1:])
 

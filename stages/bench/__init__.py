@@ -3,6 +3,7 @@
 ``benchmark(cfg, teacher, candidates, prepared, out, markdown, csv)`` is the stage (:mod:`.bench`);
 every timing runs in a fresh ``python -m stages.bench.worker`` process (:mod:`.worker`), summarised
 by :mod:`.stats` and rendered by :mod:`.report`; :mod:`.fidelity` checks the harness itself;
+``pick_model(cfg, report)`` (:mod:`.choice`) picks a model from a report under budgets;
 :mod:`.settings` holds the settings.
 """
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 from pipeline import lazy
 from stages.bench.settings import BenchConfig, FidelityConfig
 
-_LAZY = {"benchmark": "stages.bench.bench", "check_fidelity": "stages.bench.fidelity"}
+_LAZY = {"benchmark": "stages.bench.bench", "check_fidelity": "stages.bench.fidelity",
+         "pick_model": "stages.bench.choice"}
 __all__ = ["BenchConfig", "FidelityConfig", *_LAZY]
 
 __getattr__ = lazy.exports(__name__, _LAZY)  # the stage's code (onnxruntime) loads only when used

@@ -1,7 +1,8 @@
 """The choice of an edge model from a bench report: the Pareto front and the pick under budgets.
 
-Pure functions of the ``kd-bench/1`` report (:mod:`pipeline.formats.bench_report`); nothing here
-measures, so a choice can be remade for any budget without rerunning the benchmark.
+Pure functions of the ``kd-bench/1`` report (:mod:`pipeline.formats.bench_report`), and
+:func:`pick_model`, which reads a report, picks and tells; nothing here measures, so a choice can be
+remade for any budget without rerunning the benchmark.
 
 A *candidate* is a scored ONNX model of the report (the teacher included, the Identity floors and
 PyTorch baselines not) seen through one call path (``run``: ``session.run`` from Python;
@@ -16,7 +17,13 @@ smaller), which is always on the front.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.artifacts import write_json
+from pipeline.config import to_dict
 from pipeline.errors import NothingFits, UsageError
+from pipeline.formats.bench_report import read_bench_report
 
 ENGINES = {"run": "onnxruntime", "iobinding": "iobinding"}
 LATENCIES = ("p50", "p90", "p99", "p999")
@@ -134,3 +141,15 @@ def describe(decision: dict) -> list[str]:
                      f"{r['size_bytes'] / 1024:.1f} KiB")
     lines += [f"  left out: {m['name']} ({m['why_not']})" for m in decision["left_out"]]
     return lines
+
+
+def pick_model(cfg, report: Path, out: Path | None = None, echo: Callable[[str], None] = print) -> dict:
+    """``distill bench pick``: :func:`pick` on the bench report at ``report`` under the budgets of
+    ``cfg`` (a :class:`~stages.bench.settings.PickConfig`), the decision told line by line through
+    ``echo`` (:func:`describe`) and, with ``out``, written there as JSON with the report's path."""
+    decision = pick(read_bench_report(report), **to_dict(cfg))
+    for line in describe(decision):
+        echo(line)
+    if out is not None:
+        write_json(out, {"report": str(report), **decision})
+    return decision

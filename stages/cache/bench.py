@@ -164,7 +164,7 @@ def _run_sized(cfg: CacheScaleConfig, work: Path, rows: int, log: Callable, shap
                     str(prepared), str(rows), json.dumps(list(shape))], env=env, check=True)
     cache = work / f"{name}.cache.h5"
     teacher = work / ("linear.onnx" if len(shape) == 1 else "linear-image.onnx")
-    cmd = [sys.executable, "-m", "pipeline.cli", "cache", "--teacher", str(teacher),
+    cmd = [sys.executable, "-m", "commands", "cache", "--teacher", str(teacher),
            "--transfer-set", str(prepared), "--out", str(cache), "--temperatures", "1,2,4,8,20",
            "--batch-size", str(cfg.batch_size), "--threads", str(cfg.threads), "--device", cfg.device,
            "--no-gate",  # an untrained linear teacher: the gate would rightly refuse it

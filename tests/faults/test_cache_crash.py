@@ -103,7 +103,7 @@ def test_unreadable_partial_restarts_from_zero(reference, tiny_teacher, tiny_pre
 
 def test_three_shards_merged_equal_one_process(reference, tiny_teacher, tiny_prepared, tmp_path):
     out = tmp_path / "s.h5"
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "cache", "--teacher", str(tiny_teacher),
+    procs = [subprocess.Popen([sys.executable, "-m", "commands", "cache", "--teacher", str(tiny_teacher),
                                "--transfer-set", str(tiny_prepared), "--out", str(out), *ARGS, *extra],
                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
                               stderr=subprocess.PIPE, text=True)

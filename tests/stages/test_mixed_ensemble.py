@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import soft
-from pipeline.cli import main
+from commands.main import main
 from pipeline.errors import IntegrityError
 from pipeline.formats.cache import open_cache
 from pipeline.formats.onnx_model import read_input_contract

@@ -26,7 +26,7 @@ def test_ddp_two_processes_match_one(tiny_cache, tiny_prepared, tmp_path):
     run_cli(*_train_args(tiny_cache, tiny_prepared, single), check=True)
     ddp = tmp_path / "ddp.ckpt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "pipeline.cli", *map(str, _train_args(tiny_cache, tiny_prepared, ddp))]
+           "-m", "commands", *map(str, _train_args(tiny_cache, tiny_prepared, ddp))]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -105,7 +105,7 @@ def test_a_killed_sweep_leaves_no_student_training(tiny_cache, tiny_prepared, tm
     args = ["student", "sweep", "--cache", tiny_cache, "--transfer-set", tiny_prepared, "--work-dir", tmp_path / "w",
             "--csv", tmp_path / "s.csv", "--temperatures", "2", "--alphas", "0.5", "--archs", "mlp:8",
             "--seeds", "0", "--epochs", "100000", "--jobs", "2"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "commands", *map(str, args)], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

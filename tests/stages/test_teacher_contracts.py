@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto
 
-from pipeline.cli import main
+from commands.main import main
 from pipeline.formats.cache import open_cache
 from pipeline.formats.prepared import open_prepared
 from stages.cache import CacheConfig, cache_soft_targets

@@ -1,5 +1,5 @@
 """``distill --help`` and every ``distill <command> --help`` load neither torch nor onnxruntime (nor
-Pillow): a command imports its stage's code only when it runs (pipeline/cli.py)."""
+Pillow): a command imports its stage's code only when it runs (commands/)."""
 import json
 import subprocess
 import sys
@@ -13,7 +13,7 @@ COMMANDS = [[], ["prepare"], ["jitter"], ["teacher"], ["cache"], ["cache", "buil
 
 PROBE = """
 import json, sys
-from pipeline.cli import main
+from commands.main import main
 out = {}
 for args in json.loads(sys.argv[1]):
     try:

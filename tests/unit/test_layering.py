@@ -1,5 +1,6 @@
-"""The layers hold: stages never import each other, the shared layers never import a stage, and the
-formats layer never imports torch, onnxruntime or a stage (docs/design.md, "layers").
+"""The layers hold (docs/design.md, "Layers"), with no exception: the command line (``commands/``) sits on
+top and nothing else imports it; stages never import each other; the shared layer (``pipeline/``) never
+imports a stage; the formats layer never imports torch, onnxruntime or a stage.
 
 Imports are read from the source with ``ast`` (module level and inside functions), so a lazy import
 counts as much as a top-level one.
@@ -42,12 +43,20 @@ def test_a_stage_imports_no_other_stage(stage):
                 assert parts[1] == stage, f"{path.relative_to(ROOT)} imports {mod}: stages talk through files"
 
 
-def test_shared_layers_import_no_stage():
+def test_shared_layers_import_no_stage_and_no_command():
     for path in sorted((ROOT / "pipeline").rglob("*.py")):
-        if path.name == "cli.py":
-            continue  # the command line is the one place that knows every stage (their settings)
-        bad = [m for m in imported(path) if m.split(".")[0] == "stages"]
+        bad = [m for m in imported(path) if m.split(".")[0] in ("stages", "commands")]
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_nothing_but_the_command_line_imports_it():
+    """``commands`` is the top: no stage, shared module or script imports it (tests may, to run it)."""
+    tops = [d for d in ROOT.iterdir() if d.is_dir() and d.name not in ("commands", "tests", "data")
+            and not d.name.startswith(".")]
+    for path in sorted(p for d in tops for p in d.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        bad = [m for m in imported(path) if m.split(".")[0] == "commands"]
+        assert not bad, f"{rel} imports {bad}: only the command line imports itself"
 
 
 def test_formats_import_numpy_h5py_onnx_only():

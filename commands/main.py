@@ -1,0 +1,116 @@
+"""The ``distill`` command: one subcommand per stage; each only parses and calls its stage.
+
+Every path is given by the caller (the Makefile names them); settings come from the stage's frozen
+dataclass (``--help`` lists them), optionally from ``--config FILE.json``.  Errors end the command
+with one line on stderr and the exit code of :mod:`pipeline.errors`; a resource fault that no stage
+turned into a ResourceError (a full disk under a temporary folder, an allocation that failed deep in
+numpy, torch or onnxruntime) is turned into one here (exit 7), naming for memory the setting that
+lowers the command's footprint (``FOOTPRINT`` of its settings class).
+
+The commands themselves live in one module per stage (:mod:`commands.prepare` ... :mod:`commands.bench`),
+each registering on :func:`main` when imported; this module imports them all at its end.
+
+Lazy: the command modules import only the stages' settings modules (no torch, no onnxruntime); a
+command imports its stage's code when it runs, so ``distill --help`` and ``distill <stage> --help``
+are fast (``tests/unit/test_cli_lazy.py`` checks ``sys.modules``).
+"""
+from __future__ import annotations
+
+import functools
+import re
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline import config, resources
+from pipeline.errors import PipelineError
+
+PathArg = click.Path(path_type=Path)
+
+
+def say(message: str) -> None:
+    """A log line of a command: on stderr, so that stdout carries only what a command prints as its result."""
+    click.echo(message, err=True)
+
+
+def stage_command(group: click.Group, name: str, settings: type, **kw: Any) -> Callable:
+    """Register ``fn(cfg, **paths)`` as subcommand ``name`` with the options of ``settings``."""
+
+    # the command as the user typed it: `cache merge`, not `merge` (defaults of a group stay implicit)
+    where = (name if group is main else group.name if getattr(group, "default", None) == name
+             else f"{group.name} {name}")
+
+    def decorate(fn: Callable) -> click.Command:
+        @functools.wraps(fn)
+        def run(config_file: Path | None, **kwargs: Any) -> None:
+            # A write past `ulimit -f` raises SIGXFSZ, whose default action kills the process (and
+            # dumps core) before the write can fail.  CPython already ignores it at start-up; say so
+            # here too, for embedders and forks that restore default signals, so that such a write
+            # fails with EFBIG and is reported like a full disk (exit 7).
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            overrides, paths = config.split_settings(settings, kwargs)
+            cfg = None
+            try:
+                cfg = config.load(settings, config_file, overrides)
+                fn(cfg, **paths)
+            except PipelineError as e:
+                _fail(where, e)
+            except KeyboardInterrupt:
+                say(f"distill {where}: interrupted; nothing was published")
+                sys.exit(130)
+            except Exception as e:  # a resource fault becomes exit 7, anything else stays a bug
+                err = resources.as_resource_error(e, _footprint(settings, cfg))
+                if err is None:
+                    raise
+                _fail(where, err)
+
+        cmd = config.options(settings)(run)
+        return group.command(name, help=settings.__doc__, **kw)(cmd)
+
+    return decorate
+
+
+def _fail(where: str, e: PipelineError) -> None:
+    say(f"distill {where}: error: {' '.join(str(e).split())}")  # always one line
+    sys.exit(e.exit_code)
+
+
+def _footprint(settings: type, cfg: Any) -> str:
+    """The settings class's ``FOOTPRINT`` hint with the values in force (``{batch_size}`` -> 1024)."""
+    hint = getattr(settings, "FOOTPRINT", "")
+    try:
+        return hint.format(**config.to_dict(cfg if cfg is not None else settings()))
+    except Exception:  # settings without defaults for every field: the hint without values
+        return re.sub(r" \(now \{\w+\}\)", "", hint)
+
+
+class DefaultGroup(click.Group):
+    """A group that runs its ``default`` subcommand when the first argument names no other one
+    (``distill cache --teacher ...`` builds; ``distill cache verify FILE`` verifies)."""
+
+    def __init__(self, *args: Any, default: str, **kw: Any):
+        super().__init__(*args, **kw)
+        self.default = default
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    """Distil a teacher ensemble into a small, fast edge model (Hinton, Vinyals & Dean 2015).
+
+    Stages, in order: prepare (-> jitter) -> teacher -> cache -> student -> export -> bench.
+    """
+
+
+# Each module registers its commands on `main` when imported.
+from commands import bench, cache, export, jitter, prepare, student, teacher  # noqa: E402
+
+COMMAND_MODULES = (prepare, jitter, teacher, cache, student, export, bench)
