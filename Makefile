@@ -65,17 +65,18 @@ EXP_V_EPOCHS ?= 30,60,120
 EXP_V_TEMPS ?= 4
 EXP_V_ARGS ?=
 
-# ---- code: every target depends on the files its stage runs, read from the import graph by
-# scripts/code_deps.py (regenerated whenever a .py file changes; make then restarts with it), and on
-# the CLI.  Stages never import each other (tests/unit/test_layering.py), so a module only the student
-# imports reruns the students and what follows, never the cache. ----
+# ---- code: every target depends on the files its stage runs (its package, its command module
+# commands/<stage>.py and commands/main.py, and what they import), read from the import graph by
+# scripts/code_deps.py (regenerated whenever a .py file changes; make then restarts with it).  Stages
+# never import each other (tests/unit/test_layering.py), so a module only the student imports, or the
+# student's command, reruns the students and what follows, never the cache. ----
 CODE_MK := .make/code.mk
 PY_FILES := $(shell find commands pipeline stages -name '*.py' 2>/dev/null)
 $(CODE_MK): $(PY_FILES) scripts/code_deps.py
 	@mkdir -p $(@D)
 	@$(PYTHON) scripts/code_deps.py > $@.tmp && mv $@.tmp $@
 include $(CODE_MK)
-code = $(CODE_$(1)) $(wildcard commands/*.py)
+code = $(CODE_$(1))
 
 # ---- artifacts ----
 PREPARED := $(DATA)/prepared/$(DS).h5

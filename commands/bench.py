@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from commands.main import DefaultGroup, PathArg, main, say, stage_command
+from commands.main import DefaultGroup, PathArg, say, stage_command
 from stages.bench.settings import BenchConfig, FidelityConfig, PickConfig
 
 
@@ -20,12 +20,12 @@ def _candidates(values: tuple[str, ...]) -> dict[str, Path]:
     return out
 
 
-@main.group("bench", cls=DefaultGroup, default="run")
-def bench_group() -> None:
+@click.group("bench", cls=DefaultGroup, default="run")
+def bench() -> None:
     """Edge benchmark: run it (default), or pick a model from its report under latency and size budgets."""
 
 
-@stage_command(bench_group, "run", BenchConfig)
+@stage_command("run", BenchConfig, bench)
 @click.option("--teacher", "teacher_path", type=PathArg, required=True, help="teacher ensemble ONNX file")
 @click.option("--candidate", "candidates", multiple=True, required=True, help="NAME=PATH of a student ONNX (repeat)")
 @click.option("--prepared", type=PathArg, required=True, help="prepared dataset (test rows)")
@@ -36,8 +36,8 @@ def bench_group() -> None:
               help="NAME=CHECKPOINT of a student .ckpt timed in PyTorch eager as NAME-torch (repeat)")
 @click.option("--plot-accuracy", type=PathArg, default=None, help="PNG: accuracy against p50 latency [default: none]")
 @click.option("--plot-throughput", type=PathArg, default=None, help="PNG: throughput against batch size [default: none]")
-def bench(cfg, teacher_path, candidates, prepared, out, markdown, csv_path, torch_models, plot_accuracy,
-          plot_throughput):
+def bench_run(cfg, teacher_path, candidates, prepared, out, markdown, csv_path, torch_models, plot_accuracy,
+              plot_throughput):
     from stages.bench import benchmark
 
     benchmark(cfg, teacher_path, _candidates(candidates), prepared, out,
@@ -46,7 +46,7 @@ def bench(cfg, teacher_path, candidates, prepared, out, markdown, csv_path, torc
               plot_throughput=plot_throughput)
 
 
-@stage_command(bench_group, "pick", PickConfig)
+@stage_command("pick", PickConfig, bench)
 @click.option("--report", type=PathArg, required=True, help="bench report JSON (from `distill bench`)")
 @click.option("--out", type=PathArg, default=None, help="also write the decision as JSON here [default: none]")
 def bench_pick(cfg, report, out):
@@ -55,7 +55,7 @@ def bench_pick(cfg, report, out):
     pick_model(cfg, report, out, echo=click.echo)
 
 
-@stage_command(main, "bench-fidelity", FidelityConfig)
+@stage_command("bench-fidelity", FidelityConfig)
 @click.option("--teacher", "teacher_path", type=PathArg, required=True, help="teacher ensemble ONNX file")
 @click.option("--student", type=PathArg, required=True, help="fp32 student ONNX file")
 @click.option("--student-int8", type=PathArg, required=True,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from commands.main import DefaultGroup, PathArg, main, say, stage_command
+from commands.main import DefaultGroup, PathArg, say, stage_command
 from stages.cache.settings import (AddTemperatureConfig, CacheBenchConfig, CacheConfig, CacheScaleConfig,
                                    MergeConfig, VerifyConfig)
 
@@ -22,12 +22,12 @@ def _plot_cache(cache: Path, plot: Path) -> None:
     plot_diagnostics(open_cache(cache).diagnostics(), plot)
 
 
-@main.group("cache", cls=DefaultGroup, default="build")
-def cache_group() -> None:
+@click.group("cache", cls=DefaultGroup, default="build")
+def cache() -> None:
     """Soft-target cache: build (default), and tools that work on an existing cache."""
 
 
-@stage_command(cache_group, "build", CacheConfig)
+@stage_command("build", CacheConfig, cache)
 @click.option("--teacher", "teachers", multiple=True, required=True, help=TEACHER_HELP)
 @click.option("--transfer-set", type=PathArg, required=True, help="prepared dataset whose rows are the transfer set")
 @click.option("--out", type=PathArg, required=True, help="cache HDF5 file to write (a shard writes "
@@ -41,7 +41,7 @@ def cache_build(cfg, teachers, transfer_set, out, plot):
         _plot_cache(written, plot)
 
 
-@stage_command(cache_group, "add-temperature", AddTemperatureConfig)
+@stage_command("add-temperature", AddTemperatureConfig, cache)
 @click.argument("cache_path", type=PathArg)
 @click.option("--out", type=PathArg, default=None, help="write the extended cache here [default: replace FILE atomically]")
 @click.option("--plot", type=PathArg, default=None, help="also plot entropy and accuracy against T to this PNG")
@@ -53,7 +53,7 @@ def cache_add_temperature(cfg, cache_path, out, plot):
         _plot_cache(written, plot)
 
 
-@stage_command(cache_group, "verify", VerifyConfig)
+@stage_command("verify", VerifyConfig, cache)
 @click.argument("cache_path", type=PathArg)
 @click.option("--teacher", "teachers", multiple=True, required=True,
               help="teacher ONNX file the cache was built from (repeat, in the same order); it is fed as the "
@@ -65,7 +65,7 @@ def cache_verify(cfg, cache_path, teachers, transfer_set):
     verify(cfg, cache_path, list(teachers), transfer_set, log=say)
 
 
-@stage_command(cache_group, "merge", MergeConfig)
+@stage_command("merge", MergeConfig, cache)
 @click.option("--part", "parts", type=PathArg, multiple=True, required=True, help="a shard's part file (repeat for each)")
 @click.option("--out", type=PathArg, required=True, help="merged cache HDF5 file to write")
 def cache_merge(cfg, parts, out):
@@ -74,7 +74,7 @@ def cache_merge(cfg, parts, out):
     merge(cfg, list(parts), out, log=say)
 
 
-@stage_command(cache_group, "bench", CacheBenchConfig)
+@stage_command("bench", CacheBenchConfig, cache)
 @click.option("--work", type=PathArg, required=True, help="folder for the synthetic inputs")
 @click.option("--out", type=PathArg, required=True, help="report JSON to write")
 def cache_bench(cfg, work, out):
@@ -83,7 +83,7 @@ def cache_bench(cfg, work, out):
     bench_speed(cfg, work, out, log=say)
 
 
-@stage_command(cache_group, "bench-scale", CacheScaleConfig)
+@stage_command("bench-scale", CacheScaleConfig, cache)
 @click.option("--work", type=PathArg, required=True, help="folder for the synthetic inputs (GBs at 1M rows)")
 @click.option("--out", type=PathArg, required=True, help="report JSON to write")
 def cache_bench_scale(cfg, work, out):

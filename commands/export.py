@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import click
 
-from commands.main import PathArg, main, say, stage_command
+from commands.main import PathArg, say, stage_command
 from stages.export.settings import ExportConfig
 
 
-@stage_command(main, "export", ExportConfig)
+@stage_command("export", ExportConfig)
 @click.option("--checkpoint", type=PathArg, required=True, help="student checkpoint (from `distill student`)")
 @click.option("--transfer-set", type=PathArg, required=True, help="prepared dataset (calibration and parity rows)")
 @click.option("--out", type=PathArg, required=True, help="fp32 ONNX file to write")

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import click
 
-from commands.main import PathArg, main, say, stage_command
+from commands.main import PathArg, say, stage_command
 from stages.augment.settings import JitterConfig
 
 
-@stage_command(main, "jitter", JitterConfig)
+@stage_command("jitter", JitterConfig)
 @click.option("--prepared", type=PathArg, required=True, help="prepared dataset (from `distill prepare`)")
 @click.option("--out", type=PathArg, required=True, help="prepared HDF5 file to write (the enlarged transfer set)")
 def jitter(cfg, prepared, out):

@@ -8,7 +8,9 @@ numpy, torch or onnxruntime) is turned into one here (exit 7), naming for memory
 lowers the command's footprint (``FOOTPRINT`` of its settings class).
 
 The commands themselves live in one module per stage (:mod:`commands.prepare` ... :mod:`commands.bench`),
-each registering on :func:`main` when imported; this module imports them all at its end.
+named in :data:`COMMANDS` and imported only when the command line needs them: ``distill student ...``
+loads :mod:`commands.student` alone.  This module imports none of them, so make's code prerequisites
+(scripts/code_deps.py) tie each stage's artifacts to this module and that stage's command module only.
 
 Lazy: the command modules import only the stages' settings modules (no torch, no onnxruntime); a
 command imports its stage's code when it runs, so ``distill --help`` and ``distill <stage> --help``
@@ -17,6 +19,7 @@ are fast (``tests/unit/test_cli_lazy.py`` checks ``sys.modules``).
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 import signal
 import sys
@@ -37,11 +40,12 @@ def say(message: str) -> None:
     click.echo(message, err=True)
 
 
-def stage_command(group: click.Group, name: str, settings: type, **kw: Any) -> Callable:
-    """Register ``fn(cfg, **paths)`` as subcommand ``name`` with the options of ``settings``."""
+def stage_command(name: str, settings: type, group: click.Group | None = None, **kw: Any) -> Callable:
+    """``fn(cfg, **paths)`` as command ``name`` with the options of ``settings``: a subcommand of
+    ``group`` if given, else a top-level command (listed in :data:`COMMANDS`)."""
 
     # the command as the user typed it: `cache merge`, not `merge` (defaults of a group stay implicit)
-    where = (name if group is main else group.name if getattr(group, "default", None) == name
+    where = (name if group is None else group.name if getattr(group, "default", None) == name
              else f"{group.name} {name}")
 
     def decorate(fn: Callable) -> click.Command:
@@ -69,7 +73,7 @@ def stage_command(group: click.Group, name: str, settings: type, **kw: Any) -> C
                 _fail(where, err)
 
         cmd = config.options(settings)(run)
-        return group.command(name, help=settings.__doc__, **kw)(cmd)
+        return (group.command if group is not None else click.command)(name, help=settings.__doc__, **kw)(cmd)
 
     return decorate
 
@@ -102,15 +106,29 @@ class DefaultGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+#: Every top-level command and the module that defines it (as the attribute of its name, ``-`` -> ``_``).
+COMMANDS = {"prepare": "commands.prepare", "jitter": "commands.jitter", "teacher": "commands.teacher",
+            "cache": "commands.cache", "student": "commands.student", "export": "commands.export",
+            "bench": "commands.bench", "bench-fidelity": "commands.bench"}
+
+
+class LazyGroup(click.Group):
+    """The top-level group: a command's module is imported when the command is looked up (click's
+    lazy-loading pattern), so no module here imports every stage's settings."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        return getattr(importlib.import_module(COMMANDS[name]), name.replace("-", "_"))
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main() -> None:
     """Distil a teacher ensemble into a small, fast edge model (Hinton, Vinyals & Dean 2015).
 
     Stages, in order: prepare (-> jitter) -> teacher -> cache -> student -> export -> bench.
     """
 
-
-# Each module registers its commands on `main` when imported.
-from commands import bench, cache, export, jitter, prepare, student, teacher  # noqa: E402
-
-COMMAND_MODULES = (prepare, jitter, teacher, cache, student, export, bench)

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import click
 
-from commands.main import PathArg, main, say, stage_command
+from commands.main import PathArg, say, stage_command
 from stages.prepare.settings import PrepareConfig
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-@stage_command(main, "prepare", PrepareConfig)
+@stage_command("prepare", PrepareConfig)
 @click.option("--source", type=PathArg, default=None, help="directory of MNIST-format IDX files "
               "[default: /usr/share/datasets/fashion-mnist unless --npz or --image-folder is given]")
 @click.option("--npz", type=PathArg, default=None, help=".npz file with arrays x and y (y = -1: unlabelled), "

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import click
 
-from commands.main import DefaultGroup, PathArg, main, say, stage_command
+from commands.main import DefaultGroup, PathArg, say, stage_command
 from stages.student.settings import ExperimentConfig, StudentBenchConfig, StudentConfig, SweepConfig
 
 
@@ -18,23 +18,23 @@ def cache_inputs(fn: Callable) -> Callable:
                         help="soft-target cache (from `distill cache`)")(fn)
 
 
-@main.group("student", cls=DefaultGroup, default="train")
-def student_group() -> None:
+@click.group("student", cls=DefaultGroup, default="train")
+def student() -> None:
     """Students distilled from the cache: train one (default), or sweep a grid."""
 
 
-@stage_command(student_group, "train", StudentConfig)
+@stage_command("train", StudentConfig, student)
 @cache_inputs
 @click.option("--out", type=PathArg, required=True, help="student checkpoint (.ckpt) to write")
 @click.option("--metrics", type=PathArg, default=None, help="metrics JSON [default: <out>.metrics.json]")
-def student(cfg, cache_path, transfer_set, out, metrics):
+def student_train(cfg, cache_path, transfer_set, out, metrics):
     metrics = metrics or out.with_suffix(".metrics.json")
     from stages.student import distill_student
 
     distill_student(cfg, cache_path, transfer_set, out, metrics, log=say)
 
 
-@stage_command(student_group, "sweep", SweepConfig)
+@stage_command("sweep", SweepConfig, student)
 @cache_inputs
 @click.option("--work-dir", type=PathArg, required=True, help="folder for every student's checkpoint and metrics")
 @click.option("--csv", "csv_path", type=PathArg, required=True, help="CSV of every student (+ <stem>.json)")
@@ -49,7 +49,7 @@ def student_sweep(cfg, cache_path, transfer_set, work_dir, csv_path, markdown, p
               plot or csv_path.with_suffix(".png"), teacher, log=say)
 
 
-@stage_command(student_group, "experiment", ExperimentConfig)
+@stage_command("experiment", ExperimentConfig, student)
 @cache_inputs
 @click.option("--work-dir", type=PathArg, required=True, help="folder for every student's checkpoint and metrics")
 @click.option("--markdown", type=PathArg, required=True, help="Markdown table to write (+ <stem>.json)")
@@ -59,7 +59,7 @@ def student_experiment(cfg, cache_path, transfer_set, work_dir, markdown):
     run_experiment(cfg, cache_path, transfer_set, work_dir, markdown, log=say)
 
 
-@stage_command(student_group, "bench", StudentBenchConfig)
+@stage_command("bench", StudentBenchConfig, student)
 @cache_inputs
 @click.option("--teacher", type=PathArg, required=True, help="teacher ensemble ONNX (run every step in online mode)")
 @click.option("--out", type=PathArg, required=True, help="report JSON to write")

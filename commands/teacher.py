@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import click
 
-from commands.main import PathArg, main, say, stage_command
+from commands.main import PathArg, say, stage_command
 from stages.teacher.settings import TeacherConfig
 
 
-@stage_command(main, "teacher", TeacherConfig)
+@stage_command("teacher", TeacherConfig)
 @click.option("--prepared", type=PathArg, required=True, help="prepared dataset (from `distill prepare`)")
 @click.option("--out", type=PathArg, required=True, help="ensemble ONNX file; member checkpoints go beside it")
 def teacher(cfg, prepared, out):

@@ -1,10 +1,13 @@
 """The code each stage runs, from the import graph: make's code prerequisites (``.make/code.mk``).
 
-For each stage package ``stages/<name>/``, the files of this repository that its modules import,
-directly or through other modules, at module level or inside functions, with every package
-``__init__.py`` on the way (importing ``a.b.c`` runs ``a`` and ``a.b`` first).  The Makefile
-includes the output, so a target depends on exactly the code its stage can execute: touching a
-module only the student imports reruns the students and what follows, never the cache.
+For each stage package ``stages/<name>/``, the files of this repository that its modules, its
+command module ``commands/<name>.py`` and the command line's ``commands/main.py`` import, directly
+or through other modules, at module level or inside functions, with every package ``__init__.py`` on
+the way (importing ``a.b.c`` runs ``a`` and ``a.b`` first).  ``commands/main.py`` names the command
+modules without importing them (it loads one when its command runs), so the student's command is
+not code of the cache.  The Makefile includes the output, so a target depends on exactly the code
+its stage can execute: touching a module only the student imports, or the student's command, reruns
+the students and what follows, never the cache.
 
     python3 scripts/code_deps.py            # make syntax: CODE_<stage> := <files>
     python3 scripts/code_deps.py --list cache
@@ -18,7 +21,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("pipeline", "stages")
+PACKAGES = ("commands", "pipeline", "stages")
 
 
 def module_file(name: str) -> Path | None:
@@ -83,7 +86,9 @@ def stages() -> list[str]:
 
 
 def stage_code(stage: str) -> list[Path]:
-    return closure(sorted((ROOT / "stages" / stage).glob("*.py")))
+    """The files ``distill <stage>`` runs: the stage package, its command module and ``commands/main.py``."""
+    commands = [ROOT / "commands" / "main.py", ROOT / "commands" / f"{stage}.py"]
+    return closure(sorted((ROOT / "stages" / stage).glob("*.py")) + [p for p in commands if p.is_file()])
 
 
 def main(argv: list[str]) -> int:

@@ -1,5 +1,5 @@
-"""Make sees every line a target runs: for every file a stage imports (scripts/code_deps.py reads the
-import graph), ``make -n -W FILE`` reruns the first stage that imports it and what follows, and
+"""Make sees every line a target runs: for every file a stage or its command imports (scripts/code_deps.py
+reads the import graph), ``make -n -W FILE`` reruns the first stage that imports it and what follows, and
 nothing before it.  No artifact is built: a tree of empty, correctly ordered files stands in for the
 pipeline's outputs, and ``-W`` pretends the one code file is newer than everything."""
 import os
@@ -61,8 +61,12 @@ def test_touching_a_stage_file_reruns_that_stage_and_what_follows(data, path):
     assert make_n(data, "-W", path, "all") == want, path
 
 
-def test_the_cli_reruns_everything(data):
-    assert make_n(data, "-W", "pipeline/cli.py", "all") == set(CHAIN)
+def test_the_command_line_reruns_everything_its_own_command_only_what_follows(data):
+    """``commands/main.py`` runs under every stage; a stage's command module only under that stage: editing
+    the student's help reruns the students and what follows, never the cache."""
+    assert make_n(data, "-W", "commands/main.py", "all") == set(CHAIN)
+    assert make_n(data, "-W", "commands/student.py", "all") == {"student", "export", "bench"}
+    assert make_n(data, "-W", "commands/cache.py", "all") == {"cache", "student", "export", "bench"}
 
 
 def test_a_student_only_module_spares_the_cache(data):

@@ -74,3 +74,9 @@ def test_the_checker_catches_a_planted_violation(tmp_path):
     p = tmp_path / "m.py"
     p.write_text("def f():\n    from stages.cache.build import build_cache\n    import torch\n")
     assert {"stages.cache.build", "stages.cache.build.build_cache", "torch"} <= imported(p)
+
+
+def test_the_command_group_imports_no_command_module():
+    """``commands/main.py`` names the command modules and imports one when its command runs: were it to import
+    them all, every stage's command would be code of every stage, and make would rerun everything on a help edit."""
+    assert not [m for m in imported(ROOT / "commands" / "main.py") if m.startswith("commands.")]
