@@ -172,7 +172,7 @@ $(TEACHER): $(PREPARED) $(call code,teacher) $(call stamp,teacher) | $(INSTALLED
 $(CACHE): $(TEACHER) $(PREPARED) $(call code,cache) $(call stamp,cache) | $(INSTALLED)
 	$(DISTILL) cache --teacher $< --transfer-set $(PREPARED) --out $@ $(ARGS_cache)
 
-$(PREPARED_J): $(PREPARED) $(call code,augment) $(call stamp,jitter) | $(INSTALLED)
+$(PREPARED_J): $(PREPARED) $(call code,jitter) $(call stamp,jitter) | $(INSTALLED)
 	$(DISTILL) jitter --prepared $< --out $@ $(ARGS_jitter)
 
 $(CACHE_J): $(TEACHER) $(PREPARED_J) $(call code,cache) $(call stamp,cache) | $(INSTALLED)

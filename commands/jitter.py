@@ -4,13 +4,13 @@ from __future__ import annotations
 import click
 
 from commands.main import PathArg, say, stage_command
-from stages.augment.settings import JitterConfig
+from stages.jitter.settings import JitterConfig
 
 
 @stage_command("jitter", JitterConfig)
 @click.option("--prepared", type=PathArg, required=True, help="prepared dataset (from `distill prepare`)")
 @click.option("--out", type=PathArg, required=True, help="prepared HDF5 file to write (the enlarged transfer set)")
 def jitter(cfg, prepared, out):
-    from stages.augment import jitter_transfer_set
+    from stages.jitter import jitter_transfer_set
 
     jitter_transfer_set(cfg, prepared, out, log=say)

@@ -3,7 +3,7 @@
 Hinton et al. (2015, section 3) trained their MNIST teacher on inputs shifted by up to 2 pixels; the
 transfer-set augmentation (``distill jitter``) shifts copies of the training rows with the same
 function, so the teacher's cache covers the inputs it was trained on.  Shared by the teacher and
-the augment stages (torch).
+the jitter stages (torch).
 
 Only the two spatial axes move: every channel of an image is shifted by the same (dy, dx), and the
 pixels shifted in take the fill value of their own channel, so channels never mix.

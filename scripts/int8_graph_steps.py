@@ -70,7 +70,7 @@ def build(args, tmp: Path) -> dict[str, Path]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from pipeline import onnxio
-    from stages.export import export as ex
+    from stages.export import stage as ex
     from stages.export import quantize as q
     from stages.export import rewrites as rw
 

@@ -77,7 +77,7 @@ MUTATIONS = [
     Mutation(
         "inputs-provenance",
         ("tests/faults/test_faults_inputs.py::test_unchanged_inputs_pass",),
-        "stages/student/train.py",
+        "stages/student/stage.py",
         '{"cache": cache, "transfer_set": transfer_set}',
         '{"cache": cache, "transfer_set": cache}',
         "copy-paste in the student's provenance: the cache recorded as its transfer set"),
@@ -95,7 +95,7 @@ MUTATIONS = [
     Mutation(
         "onnx-tripwire",
         ("tests/faults/test_faults_onnx.py::test_cache_rejects_before_reading_rows",),
-        "stages/cache/build.py",
+        "stages/cache/stage.py",
         "    teachers.check()  # a two-row trial run of each teacher, before any row is read\n",
         "    sample = info.load_raw(cfg.split, 0, 2)[0]  # two real rows for the trial run\n"
         "    teachers.check()\n",
@@ -103,7 +103,7 @@ MUTATIONS = [
     Mutation(
         "kill-resume-row",
         ("tests/faults/test_faults_kill.py::test_kill_cache_never_publishes_a_partial",),
-        "stages/cache/build.py",
+        "stages/cache/stage.py",
         '            start = lo + box["w"].committed_rows\n',
         '            start = lo + box["w"].committed_rows // cfg.batch_size\n',
         "resume offset read as a batch count: the rerun recomputes committed rows (its log still says the right row)"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pipeline import lazy
 from stages.bench.settings import BenchConfig, FidelityConfig
 
-_LAZY = {"benchmark": "stages.bench.bench", "check_fidelity": "stages.bench.fidelity",
+_LAZY = {"benchmark": "stages.bench.stage", "check_fidelity": "stages.bench.fidelity",
          "pick_model": "stages.bench.choice"}
 __all__ = ["BenchConfig", "FidelityConfig", *_LAZY]
 

@@ -35,7 +35,7 @@ from pipeline.config import to_dict
 from pipeline.formats.onnx_model import input_dtype
 from pipeline.formats.prepared import open_prepared
 from stages.bench import worker as bench_worker
-from stages.bench.bench import environment
+from stages.bench.stage import environment
 from stages.bench.settings import FidelityConfig
 
 

@@ -1,6 +1,6 @@
 """The bench stage's outputs: CSV of every timed run, Markdown report, PNG plots, slim JSON.
 
-Pure functions of the report dict built by :func:`stages.bench.bench.benchmark`; nothing here measures.
+Pure functions of the report dict built by :func:`stages.bench.stage.benchmark`; nothing here measures.
 Latency figures are microseconds; throughput is rows per second at the median latency.
 """
 from __future__ import annotations

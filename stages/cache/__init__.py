@@ -10,7 +10,7 @@ from pipeline import lazy
 from stages.cache.settings import (AddTemperatureConfig, CacheBenchConfig, CacheConfig, CacheScaleConfig,
                                    MergeConfig, VerifyConfig)
 
-_LAZY = {"cache_soft_targets": "stages.cache.build", "build_cache": "stages.cache.build",
+_LAZY = {"cache_soft_targets": "stages.cache.stage", "build_cache": "stages.cache.stage",
          "add_temperature": "stages.cache.tools", "verify": "stages.cache.tools", "merge": "stages.cache.tools",
          "plot_diagnostics": "stages.cache.tools", "bench_speed": "stages.cache.bench",
          "bench_scale": "stages.cache.bench"}

@@ -94,7 +94,7 @@ def bench_speed(cfg: CacheBenchConfig, work: Path, out: Path, log: Callable[[str
     import torch
 
     from pipeline import ort, runtime
-    from stages.cache.build import build_cache
+    from stages.cache.stage import build_cache
     from stages.cache.settings import CacheConfig
 
     work = Path(work)

@@ -39,7 +39,7 @@ from pipeline.formats.cache import (CacheInfo, CacheWriter, open_cache, open_par
 from pipeline.formats.onnx_model import InputContract
 from pipeline.resources import human, require_space
 from pipeline.formats.prepared import open_prepared
-from stages.cache.build import format_diagnostics
+from stages.cache.stage import format_diagnostics
 from stages.cache.settings import DIAG_BLOCK, AddTemperatureConfig, MergeConfig, VerifyConfig
 from stages.cache.stream import blocks, diagnostics_in_blocks, member_accuracy_in_blocks
 from stages.cache.teachers import Teachers

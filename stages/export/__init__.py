@@ -9,8 +9,8 @@ from __future__ import annotations
 from pipeline import lazy
 from stages.export.settings import ExportConfig
 
-_LAZY = {"export_student": "stages.export.export", "fold_normalisation": "stages.export.export",
-         "RawInput": "stages.export.export"}
+_LAZY = {"export_student": "stages.export.stage", "fold_normalisation": "stages.export.stage",
+         "RawInput": "stages.export.stage"}
 __all__ = ["ExportConfig", *_LAZY]
 
 __getattr__ = lazy.exports(__name__, _LAZY)  # the stage's code (torch, onnxruntime) loads only when used

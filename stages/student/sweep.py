@@ -30,7 +30,7 @@ from pipeline.errors import DataError, IntegrityError
 from pipeline.formats.cache import open_cache
 from pipeline.formats.prepared import open_prepared
 from stages.student.settings import StudentConfig, SweepConfig
-from stages.student.train import distill_student
+from stages.student.stage import distill_student
 
 FIELDS = ("arch", "temperature", "alpha", "seed", "views_used", "epochs", "val_accuracy", "test_accuracy",
           "test_accuracy_last_epoch", "best_epoch", "train_rows", "parameters", "train_seconds", "checkpoint")

@@ -1,60 +1,24 @@
-"""Stage 4, student: distil a small network from the soft-target cache alone.
+"""The student's training step: the loss of its settings and one epoch of optimiser steps, shared by the
+stage (:mod:`stages.student.stage`) and the epoch-time benchmark (:mod:`stages.student.bench`).
 
 Objective (Hinton, Vinyals & Dean 2015, section 2; :func:`pipeline.losses.kd_loss`)::
 
     L = alpha * T^2 * KL(p_T || softmax(z / T)) + (1 - alpha) * CE(y, softmax(z))
 
-``alpha = 0`` is the hard-label baseline, ``alpha = 1`` needs no labels.  ``objective = logits``
-matches zero-meaned logits instead (the high-temperature limit).  Soft targets, labels and teacher
-logits come from the cache; the inputs x come from the prepared transfer set, both read in contiguous
-row blocks by :mod:`stages.student.loader` (resident when they fit ``memory_budget_mib``, else streamed), after
-checking that the cache was built from that very file.  The epoch is chosen by validation accuracy
-(early stopping); the test split is scored with the chosen weights, and with the last epoch's for
-comparison.
+or, with ``objective = logits``, :func:`pipeline.losses.logit_matching_loss`.
 """
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
-from typing import Callable
-
 import torch
 
-from pipeline import losses, macs, models, provenance, runtime
-from pipeline.artifacts import atomic_output, claim, write_json
-from pipeline.config import to_dict
-from pipeline.errors import UsageError
-from pipeline.formats.cache import open_cache
-from pipeline.formats.checkpoint import Checkpoint, write_checkpoint
-from pipeline.formats.prepared import open_prepared
-from stages.student.loader import TransferLoader, select_rows
+from pipeline import losses
 from stages.student.settings import StudentConfig
-from stages.student.viewloader import ViewLoader, view_row_labels
-
-
-def _target_kind(cfg: StudentConfig) -> str:
-    if cfg.alpha == 0:
-        return "none"  # the hard-label loss never reads a target
-    return "logits" if cfg.objective == "logits" else "soft"
 
 
 def _loss(cfg: StudentConfig, z: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if cfg.objective == "logits":
         return losses.logit_matching_loss(z, target, y, cfg.alpha)
     return losses.kd_loss(z, target, y, cfg.temperature, cfg.alpha)
-
-
-def distributed() -> tuple[int, int]:
-    """(rank, world size): under torchrun (WORLD_SIZE > 1) joins the process group, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")  # the student trains on the CPU; nccl needs CUDA tensors
-    return dist.get_rank(), dist.get_world_size()
 
 
 def train_epoch(cfg: StudentConfig, model: torch.nn.Module, opt, sched, batches, rank: int = 0,
@@ -83,86 +47,3 @@ def train_epoch(cfg: StudentConfig, model: torch.nn.Module, opt, sched, batches,
         opt.step()
         sched.step()
     return float(loss.detach())
-
-
-def make_loader(cfg: StudentConfig, c, info) -> TransferLoader | ViewLoader:
-    """The loader of ``cfg``'s rows of cache ``c`` (a subset when train_fraction < 1 or drop_class >= 0):
-    a :class:`ViewLoader` for a views cache (one view of each transfer row per epoch)."""
-    if cfg.drop_class >= c.classes:
-        raise UsageError(f"drop_class {cfg.drop_class} is not a class of {c.path} ({c.classes} classes)")
-    rows = None
-    if cfg.train_fraction < 1 or cfg.drop_class >= 0:
-        labels = view_row_labels(c) if c.views is not None else c.read("labels")
-        rows = select_rows(labels, cfg.train_fraction, cfg.drop_class, cfg.subset_seed)
-    if c.views is not None:
-        return ViewLoader(c, info, _target_kind(cfg), cfg.temperature, rows, cfg.memory_budget_mib, cfg.views_used)
-    if cfg.views_used > 1:
-        raise UsageError(f"{c.path}: views_used {cfg.views_used}, but this cache holds the rows themselves, no views")
-    return TransferLoader(c, info, _target_kind(cfg), cfg.temperature, rows, cfg.memory_budget_mib, cfg.block_rows)
-
-
-def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Path, metrics: Path,
-                    log: Callable[[str], None] = print) -> Path:
-    """Train the student of ``cfg`` from ``cache`` (+ x of ``transfer_set``); write ``out`` and ``metrics``.
-
-    Under torchrun (WORLD_SIZE > 1) trains with DistributedDataParallel; rank 0 writes the files.
-    """
-    rank, world = distributed()
-    if rank == 0:
-        claim(out, metrics)  # a second writer of these outputs fails now, not after training
-    runtime.set_torch_threads(cfg.threads)
-    c = open_cache(cache)
-    info = open_prepared(transfer_set)  # corrupt before stale: a damaged file is not one that "changed"
-    c.check_built_from(transfer_set, provenance.sha256_file(transfer_set))
-    provenance.check_recorded_inputs(c.provenance, f"the cache {cache}", "make cache")
-    loader = make_loader(cfg, c, info)
-    if cfg.alpha < 1 and not bool((loader.labels() >= 0).any()):
-        raise UsageError(f"{cache}: the transfer set has no labels; use --alpha 1")
-    xval, yval = map(torch.from_numpy, info.load("val"))
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    net = models.build(cfg.arch, info.shape, len(info.classes))
-    model = net
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(net)  # broadcasts rank 0's weights; all ranks seed alike anyway
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr,
-                                                total_steps=cfg.epochs * loader.steps(cfg.batch_size))
-    history, best = [], (-1.0, 0, None)
-    t0 = time.perf_counter()
-    for epoch in runtime.progress(range(cfg.epochs), desc="student", unit="epoch", disable=rank > 0 or None):
-        loss = train_epoch(cfg, model, opt, sched, loader.epoch(gen, cfg.batch_size), rank, world)
-        acc = models.accuracy(models.predict(net, xval), yval)
-        history.append({"epoch": epoch + 1, "val_accuracy": acc, "loss": loss})
-        if acc > best[0]:
-            best = (acc, epoch + 1, {k: v.clone() for k, v in net.state_dict().items()})
-    seconds = time.perf_counter() - t0
-    xtest, ytest = info.load("test")
-    # Test accuracy of the last epoch's weights too: what training without early stopping gives.
-    test_last = models.accuracy(models.predict(net, xtest), ytest)
-    net.load_state_dict(best[2])
-    test_acc = models.accuracy(models.predict(net, xtest), ytest)
-    if rank > 0:
-        return out
-    prov = provenance.record("student", to_dict(cfg), {"cache": cache, "transfer_set": transfer_set},
-                             world_size=world)
-    ckpt = Checkpoint("student", cfg.arch, info.shape, info.classes, info.norm.as_dict(), models.state_arrays(net),
-                      {"temperature": cfg.temperature, "alpha": cfg.alpha, "epoch": best[1]}, prov)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Metrics first, the checkpoint (make's target) last: a kill in between leaves no new checkpoint
-    # beside old metrics, and the next run redoes both.
-    with atomic_output(out) as tmp:
-        write_checkpoint(tmp, ckpt)
-        result = {"name": out.stem, "settings": to_dict(cfg), "parameters": models.count_parameters(net),
-                  "macs_per_image": macs.count_macs(net, tuple(info.shape)),
-                  "best_epoch": best[1], "val_accuracy": best[0], "test_accuracy": test_acc,
-                  "test_accuracy_last_epoch": test_last, "train_rows": loader.n,
-                  "loader": "resident" if loader.resident else "streaming", "world_size": world,
-                  "train_seconds": seconds, "history": history, "checkpoint_sha256": provenance.sha256_file(tmp),
-                  "provenance": prov}
-        write_json(metrics, result)
-    log(f"student {cfg.arch} T={cfg.temperature:g} alpha={cfg.alpha:g}: val {best[0]:.4f} (epoch {best[1]}), "
-        f"test {test_acc:.4f} -> {out}")
-    return out

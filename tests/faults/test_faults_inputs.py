@@ -221,7 +221,7 @@ def test_unchanged_inputs_pass(chain, tmp_path):
 
 
 def test_cache_partial_from_other_teacher_or_settings_restarts(tmp_path, tiny_prepared, monkeypatch):
-    from stages.cache import build as cache_mod
+    from stages.cache import stage as cache_mod
 
     teacher = linear_model(tmp_path / "t.onnx")
     out = tmp_path / "c.h5"

@@ -14,8 +14,8 @@ import pytest
 
 from pipeline import ort as runtime
 from pipeline.errors import DataError
-from stages.bench import bench
-from stages.cache import build as cache
+from stages.bench import stage as bench
+from stages.cache import stage as cache
 from stages.bench import BenchConfig, benchmark
 from stages.cache import CacheConfig, cache_soft_targets
 from pipeline.formats.prepared import Prepared

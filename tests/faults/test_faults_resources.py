@@ -44,7 +44,7 @@ def test_prepare_under_file_size_limit(tiny_npz, tiny_prepared, tmp_path):
 
 @pytest.mark.slow
 def test_jitter_under_file_size_limit(tiny_prepared, tmp_path):
-    from stages.augment import JitterConfig, jitter_transfer_set
+    from stages.jitter import JitterConfig, jitter_transfer_set
 
     out = tmp_path / "pj.h5"
     proc = run_limited("jitter", "--prepared", tiny_prepared, "--out", out, "--copies", "2", fsize=1_500_000)

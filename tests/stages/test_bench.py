@@ -11,7 +11,8 @@ import json
 
 import pytest
 
-from stages.bench import bench, fidelity
+from stages.bench import fidelity
+from stages.bench import stage as bench
 from stages.export import ExportConfig, export_student
 from tests.conftest import run_cli
 from tests.oracles import median

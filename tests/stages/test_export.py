@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pipeline import onnxio
 from pipeline.formats.checkpoint import read_checkpoint
 from pipeline.errors import IntegrityError
-from stages.export import export as ex
+from stages.export import stage as ex
 from stages.export import mobile, quantize
 from pipeline.formats.prepared import open_prepared
 from tests.conftest import ROOT

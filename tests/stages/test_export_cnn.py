@@ -16,7 +16,7 @@ import pytest
 from pipeline import macs, models
 from pipeline.formats.onnx_model import onnx_macs
 from pipeline.formats.prepared import open_prepared
-from stages.export import export as ex
+from stages.export import stage as ex
 from tests.conftest import CNN_SPECS
 
 pytestmark = pytest.mark.slow  # trains three CNN students and exports each twice (about a minute)

@@ -18,7 +18,7 @@ from pipeline.formats.cache import open_cache
 from pipeline.formats.onnx_model import read_input_contract
 from pipeline.formats.prepared import open_prepared
 from stages.cache import AddTemperatureConfig, CacheConfig, VerifyConfig, add_temperature, cache_soft_targets, verify
-from stages.cache import build as build_mod
+from stages.cache import stage as cache_stage
 from stages.cache.teachers import Teachers
 from stages.student import StudentConfig, distill_student
 from tests import foreign
@@ -125,7 +125,7 @@ def test_resume_and_verify_reproduce_a_declared_contract(flat_unit, tiny_prepare
         raise KeyboardInterrupt  # every row committed, never finished: the .partial stays to resume
 
     with monkeypatch.context() as m:
-        m.setattr(build_mod, "_finish", interrupted)
+        m.setattr(cache_stage, "_finish", interrupted)
         with pytest.raises(KeyboardInterrupt):
             cache_soft_targets(CacheConfig(**CFG), [arg], tiny_prepared, out, **QUIET)
     assert (tmp_path / "c.h5.partial").stat().st_size > 0
@@ -141,7 +141,7 @@ def test_resume_and_verify_reproduce_a_declared_contract(flat_unit, tiny_prepare
         verify(VerifyConfig(sample_rows=128), out, [f"{flat_unit}:input=raw"], tiny_prepared, **QUIET)
     # another declaration is another content: a partial made under the first one is not resumed
     with monkeypatch.context() as m:
-        m.setattr(build_mod, "_finish", interrupted)
+        m.setattr(cache_stage, "_finish", interrupted)
         with pytest.raises(KeyboardInterrupt):
             cache_soft_targets(CacheConfig(**CFG), [arg], tiny_prepared, tmp_path / "d.h5", **QUIET)
     logs = []
@@ -165,8 +165,8 @@ def test_an_error_in_a_pipeline_thread_is_one_line_and_leaves_no_partial(thread,
         real = Teachers.adapt
         monkeypatch.setattr(Teachers, "adapt", lambda self, x: broken(self, x))
     else:
-        real = build_mod._write_batch
-        monkeypatch.setattr(build_mod, "_write_batch", broken)
+        real = cache_stage._write_batch
+        monkeypatch.setattr(cache_stage, "_write_batch", broken)
     out = tmp_path / "c.h5"
     result = CliRunner().invoke(main, ["cache", "--teacher", str(tiny_teacher), "--transfer-set", str(tiny_prepared),
                                        "--out", str(out), "--device", "cpu", "--batch-size", "256", "--no-gate"])

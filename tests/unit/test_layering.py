@@ -30,7 +30,7 @@ def imported(path: Path) -> set[str]:
 
 
 def test_stage_packages_exist():
-    assert STAGES == ["augment", "bench", "cache", "export", "prepare", "student", "teacher"]
+    assert STAGES == ["bench", "cache", "export", "jitter", "prepare", "student", "teacher"]
     assert [p.name for p in (ROOT / "stages").glob("*.py")] == ["__init__.py"], "stage code lives in packages"
 
 
@@ -72,11 +72,16 @@ def test_formats_import_numpy_h5py_onnx_only():
 def test_the_checker_catches_a_planted_violation(tmp_path):
     """The parser sees a lazy import inside a function (what a stage would sneak in)."""
     p = tmp_path / "m.py"
-    p.write_text("def f():\n    from stages.cache.build import build_cache\n    import torch\n")
-    assert {"stages.cache.build", "stages.cache.build.build_cache", "torch"} <= imported(p)
+    p.write_text("def f():\n    from stages.cache.stage import build_cache\n    import torch\n")
+    assert {"stages.cache.stage", "stages.cache.stage.build_cache", "torch"} <= imported(p)
 
 
 def test_the_command_group_imports_no_command_module():
     """``commands/main.py`` names the command modules and imports one when its command runs: were it to import
     them all, every stage's command would be code of every stage, and make would rerun everything on a help edit."""
     assert not [m for m in imported(ROOT / "commands" / "main.py") if m.startswith("commands.")]
+
+
+def test_the_command_line_is_one_module_per_stage():
+    names = sorted(p.stem for p in (ROOT / "commands").glob("*.py"))
+    assert names == sorted(["__init__", "__main__", "main", *STAGES]), names

@@ -36,7 +36,7 @@ from pipeline.errors import DataError
 from pipeline.formats.prepared import PreparedWriter, open_prepared, predicted_size
 from pipeline.resources import require_space
 from pipeline.jitter import jitter
-from stages.augment.settings import JitterConfig
+from stages.jitter.settings import JitterConfig
 
 BLOCK_ROWS = 8192  # rows shifted per step: ~6 MiB of uint8 28x28 images, bounded memory at any size
 

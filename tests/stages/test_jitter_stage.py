@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from stages.augment import JitterConfig, jitter_transfer_set
+from stages.jitter import JitterConfig, jitter_transfer_set
 from pipeline.formats.prepared import open_prepared
 from tests.conftest import run_cli
 
