@@ -29,7 +29,7 @@ SCALE_SIZES=${SCALE_SIZES-10000,100000,1000000}  # empty: skip bench-cache-scale
 PYTHONPATH=".:${PYTHONPATH:-}" "$PY" - "$W" "$ROWS" <<'PY'
 import sys, torch
 from pathlib import Path
-from stages.cache.bench import synthetic_prepared, _ensemble, CacheBenchConfig
+from stages.cache.measure import synthetic_prepared, _ensemble, CacheBenchConfig
 w = Path(sys.argv[1])
 synthetic_prepared(w / "p.h5", int(sys.argv[2]), (1, 28, 28))
 _ensemble(CacheBenchConfig(), (1, 28, 28), w / "ens.onnx")

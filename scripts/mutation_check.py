@@ -131,14 +131,14 @@ MUTATIONS = [
     Mutation(
         "student-bench-median",
         ("tests/stages/test_student_modes.py::test_bench_student_writes_side_by_side_ratios",),
-        "stages/student/bench.py",
+        "stages/student/measure.py",
         "med = {m: statistics.median(state[m][4]) for m in modes}",
         "med = {m: statistics.mean(state[m][4]) for m in modes}",
         "bench-student reports the mean epoch time as the median (and ratios of means)"),
     Mutation(
         "cache-bench-median",
         ("tests/stages/test_cache_bench.py::test_bench_speed_figures_follow_from_its_timings",),
-        "stages/cache/bench.py",
+        "stages/cache/measure.py",
         "rate = {k: cfg.rows / statistics.median(v) for k, v in times.items()}",
         "rate = {k: cfg.rows / statistics.mean(v) for k, v in times.items()}",
         "cache bench rows/s over the mean trial instead of the median trial"),

@@ -4,7 +4,7 @@ Writes the soft-target cache (schema ``kd-cache/1``, :mod:`pipeline.formats.cach
 raw per-member logits, combined soft targets ``p_T`` at each temperature (optionally with member
 weights, :func:`pipeline.soft.combine_soft_targets`), labels, per-temperature diagnostics, each
 member's accuracy and provenance.  Because the raw logits are kept, a new temperature is computed
-from the file without any teacher (``distill cache add-temperature``, :mod:`stages.cache.tools`).
+from the file without any teacher (``distill cache add-temperature``, :mod:`stages.cache.temperatures`).
 
 Teachers (docs/teachers.md): each ``--teacher`` is fed under its input contract (command line, then
 the model's metadata, then defaults; :mod:`stages.cache.teachers`), checked before any row is read,

@@ -1,7 +1,7 @@
 """Stage 5, export: a student checkpoint to ONNX (fp32, int8 and the other variants), checked numerically.
 
 ``export_student(cfg, checkpoint, transfer_set, out, out_int8, report)`` is the stage
-(:mod:`.export`); :mod:`.quantize` makes and gates the variants, :mod:`.mobile` the ORT-format
+(:mod:`.stage`); :mod:`.quantize` makes and gates the variants, :mod:`.mobile` the ORT-format
 files; :mod:`.settings` holds the settings.
 """
 from __future__ import annotations

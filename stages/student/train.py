@@ -1,5 +1,5 @@
 """The student's training step: the loss of its settings and one epoch of optimiser steps, shared by the
-stage (:mod:`stages.student.stage`) and the epoch-time benchmark (:mod:`stages.student.bench`).
+stage (:mod:`stages.student.stage`) and the epoch-time benchmark (:mod:`stages.student.measure`).
 
 Objective (Hinton, Vinyals & Dean 2015, section 2; :func:`pipeline.losses.kd_loss`)::
 

@@ -1,4 +1,4 @@
-"""The cache stage's benchmarks (stages/cache/bench.py) at a tiny size.
+"""The cache stage's benchmarks (stages/cache/measure.py) at a tiny size.
 
 They are behind published figures (docs/results.md, docs/gpu.md: rows/s, the HDF5 I/O share, peak
 RSS against row count), so their JSON is checked here for being consistent with the timings it

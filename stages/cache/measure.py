@@ -159,7 +159,7 @@ def _run_sized(cfg: CacheScaleConfig, work: Path, rows: int, log: Callable, shap
     prepared = work / f"{name}.h5"
     # Generated in its own process: a child's ru_maxrss starts from its parent's high-water mark
     # (exec records the old address space's peak), so generating here would inflate every figure.
-    subprocess.run([sys.executable, "-c", "import sys, json; from stages.cache.bench import synthetic_prepared; "
+    subprocess.run([sys.executable, "-c", "import sys, json; from stages.cache.measure import synthetic_prepared; "
                     "synthetic_prepared(sys.argv[1], int(sys.argv[2]), tuple(json.loads(sys.argv[3])))",
                     str(prepared), str(rows), json.dumps(list(shape))], env=env, check=True)
     cache = work / f"{name}.cache.h5"

@@ -1,0 +1,98 @@
+"""``distill cache merge``: the parts written by ``--shard i/n`` joined into one cache equal to a
+single-process run.
+
+Every part's seal is verified as it is opened (:mod:`pipeline.formats.cache`); the parts must come
+from one run (same identity and shared attributes) and cover every row exactly once.  The free space
+for the output is checked before writing (exit 7 with the figure); a write that fails anyway removes
+the partial.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import provenance
+from pipeline.artifacts import atomic_output
+from pipeline.config import to_dict
+from pipeline.errors import DataError, IntegrityError
+from pipeline.formats.cache import CacheInfo, CacheWriter, open_cache, open_part, predicted_size
+from pipeline.resources import require_space
+from stages.cache.recorded import same
+from stages.cache.settings import DIAG_BLOCK, MergeConfig
+from stages.cache.stage import format_diagnostics
+from stages.cache.stream import blocks, diagnostics_in_blocks, member_accuracy_in_blocks
+
+# Attributes every part of one sharded run must share (besides the identity without its "part").
+_SHARED = ("schema", "members", "classes", "temperatures", "combine", "teacher_sha256", "transfer_sha256",
+           "transfer_split", "settings", "teacher_probabilities", "classes_names", "teacher_inputs", "member_weights",
+           "views", "source_rows")
+
+
+def _check_parts(read: list[CacheInfo]) -> int:
+    """That the parts come from one run and cover every row once; returns the total row count."""
+    p0 = read[0]
+    base = {k: v for k, v in p0.identity.items() if k != "part"}
+    for c in read[1:]:
+        ident = {k: v for k, v in c.identity.items() if k != "part"}
+        bad = [k for k in _SHARED if not same(c.attrs.get(k), p0.attrs.get(k))]
+        if ident != base or bad or c.part["count"] != p0.part["count"] or c.part["total_rows"] != p0.part["total_rows"]:
+            raise IntegrityError(f"{c.path}: made from other inputs or settings than {p0.path} "
+                                 f"({', '.join(bad) or 'identity'} differ); rebuild the parts from one set of inputs")
+    total, expected = int(p0.part["total_rows"]), 0
+    for c in sorted(read, key=lambda r: r.part["rows"][0]):
+        lo, hi = c.part["rows"]
+        if lo > expected:
+            raise IntegrityError(f"rows [{expected}, {lo}) are in no part; missing a shard of {p0.part['count']}?")
+        if lo < expected:
+            raise IntegrityError(f"{c.path}: rows [{lo}, {min(hi, expected)}) are in two parts")
+        expected = hi
+    if expected != total:
+        raise IntegrityError(f"rows [{expected}, {total}) are in no part; missing a shard of {p0.part['count']}?")
+    return total
+
+
+def merge(cfg: MergeConfig, parts: list[Path], out: Path, log: Callable[[str], None] = print) -> Path:
+    """Check and join shard ``parts`` into the cache ``out``; every part's seal is verified first."""
+    if not parts:
+        raise DataError("give the parts to merge with --part")
+    missing = [str(p) for p in parts if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"parts not found: {', '.join(missing)} (run those shards first)")
+    read = [open_part(Path(p)) for p in parts]
+    total = _check_parts(read)
+    p0 = read[0]
+    base = {k: v for k, v in p0.identity.items() if k != "part"}
+    temps = p0.temperatures
+    providers = sorted({str(c.attrs["provider"]) for c in read})
+    logits_dtype = np.dtype(p0.read("logits", 0, 1).dtype)
+    require_space(Path(out), *predicted_size(total, p0.members, p0.classes, len(temps),
+                                             logit_bytes=logits_dtype.itemsize, views=p0.views is not None))
+    with atomic_output(Path(out)) as tmp:
+        w = CacheWriter.create(tmp, base, total, p0.members, p0.classes, temps, views=p0.views,
+                               source_rows=p0.source_rows if p0.views else None,
+                               logits_dtype=str(logits_dtype))
+        try:
+            for c in read:
+                off = c.part["rows"][0]
+                for lo, hi in blocks(0, c.rows, cfg.block_rows):
+                    w.put(off + lo, c.read("logits", lo, hi), {T: c.soft(T, lo, hi) for T in temps},
+                          c.read("labels", lo, hi), c.read("view_params", lo, hi) if c.views else None)
+            for T, d in diagnostics_in_blocks(w.read, temps, total, DIAG_BLOCK).items():
+                w.write_diagnostics(T, d)
+            w.finish({**{k: p0.attrs[k] for k in _SHARED if k in p0.attrs and k != "schema"},
+                      "member_accuracy": member_accuracy_in_blocks(w.read, total, DIAG_BLOCK),
+                      "onnxruntime_version": p0.attrs.get("onnxruntime_version", ""),
+                      "package_version": p0.attrs.get("package_version", ""),
+                      "provider": ", ".join(providers), "committed_rows": total,
+                      "provenance": json.dumps(provenance.record(
+                          "cache-merge", to_dict(cfg), {f"part{c.part['index']}": c.path for c in read},
+                          provider=", ".join(providers), parts=[c.provenance for c in read]))})
+        finally:
+            w.close()
+    merged = open_cache(out)
+    log(format_diagnostics(merged.diagnostics(), merged.member_accuracy))
+    log(f"merge: {len(read)} parts, {total} rows -> {out}")
+    return Path(out)

@@ -1,0 +1,96 @@
+"""``distill cache add-temperature``: soft targets at new temperatures from a cache's stored raw logits.
+
+No teacher runs: ``p_T = sum_m w_m softmax(v_m / T)`` or ``softmax(sum_m w_m v_m / T)`` is computed
+in blocks from the stored logits, with the combine and member weights recorded in the file
+(docs/design.md, the maths).  New ``member_weights`` recompute every stored temperature (and its
+diagnostics) with them, so that one file never mixes two weightings.  The file is copied to
+``<target>.partial``, extended and published atomically, so a crash leaves the original untouched;
+the free space for the copy is checked before writing (exit 7 with the figure).  The cache is read
+through :mod:`pipeline.formats.cache`, whose reader verifies the seal first: a cache that changed
+since it was written is refused (exit 4), never re-sealed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline import provenance, soft
+from pipeline.artifacts import atomic_output
+from pipeline.config import to_dict
+from pipeline.errors import DataError, UsageError
+from pipeline.formats.cache import CacheInfo, CacheWriter, open_cache, soft_size, t_key
+from pipeline.resources import human, require_space
+from stages.cache.recorded import recorded_weights, same, weights_list
+from stages.cache.settings import AddTemperatureConfig
+from stages.cache.stage import format_diagnostics
+from stages.cache.stream import blocks
+
+
+def _need_logits(c: CacheInfo) -> None:
+    if not c.has_logits:
+        raise DataError(f"{c.path}: the cache has no stored logits, so new temperatures cannot be computed "
+                        f"from it; rebuild it with `distill cache`")
+
+
+def add_temperature(cfg: AddTemperatureConfig, cache: Path, out: Path | None = None,
+                    log: Callable[[str], None] = print) -> Path:
+    """Add soft targets (and diagnostics) at ``cfg.temperatures`` to ``cache``, written to ``out``
+    (default: ``cache`` itself, replaced atomically)."""
+    cache = Path(cache)
+    info = open_cache(cache)
+    _need_logits(info)
+    target = Path(out) if out is not None else cache
+    old_w = recorded_weights(info)
+    weights = old_w
+    if cfg.member_weights:
+        try:
+            weights = soft.normalise_weights(cfg.member_weights, info.members)
+        except ValueError as e:
+            raise UsageError(f"{cache}: {e}") from None
+    reweigh = not same(weights if weights is not None else [], old_w if old_w is not None else [])
+    new = [float(T) for T in cfg.temperatures if float(T) not in info.temperatures]
+    for T in sorted(set(map(float, cfg.temperatures)) - set(new)):
+        log(f"{cache}: already has T={t_key(T)}; kept as it is" + ("" if not reweigh else " (recombined)"))
+    if not new and not reweigh and target == cache:
+        return cache
+    redo = [*(info.temperatures if reweigh else ()), *new]  # every T combined with the new weights
+    size = cache.stat().st_size  # the cache is copied to the partial first, even to replace it in place
+    require_space(target, size + soft_size(info.rows, info.classes, len(new)),
+                  f"a copy of {cache.name} ({human(size)}) + {info.rows} rows x {info.classes} classes x "
+                  f"{len(new)} new temperatures x 4 bytes, in whole chunks")
+    with atomic_output(target) as tmp:
+        shutil.copyfile(cache, tmp)  # rewrites tmp in place (same inode: the lock holds)
+        w = CacheWriter.update(tmp)
+        try:
+            sums = {T: soft.DiagnosticSums() for T in redo}
+            for T in new:
+                w.add_soft(T)
+            for lo, hi in blocks(0, info.rows, cfg.block_rows):
+                logits, labels = w.read("logits", lo, hi), w.read("labels", lo, hi)
+                targets = {T: soft.combine_soft_targets(logits, T, info.combine, weights) for T in redo}
+                w.put(lo, None, targets, None)
+                for T, p in targets.items():
+                    sums[T].add(logits, p, labels)
+            for T, s in sums.items():
+                w.write_diagnostics(T, s.result())
+            prov = info.provenance
+            prov.setdefault("added_temperatures", []).append(
+                {"temperatures": new, "settings": to_dict(cfg), "versions": provenance.versions(),
+                 **({"member_weights": weights_list(weights, info.members)} if reweigh else {})})
+            attrs = {"temperatures": [*info.temperatures, *new], "provenance": json.dumps(prov)}
+            if reweigh:
+                ident = info.identity
+                ident.pop("member_weights", None)
+                ident.update({"member_weights": weights.tolist()} if weights is not None else {})
+                attrs.update(member_weights=json.dumps(weights_list(weights, info.members)), identity=json.dumps(ident))
+            w.finish(attrs)
+        finally:
+            w.close()
+    done = open_cache(target)
+    log(format_diagnostics(done.diagnostics(), done.member_accuracy))
+    log(f"add-temperature: T={', '.join(map(t_key, new)) or 'none new'} from stored logits"
+        + (f"; every T recombined with member weights {weights_list(weights, info.members)}" if reweigh else "")
+        + f" -> {target}")
+    return target
