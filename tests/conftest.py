@@ -49,7 +49,7 @@ def tiny_teacher(tmp_path_factory, tiny_prepared) -> Path:
     from stages.teacher import TeacherConfig, train_teachers
 
     out = tmp_path_factory.mktemp("teacher") / "ensemble.onnx"
-    cfg = TeacherConfig(members=2, arch="mlp:32", epochs=2, threads=1, shift=1)
+    cfg = TeacherConfig(members=2, arch="mlp:32", epochs=2, threads=1, max_shift=1)
     return train_teachers(cfg, tiny_prepared, out, log=lambda m: None)
 
 
@@ -126,7 +126,7 @@ def tiny_chw_cache(tmp_path_factory, tiny_chw_prepared) -> tuple[Path, Path]:
     from stages.teacher import TeacherConfig, train_teachers
 
     d = tmp_path_factory.mktemp("chw-cache")
-    teacher = train_teachers(TeacherConfig(members=1, arch="mlp:32", epochs=2, threads=1, shift=1), tiny_chw_prepared,
+    teacher = train_teachers(TeacherConfig(members=1, arch="mlp:32", epochs=2, threads=1, max_shift=1), tiny_chw_prepared,
                              d / "ensemble.onnx", log=lambda m: None)
     cfg = CacheConfig(temperatures=(2.0,), batch_size=256, device="cpu", threads=1)
     return teacher, cache_soft_targets(cfg, [teacher], tiny_chw_prepared, d / "chw.h5", log=lambda m: None)

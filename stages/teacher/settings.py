@@ -22,7 +22,7 @@ class TeacherConfig:
     batch_size: int = setting(128, "minibatch rows")
     lr: float = setting(2e-3, "Adam learning rate (cosine-decayed to 0 over the epochs)")
     weight_decay: float = setting(0.0, "Adam weight decay")
-    shift: int = setting(2, "random translation of up to this many pixels per example (Hinton's jitter); 0 = off")
+    max_shift: int = setting(2, "random translation of up to this many pixels per example (Hinton's jitter); 0 = off")
     seed: int = setting(0, "seed of member 0; member i uses seed + i")
     threads: int = setting(2, "torch intra-op threads for training")
 
@@ -30,5 +30,5 @@ class TeacherConfig:
         require(self.members >= 1, "members must be >= 1")
         require(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
         require(self.lr > 0, "lr must be > 0")
-        require(0 <= self.shift <= 8, "shift must lie in [0, 8] pixels")
+        require(0 <= self.max_shift <= 8, "max_shift must lie in [0, 8] pixels")
         parse_spec(self.arch)

@@ -58,7 +58,7 @@ def train_member(cfg: TeacherConfig, index: int, data: dict, shape: tuple, class
         order = torch.randperm(len(xtr), generator=gen)
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            loss = F.cross_entropy(net(jitter(xtr[idx], cfg.shift, gen, fill)), ytr[idx])
+            loss = F.cross_entropy(net(jitter(xtr[idx], cfg.max_shift, gen, fill)), ytr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -95,9 +95,9 @@ def train_teachers(cfg: TeacherConfig, prepared: Path, out: Path, log: Callable[
     claim(out)  # a second teacher on the same output fails now, not after training
     runtime.set_torch_threads(cfg.threads)
     info = open_prepared(prepared)
-    if cfg.shift and len(info.shape) not in (2, 3):
+    if cfg.max_shift and len(info.shape) not in (2, 3):
         raise UsageError(f"{prepared}: rows of shape {list(info.shape)} are not images and cannot be shifted; "
-                         "train with --shift 0")
+                         "train with --max-shift 0")
     data = {s: tuple(map(torch.from_numpy, info.load(s))) for s in ("train", "val")}
     if not bool((data["train"][1] >= 0).any()):
         raise DataError(f"{prepared}: the train split has no labelled rows; teachers need labels")

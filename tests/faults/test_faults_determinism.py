@@ -37,7 +37,7 @@ def cnn_teacher(tmp_path_factory):
     xt, yt = synthetic_images(100, seed=1)
     np.savez(d / "c.npz", x=x[:, None], y=y, x_test=xt[:, None], y_test=yt)
     prepared = prepare_dataset(PrepareConfig(val_rows=100), d / "p.h5", npz=d / "c.npz")
-    cfg = TeacherConfig(members=2, arch="cnn:4-8-16", epochs=1, threads=1, shift=1)
+    cfg = TeacherConfig(members=2, arch="cnn:4-8-16", epochs=1, threads=1, max_shift=1)
     return train_teachers(cfg, prepared, d / "t" / "e.onnx", **QUIET), prepared
 
 

@@ -68,7 +68,7 @@ def test_malicious_member_checkpoint_is_refused_not_retrained(tiny_prepared, tmp
     member = _evil_checkpoint(out.with_name("member0.ckpt"), marker)
     before = member.read_bytes()
     proc = run_cli("teacher", "--prepared", tiny_prepared, "--out", out, "--members", "1", "--arch", "mlp:8",
-                   "--epochs", "1", "--threads", "1", "--shift", "0")
+                   "--epochs", "1", "--threads", "1", "--max-shift", "0")
     assert proc.returncode == 3 and str(member) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not marker.exists() and not out.exists() and member.read_bytes() == before
 
@@ -83,7 +83,7 @@ def test_corrupt_member_checkpoint_is_refused_not_retrained(tiny_prepared, tiny_
     member.write_bytes(good[: len(good) // 2])
     before = member.read_bytes()
     proc = run_cli("teacher", "--prepared", tiny_prepared, "--out", out, "--members", "1", "--arch", "mlp:8",
-                   "--epochs", "1", "--threads", "1", "--shift", "0")
+                   "--epochs", "1", "--threads", "1", "--max-shift", "0")
     assert proc.returncode == 3 and str(member) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "truncated" in proc.stderr and not out.exists() and member.read_bytes() == before
 

@@ -77,7 +77,7 @@ def test_kill_teacher_then_resume(tiny_prepared, tmp_path):
     out = tmp_path / "t" / "ensemble.onnx"
     members = [out.with_name(f"member{i}.ckpt") for i in range(2)]
     args = ["teacher", "--prepared", tiny_prepared, "--out", out, "--members", "2", "--arch", "mlp:16",
-            "--epochs", "1", "--threads", "1", "--shift", "0"]
+            "--epochs", "1", "--threads", "1", "--max-shift", "0"]
     # after the first member; then, on the rerun that reuses it, as soon as the output is claimed
     # (while member 1 trains or the graph is exported: a window of seconds, not of one export call)
     points = [lambda: members[0].exists(),

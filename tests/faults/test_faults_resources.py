@@ -25,7 +25,7 @@ from tests.faultkit import content_digest, exit7, linear_model, run_limited, unp
 
 EFBIG = "file too large for this process's file-size limit (EFBIG"
 BIG_CACHE = ["--temperatures", "1,2,4", "--batch-size", "1024", "--device", "cpu", "--threads", "1"]  # as big_transfer
-TEACHER = ["--members", "2", "--arch", "mlp:32", "--epochs", "2", "--threads", "1", "--shift", "1"]  # tiny_teacher's
+TEACHER = ["--members", "2", "--arch", "mlp:32", "--epochs", "2", "--threads", "1", "--max-shift", "1"]  # tiny_teacher's
 
 
 def quiet(_: str) -> None:
@@ -70,7 +70,7 @@ def test_teacher_member_and_ensemble_under_file_size_limit(tiny_prepared, tiny_t
     unpublished(out)
     assert all(m.is_file() for m in members)  # finished members stay: the rerun starts from them
     log = []
-    cfg = TeacherConfig(members=2, arch="mlp:32", epochs=2, threads=1, shift=1)  # tiny_teacher's, as TEACHER
+    cfg = TeacherConfig(members=2, arch="mlp:32", epochs=2, threads=1, max_shift=1)  # tiny_teacher's, as TEACHER
     train_teachers(cfg, tiny_prepared, out, log.append)
     assert sum("reusing" in line for line in log) == 2
     assert out.read_bytes() == tiny_teacher.read_bytes()

@@ -132,7 +132,7 @@ def test_teacher_jitters_colour_rows_with_each_channels_black(tmp_path, monkeypa
     monkeypatch.setattr(train, "jitter", spy)
     _stop_before_export(monkeypatch, train)
     with pytest.raises(_Trained):
-        train.train_teachers(TeacherConfig(members=1, arch="mlp:8", epochs=1, batch_size=32, threads=1, shift=2),
+        train.train_teachers(TeacherConfig(members=1, arch="mlp:8", epochs=1, batch_size=32, threads=1, max_shift=2),
                              src, tmp_path / "t" / "e.onnx", log=lambda m: None)
     assert len(seen) == -(-info.rows["train"] // 32) and all(seen)  # every batch of the one epoch
 
@@ -150,12 +150,12 @@ def test_teacher_refuses_to_shift_rows_that_are_not_images(tmp_path, monkeypatch
     proc = run_cli("teacher", "--prepared", src, "--out", tmp_path / "t" / "e.onnx", "--arch", "mlp:4",
                    "--members", "1", "--epochs", "1")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "rows of shape [12] are not images and cannot be shifted; train with --shift 0" in proc.stderr
+    assert "rows of shape [12] are not images and cannot be shifted; train with --max-shift 0" in proc.stderr
     assert not (tmp_path / "t" / "e.onnx").exists() and not (tmp_path / "t" / "e.onnx.partial").exists()
-    cfg = TeacherConfig(members=1, arch="mlp:4", epochs=1, threads=1, shift=0)
+    cfg = TeacherConfig(members=1, arch="mlp:4", epochs=1, threads=1, max_shift=0)
     _stop_before_export(monkeypatch, train)
     with pytest.raises(_Trained):  # without the shift, feature rows train as before
         train.train_teachers(cfg, src, tmp_path / "t" / "e.onnx", log=lambda m: None)
     with pytest.raises(UsageError, match="cannot be shifted"):
-        train.train_teachers(TeacherConfig(members=1, arch="mlp:4", epochs=1, threads=1, shift=1), src,
+        train.train_teachers(TeacherConfig(members=1, arch="mlp:4", epochs=1, threads=1, max_shift=1), src,
                              tmp_path / "u" / "e.onnx", log=lambda m: None)
