@@ -84,7 +84,7 @@ MUTATIONS = [
     Mutation(
         "member-checkpoint",
         ("tests/faults/test_faults_inputs.py::test_corrupt_member_checkpoint_is_refused_not_retrained",),
-        "stages/teacher/train.py",
+        "stages/teacher/stage.py",
         '    ckpt = read_checkpoint(path, role="teacher-member")\n',
         '    try:\n'
         '        ckpt = read_checkpoint(path, role="teacher-member")\n'

@@ -96,10 +96,10 @@ class _Trained(Exception):
     """Raised in place of the ensemble's ONNX export: the members are trained, the test has what it needs."""
 
 
-def _stop_before_export(monkeypatch, train):
+def _stop_before_export(monkeypatch, stage):
     def stop(*a, **k):
         raise _Trained
-    monkeypatch.setattr(train.onnxio, "export", stop)
+    monkeypatch.setattr(stage.onnxio, "export", stop)
 
 
 def test_teacher_jitters_colour_rows_with_each_channels_black(tmp_path, monkeypatch):
@@ -109,7 +109,7 @@ def test_teacher_jitters_colour_rows_with_each_channels_black(tmp_path, monkeypa
 
     from pipeline.jitter import jitter as real_jitter
     from stages.prepare import PrepareConfig, prepare_dataset
-    from stages.teacher import TeacherConfig, train
+    from stages.teacher import TeacherConfig, stage, train
     from tests.images import channel_distinct, spatial_shift
 
     x = channel_distinct(120, 3, 8, 8, step=80)
@@ -130,9 +130,9 @@ def test_teacher_jitters_colour_rows_with_each_channels_black(tmp_path, monkeypa
         return out
 
     monkeypatch.setattr(train, "jitter", spy)
-    _stop_before_export(monkeypatch, train)
+    _stop_before_export(monkeypatch, stage)
     with pytest.raises(_Trained):
-        train.train_teachers(TeacherConfig(members=1, arch="mlp:8", epochs=1, batch_size=32, threads=1, max_shift=2),
+        stage.train_teachers(TeacherConfig(members=1, arch="mlp:8", epochs=1, batch_size=32, threads=1, max_shift=2),
                              src, tmp_path / "t" / "e.onnx", log=lambda m: None)
     assert len(seen) == -(-info.rows["train"] // 32) and all(seen)  # every batch of the one epoch
 
@@ -140,7 +140,7 @@ def test_teacher_jitters_colour_rows_with_each_channels_black(tmp_path, monkeypa
 def test_teacher_refuses_to_shift_rows_that_are_not_images(tmp_path, monkeypatch):
     from pipeline.errors import UsageError
     from stages.prepare import PrepareConfig, prepare_dataset
-    from stages.teacher import TeacherConfig, train
+    from stages.teacher import TeacherConfig, stage
     from tests.conftest import run_cli
 
     np.savez(tmp_path / "f.npz", x=np.random.default_rng(0).random((60, 12)).astype(np.float32),
@@ -153,9 +153,9 @@ def test_teacher_refuses_to_shift_rows_that_are_not_images(tmp_path, monkeypatch
     assert "rows of shape [12] are not images and cannot be shifted; train with --max-shift 0" in proc.stderr
     assert not (tmp_path / "t" / "e.onnx").exists() and not (tmp_path / "t" / "e.onnx.partial").exists()
     cfg = TeacherConfig(members=1, arch="mlp:4", epochs=1, threads=1, max_shift=0)
-    _stop_before_export(monkeypatch, train)
+    _stop_before_export(monkeypatch, stage)
     with pytest.raises(_Trained):  # without the shift, feature rows train as before
-        train.train_teachers(cfg, src, tmp_path / "t" / "e.onnx", log=lambda m: None)
+        stage.train_teachers(cfg, src, tmp_path / "t" / "e.onnx", log=lambda m: None)
     with pytest.raises(UsageError, match="cannot be shifted"):
-        train.train_teachers(TeacherConfig(members=1, arch="mlp:4", epochs=1, threads=1, max_shift=1), src,
+        stage.train_teachers(TeacherConfig(members=1, arch="mlp:4", epochs=1, threads=1, max_shift=1), src,
                              tmp_path / "u" / "e.onnx", log=lambda m: None)
