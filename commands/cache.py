@@ -27,7 +27,7 @@ def cache() -> None:
     """Soft-target cache: build (default), and tools that work on an existing cache."""
 
 
-@stage_command("build", CacheConfig, cache)
+@stage_command("build", CacheConfig, cache, renamed={"view_shift": "view_max_shift"})
 @click.option("--teacher", "teachers", multiple=True, required=True, help=TEACHER_HELP)
 @click.option("--transfer-set", type=PathArg, required=True, help="prepared dataset whose rows are the transfer set")
 @click.option("--out", type=PathArg, required=True, help="cache HDF5 file to write (a shard writes "

@@ -30,7 +30,7 @@ from typing import Any
 import click
 
 from pipeline import config, resources
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, UsageError
 
 PathArg = click.Path(path_type=Path)
 
@@ -40,9 +40,15 @@ def say(message: str) -> None:
     click.echo(message, err=True)
 
 
-def stage_command(name: str, settings: type, group: click.Group | None = None, **kw: Any) -> Callable:
+def stage_command(name: str, settings: type, group: click.Group | None = None,
+                  renamed: dict[str, str] | None = None, **kw: Any) -> Callable:
     """``fn(cfg, **paths)`` as command ``name`` with the options of ``settings``: a subcommand of
-    ``group`` if given, else a top-level command (listed in :data:`COMMANDS`)."""
+    ``group`` if given, else a top-level command (listed in :data:`COMMANDS`).
+
+    ``renamed`` maps settings' former names to their names now (``{"shift": "max_shift"}``): the former
+    option (hidden from ``--help``) and the former key in ``--config`` files still work, for one release,
+    with a line on stderr that says so."""
+    renamed = renamed or {}
 
     # the command as the user typed it: `cache merge`, not `merge` (defaults of a group stay implicit)
     where = (name if group is None else group.name if getattr(group, "default", None) == name
@@ -56,10 +62,13 @@ def stage_command(name: str, settings: type, group: click.Group | None = None, *
             # here too, for embedders and forks that restore default signals, so that such a write
             # fails with EFBIG and is reported like a full disk (exit 7).
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            former = {old: kwargs.pop(config.former_option(old)) for old in renamed}
             overrides, paths = config.split_settings(settings, kwargs)
             cfg = None
             try:
-                cfg = config.load(settings, config_file, overrides)
+                _take_former(where, former, renamed, overrides)
+                cfg = config.load(settings, config_file, overrides, renamed,
+                                  warn=lambda line: say(f"distill {where}: {line}"))
                 fn(cfg, **paths)
             except PipelineError as e:
                 _fail(where, e)
@@ -72,10 +81,23 @@ def stage_command(name: str, settings: type, group: click.Group | None = None, *
                     raise
                 _fail(where, err)
 
-        cmd = config.options(settings)(run)
+        cmd = config.options(settings, renamed)(run)
         return (group.command if group is not None else click.command)(name, help=settings.__doc__, **kw)(cmd)
 
     return decorate
+
+
+def _take_former(where: str, former: dict[str, Any], renamed: dict[str, str], overrides: dict[str, Any]) -> None:
+    """The values given under former option names, moved to their settings' names now (said on stderr)."""
+    for old, value in former.items():
+        if value is None:
+            continue
+        new = renamed[old]
+        flag, now = "--" + old.replace("_", "-"), "--" + new.replace("_", "-")
+        if overrides.get(new) is not None:
+            raise UsageError(f"{flag} and {now} are the same setting; give {now} only")
+        say(f"distill {where}: {flag} is now {now}; the old name is accepted for one more release")
+        overrides[new] = value
 
 
 def _fail(where: str, e: PipelineError) -> None:

@@ -7,7 +7,7 @@ from commands.main import PathArg, say, stage_command
 from stages.teacher.settings import TeacherConfig
 
 
-@stage_command("teacher", TeacherConfig)
+@stage_command("teacher", TeacherConfig, renamed={"shift": "max_shift"})
 @click.option("--prepared", type=PathArg, required=True, help="prepared dataset (from `distill prepare`)")
 @click.option("--out", type=PathArg, required=True, help="ensemble ONNX file; member checkpoints go beside it")
 def teacher(cfg, prepared, out):

@@ -85,8 +85,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-def load(cls: type[C], config_file: Path | None, overrides: dict[str, Any]) -> C:
-    """Settings from an optional JSON file, then command-line overrides (None means not given)."""
+def load(cls: type[C], config_file: Path | None, overrides: dict[str, Any],
+         renamed: dict[str, str] | None = None, warn: Callable[[str], None] | None = None) -> C:
+    """Settings from an optional JSON file, then command-line overrides (None means not given).
+
+    ``renamed`` maps a setting's former name to its name now: the file may still use the former one
+    (``warn`` is told so, once per key); giving both names is a UsageError."""
     values: dict[str, Any] = {}
     if config_file is not None:
         try:
@@ -95,6 +99,14 @@ def load(cls: type[C], config_file: Path | None, overrides: dict[str, Any]) -> C
             raise UsageError(f"{config_file}: cannot read settings: {e}") from None
         if not isinstance(values, dict):
             raise UsageError(f"{config_file}: settings must be a JSON object")
+        for old, new in (renamed or {}).items():
+            if old in values:
+                if new in values:
+                    raise UsageError(f"{config_file}: gives both {old!r} and {new!r}, the same setting; keep {new!r}")
+                values[new] = values.pop(old)
+                if warn is not None:
+                    warn(f"{config_file}: setting {old!r} is now {new!r}; the old name is accepted for one more "
+                         "release")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return from_dict(cls, values)
 
@@ -105,15 +117,24 @@ def _click_type(tp: Any) -> Any:
     return {int: int, float: float, str: str, bool: bool}[tp]
 
 
-def options(cls: type) -> Callable[[Callable], Callable]:
+def former_option(old: str) -> str:
+    """The keyword a hidden option of a renamed setting's former name passes (see :func:`options`)."""
+    return f"former_{old}"
+
+
+def options(cls: type, renamed: dict[str, str] | None = None) -> Callable[[Callable], Callable]:
     """Decorator adding one ``--option`` per settings field, plus ``--config FILE``.
 
     Options default to None so that :func:`load` can tell "not given" from "given"; the shown
-    default is the dataclass default.
+    default is the dataclass default.  Each former name in ``renamed`` (old -> new) adds a hidden
+    ``--old-name`` of the new setting's type, passed as :func:`former_option` ``(old)``.
     """
     types = _field_types(cls)
 
     def decorate(fn: Callable) -> Callable:
+        for old, new in (renamed or {}).items():
+            fn = click.option("--" + old.replace("_", "-"), former_option(old), type=_click_type(types[new]),
+                              default=None, hidden=True)(fn)
         for f in reversed(dataclasses.fields(cls)):
             tp = types[f.name]
             flag = "--" + f.name.replace("_", "-")

@@ -59,7 +59,7 @@ class CacheConfig:
                              "<out stem>.part<i>of<n><suffix>; empty = RANK/WORLD_SIZE when set, else all rows")
     views: int = setting(0, "K views of every transfer row, made from 8 bytes of parameters each (view 0 is the "
                             "row itself; docs/design.md, views); 0 = the rows themselves, no views")
-    view_shift: int = setting(2, "views: largest shift in pixels along each image axis")
+    view_max_shift: int = setting(2, "views: largest shift in pixels along each image axis")
     view_flip: float = setting(0.0, "views: probability of a horizontal flip")
     view_mixup: float = setting(0.0, "views: probability of mixing in a partner row (weight <= 0.5)")
     view_mixup_alpha: float = setting(1.0, "views: the partner's weight w is min(b, 1 - b), b ~ Beta(alpha, alpha)")
@@ -93,7 +93,7 @@ class CacheConfig:
 
         if not self.views:
             return None
-        return ViewSpec(count=self.views, max_shift=self.view_shift, flip=self.view_flip, mixup=self.view_mixup,
+        return ViewSpec(count=self.views, max_shift=self.view_max_shift, flip=self.view_flip, mixup=self.view_mixup,
                         mixup_alpha=self.view_mixup_alpha, seed=self.view_seed)
 
 

@@ -22,7 +22,7 @@ from tests.conftest import run_cli
 
 QUIET = dict(log=lambda m: None)
 BASE = dict(temperatures=(1.0, 2.0), batch_size=256, device="cpu", threads=1)
-MIX = dict(views=4, view_shift=2, view_flip=0.5, view_mixup=0.5)
+MIX = dict(views=4, view_max_shift=2, view_flip=0.5, view_mixup=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_merged_view_shards_equal_one_run(views_cache, tiny_teacher, tiny_prepar
     (["--views", "-1"], "views must be >= 0"),
     (["--views", "4", "--view-mixup", "1.5"], "mixup is a probability in \\[0, 1\\]"),
     (["--views", "4", "--view-flip", "-0.5"], "flip is a probability in \\[0, 1\\]"),
-    (["--views", "4", "--view-shift", "40"], "does not fit images of 28 x 28"),
+    (["--views", "4", "--view-max-shift", "40"], "does not fit images of 28 x 28"),
     (["--logits-dtype", "int8"], "logits_dtype must be float32 or float16"),
 ])
 def test_bad_view_settings_are_usage_errors(args, message, tiny_teacher, tiny_prepared, tmp_path):

@@ -56,3 +56,40 @@ def test_config_file_and_override(tmp_path):
 def test_every_stage_has_help_from_its_settings(stage):
     proc = run_cli(*stage.split(), "--help", check=True)
     assert "--config" in proc.stdout and "[default:" in proc.stdout
+
+
+def test_a_renamed_setting_is_read_under_its_former_name_in_a_file(tmp_path):
+    from stages.teacher import TeacherConfig
+
+    f, said = tmp_path / "t.json", []
+    f.write_text('{"shift": 1, "epochs": 3}')
+    cfg = config.load(TeacherConfig, f, {}, {"shift": "max_shift"}, warn=said.append)
+    assert (cfg.max_shift, cfg.epochs) == (1, 3)
+    assert len(said) == 1 and "'shift' is now 'max_shift'" in said[0]
+    with pytest.raises(UsageError, match="unknown setting"):  # without the rename, the former key is unknown
+        config.load(TeacherConfig, f, {})
+    f.write_text('{"shift": 1, "max_shift": 2}')
+    with pytest.raises(UsageError, match="both 'shift' and 'max_shift'"):
+        config.load(TeacherConfig, f, {}, {"shift": "max_shift"})
+
+
+@pytest.mark.parametrize("command, paths, former, now, settings", [
+    (["teacher"], ["--prepared", "p.h5", "--out", "t.onnx"], "--shift", "--max-shift", "max_shift must lie in"),
+    (["cache", "build"], ["--teacher", "t.onnx", "--transfer-set", "p.h5", "--out", "c.h5", "--views", "4"],
+     "--view-shift", "--view-max-shift", "max_shift"),
+])
+def test_former_option_names_still_work_hidden_and_said(command, paths, former, now, settings):
+    """The former option reaches the setting (an out-of-range value is refused in the setting's own words, exit
+    2, before any file is read), is hidden from --help, and says on stderr that it was renamed."""
+    from click.testing import CliRunner
+
+    from commands.main import main
+
+    runner = CliRunner()
+    r = runner.invoke(main, [*command, *paths, former, "200"])
+    assert r.exit_code == 2 and settings in r.stderr, r.stderr
+    assert f"{former} is now {now}; the old name is accepted for one more release" in r.stderr
+    r = runner.invoke(main, [*command, *paths, former, "1", now, "1"])
+    assert r.exit_code == 2 and "same setting" in r.stderr, r.stderr
+    helped = runner.invoke(main, [*command, "--help"]).output
+    assert now in helped and f"{former} " not in helped
