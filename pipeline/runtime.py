@@ -1,6 +1,6 @@
 """Process-level helpers every stage may use: torch threads, progress bars, workers tied to their parent.
 
-onnxruntime sessions live in :mod:`pipeline.ort`; nothing here imports torch or onnxruntime at
+onnxruntime sessions live in :mod:`pipeline.inference`; nothing here imports torch or onnxruntime at
 module level, so a command's ``--help`` loads neither.
 """
 from __future__ import annotations

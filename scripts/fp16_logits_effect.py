@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import models, ort  # noqa: E402
+from pipeline import inference, models# noqa: E402
 from pipeline.formats.cache import open_cache  # noqa: E402
 from pipeline.formats.prepared import open_prepared  # noqa: E402
 
@@ -37,7 +37,7 @@ def main() -> None:
     kl = np.sum(p32 * (np.log(np.clip(p32, 1e-30, None)) - np.log(np.clip(p16, 1e-30, None))), axis=1)
     info = open_prepared(a.prepared)
     xt, yt = info.load("test")
-    teacher = ort.predict_proba(a.teacher, xt).argmax(1)
+    teacher = inference.predict_proba(a.teacher, xt).argmax(1)
     preds = {}
     for tag, path in (("float32", a.student32), ("float16", a.student16)):
         net, _ = models.load(path)

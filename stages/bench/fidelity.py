@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline import ort, provenance, resources
+from pipeline import inference, provenance, resources
 from pipeline.artifacts import write_json
 from pipeline.config import to_dict
 from pipeline.formats.onnx_model import input_dtype
@@ -44,7 +44,7 @@ def profile(model: Path, pool: np.ndarray, threads: int, runs: int) -> dict:
     type, the sum over its nodes of each node's median kernel time, in microseconds (the trace's
     ``dur`` unit); the first tenth of the runs is left out."""
     with tempfile.TemporaryDirectory() as tmp:
-        sess = ort.session(model, "cpu", threads, profile_prefix=os.path.join(tmp, "prof"))
+        sess = inference.session(model, "cpu", threads, profile_prefix=os.path.join(tmp, "prof"))
         name = sess.get_inputs()[0].name
         feeds = [{name: pool[i % len(pool)][None]} for i in range(min(runs, len(pool)))]
         for i in range(runs):

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline import ort, provenance, resources, runtime
+from pipeline import inference, provenance, resources, runtime
 from pipeline.artifacts import claim, write_text
 from pipeline.config import to_dict
 from pipeline.errors import DataError
@@ -78,9 +78,9 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
             raise DataError(f"{prepared}: a candidate takes uint8 pixels, the prepared test split holds "
                             f"{rows['uint8'].dtype}")
     for name, path in models.items():  # shape, dtype and class count, before any timing
-        ort.check_io(path, ort.session(path, "cpu"), info.shape, len(info.classes), dtype=dtypes[name])
+        inference.check_io(path, inference.session(path, "cpu"), info.shape, len(info.classes), dtype=dtypes[name])
     torch_models = {f"{k}{TORCH_SUFFIX}": Path(v) for k, v in (torch_models or {}).items()}
-    teacher_pred = ort.predict_proba(teacher, xtest).argmax(1)
+    teacher_pred = inference.predict_proba(teacher, xtest).argmax(1)
     results = {}
     with resources.temporary_folder() as tmp:  # a full TMPDIR is one line naming it (exit 7)
         pools, floors = {}, {}
@@ -109,7 +109,7 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
                              macs_per_image=macs,
                              size_note="checkpoint: weights, metadata and provenance (kd-checkpoint/1)")
             elif not floor:
-                pred = ort.predict_proba(path, rows[dtype]).argmax(1)
+                pred = inference.predict_proba(path, rows[dtype]).argmax(1)
                 entry.update(files=model_files(path), size_bytes=model_size(path), parameters=parameter_count(path),
                              macs_per_image=onnx_macs(path))
             if not floor and engine != "iobinding":
@@ -117,7 +117,7 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
                              agreement_with_teacher=float(np.mean(pred == teacher_pred)),
                              sha256=provenance.sha256_file(path))
             results[name] = entry
-    want = ort.PROVIDERS[cfg.provider]
+    want = inference.PROVIDERS[cfg.provider]
     for name, entry in results.items():
         for r in entry["runs"]:
             expected = bench_worker.TORCH_PROVIDER if entry["engine"] == "torch" else want

@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from pipeline import ort as ortx
+from pipeline import inference
 from pipeline import resources, runtime
 from pipeline.errors import DataError, PipelineError, ResourceError, RuntimeUnavailable
 from pipeline.formats.onnx_model import IR_VERSION, OPSET
@@ -47,7 +47,7 @@ from stages.bench import stats as benchstats
 from stages.bench.settings import TIMING_DEFAULTS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-PROVIDERS = ortx.PROVIDERS
+PROVIDERS = inference.PROVIDERS
 ENGINES = ("onnxruntime", "iobinding", "torch", "timeit", "timeit-iobinding")
 TORCH_PROVIDER = "torch-eager-cpu"
 POOL_CACHE_BYTES = 64 << 20  # at most this much of pre-cut batches is kept
@@ -55,9 +55,9 @@ POOL_CACHE_BYTES = 64 << 20  # at most this much of pre-cut batches is kept
 
 # ---------------------------------------------------------------- session and inputs
 def make_session(model: str | Path, threads: int, provider: str = "cpu") -> ort.InferenceSession:
-    """:func:`pipeline.ort.session` on ``provider`` (asserted), without re-checking the file: the bench
+    """:func:`pipeline.inference.session` on ``provider`` (asserted), without re-checking the file: the bench
     stage checked it before any timing, and the worker times session creation."""
-    return ortx.session(Path(model), provider, threads, check=False)
+    return inference.session(Path(model), provider, threads, check=False)
 
 
 def load_pool(inputs: str | Path | np.ndarray) -> np.ndarray:

@@ -93,7 +93,7 @@ def bench_speed(cfg: CacheBenchConfig, work: Path, out: Path, log: Callable[[str
     """Write ``out`` (JSON): onnxruntime vs PyTorch eager rows/s, and the stage's HDF5 I/O share."""
     import torch
 
-    from pipeline import ort, runtime
+    from pipeline import inference, runtime
     from stages.cache.stage import build_cache
     from stages.cache.settings import CacheConfig
 
@@ -103,15 +103,15 @@ def bench_speed(cfg: CacheBenchConfig, work: Path, out: Path, log: Callable[[str
     prepared = synthetic_prepared(work / f"speed-{cfg.rows}.h5", cfg.rows, shape)
     net = _ensemble(cfg, shape, work / "ensemble.onnx")
     x = np.random.default_rng(1).standard_normal((cfg.rows, *shape), dtype=np.float32)
-    sess = ort.session(work / "ensemble.onnx", cfg.device, cfg.threads, log=log)
-    on_cuda = ort.provider_name(sess) == ort.PROVIDERS["cuda"]
+    sess = inference.session(work / "ensemble.onnx", cfg.device, cfg.threads, log=log)
+    on_cuda = inference.provider_name(sess) == inference.PROVIDERS["cuda"]
     dev = torch.device("cuda" if on_cuda and torch.cuda.is_available() else "cpu")  # both on the same device
     net = net.to(dev)
     runtime.set_torch_threads(cfg.threads)
     batches = [x[lo:lo + cfg.batch_size] for lo in range(0, cfg.rows, cfg.batch_size)]
 
     def ort_pass() -> np.ndarray:  # host arrays in and out, as the stage uses it
-        return ort.run_batched(sess, x, cfg.batch_size)
+        return inference.run_batched(sess, x, cfg.batch_size)
 
     def torch_pass() -> np.ndarray:
         with torch.inference_mode():
@@ -134,7 +134,7 @@ def bench_speed(cfg: CacheBenchConfig, work: Path, out: Path, log: Callable[[str
     wall = stats["wall_s"]
     report = {
         "settings": to_dict(cfg), "rows": cfg.rows, "threads": cfg.threads,
-        "onnxruntime_provider": ort.provider_name(sess), "torch_device": str(dev),
+        "onnxruntime_provider": inference.provider_name(sess), "torch_device": str(dev),
         "rows_per_s": rate, "trial_s": times, "ort_over_torch": rate["onnxruntime"] / rate["torch_eager"],
         "max_abs_diff_ort_vs_torch": float(np.max(np.abs(got - ref))),
         "stage": {**stats, "hdf5_read_s": stats["read_s"], "hdf5_write_s": stats["write_s"],

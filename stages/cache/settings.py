@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pipeline.config import require, require_temperatures, setting
 from pipeline.errors import UsageError
-from pipeline.ort import DEVICES
+from pipeline.inference import DEVICES
 from pipeline.soft import COMBINES
 
 DIAG_BLOCK = 16384  # rows per block of diagnostics and tools: ~0.7 MB of logits per member at 10 classes

@@ -6,7 +6,7 @@ line (``--teacher PATH:input=unit,...``), the model's ``input_contract`` metadat
 defaults: the layout that the model's declared input shape fits (the transfer set's own first),
 the dtype of that input, the transfer set's normalisation for a float input (raw for uint8), and
 the first float output shaped ``[batch, classes]`` or ``[batch, members, classes]``
-(:func:`pipeline.ort.select_output`).  The command line wins over the metadata so that a model whose
+(:func:`pipeline.inference.select_output`).  The command line wins over the metadata so that a model whose
 metadata is wrong can still be declared right.  A mismatch (an input shape no layout fits, which
 includes another spatial size; a declaration that contradicts the graph; a ZipMap or label-only
 output) is one line naming the file, what the model has and what the transfer set gives.
@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipeline import contract as ct
-from pipeline import ort, soft
+from pipeline import inference, soft
 from pipeline.errors import DataError
 from pipeline.formats.onnx_model import InputContract, read_input_contract
 
@@ -118,7 +118,7 @@ def resolve(spec: ct.TeacherSpec, sess: Any, geom: ct.Geometry, classes: int) ->
                 geom.stats(getattr(decl, name), name)
             except DataError as e:
                 raise DataError(f"{path}: {e} (declared, {sources[name]})") from None
-    output = ort.select_output(path, sess, decl.output)
+    output = inference.select_output(path, sess, decl.output)
     sources.setdefault("output", "first float output")
     odims = next(o.shape for o in sess.get_outputs() if o.name == output)
     if odims and isinstance(odims[-1], int) and odims[-1] != classes:
@@ -139,7 +139,7 @@ class _Member:
         self.dtype = np.dtype(plan.contract.dtype)
         self.batch, self.io = batch, None
         if bind:
-            device = "cuda" if ort.provider_name(sess) == ort.PROVIDERS["cuda"] else "cpu"
+            device = "cuda" if inference.provider_name(sess) == inference.PROVIDERS["cuda"] else "cpu"
             shape = geom.fits()[plan.contract.layout]
             self.io = sess.io_binding()
             # One device buffer for the whole run, overwritten in place each batch.
@@ -182,8 +182,8 @@ class Teachers:
         specs = [ct.parse_teacher(t) for t in teachers]
         self.paths = [s.path for s in specs]
         self.geom, self.classes, self.batch = geom, classes, batch
-        sessions = [ort.session(p, device, threads, log=log, device_id=device_id) for p in self.paths]
-        self.provider = ort.provider_name(sessions[0])
+        sessions = [inference.session(p, device, threads, log=log, device_id=device_id) for p in self.paths]
+        self.provider = inference.provider_name(sessions[0])
         if contracts is None:
             self.plans = [resolve(s, sess, geom, classes) for s, sess in zip(specs, sessions)]
         else:
@@ -198,7 +198,7 @@ class Teachers:
 
     def check(self) -> None:
         """Trial-run each teacher on two rows of zeros under its contract (output, classes, dtype)."""
-        self.shapes = [ort.check_io(plan.path, sess, self.geom.fits()[plan.contract.layout], self.classes,
+        self.shapes = [inference.check_io(plan.path, sess, self.geom.fits()[plan.contract.layout], self.classes,
                                     dtype=plan.contract.dtype, output=plan.contract.output)
                        for plan, sess in zip(self.plans, self.sessions)]
 

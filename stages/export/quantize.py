@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from pipeline import ort
+from pipeline import inference
 from pipeline.formats.onnx_model import IR_VERSION
 from pipeline.onnxio import quiet
 from stages.export.rewrites import float_logits, pixel_path, pixel_zero_point, pixels_in
@@ -136,7 +136,7 @@ def fp16(fp32: Path, out: Path) -> Path:
 
 def logits_of(sess, x: np.ndarray, batch: int = 1024) -> np.ndarray:
     """The first output of ``sess`` on ``x``, in batches of ``batch`` rows, as float64."""
-    return ort.run_batched(sess, x, batch).astype(np.float64)
+    return inference.run_batched(sess, x, batch).astype(np.float64)
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import torch
 
-from pipeline import macs, models, onnxio, ort, provenance, resources
+from pipeline import inference, macs, models, onnxio, provenance, resources
 from pipeline.artifacts import atomic_output, claim, write_json
 from pipeline.config import to_dict
 from pipeline.errors import IntegrityError, UsageError
@@ -125,7 +125,7 @@ def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out:
     graph, front = edge_module(net, info.shape, cfg.raw_input, info.scale, info.mean, info.std)
     teacher_pred = None
     if teacher is not None:
-        teacher_pred = ort.predict_proba(Path(teacher), xtest).argmax(1)  # the ensemble takes normalised rows
+        teacher_pred = inference.predict_proba(Path(teacher), xtest).argmax(1)  # the ensemble takes normalised rows
     meta = metadata(ckpt, checkpoint, cfg.raw_input)
     wanted = {k: Path(p) for k, p in (("int8", out_int8), ("dynamic", out_dynamic), ("fp16", out_fp16)) if p}
     result: dict = {"settings": to_dict(cfg), "metadata": meta, "arch": ckpt.arch,
@@ -135,7 +135,7 @@ def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out:
     with resources.temporary_folder() as tmp:  # a full TMPDIR is one line naming it (exit 7)
         fp32 = Path(tmp) / "fp32.onnx"
         onnxio.export(graph, torch.from_numpy(xin[:2]), fp32, "logits", metadata={**meta, "precision": "fp32"})
-        sess = ort.session(fp32, "cpu", threads=1)
+        sess = inference.session(fp32, "cpu", threads=1)
         worst = onnxio.validate(module, sess, [xin[:b] for b in PARITY_BATCHES], rtol=cfg.rtol, what=str(out))
         fp32_logits = quantize.logits_of(sess, xin)
         result["fp32"] = {"path": str(out), "max_abs_diff_vs_torch": worst, "parity_batches": list(PARITY_BATCHES),
@@ -145,7 +145,7 @@ def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out:
         built = {}
 
         def score(path: Path) -> dict:
-            logits = quantize.logits_of(ort.session(path, "cpu", threads=1), xin)
+            logits = quantize.logits_of(inference.session(path, "cpu", threads=1), xin)
             return quantize.gate(fp32_logits, logits, ytest, teacher_pred, cfg.max_accuracy_drop)
 
         for kind, final in wanted.items():

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline import models, ort, provenance, runtime, soft
+from pipeline import inference, models, provenance, runtime, soft
 from pipeline.artifacts import write_json
 from pipeline.config import to_dict
 from pipeline.formats.cache import open_cache
@@ -66,7 +66,7 @@ def bench_student(cfg: StudentBenchConfig, cache: Path, transfer_set: Path, teac
     stream_mib = min(cfg.stream_budget_mib, n * resident.row_bytes / 2 / (1 << 20))
     streaming = TransferLoader(c, info, "soft", cfg.temperature, sel, budget_mib=stream_mib)
     x, t, y = (a.clone() for a in resident.arrays())  # the same arrays, handed in
-    sess = ort.session(teacher, "cpu", threads=cfg.threads)
+    sess = inference.session(teacher, "cpu", threads=cfg.threads)
 
     def in_memory(gen):
         order = torch.randperm(n, generator=gen)
@@ -105,7 +105,7 @@ def bench_student(cfg: StudentBenchConfig, cache: Path, transfer_set: Path, teac
         "rows": n, "epochs_timed": cfg.epochs, "batch_size": cfg.batch_size, "torch_threads": torch.get_num_threads(),
         "resident_load_seconds": load_s, "streaming_budget_mib": stream_mib, "streaming_block_rows": streaming.block_rows,
         "streaming_buffer_rows": streaming.buffer_blocks * streaming.block_rows,
-        "onnxruntime_provider": ort.provider_name(sess),
+        "onnxruntime_provider": inference.provider_name(sess),
         "modes": {m: {"median_epoch_seconds": med[m], "min_epoch_seconds": min(state[m][4]),
                       "epoch_seconds": state[m][4], "ratio_to_in_memory": med[m] / med["in_memory"]} for m in modes},
         "target": "cache_resident, cache_streaming and views within 1.15x of in_memory",

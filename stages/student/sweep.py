@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline import ort, provenance, runtime
+from pipeline import inference, provenance, runtime
 from pipeline.artifacts import atomic_output, write_json, write_text
 from pipeline.config import to_dict
 from pipeline.errors import DataError, IntegrityError
@@ -114,7 +114,7 @@ def teacher_test_accuracy(teacher: Path, cache: Path, transfer_set: Path) -> flo
     if provenance.sha256_file(teacher) not in c.teacher_sha256:
         raise IntegrityError(f"{teacher}: not the teacher the cache {cache} was built from; rebuild with `make cache`")
     x, y = open_prepared(transfer_set).load("test")
-    return float(np.mean(ort.predict_proba(teacher, x, threads=1).argmax(1) == y))
+    return float(np.mean(inference.predict_proba(teacher, x, threads=1).argmax(1) == y))
 
 
 def summarise(rows: list[dict]) -> list[dict]:

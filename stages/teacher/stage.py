@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import models, onnxio, ort, provenance, runtime
+from pipeline import inference, models, onnxio, provenance, runtime
 from pipeline.artifacts import atomic_output, claim
 from pipeline.config import to_dict
 from pipeline.errors import DataError, UsageError
@@ -83,7 +83,7 @@ def train_teachers(cfg: TeacherConfig, prepared: Path, out: Path, log: Callable[
         onnxio.export(ensemble, data["val"][0][:2], tmp, "member_logits",
                       metadata={"provenance": json.dumps(prov), "classes": json.dumps(list(info.classes)),
                                 **input_contract_metadata(takes)})
-        sess = ort.session(tmp, "cpu", threads=cfg.threads)
+        sess = inference.session(tmp, "cpu", threads=cfg.threads)
         xval = data["val"][0].numpy()
         onnxio.validate(ensemble, sess, [xval[:1], xval[:7], xval[:256]], what=str(out))
     log(f"teacher ensemble: {cfg.members} x {cfg.arch}, member val accuracy "

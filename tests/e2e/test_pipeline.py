@@ -132,7 +132,7 @@ def test_cache_cli_bad_temperature(tiny_teacher, tiny_prepared, tmp_path):
 
 
 def test_cache_cli_cuda_unavailable_is_an_error(tiny_teacher, tiny_prepared, tmp_path):
-    from pipeline.ort import cuda_driver_present
+    from pipeline.inference import cuda_driver_present
     if cuda_driver_present():
         pytest.skip("a GPU is present")
     out = tmp_path / "c.h5"

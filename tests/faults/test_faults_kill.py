@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import ort as runtime
+from pipeline import inference
 from pipeline.formats.checkpoint import read_checkpoint, write_checkpoint
 from pipeline.formats.cache import open_cache
 from tests.conftest import ROOT, run_cli
@@ -38,7 +38,7 @@ def _valid(path: Path) -> None:
     if not path.exists():
         return
     if path.suffix == ".onnx":
-        runtime.session(path, "cpu")
+        inference.session(path, "cpu")
     elif path.suffix == ".ckpt":
         read_checkpoint(path, role=None)
     elif path.suffix == ".json":

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline import ort as runtime
+from pipeline import inference
 from pipeline.errors import DataError
 from stages.bench import stage as bench
 from stages.cache import stage as cache
@@ -154,8 +154,8 @@ def test_good_external_data_is_accepted(tmp_path):
     d = tmp_path / "m"
     d.mkdir()
     model = external_model(d / "m.onnx", "w.bin", data_file=d / "w.bin")  # inside the folder, one link
-    sess = runtime.session(model, "cpu")
-    runtime.check_io(model, sess, (28, 28), 10)
+    sess = inference.session(model, "cpu")
+    inference.check_io(model, sess, (28, 28), 10)
     # and the weights it runs are the external file's: x W with W read from w.bin by numpy
     w = np.frombuffer((d / "w.bin").read_bytes(), np.float32).reshape(784, 10)
     x = np.random.default_rng(0).normal(size=(3, 28, 28)).astype(np.float32)
@@ -172,7 +172,7 @@ def test_bench_rejects_before_timing(case, tiny_teacher, tiny_prepared, tmp_path
         raise AssertionError("timing started before the models were checked")
 
     monkeypatch.setattr(bench.bench_worker, "run_isolated", boom)
-    monkeypatch.setattr(bench.ort, "predict_proba", boom)
+    monkeypatch.setattr(bench.inference, "predict_proba", boom)
     out = tmp_path / "b.json"
     with pytest.raises(DataError, match=BAD[case][1]):
         benchmark(BenchConfig(), tiny_teacher, {"s": model}, tiny_prepared, out, tmp_path / "b.md",
