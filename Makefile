@@ -104,7 +104,7 @@ ARGS_edge := --alpha $(ALPHA) --temperature $(EDGE_T) --epochs $(EDGE_EPOCHS) --
 ARGS_bench_edge := $(BENCH_EDGE_ARGS)
 stamp = $(PARAMS)/$(1).args
 
-.PHONY: help all smoke setup test test-fast prepare teacher cache student export bench bench-fidelity clean clean-smoke
+.PHONY: help all smoke setup lint test test-fast prepare teacher cache student export bench bench-fidelity clean clean-smoke
 .PHONY: bench-student sweep experiments exp-small-transfer exp-omitted-class exp-temperature
 .PHONY: jitter cache-jitter exp-hinton views-caches exp-views student-edge export-edge bench-edge
 
@@ -124,11 +124,14 @@ smoke: ## the same pipeline shrunk (a few thousand rows, tiny models), under two
 
 setup: $(INSTALLED) $(FASHION) ## create .venv (CPU torch without a GPU) and install the dataset
 
-test: setup ## run the test suite (unit, formats, stages, faults, end to end: what CI runs)
+test: setup lint ## the linter, then the test suite (unit, formats, stages, faults, end to end: what CI runs)
 	$(PY) -m pytest -q --durations=15
 
-test-fast: setup ## the tests that run no pipeline in a subprocess (not marked slow), a few minutes
+test-fast: setup lint ## the linter, then the tests that run no pipeline in a subprocess (not marked slow)
 	$(PY) -m pytest -q -m "not slow"
+
+lint: setup ## ruff check . (the rules: pyproject.toml [tool.ruff]; zero findings)
+	$(VENV)/bin/ruff check .
 
 prepare: $(PREPARED) ## prepared transfer set (data/prepared/<ds>.h5)
 teacher: $(TEACHER) ## teacher ensemble ONNX (data/teachers/<ds>/ensemble.onnx)
@@ -156,7 +159,7 @@ $(FASHION):
 # Not for goals that build nothing under $(DATA) themselves: `make smoke T=4` would otherwise stamp
 # T=4 onto the full-size students in data/ (its sub-make stamps $(SMOKE_DATA)), and `make help` or
 # `make test` must not touch them either.
-NO_STAMP_GOALS := help smoke clean-smoke test test-fast setup
+NO_STAMP_GOALS := help smoke clean-smoke lint test test-fast setup
 ifneq ($(filter-out $(NO_STAMP_GOALS),$(or $(MAKECMDGOALS),$(.DEFAULT_GOAL))),)
 $(foreach s,prepare jitter teacher cache hard kd export bench edge bench_edge,$(shell mkdir -p $(PARAMS) && \
   printf '%s\n' '$(ARGS_$(s))' | cmp -s - $(PARAMS)/$(s).args || printf '%s\n' '$(ARGS_$(s))' > $(PARAMS)/$(s).args))

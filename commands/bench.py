@@ -35,7 +35,8 @@ def bench() -> None:
 @click.option("--torch", "torch_models", multiple=True,
               help="NAME=CHECKPOINT of a student .ckpt timed in PyTorch eager as NAME-torch (repeat)")
 @click.option("--plot-accuracy", type=PathArg, default=None, help="PNG: accuracy against p50 latency [default: none]")
-@click.option("--plot-throughput", type=PathArg, default=None, help="PNG: throughput against batch size [default: none]")
+@click.option("--plot-throughput", type=PathArg, default=None,
+              help="PNG: throughput against batch size [default: none]")
 def bench_run(cfg, teacher_path, candidates, prepared, out, markdown, csv_path, torch_models, plot_accuracy,
               plot_throughput):
     from stages.bench import benchmark

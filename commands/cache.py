@@ -6,8 +6,14 @@ from pathlib import Path
 import click
 
 from commands.main import DefaultGroup, PathArg, say, stage_command
-from stages.cache.settings import (AddTemperatureConfig, CacheBenchConfig, CacheConfig, CacheScaleConfig,
-                                   MergeConfig, VerifyConfig)
+from stages.cache.settings import (
+    AddTemperatureConfig,
+    CacheBenchConfig,
+    CacheConfig,
+    CacheScaleConfig,
+    MergeConfig,
+    VerifyConfig,
+)
 
 TEACHER_HELP = ("teacher ONNX file, optionally with its input contract: PATH[:input=raw|unit|normalised,"
                 "layout=same|nchw|nhwc|flat|flat-nhwc,mean=M[/M..],std=S[/S..],dtype=float32|uint8,output=NAME] "
@@ -43,7 +49,8 @@ def cache_build(cfg, teachers, transfer_set, out, plot):
 
 @stage_command("add-temperature", AddTemperatureConfig, cache)
 @click.argument("cache_path", type=PathArg)
-@click.option("--out", type=PathArg, default=None, help="write the extended cache here [default: replace FILE atomically]")
+@click.option("--out", type=PathArg, default=None,
+              help="write the extended cache here [default: replace FILE atomically]")
 @click.option("--plot", type=PathArg, default=None, help="also plot entropy and accuracy against T to this PNG")
 def cache_add_temperature(cfg, cache_path, out, plot):
     from stages.cache import add_temperature
@@ -66,7 +73,8 @@ def cache_verify(cfg, cache_path, teachers, transfer_set):
 
 
 @stage_command("merge", MergeConfig, cache)
-@click.option("--part", "parts", type=PathArg, multiple=True, required=True, help="a shard's part file (repeat for each)")
+@click.option("--part", "parts", type=PathArg, multiple=True, required=True,
+              help="a shard's part file (repeat for each)")
 @click.option("--out", type=PathArg, required=True, help="merged cache HDF5 file to write")
 def cache_merge(cfg, parts, out):
     from stages.cache import merge

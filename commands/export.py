@@ -13,7 +13,8 @@ from stages.export.settings import ExportConfig
 @click.option("--out", type=PathArg, required=True, help="fp32 ONNX file to write")
 @click.option("--int8", "out_int8", type=PathArg, default=None, help="int8 ONNX file [default: <out stem>.int8.onnx]")
 @click.option("--report", type=PathArg, default=None, help="export check report [default: <out stem>.export.json]")
-@click.option("--dynamic-int8", "out_dynamic", type=PathArg, default=None, help="dynamic int8 ONNX file [default: none]")
+@click.option("--dynamic-int8", "out_dynamic", type=PathArg, default=None,
+              help="dynamic int8 ONNX file [default: none]")
 @click.option("--fp16", "out_fp16", type=PathArg, default=None, help="fp16 ONNX file, for GPUs [default: none]")
 @click.option("--teacher", type=PathArg, default=None, help="teacher ensemble ONNX: adds agreement with it to the gate")
 @click.option("--mobile-dir", type=PathArg, default=None,

@@ -14,8 +14,9 @@ import contextlib
 import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline import resources
 from pipeline.errors import BusyError, PipelineError

@@ -25,8 +25,9 @@ with colons stays a path, and a trailing ``:`` ends any path whatever it contain
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -109,9 +110,11 @@ class Geometry:
     std: float | tuple[float, ...]
 
     @classmethod
-    def of(cls, info: Any) -> "Geometry":
+    def of(cls, info: Any) -> Geometry:
         """From a :class:`pipeline.formats.prepared.Prepared` (scalar or per-channel mean/std)."""
-        as_stat = (lambda v: tuple(float(a) for a in v) if np.ndim(v) else float(v))
+        def as_stat(v: Any) -> float | tuple[float, ...]:
+            return tuple(float(a) for a in v) if np.ndim(v) else float(v)
+
         return cls(tuple(info.shape), str(info.dtype), float(info.scale), as_stat(info.mean), as_stat(info.std))
 
     @property

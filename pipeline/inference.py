@@ -117,7 +117,7 @@ def check_io(path: Path, sess: Any, shape: tuple[int, ...], classes: int, member
                         f"dynamic batch dimension")
     try:
         out = sess.run(None if output is None else [output], {inp.name: np.zeros((2, *shape), dtype)})[0]
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
+    except Exception as e:  # onnxruntime raises several unrelated types
         if resources.is_memory_error(e):
             raise  # out of memory is not the model's fault: exit 7 from the command line
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -147,7 +147,7 @@ def _preload_cuda() -> None:
     if preload is not None:
         try:  # loads the CUDA/cuDNN libraries the onnxruntime-gpu wheel expects (from pip's nvidia-*)
             preload()
-        except Exception:  # noqa: BLE001 - absence is reported by the provider check below
+        except Exception:  # absence is reported by the provider check below
             pass
 
 
@@ -204,7 +204,7 @@ def session(path: Path, device: str = "cpu", threads: int = 1, log=None, device_
 def _try_session(ort: Any, path: Path, opts: Any, providers: list[str], raise_errors: bool = False):
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
+    except Exception as e:  # onnxruntime raises several unrelated types
         if resources.is_memory_error(e):
             raise  # a thread pool that cannot start is out of memory, not a bad model: exit 7
         if raise_errors:

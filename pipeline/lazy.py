@@ -3,7 +3,8 @@ code (and torch) only then, while ``--help`` imports the package for its setting
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def exports(package: str, where: dict[str, str]) -> Callable[[str], Any]:

@@ -72,7 +72,8 @@ def record(stage: str, settings: dict[str, Any], inputs: dict[str, Path], **extr
     }
 
 
-def check_recorded_inputs(rec: dict[str, Any], what: str, rebuild: str, skip: tuple[str, ...] = ("transfer_set",)) -> None:
+def check_recorded_inputs(rec: dict[str, Any], what: str, rebuild: str, skip: tuple[str, ...] = ("transfer_set",
+                                                                                                 )) -> None:
     """Refuse when an input recorded in provenance ``rec`` still exists at its recorded path but with
     other content (a teacher retrained since the cache was made); inputs no longer there (an
     artifact from another machine) are not judged.  ``skip``: inputs the caller checks itself."""

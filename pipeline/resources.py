@@ -19,8 +19,8 @@ import os
 import re
 import resource
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.errors import PipelineError, ResourceError
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
-from typing import Any, Iterable
-
+from collections.abc import Iterable
+from typing import Any
 
 
 def set_torch_threads(n: int) -> None:

@@ -68,7 +68,7 @@ class ViewSpec:
         return {"version": VERSION, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ViewSpec":
+    def from_dict(cls, d: dict[str, Any]) -> ViewSpec:
         if d.get("version") != VERSION:
             raise ValueError(f"views made by view function version {d.get('version')!r}; this code makes "
                              f"version {VERSION}")

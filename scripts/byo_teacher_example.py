@@ -54,10 +54,10 @@ def distill(*args: str, expect: int = 0) -> str:
 
 def main() -> None:
     import onnxruntime
-    import sklearn
     import skl2onnx
-    from sklearn.linear_model import LogisticRegression
+    import sklearn
     from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
 
     from pipeline.formats.cache import open_cache
     from pipeline.formats.prepared import open_prepared
@@ -69,7 +69,8 @@ def main() -> None:
     flat = x.reshape(len(x), -1).astype(np.float32) / np.float32(255)  # what the model is fitted on: [0, 1], flat
     t = time.perf_counter()
     model = LogisticRegression(max_iter=300, C=0.1).fit(flat[:FIT_ROWS], y[:FIT_ROWS])
-    say(f"LogisticRegression fitted on the first {FIT_ROWS} train rows, x / 255 flat, in {time.perf_counter() - t:.0f} s")
+    say(f"LogisticRegression fitted on the first {FIT_ROWS} train rows, x / 255 flat, "
+        f"in {time.perf_counter() - t:.0f} s")
     onx = to_onnx(model, flat[:1], options={id(model): {"zipmap": False}}, target_opset={"": 17, "ai.onnx.ml": 3})
     onx.ir_version = min(onx.ir_version, 10)
     path = OUT / "logreg.onnx"

@@ -19,9 +19,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import inference, models# noqa: E402
-from pipeline.formats.cache import open_cache  # noqa: E402
-from pipeline.formats.prepared import open_prepared  # noqa: E402
+from pipeline import inference, models
+from pipeline.formats.cache import open_cache
+from pipeline.formats.prepared import open_prepared
 
 
 def main() -> None:
@@ -52,7 +52,8 @@ def main() -> None:
         "students": {tag: {"test_accuracy": float(np.mean(p == yt)),
                            "agreement_with_teacher": float(np.mean(p == teacher))} for tag, p in preds.items()},
         "agreement_between_students": float(np.mean(preds["float32"] == preds["float16"])),
-        "inputs": {k: str(getattr(a, k)) for k in ("prepared", "teacher", "cache32", "cache16", "student32", "student16")},
+        "inputs": {k: str(getattr(a, k)) for k in ("prepared", "teacher", "cache32", "cache16", "student32",
+                                                   "student16")},
     }
     text = json.dumps(report, indent=2)
     print(text)

@@ -66,13 +66,12 @@ def student(args) -> tuple:
 
 def build(args, tmp: Path) -> dict[str, Path]:
     import torch
-
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from pipeline import onnxio
-    from stages.export import stage as ex
     from stages.export import quantize as q
     from stages.export import rewrites as rw
+    from stages.export import stage as ex
 
     net, (scale, mean, std), test, train = student(args)
     normalise = lambda p: ((p.astype(np.float32) / scale - mean) / std).astype(np.float32)  # noqa: E731
@@ -156,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.out).write_text(text + "\n")
     for s in STEPS:
         r = report["steps"][s]
-        print(f"{s:13} {r['us_per_run_p50']:7.2f} us  {r['size_bytes'] / 1024:6.1f} KiB  {' -> '.join(r['onnxruntime_ops'])}")
+        print(f"{s:13} {r['us_per_run_p50']:7.2f} us  {r['size_bytes'] / 1024:6.1f} KiB  "
+              f"{' -> '.join(r['onnxruntime_ops'])}")
     return report
 
 

@@ -220,9 +220,9 @@ def run_pytest(tests: tuple) -> tuple[int, float, str]:
 
 def _summary(out: str) -> str:
     """The first failed test and the first line of its error (pytest's ``E`` lines), else the last line."""
-    lines = [l for l in out.splitlines() if l.strip()]
-    failed = next((l.split(" - ")[0] for l in lines if l.startswith(("FAILED ", "ERROR "))), None)
-    error = next((l[1:].strip() for l in lines if l.startswith("E ")), None)
+    lines = [line for line in out.splitlines() if line.strip()]
+    failed = next((line.split(" - ")[0] for line in lines if line.startswith(("FAILED ", "ERROR "))), None)
+    error = next((line[1:].strip() for line in lines if line.startswith("E ")), None)
     if failed is None:
         return (lines[-1] if lines else "")[:300]
     return (failed + (f": {error}" if error else ""))[:300]
@@ -311,7 +311,9 @@ def main(argv=None) -> int:
               + "\n  ".join(dirty), file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _on_term)
-    log = lambda s: print(s, file=sys.stderr, flush=True)
+    def log(s: str) -> None:
+        print(s, file=sys.stderr, flush=True)
+
     t0, rows = time.monotonic(), []
     try:
         for m in todo:

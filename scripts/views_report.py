@@ -48,7 +48,8 @@ def table(sweeps: dict[str, dict]) -> list[str]:
             vs_plain = "-" if base is None else \
                 f"{100 * (k['test_accuracy'] - base['test_accuracy']) / (teacher - base['test_accuracy']):.0f}%"
             lines.append(f"| {family} | {b['arch']} | {b['views_used']} | {b['epochs']} | {pm(h)} | {pm(k)} "
-                         f"(T={k['temperature']:g}) | {100 * b['gain']:+.2f} | {100 * b['gap_closed']:.0f}% | {vs_plain} |")
+                         f"(T={k['temperature']:g}) | {100 * b['gain']:+.2f} | {100 * b['gap_closed']:.0f}% | "
+                         f"{vs_plain} |")
     return lines
 
 

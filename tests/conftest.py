@@ -94,7 +94,8 @@ def big_transfer(tmp_path_factory, tiny_teacher):
     return SimpleNamespace(prepared=prepared, cache=cache)
 
 
-def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, check: bool = False, env: dict | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m commands ARGS`` in a subprocess from the project root."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "commands", *map(str, args)], cwd=ROOT, env=full_env,
@@ -126,7 +127,8 @@ def tiny_chw_cache(tmp_path_factory, tiny_chw_prepared) -> tuple[Path, Path]:
     from stages.teacher import TeacherConfig, train_teachers
 
     d = tmp_path_factory.mktemp("chw-cache")
-    teacher = train_teachers(TeacherConfig(members=1, arch="mlp:32", epochs=2, threads=1, max_shift=1), tiny_chw_prepared,
+    teacher = train_teachers(TeacherConfig(members=1, arch="mlp:32", epochs=2, threads=1, max_shift=1),
+                             tiny_chw_prepared,
                              d / "ensemble.onnx", log=lambda m: None)
     cfg = CacheConfig(temperatures=(2.0,), batch_size=256, device="cpu", threads=1)
     return teacher, cache_soft_targets(cfg, [teacher], tiny_chw_prepared, d / "chw.h5", log=lambda m: None)

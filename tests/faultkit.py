@@ -18,8 +18,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -57,7 +57,7 @@ def mutations(data: bytes, seed: int, count: int = 20) -> list[tuple[str, bytes]
 
 
 def _limit_memory() -> None:
-    vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
+    vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:"))
     resource.setrlimit(resource.RLIMIT_AS, (vm + HEADROOM, vm + HEADROOM))
 
 
@@ -98,7 +98,7 @@ def child(kind: str, original: Path, workdir: Path, seed: int, count: int) -> No
             msg = str(e)
             if str(path) not in msg or "\n" in msg:
                 outcome = f"BAD-MESSAGE {msg!r}"
-        except BaseException as e:  # noqa: BLE001 - anything else is the failure being tested for
+        except BaseException as e:  # anything else is the failure being tested for
             outcome = f"CRASH {type(e).__name__}: {str(e)[:200]}"
         print(json.dumps({"label": label, "outcome": outcome}), flush=True)
         path.unlink()

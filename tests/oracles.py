@@ -70,7 +70,8 @@ def diagnostics(member_logits: np.ndarray, soft: np.ndarray, labels: np.ndarray)
             conf = max(p)
             k = next(k for k in range(ECE_BINS) if k / ECE_BINS < conf <= (k + 1) / ECE_BINS)
             bins.setdefault(k, []).append((ok, conf))
-    ece = sum(abs(sum(o for o, _ in b) - sum(c for _, c in b)) for b in bins.values()) / labelled if labelled else math.nan
+    ece = sum(abs(sum(o for o, _ in b) - sum(c for _,
+                                             c in b)) for b in bins.values()) / labelled if labelled else math.nan
     return {"mean_entropy_nats": entropy / n, "teacher_accuracy": correct / labelled if labelled else math.nan,
             "member_disagreement": disagree / (n * members), "ece": ece}
 

@@ -35,8 +35,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
@@ -100,7 +101,7 @@ class CacheWriter:
     @classmethod
     def create(cls, path: Path, identity: dict, rows: int, members: int, classes: int,
                temperatures: tuple[float, ...], views: dict | None = None, source_rows: int | None = None,
-               logits_dtype: str = "float32") -> "CacheWriter":
+               logits_dtype: str = "float32") -> CacheWriter:
         """A new, empty cache at ``path`` (truncated if it exists) with its datasets; ``views`` (the
         view function's settings, with ``count`` K) makes it a views cache of ``rows = N * K`` rows."""
         out = H5Output(path, "w")
@@ -121,7 +122,7 @@ class CacheWriter:
         return w
 
     @classmethod
-    def resume(cls, path: Path, identity: dict, log: Callable[[str], None]) -> "CacheWriter | None":
+    def resume(cls, path: Path, identity: dict, log: Callable[[str], None]) -> CacheWriter | None:
         """Reopen a partial cache made from the same inputs and settings, else None (restart), saying
         which in the log."""
         if path.stat().st_size == 0:  # just created by the lock: nothing to resume
@@ -144,7 +145,7 @@ class CacheWriter:
         return None
 
     @classmethod
-    def update(cls, path: Path) -> "CacheWriter":
+    def update(cls, path: Path) -> CacheWriter:
         """Open a copy of a finished cache (``path``, a ``.partial``) to extend it; reseal on finish."""
         return cls(H5Output(path, "r+"))
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import h5py
 
-_open: set["H5Output"] = set()  # every output not closed yet: closed at exit if a caller did not
+_open: set[H5Output] = set()  # every output not closed yet: closed at exit if a caller did not
 
 
 class GuardedFile:
@@ -165,7 +165,7 @@ class H5Output:
             _open.discard(self)
         self.check()
 
-    def __enter__(self) -> "H5Output":
+    def __enter__(self) -> H5Output:
         return self
 
     def __exit__(self, kind: Any, *_: Any) -> None:

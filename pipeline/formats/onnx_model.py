@@ -35,8 +35,9 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -114,7 +115,7 @@ class InputContract:
         return ",".join(parts)
 
     @classmethod
-    def from_dict(cls, d: Any) -> "InputContract":
+    def from_dict(cls, d: Any) -> InputContract:
         """ValueError unless ``d`` is a dict of known fields with valid values."""
         if not isinstance(d, dict):
             raise ValueError("the input contract must be a JSON object")

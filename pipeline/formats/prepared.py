@@ -24,8 +24,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
@@ -140,7 +141,7 @@ class PreparedWriter:
         finally:
             self.out.close()
 
-    def __enter__(self) -> "PreparedWriter":
+    def __enter__(self) -> PreparedWriter:
         return self
 
     def __exit__(self, kind, *_: Any) -> None:

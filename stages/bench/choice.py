@@ -62,7 +62,8 @@ def candidates(report: dict, engine: str = "iobinding", threads: int = 1, latenc
 
 def dominates(a: dict, b: dict) -> bool:
     """``a`` at least as accurate, fast and small as ``b``, and strictly better in one."""
-    ge = (a["test_accuracy"] >= b["test_accuracy"], a["latency_us"] <= b["latency_us"], a["size_bytes"] <= b["size_bytes"])
+    ge = (a["test_accuracy"] >= b["test_accuracy"], a["latency_us"] <= b["latency_us"],
+          a["size_bytes"] <= b["size_bytes"])
     gt = (a["test_accuracy"] > b["test_accuracy"], a["latency_us"] < b["latency_us"], a["size_bytes"] < b["size_bytes"])
     return all(ge) and any(gt)
 

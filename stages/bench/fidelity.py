@@ -24,8 +24,8 @@ import os
 import statistics
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -35,8 +35,8 @@ from pipeline.config import to_dict
 from pipeline.formats.onnx_model import input_dtype
 from pipeline.formats.prepared import open_prepared
 from stages.bench import worker as bench_worker
-from stages.bench.stage import environment
 from stages.bench.settings import FidelityConfig
+from stages.bench.stage import environment
 
 
 def profile(model: Path, pool: np.ndarray, threads: int, runs: int) -> dict:

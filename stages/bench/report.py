@@ -95,7 +95,7 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
         for r in e["runs"]:
             if not r["steady"]["valid"]:
                 notes.append(f"- {name}, threads {r['threads']}, batch {r['batch']}: {r['steady']['reason']}")
-    lines += [f"\n## Throughput (rows/s) across batch sizes\n",
+    lines += ["\n## Throughput (rows/s) across batch sizes\n",
               "| model | threads | " + " | ".join(f"batch {b}" for b in cfg["batches"]) + " |",
               "|---|---:|" + "---:|" * len(cfg["batches"])]
     for t in threads:
@@ -150,11 +150,12 @@ def choice_section(report: dict) -> list[str]:
             for engine in choice.ENGINES:
                 c = per[engine].get(name)
                 floor = _floor_p50(models, e["input_dtype"], engine, t)
-                cells.append("-" if c is None else f"{c['latency_us']:.1f} ({_fmt(floor and c['latency_us'] / floor, '.2f')})")
+                cells.append("-" if c is None
+                             else f"{c['latency_us']:.1f} ({_fmt(floor and c['latency_us'] / floor, '.2f')})")
             marks = ["yes" if name in fronts.get((t, engine), ()) else "-" for engine in choice.ENGINES]
-            lines.append(f"| {name} | {t} | {e['test_accuracy'] * 100:.2f}% | {e['agreement_with_teacher'] * 100:.2f}% | "
-                         f"{_fmt(e.get('macs_per_image'), ',')} | {e['size_bytes'] / 1024:.1f} | {cells[0]} | {cells[1]} | "
-                         f"{marks[0]} | {marks[1]} |")
+            lines.append(f"| {name} | {t} | {e['test_accuracy'] * 100:.2f}% | "
+                         f"{e['agreement_with_teacher'] * 100:.2f}% | {_fmt(e.get('macs_per_image'), ',')} | "
+                         f"{e['size_bytes'] / 1024:.1f} | {cells[0]} | {cells[1]} | {marks[0]} | {marks[1]} |")
     return lines
 
 
@@ -171,7 +172,8 @@ def plot_accuracy_latency(report: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     t = report["threads_resolved"][0]
-    front = next((set(f["models"]) for f in report.get("pareto", []) if f["threads"] == t and f["engine"] == "run"), set())
+    front = next((set(f["models"]) for f in report.get("pareto", []) if f["threads"] == t and f["engine"] == "run"),
+                 set())
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, (name, e) in enumerate(report["models"].items()):
         r = run_of(e, t, 1)

@@ -16,8 +16,8 @@ which also picks a model under budgets: ``distill bench pick``).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -118,7 +118,7 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
                              sha256=provenance.sha256_file(path))
             results[name] = entry
     want = inference.PROVIDERS[cfg.provider]
-    for name, entry in results.items():
+    for entry in results.values():
         for r in entry["runs"]:
             expected = bench_worker.TORCH_PROVIDER if entry["engine"] == "torch" else want
             if r["providers_used"][0] != expected:
@@ -150,8 +150,8 @@ def environment() -> dict:
     cpu, flags = "", []
     try:
         lines = open("/proc/cpuinfo").read().splitlines()
-        cpu = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "")
-        flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "affinity_cores": len(os.sched_getaffinity(0)),

@@ -10,7 +10,7 @@ Everything here is a pure function of synthetic or measured timings; nothing mea
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

@@ -32,15 +32,15 @@ import subprocess
 import sys
 import time
 import timeit
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from pipeline import inference
-from pipeline import resources, runtime
+from pipeline import inference, resources, runtime
 from pipeline.errors import DataError, PipelineError, ResourceError, RuntimeUnavailable
 from pipeline.formats.onnx_model import IR_VERSION, OPSET
 from stages.bench import stats as benchstats
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"bench_worker: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Exception as exc:  # noqa: BLE001 - out of memory is exit 7 for the bench to report; the rest is a bug
+    except Exception as exc:  # out of memory is exit 7 for the bench to report; the rest is a bug
         err = resources.as_resource_error(exc, "lower --batches")
         if err is None:
             raise
@@ -360,14 +360,17 @@ def run_isolated(model, inputs, threads: int, batch: int, provider: str = "cpu",
         why = f"bench worker exited {proc.returncode}: {lines[-1] if lines else '(no stderr)'}"
         if proc.returncode == ResourceError.exit_code:
             raise ResourceError(f"{model}: {why}")
-        raise RuntimeUnavailable(why) if proc.returncode == RuntimeUnavailable.exit_code else DataError(f"{model}: {why}")
+        if proc.returncode == RuntimeUnavailable.exit_code:
+            raise RuntimeUnavailable(why)
+        raise DataError(f"{model}: {why}")
     return json.loads(proc.stdout)
 
 
 def write_identity_model(path, input_shape_without_batch: tuple[int, ...],
                          dtype=np.float32) -> Path:
     """Write an ONNX Identity model (input ``x``, output ``y``, batch dim 'batch'), the floor of
-    what one run() costs. Opset and IR of :mod:`pipeline.formats.onnx_model`; checked with full_check; written via a .partial twin."""
+    what one run() costs. Opset and IR of :mod:`pipeline.formats.onnx_model`; checked with full_check;
+    written via a .partial twin."""
     elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     shape = ["batch", *input_shape_without_batch]
     graph = onnx.helper.make_graph(

@@ -8,8 +8,14 @@ a finished cache are :mod:`.temperatures` (add-temperature), :mod:`.verification
 from __future__ import annotations
 
 from pipeline import lazy
-from stages.cache.settings import (AddTemperatureConfig, CacheBenchConfig, CacheConfig, CacheScaleConfig,
-                                   MergeConfig, VerifyConfig)
+from stages.cache.settings import (
+                                   AddTemperatureConfig,
+                                   CacheBenchConfig,
+                                   CacheConfig,
+                                   CacheScaleConfig,
+                                   MergeConfig,
+                                   VerifyConfig,
+)
 
 # Module names differ from the functions they hold: an imported submodule becomes an attribute of the
 # package and would shadow a lazy function of the same name.

@@ -22,7 +22,7 @@ the run's error (row and member), while NaN under an alternative only counts as 
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

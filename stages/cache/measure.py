@@ -16,8 +16,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -81,7 +81,8 @@ def _ensemble(cfg: CacheBenchConfig, shape: tuple[int, ...], path: Path):
         except ImportError:  # a bare GPU machine may lack onnxscript: the TorchScript exporter then
             import onnx
 
-            torch.onnx.export(net, (torch.zeros(2, *shape),), str(tmp), input_names=["x"], output_names=["member_logits"],
+            torch.onnx.export(net, (torch.zeros(2, *shape),), str(tmp), input_names=["x"],
+                              output_names=["member_logits"],
                               dynamic_axes={"x": {0: "batch"}}, opset_version=OPSET, dynamo=False)
             model = onnx.load(str(tmp))
             model.ir_version = IR_VERSION
@@ -94,8 +95,8 @@ def bench_speed(cfg: CacheBenchConfig, work: Path, out: Path, log: Callable[[str
     import torch
 
     from pipeline import inference, runtime
-    from stages.cache.stage import build_cache
     from stages.cache.settings import CacheConfig
+    from stages.cache.stage import build_cache
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -207,7 +208,8 @@ def bench_scale(cfg: CacheScaleConfig, work: Path, out: Path, log: Callable[[str
 
     report = {"settings": to_dict(cfg), "teacher": f"linear {cfg.features}->10", "runs": runs,
               # K views of the same rows: time per cached view and peak RSS against K (memory flat in K)
-              "views": views, "views_rss_ratio_vs_fewest": [v["peak_rss_mib"] / views[0]["peak_rss_mib"] for v in views],
+              "views": views,
+              "views_rss_ratio_vs_fewest": [v["peak_rss_mib"] / views[0]["peak_rss_mib"] for v in views],
               "views_time_per_view_ratio_vs_fewest": [v["us_per_row"] / views[0]["us_per_row"] for v in views],
               # floor of every child's figure (see _run_sized): this process's own peak
               "parent_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -45,8 +45,9 @@ class CacheConfig:
     combine: str = setting("arithmetic", "member combination: arithmetic (mean of softmaxes, Hinton) or "
                                          "geometric (softmax of mean logits)")
     member_weights: tuple[float, ...] = setting((), "one weight per ensemble member, in the order of the teachers' "
-                                                    "outputs (normalised to sum 1): arithmetic sum_m w_m softmax(v_m/T), "
-                                                    "geometric softmax(sum_m w_m v_m/T); empty = equal")
+                                                    "outputs (normalised to sum 1): arithmetic "
+                                                    "sum_m w_m softmax(v_m/T), geometric softmax(sum_m w_m v_m/T); "
+                                                    "empty = equal")
     gate: bool = setting(True, "sanity gate: before caching, score each teacher on labelled transfer rows under its "
                                "input contract and the common alternatives; --no-gate keeps a declaration it refuses")
     gate_rows: int = setting(2048, "rows from the start of the split that the gate reads (their labelled ones count)")

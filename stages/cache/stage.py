@@ -36,8 +36,8 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 
@@ -51,8 +51,15 @@ from pipeline.formats.prepared import Prepared, open_prepared
 from pipeline.resources import human, require_space
 from stages.cache.gate import run_gate
 from stages.cache.settings import DIAG_BLOCK, NOT_IN_SETTINGS, CacheConfig
-from stages.cache.stream import (StreamStats, diagnostics_in_blocks, member_accuracy_in_blocks, part_path,
-                                 resolve_shard, run_pipeline, shard_rows)
+from stages.cache.stream import (
+    StreamStats,
+    diagnostics_in_blocks,
+    member_accuracy_in_blocks,
+    part_path,
+    resolve_shard,
+    run_pipeline,
+    shard_rows,
+)
 from stages.cache.teachers import Teachers
 from stages.cache.viewsource import RowSource
 

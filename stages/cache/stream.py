@@ -19,8 +19,9 @@ import dataclasses
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from pipeline.formats.cache import t_key
 from pipeline.soft import DiagnosticSums
@@ -73,7 +74,7 @@ def run_pipeline(batches: Iterable[tuple[int, int]], read: Callable, infer: Call
         def body() -> None:
             try:
                 fn()
-            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            except BaseException as e:  # re-raised in the calling thread
                 e.add_note(f"in the cache's {fn.__name__} thread")
                 errors.append(e)
                 stop.set()

@@ -24,8 +24,9 @@ shapes and onnxruntime reuses the same device buffers instead of allocating per 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -10,7 +10,7 @@ takes them); mixed views are float32.  Raw rows are read one block at a time: me
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -43,7 +43,7 @@ def convert_to_ort(models: dict[str, Path], out_dir: Path) -> dict:
         with contextlib.redirect_stdout(io.StringIO()):  # the tool prints progress on stdout
             try:
                 convert_onnx_models_to_ort(src, output_dir=dst, optimization_styles=[OptimizationStyle.Fixed])
-            except Exception as e:  # noqa: BLE001 - onnxruntime says only "Failed to save ...", no errno
+            except Exception as e:  # onnxruntime says only "Failed to save ...", no errno
                 if "Failed to save" not in str(e):
                     raise
                 raise resources.write_failure(dst, None, "a temporary folder: point TMPDIR at one with space; "
@@ -57,7 +57,7 @@ def convert_to_ort(models: dict[str, Path], out_dir: Path) -> dict:
         cfg_path = out_dir / CONFIG_NAME
         with atomic_output(cfg_path) as part:
             part.write_text(config)
-    ops = [l for l in config.splitlines() if l and not l.startswith("#")]
+    ops = [line for line in config.splitlines() if line and not line.startswith("#")]
     return {"ort": {k: str(v) for k, v in written.items()}, "operator_config": str(cfg_path), "operators": ops}
 
 

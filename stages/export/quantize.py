@@ -23,8 +23,8 @@ A variant that loses more than ``max_drop`` points fails.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -161,4 +161,5 @@ def gate(fp32_logits: np.ndarray, logits: np.ndarray, y: np.ndarray, teacher_pre
             "agreement_with_fp32": float(np.mean(got == ref)),
             "agreement_with_teacher": None if teacher_pred is None else float(np.mean(got == teacher_pred)),
             "mean_kl_vs_fp32_nats": mean_kl(fp32_logits, logits),
-            "max_accuracy_drop_points": max_drop, "passed": bool(-change <= max_drop + 1e-9)}  # 1e-9: float round-off of the points
+            "max_accuracy_drop_points": max_drop,
+            "passed": bool(-change <= max_drop + 1e-9)}  # 1e-9: float round-off of the points

@@ -23,7 +23,8 @@ class ExportConfig:
     calibration_method: str = setting("minmax", "calibration method: minmax, entropy or percentile")
     weight_scales: str = setting("auto", "int8 weight scales: tensor (one per matrix), channel (one per output unit) "
                                         "or auto (tensor, and channel where tensor fails the gate); onnxruntime's "
-                                        "QGemm requantises per-tensor faster (5.1 vs 5.8 us per batch-1 run of mlp:128)")
+                                        "QGemm requantises per-tensor faster (5.1 vs 5.8 us per batch-1 run of "
+                                        "mlp:128)")
     rtol: float = setting(1e-5, "fp32 parity tolerance, relative to the largest |logit| of a batch")
     seed: int = setting(0, "seed choosing the calibration rows")
     raw_input: bool = setting(False, "bake the input normalisation into the graph: the model takes raw uint8 pixels")

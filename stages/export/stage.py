@@ -23,8 +23,8 @@ config and onnxruntime's NNAPI / CoreML usability analysis, summarised in the re
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx

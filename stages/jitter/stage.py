@@ -24,8 +24,8 @@ anyway stops the run at the block that failed, and nothing is published.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -34,8 +34,8 @@ from pipeline.artifacts import atomic_output, claim
 from pipeline.config import to_dict
 from pipeline.errors import DataError
 from pipeline.formats.prepared import PreparedWriter, open_prepared, predicted_size
-from pipeline.resources import require_space
 from pipeline.jitter import jitter
+from pipeline.resources import require_space
 from stages.jitter.settings import JitterConfig
 
 BLOCK_ROWS = 8192  # rows shifted per step: ~6 MiB of uint8 28x28 images, bounded memory at any size

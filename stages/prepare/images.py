@@ -26,8 +26,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError

@@ -9,8 +9,8 @@ channel axis (``[N, H, W]``) and one of feature vectors (``[N, D]``) are stored 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

@@ -16,8 +16,8 @@ byte for byte what it was before image folders existed).
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

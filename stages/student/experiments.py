@@ -14,8 +14,8 @@ The T-against-size experiment is a sweep (:mod:`stages.student.sweep`) over temp
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -92,7 +92,8 @@ def run_experiment(cfg: ExperimentConfig, cache: Path, transfer_set: Path, work_
         for r in rows:
             r.update(_class_report(Path(r["checkpoint"]), transfer_set, cfg.drop_class))
         n = rows[0]["class_test_rows"]
-        lines = [f"### Class {cfg.drop_class} left out of the transfer set ({rows[0]['train_rows']} rows), {cfg.arch}", "",
+        lines = [f"### Class {cfg.drop_class} left out of the transfer set ({rows[0]['train_rows']} rows), {cfg.arch}",
+                 "",
                  f"Errors on the {n} test rows of class {cfg.drop_class}, and overall test accuracy (%), before and "
                  "after adding a bias shift to that class's logit, fitted on the validation split; mean ± sample "
                  "standard deviation over seeds.", "",
@@ -100,7 +101,7 @@ def run_experiment(cfg: ExperimentConfig, cache: Path, transfer_set: Path, work_
                  "|---|---|---|---|---|---|"]
         for a in (0.0, cfg.alpha):
             rs = [r for r in rows if r["alpha"] == a]
-            col = lambda k, pct=False: _mean_sd([r[k] for r in rs], pct)  # noqa: E731
+            col = lambda k, pct=False, rs=rs: _mean_sd([r[k] for r in rs], pct)  # noqa: E731
             lines.append(f"| {label[a]} | {col('class_errors_before')} | {col('class_errors_after')} | "
                          f"{col('test_accuracy_before', True)} | {col('test_accuracy_after', True)} | "
                          f"{col('bias_shift')} |")

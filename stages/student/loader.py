@@ -25,15 +25,15 @@ a row) are read whole to choose the rows.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from pipeline.errors import DataError, ResourceError
-from pipeline.resources import human, memory_headroom
 from pipeline.formats.cache import CacheInfo, t_key
 from pipeline.formats.prepared import Prepared
+from pipeline.resources import human, memory_headroom
 
 MiB = 1 << 20
 TARGETS = ("soft", "logits", "none")

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -103,7 +103,8 @@ def bench_student(cfg: StudentBenchConfig, cache: Path, transfer_set: Path, teac
     med = {m: statistics.median(state[m][4]) for m in modes}
     report = {
         "rows": n, "epochs_timed": cfg.epochs, "batch_size": cfg.batch_size, "torch_threads": torch.get_num_threads(),
-        "resident_load_seconds": load_s, "streaming_budget_mib": stream_mib, "streaming_block_rows": streaming.block_rows,
+        "resident_load_seconds": load_s, "streaming_budget_mib": stream_mib,
+        "streaming_block_rows": streaming.block_rows,
         "streaming_buffer_rows": streaming.buffer_blocks * streaming.block_rows,
         "onnxruntime_provider": inference.provider_name(sess),
         "modes": {m: {"median_epoch_seconds": med[m], "min_epoch_seconds": min(state[m][4]),

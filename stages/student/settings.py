@@ -101,7 +101,8 @@ class SweepConfig:
                     one = dict(arch=arch, seed=seed, views_used=used, epochs=ep, **base)
                     # The baseline's T is never read (alpha 0); the first temperature keeps the check cheap.
                     out.append(StudentConfig(alpha=0.0, temperature=self.temperatures[0], **one))
-                    out += [StudentConfig(alpha=a, temperature=t, **one) for t in self.temperatures for a in self.alphas]
+                    out += [StudentConfig(alpha=a, temperature=t,
+                                          **one) for t in self.temperatures for a in self.alphas]
         return out
 
 

@@ -18,8 +18,8 @@ import concurrent.futures as cf
 import csv
 import json
 import multiprocessing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

@@ -15,7 +15,7 @@ must fit ``memory_budget_mib``; a views cache that does not is refused with the 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -53,7 +53,8 @@ class ViewLoader:
         self.rows = np.arange(self.n_all) if rows is None else np.asarray(rows, dtype=np.int64)
         self.n = len(self.rows)
         pixel_bytes = math.prod(prepared.shape) * np.dtype(prepared.dtype).itemsize
-        need = self.n_all * (pixel_bytes * (2 if self.spec.flip else 1) + 8) + cache.rows * (views.PARAM_BYTES + (4 * cache.classes if target != "none" else 0))
+        per_view = views.PARAM_BYTES + (4 * cache.classes if target != "none" else 0)
+        need = self.n_all * (pixel_bytes * (2 if self.spec.flip else 1) + 8) + cache.rows * per_view
         if need > budget_mib * MiB:
             raise UsageError(f"{cache.path}: a views cache is read into memory: it needs {need / MiB:.0f} MiB "
                              f"(rows, every view's targets and parameters), more than --memory-budget-mib "

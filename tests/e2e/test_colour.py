@@ -29,7 +29,8 @@ def test_colour_image_folder_through_every_stage(tmp_path):
     first = (x[o].transpose(0, 3, 1, 2), xt[ot].transpose(0, 3, 1, 2))
     for name, arrays in (("nhwc", (x[o], xt[ot])), ("nchw", first)):
         np.savez(tmp_path / f"{name}.npz", x=arrays[0], y=y[o], x_test=arrays[1], y_test=yt[ot])
-        assert_same_content(p, prepare_dataset(PrepareConfig(val_rows=100, class_names=CLASSES), tmp_path / f"{name}.h5",
+        assert_same_content(p, prepare_dataset(PrepareConfig(val_rows=100, class_names=CLASSES),
+                                               tmp_path / f"{name}.h5",
                                         npz=tmp_path / f"{name}.npz", log=lambda m: None))
     run_cli("jitter", "--prepared", p, "--out", pj, "--copies", "1", check=True)
 

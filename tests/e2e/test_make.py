@@ -16,7 +16,8 @@ def make(*args, check=True):
     proc = subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if check and proc.returncode != 0:
-        raise AssertionError(f"make {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"make {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
     return proc
 
 
@@ -78,5 +79,6 @@ def test_jitter_cache_builds_from_the_same_teacher(smoke):
 
 def test_make_help_lists_targets():
     out = make("help").stdout
-    for target in ("all", "smoke", "test", "prepare", "teacher", "cache", "student", "export", "bench", "bench-fidelity"):
+    for target in ("all", "smoke", "test", "prepare", "teacher", "cache", "student", "export", "bench",
+                   "bench-fidelity"):
         assert f"  {target} " in out

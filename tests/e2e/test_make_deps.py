@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.slow  # ~60 make -n runs in subprocesses
-
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
-import code_deps  # noqa: E402
+import code_deps
+
+pytestmark = pytest.mark.slow  # ~60 make -n runs in subprocesses
 
 CHAIN = ["prepare", "teacher", "cache", "student", "export", "bench"]  # the stages of `make all`, in order
 DS = "fashion-mnist"

@@ -10,9 +10,9 @@ import torch
 from pipeline.errors import IntegrityError
 from pipeline.formats.cache import open_cache
 from pipeline.formats.prepared import open_prepared
+from pipeline.models import load as load_checkpoint
 from stages.export import ExportConfig, export_student
 from stages.prepare import PrepareConfig, prepare_dataset
-from pipeline.models import load as load_checkpoint
 from stages.student import StudentConfig, distill_student
 from tests import oracles
 from tests.conftest import run_cli
@@ -87,7 +87,8 @@ def test_export_parity_and_int8(tiny_student, tiny_prepared, tmp_path):
     # epochs on synthetic data, 300 test rows: one row is 0.33 points) loses 1.0 point in int8 (3 rows,
     # 98% agreement with fp32), so its gate is 2 points (6 rows): room for another CPU's rounding, while
     # a broken quantisation (wrong scale, mis-ordered weights) loses tens of points.
-    export_student(ExportConfig(calibration_rows=200, max_accuracy_drop=2.0, mobile=False), tiny_student, tiny_prepared, out, out8, rep, log=lambda m: None)
+    export_student(ExportConfig(calibration_rows=200, max_accuracy_drop=2.0, mobile=False), tiny_student,
+                   tiny_prepared, out, out8, rep, log=lambda m: None)
     report = json.loads(rep.read_text())
     x, y = open_prepared(tiny_prepared).load("test")
     net = load_checkpoint(tiny_student)[0].eval()
@@ -117,7 +118,8 @@ def test_export_parity_and_int8(tiny_student, tiny_prepared, tmp_path):
 ])
 def test_student_cli_bad_settings(tiny_cache, tiny_prepared, tmp_path, args, code, fragment):
     out = tmp_path / "s.ckpt"
-    proc = run_cli("student", "--cache", tiny_cache, "--transfer-set", tiny_prepared, "--out", out, "--epochs", "1", *args)
+    proc = run_cli("student", "--cache", tiny_cache, "--transfer-set", tiny_prepared, "--out", out, "--epochs", "1",
+                   *args)
     assert proc.returncode == code, proc.stderr
     assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists() and not (tmp_path / "s.ckpt.partial").exists()
@@ -136,6 +138,7 @@ def test_cache_cli_cuda_unavailable_is_an_error(tiny_teacher, tiny_prepared, tmp
     if cuda_driver_present():
         pytest.skip("a GPU is present")
     out = tmp_path / "c.h5"
-    proc = run_cli("cache", "--teacher", tiny_teacher, "--transfer-set", tiny_prepared, "--out", out, "--device", "cuda")
+    proc = run_cli("cache", "--teacher", tiny_teacher, "--transfer-set", tiny_prepared, "--out", out, "--device",
+                   "cuda")
     assert proc.returncode == 5 and "CUDA was requested" in proc.stderr
     assert not out.exists()

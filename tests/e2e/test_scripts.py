@@ -19,7 +19,8 @@ def test_int8_graph_steps_rebuilds_the_four_graphs(tmp_path):
     # the graphs onnxruntime runs, as docs/results.md describes each step
     assert steps["qdq"]["onnxruntime_ops"] == ["QuantizeLinear", "Reshape", "QGemm", "QGemm", "DequantizeLinear"]
     assert steps["float-logits"]["onnxruntime_ops"] == ["QuantizeLinear", "Reshape", "QGemm", "QGemm"]
-    assert steps["raw-pixels"]["onnxruntime_ops"] == steps["per-tensor"]["onnxruntime_ops"] == ["Reshape", "QGemm", "QGemm"]
+    assert steps["raw-pixels"]["onnxruntime_ops"] == steps["per-tensor"]["onnxruntime_ops"] == ["Reshape", "QGemm",
+                                                                                                "QGemm"]
     # per-channel scales cost 2.1 KiB over per-tensor ones for mlp:128 (docs/results.md, the int8 size)
     assert steps["qdq"]["size_bytes"] - steps["per-tensor"]["size_bytes"] == pytest.approx(2.1 * 1024, abs=60)
     assert all(s["us_per_run_p50"] > 0 and len(s["round_p50s_us"]) == 1 for s in steps.values())

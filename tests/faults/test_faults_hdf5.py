@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.formats import h5seal as h5safe
 from pipeline.errors import DataError, IntegrityError
+from pipeline.formats import h5seal as h5safe
 from pipeline.formats.cache import open_cache
 from pipeline.formats.prepared import open_prepared
 from tests.conftest import ROOT, run_cli
@@ -23,8 +23,8 @@ from tests.conftest import ROOT, run_cli
 def _run_child(kind, original, tmp_path, seed, count=20):
     proc = subprocess.run([sys.executable, "-m", "tests.faultkit", kind, str(original), str(tmp_path), str(seed),
                            str(count)], cwd=ROOT, capture_output=True, text=True, timeout=240)
-    lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
-    done = [l for l in lines if "outcome" in l]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    done = [line for line in lines if "outcome" in line]
     assert proc.returncode == 0, (f"child died with {proc.returncode} at {lines[-1] if lines else 'start'}:\n"
                                   f"{proc.stderr[-2000:]}")
     assert len(done) == count

@@ -12,17 +12,16 @@ import builtins
 import hashlib
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import DataError, IntegrityError
+from pipeline.errors import DataError
 from pipeline.formats.cache import open_cache
+from pipeline.models import load as load_checkpoint
 from stages.cache import CacheConfig, cache_soft_targets
 from stages.prepare import PrepareConfig, prepare_dataset
-from pipeline.models import load as load_checkpoint
 from stages.student import StudentConfig, distill_student
 from stages.teacher import TeacherConfig, train_teachers
 from tests.conftest import ROOT, run_cli, synthetic_images
@@ -156,7 +155,8 @@ def unlabelled(tmp_path_factory):
     np.savez(d / "u.npz", x=x, y=y, x_test=xt, y_test=yt)
     prepared = prepare_dataset(PrepareConfig(val_rows=50), d / "u.h5", npz=d / "u.npz")
     teacher = linear_model(d / "t.onnx")
-    cache = cache_soft_targets(CacheConfig(temperatures=(2.0,), device="cpu", threads=1, gate=False), [teacher], prepared,
+    cache = cache_soft_targets(CacheConfig(temperatures=(2.0,), device="cpu", threads=1, gate=False), [teacher],
+                               prepared,
                                d / "c.h5", **QUIET)
     return prepared, cache
 
@@ -180,7 +180,8 @@ def chain(tmp_path, tiny_prepared):
     prepared = tmp_path / "p.h5"
     prepared.write_bytes(tiny_prepared.read_bytes())
     teacher = linear_model(tmp_path / "t.onnx")
-    cache = cache_soft_targets(CacheConfig(temperatures=(2.0,), device="cpu", threads=1, gate=False), [teacher], prepared,
+    cache = cache_soft_targets(CacheConfig(temperatures=(2.0,), device="cpu", threads=1, gate=False), [teacher],
+                               prepared,
                                tmp_path / "c.h5", **QUIET)
     return prepared, teacher, cache
 
@@ -245,10 +246,10 @@ def test_cache_partial_from_other_teacher_or_settings_restarts(tmp_path, tiny_pr
             m.setattr(cache_mod, "_finish", killed)
             with pytest.raises(KeyboardInterrupt):
                 cache_soft_targets(cfg, [teacher], tiny_prepared, out, log=logs.append)
-        assert any("made from other inputs or settings; restarting from row 0" in l for l in logs), logs
+        assert any("made from other inputs or settings; restarting from row 0" in line for line in logs), logs
     logs = []
     cache_soft_targets(cfg, [teacher], tiny_prepared, out, log=logs.append)
-    assert any("resuming" in l for l in logs)  # same inputs and settings: the partial is worth resuming
+    assert any("resuming" in line for line in logs)  # same inputs and settings: the partial is worth resuming
     c = open_cache(out)
     assert c.temperatures == (2.0, 4.0)
     fresh = cache_soft_targets(cfg, [teacher], tiny_prepared, tmp_path / "fresh.h5", **QUIET)

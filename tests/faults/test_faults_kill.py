@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from pipeline import inference
-from pipeline.formats.checkpoint import read_checkpoint, write_checkpoint
 from pipeline.formats.cache import open_cache
+from pipeline.formats.checkpoint import read_checkpoint, write_checkpoint
 from tests.conftest import ROOT, run_cli
 from tests.faultkit import kill_when, linear_model, start_cli
 

@@ -14,11 +14,11 @@ import pytest
 
 from pipeline import inference
 from pipeline.errors import DataError
-from stages.bench import stage as bench
-from stages.cache import stage as cache
-from stages.bench import BenchConfig, benchmark
-from stages.cache import CacheConfig, cache_soft_targets
 from pipeline.formats.prepared import Prepared
+from stages.bench import BenchConfig, benchmark
+from stages.bench import stage as bench
+from stages.cache import CacheConfig, cache_soft_targets
+from stages.cache import stage as cache
 from tests.conftest import run_cli
 from tests.faultkit import external_model, linear_model
 
@@ -71,7 +71,8 @@ def _sparse_outside(d):
     m = onnx.load(str(p))
     sp = m.graph.sparse_initializer.add()  # an unused sparse initialiser whose values live in /etc
     sp.dims.extend([4])
-    sp.values.name, sp.values.data_type, sp.values.data_location = "s", onnx.TensorProto.FLOAT, onnx.TensorProto.EXTERNAL
+    sp.values.name, sp.values.data_type = "s", onnx.TensorProto.FLOAT
+    sp.values.data_location = onnx.TensorProto.EXTERNAL
     sp.values.dims.extend([1])
     e = sp.values.external_data.add()
     e.key, e.value = "location", "/etc/hostname"
@@ -90,7 +91,8 @@ BAD = {
     "external hard link": (_hardlink, "hard link"),
     "sparse external": (_sparse_outside, "outside the model's folder"),
     "wrong class count": (lambda d: linear_model(d / "m.onnx", classes=7), "7 classes, the (data|transfer set) has 10"),
-    "wrong input dtype": (lambda d: linear_model(d / "m.onnx", dtype=onnx.TensorProto.DOUBLE), "type tensor\\(double\\)"),
+    "wrong input dtype": (lambda d: linear_model(d / "m.onnx", dtype=onnx.TensorProto.DOUBLE),
+                          "type tensor\\(double\\)"),
     "wrong input shape": (lambda d: linear_model(d / "m.onnx", in_shape=(32, 32)), "has shape"),
     "fixed batch": (lambda d: linear_model(d / "m.onnx", batch=1), "fixed batch size"),
 }

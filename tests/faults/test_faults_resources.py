@@ -25,7 +25,8 @@ from tests.faultkit import content_digest, exit7, linear_model, run_limited, unp
 
 EFBIG = "file too large for this process's file-size limit (EFBIG"
 BIG_CACHE = ["--temperatures", "1,2,4", "--batch-size", "1024", "--device", "cpu", "--threads", "1"]  # as big_transfer
-TEACHER = ["--members", "2", "--arch", "mlp:32", "--epochs", "2", "--threads", "1", "--max-shift", "1"]  # tiny_teacher's
+TEACHER = ["--members", "2", "--arch", "mlp:32", "--epochs", "2", "--threads", "1", "--max-shift",
+           "1"]  # tiny_teacher's
 
 
 def quiet(_: str) -> None:

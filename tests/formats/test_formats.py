@@ -42,7 +42,8 @@ def test_schema_other_newer_older(reader, fixture, schema, request, tmp_path):
              ("newer", f"{schema}/2", f"schema {schema}/2, newer than this code reads"),
              ("older", f"{schema}/0", "of an older schema")]
     for name, value, message in cases:
-        path = _copy(src, tmp_path / f"{name}.h5", lambda f: f.attrs.__setitem__("schema", value), seal=True)
+        path = _copy(src, tmp_path / f"{name}.h5", lambda f, value=value: f.attrs.__setitem__("schema", value),
+                     seal=True)
         with pytest.raises(DataError, match=message):
             reader(path)
 
@@ -145,7 +146,8 @@ def test_checkpoint_round_trip_keeps_order_dtypes_and_values(tmp_path):
     path = write_checkpoint(tmp_path / "c.ckpt", _ckpt())
     got = read_checkpoint(path)
     assert list(got.state) == ["1.weight", "1.bias", "steps"]
-    assert got.state["1.weight"].dtype == np.float32 and np.array_equal(got.state["1.weight"], _ckpt().state["1.weight"])
+    assert got.state["1.weight"].dtype == np.float32 and np.array_equal(got.state["1.weight"],
+                                                                        _ckpt().state["1.weight"])
     assert got.state["steps"].dtype == np.int64 and int(got.state["steps"]) == 7
     assert (got.meta, got.norm, got.input_shape, got.class_names) == (_ckpt().meta, _ckpt().norm, (1, 2, 2), ("a", "b"))
     with pytest.raises(DataError, match="a student checkpoint, expected a teacher-member one"):

@@ -76,7 +76,8 @@ def test_bench_report_sections_csv_and_plots(student_onnx, tiny_teacher, tiny_pr
     assert env["cores"] >= 1 and isinstance(env["cpu_flags"], list) and env["git"]
     with open(tmp_path / "b.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["trial"] for r in rows} == {"0", "1", "2"} and {r["engine"] for r in rows} == {"onnxruntime", "iobinding", "torch"}
+    assert {r["trial"] for r in rows} == {"0", "1", "2"} and {r["engine"] for r in rows} == {"onnxruntime",
+                                                                                             "iobinding", "torch"}
     md = (tmp_path / "b.md").read_text()
     assert "| s-torch |" in md and "| s-iobinding | 1 |" in md and "x floor" in md
     assert "## Throughput" in md and "acc.png" in md
@@ -118,8 +119,8 @@ def test_bench_feeds_a_raw_pixel_model_pixels(student_onnx, raw_int8, tiny_teach
     assert m["s"]["input_dtype"] == "float32"
     # scored on the pixels: the same accuracy the export measured for this file on the same test rows
     # (a bench feeding it normalised floats, or another split, would not reproduce it)
-    assert m["raw-int8"]["test_accuracy"] == pytest.approx(_export_report(raw_int8)["variants"]["int8"]["test_accuracy"],
-                                                           abs=1e-12)
+    exported = _export_report(raw_int8)["variants"]["int8"]["test_accuracy"]
+    assert m["raw-int8"]["test_accuracy"] == pytest.approx(exported, abs=1e-12)
     md = (tmp_path / "b.md").read_text()
     _check_x_floor(md, m, {"raw-int8": "identity-floor-uint8", "identity-floor-uint8": "identity-floor-uint8",
                            "s": "identity-floor", "teacher-ensemble": "identity-floor",
@@ -254,5 +255,6 @@ def test_bench_fidelity_command(student_onnx, tiny_teacher, tiny_prepared, tmp_p
             assert len(run["round_p50s"]) == 3 and p[name] == median(run["round_p50s"]), (call, name)
         assert {k: v["ok"] for k, v in r["calls"][call].items()} == _verdicts(p), (call, p)
         assert f"fidelity ({call}): harness {p['student']:.2f} us" in proc.stderr
-    for key, path in (("teacher", tiny_teacher), ("student", fp32), ("student_int8", int8), ("prepared", tiny_prepared)):
+    for key, path in (("teacher", tiny_teacher), ("student", fp32), ("student_int8", int8), ("prepared",
+                                                                                             tiny_prepared)):
         assert r["provenance"]["inputs"][key]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest(), key

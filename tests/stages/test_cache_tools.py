@@ -5,13 +5,12 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-from pipeline.formats import h5seal as h5safe
 from onnx import TensorProto
 
 from pipeline.errors import DataError, IntegrityError, UsageError
+from pipeline.formats import h5seal as h5safe
 from pipeline.formats.cache import open_cache
-from stages.cache import CacheConfig, cache_soft_targets
-from stages.cache import AddTemperatureConfig, VerifyConfig, add_temperature, verify
+from stages.cache import AddTemperatureConfig, CacheConfig, VerifyConfig, add_temperature, cache_soft_targets, verify
 from tests import oracles
 from tests.cache_helpers import digest, linear_teacher
 from tests.conftest import run_cli
@@ -46,7 +45,8 @@ def test_several_teachers_are_joined_as_members(teachers, tiny_teacher, tiny_pre
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    (dict(in_shape=("batch", 28, 27), features=756), "has shape [batch, 28, 27], the transfer set gives [batch, 28, 28]"),
+    (dict(in_shape=("batch", 28, 27), features=756),
+     "has shape [batch, 28, 27], the transfer set gives [batch, 28, 28]"),
     (dict(in_shape=("batch", 783), features=783), "has shape [batch, 783], the transfer set gives [batch, 28, 28]"),
     (dict(dtype=TensorProto.DOUBLE), "has type tensor(double); a teacher takes tensor(float)"),
     (dict(inputs=2), "the model takes 2 inputs"),
@@ -61,8 +61,9 @@ def test_teacher_checked_before_running(kwargs, fragment, tiny_prepared, tmp_pat
 
 
 def test_nan_output_stops_with_row_and_member(teachers, tiny_prepared, tmp_path):
-    from pipeline.formats.prepared import open_prepared
     import onnxruntime as ort
+
+    from pipeline.formats.prepared import open_prepared
 
     x, _ = open_prepared(tiny_prepared).load("train", 0, 256)
     z = ort.InferenceSession(str(teachers["raw"])).run(None, {"x": x})[0]
@@ -78,8 +79,10 @@ def test_nan_output_stops_with_row_and_member(teachers, tiny_prepared, tmp_path)
 def test_io_binding_at_padded_batch_matches_plain_run(tiny_teacher, tiny_prepared, tmp_path):
     """The CUDA path's binding code, run on CPU: 1200 rows in batches of 512 pads the last (176) to 512."""
     cfg = dict(CPU, batch_size=512)
-    plain = cache_soft_targets(CacheConfig(**cfg, io_binding="off"), [tiny_teacher], tiny_prepared, tmp_path / "a.h5", **quiet)
-    bound = cache_soft_targets(CacheConfig(**cfg, io_binding="on"), [tiny_teacher], tiny_prepared, tmp_path / "b.h5", **quiet)
+    plain = cache_soft_targets(CacheConfig(**cfg, io_binding="off"), [tiny_teacher], tiny_prepared, tmp_path / "a.h5",
+                               **quiet)
+    bound = cache_soft_targets(CacheConfig(**cfg, io_binding="on"), [tiny_teacher], tiny_prepared, tmp_path / "b.h5",
+                               **quiet)
     with h5py.File(plain) as a, h5py.File(bound) as b:
         np.testing.assert_allclose(b["logits"][:], a["logits"][:], rtol=0, atol=1e-6)  # padding rows never leak
     assert '"io_binding": true' in open_cache(bound).attrs["provenance"]
@@ -126,7 +129,8 @@ def test_add_temperature_refuses_without_logits(tiny_cache, tmp_path):
 
 def test_add_temperature_cli_prints_diagnostics_and_plots(tiny_cache, tmp_path):
     out, png = tmp_path / "c.h5", tmp_path / "d.png"
-    proc = run_cli("cache", "add-temperature", tiny_cache, "--temperatures", "3,5", "--out", out, "--plot", png, check=True)
+    proc = run_cli("cache", "add-temperature", tiny_cache, "--temperatures", "3,5", "--out", out, "--plot", png,
+                   check=True)
     assert "entropy(nats)" in proc.stderr and "\n     5 " in proc.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -7,13 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import UsageError
-from pipeline import losses
 from pipeline import soft as sm
-from stages.cache.settings import CacheConfig, parse_shard
-from stages.cache.stream import part_path, resolve_shard, shard_rows
-from stages.cache.stream import StreamStats, blocks, run_pipeline
+from pipeline.errors import UsageError
 from pipeline.soft import DiagnosticSums
+from stages.cache.settings import CacheConfig, parse_shard
+from stages.cache.stream import StreamStats, blocks, part_path, resolve_shard, run_pipeline, shard_rows
 from stages.cache.teachers import pad_rows
 from tests import oracles
 
@@ -75,7 +73,8 @@ def test_soft_targets_and_diagnostics_match_a_naive_reimplementation(n, members,
     labels = np.where(rng.random(n) < unlabelled, -1, rng.integers(0, 5, n))
     for combine in sm.COMBINES:
         # float32 result of a float64 computation: half an ulp of numbers <= 1 is 6e-8
-        np.testing.assert_allclose(sm.combine_soft_targets(logits, T, combine), oracles.soft_targets(logits, T, combine),
+        np.testing.assert_allclose(sm.combine_soft_targets(logits, T, combine), oracles.soft_targets(logits, T,
+                                                                                                     combine),
                                    rtol=0, atol=1e-7, err_msg=combine)
     soft = sm.combine_soft_targets(logits, T)
     got, want = sm.diagnostics(logits, soft, labels, T), oracles.diagnostics(logits, soft, labels)

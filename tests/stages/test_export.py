@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import onnxio
-from pipeline.formats.checkpoint import read_checkpoint
 from pipeline.errors import IntegrityError
-from stages.export import stage as ex
-from stages.export import mobile, quantize
+from pipeline.formats.checkpoint import read_checkpoint
 from pipeline.formats.prepared import open_prepared
+from stages.export import mobile, quantize
+from stages.export import stage as ex
 from tests.conftest import ROOT
 
 QUIET = dict(log=lambda m: None)

@@ -149,7 +149,8 @@ def test_no_onnxruntime_warning_when_loading_any_export(cnn_exports, exported_ml
     """Every file the export writes, MLP and CNN, float and raw input, fp32 and each variant, .onnx
     and .ort: onnxruntime logs no warning or error while loading it (it warned about the unused
     ``logits_scale`` and ``logits_zero_point`` of every int8 file before)."""
-    paths = sorted(p for d in [*cnn_exports.values(), *exported_mlps] for p in d.rglob("*") if p.suffix in (".onnx", ".ort"))
+    paths = sorted(p for d in [*cnn_exports.values(), *exported_mlps] for p in d.rglob("*") if p.suffix in (".onnx",
+                                                                                                            ".ort"))
     kinds = {p.name for p in paths}
     assert {"s.onnx", "s.int8.onnx", "s.dyn.onnx", "s.fp16.onnx", "s.int8.ort", "s.ort"} <= kinds, kinds
     log = load_log(paths)

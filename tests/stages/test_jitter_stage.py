@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from stages.jitter import JitterConfig, jitter_transfer_set
 from pipeline.formats.prepared import open_prepared
+from stages.jitter import JitterConfig, jitter_transfer_set
 from tests.conftest import run_cli
 
 

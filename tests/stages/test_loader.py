@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.formats import h5seal as h5safe
 from pipeline.errors import UsageError
+from pipeline.formats import h5seal as h5safe
 from pipeline.formats.cache import open_cache
-from stages.cache import CacheConfig, cache_soft_targets
-from stages.student.loader import TransferLoader, select_rows
 from pipeline.formats.prepared import open_prepared
+from stages.cache import CacheConfig, cache_soft_targets
 from stages.prepare import PrepareConfig, prepare_dataset
 from stages.student import StudentConfig, distill_student
+from stages.student.loader import TransferLoader, select_rows
 from tests.conftest import ROOT, synthetic_images
 
 

@@ -2,7 +2,6 @@
 default path's content unchanged by contracts; resume and verify reproduce a contract; an error in
 the reader or writer thread is the stage's one line, with no .partial left."""
 import json
-import shutil
 
 import h5py
 import numpy as np
@@ -11,8 +10,8 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from pipeline import soft
 from commands.main import main
+from pipeline import soft
 from pipeline.errors import IntegrityError
 from pipeline.formats.cache import open_cache
 from pipeline.formats.onnx_model import read_input_contract
@@ -55,7 +54,7 @@ def test_mixed_ensemble_caches_trains_a_student_and_reports_each_member(tiny_tea
     want = (_accuracy(tiny_teacher, info.normalise(x), y, "member_logits")
             + _accuracy(flat_unit, foreign.by_hand(x, "unit", "flat"), y, "probabilities"))
     assert c.member_accuracy == pytest.approx(want, abs=1e-12) and want[2] < min(want[:2])  # told apart
-    assert any("\nmember accuracy: 0: " in l for l in logs)  # and the log says them
+    assert any("\nmember accuracy: 0: " in line for line in logs)  # and the log says them
     inputs = c.teacher_inputs
     assert inputs[0]["input"]["range"] == "normalised" and inputs[0]["sources"]["range"] == "metadata"
     assert inputs[1]["input"] == {"range": "unit", "layout": "flat", "dtype": "float32", "output": "probabilities"}
@@ -131,9 +130,10 @@ def test_resume_and_verify_reproduce_a_declared_contract(flat_unit, tiny_prepare
     assert (tmp_path / "c.h5.partial").stat().st_size > 0
     logs = []
     cache_soft_targets(CacheConfig(**CFG), [arg], tiny_prepared, out, log=logs.append)
-    assert any(l.startswith("resuming ") and " at row " in l for l in logs), logs
+    assert any(line.startswith("resuming ") and " at row " in line for line in logs), logs
     fresh = cache_soft_targets(CacheConfig(**CFG), [arg], tiny_prepared, tmp_path / "fresh.h5", **QUIET)
-    assert digest(out, skip_attrs=("provenance", "content_sha256")) == digest(fresh, skip_attrs=("provenance", "content_sha256"))
+    assert digest(out, skip_attrs=("provenance", "content_sha256")) == digest(fresh, skip_attrs=("provenance",
+                                                                                                 "content_sha256"))
     report = verify(VerifyConfig(sample_rows=128), out, [flat_unit], tiny_prepared, **QUIET)  # the recorded contract
     assert report["max_abs_logit_diff"] <= 1e-6
     verify(VerifyConfig(sample_rows=128), out, [arg], tiny_prepared, **QUIET)  # the same declaration: fine
@@ -147,7 +147,7 @@ def test_resume_and_verify_reproduce_a_declared_contract(flat_unit, tiny_prepare
     logs = []
     cache_soft_targets(CacheConfig(**CFG, gate=False), [f"{flat_unit}:input=raw"], tiny_prepared, tmp_path / "d.h5",
                        log=logs.append)
-    assert any("made from other inputs or settings; restarting from row 0" in l for l in logs), logs
+    assert any("made from other inputs or settings; restarting from row 0" in line for line in logs), logs
 
 
 @pytest.mark.parametrize("thread", ["reader", "writer"])

@@ -143,7 +143,8 @@ def test_an_undeclared_clear_winner_is_taken_and_said(sets, teachers, tmp_path):
                for m in logs), logs
     c = open_cache(out)
     assert c.teacher_inputs[0]["sources"]["range"] == "gate" and c.teacher_inputs[0]["input"]["range"] == "unit"
-    assert np.max(np.abs(c.soft(1.0) - by_hand(teachers["flat-unit"], open_prepared(sets["grey"]), "flat-unit"))) <= 1e-6
+    assert np.max(np.abs(c.soft(1.0) - by_hand(teachers["flat-unit"], open_prepared(sets["grey"]),
+                                               "flat-unit"))) <= 1e-6
 
 
 @pytest.mark.parametrize("teacher, decl, extra, code, fragment", [

@@ -14,8 +14,16 @@ from pipeline.errors import DataError, IntegrityError
 from pipeline.formats import h5seal
 from pipeline.formats.cache import open_cache
 from pipeline.formats.prepared import open_prepared
-from stages.cache import AddTemperatureConfig, CacheConfig, MergeConfig, VerifyConfig, add_temperature, merge, verify
-from stages.cache import cache_soft_targets
+from stages.cache import (
+    AddTemperatureConfig,
+    CacheConfig,
+    MergeConfig,
+    VerifyConfig,
+    add_temperature,
+    cache_soft_targets,
+    merge,
+    verify,
+)
 from stages.student import StudentConfig, distill_student
 from stages.student.viewloader import ViewLoader
 from tests.conftest import run_cli
@@ -54,7 +62,8 @@ def test_layout_and_what_the_teacher_saw(views_cache, tiny_teacher, tiny_prepare
     sess = ort.InferenceSession(str(tiny_teacher), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert np.array_equal(got, c.read("logits")[src * 4 + view])
-    assert np.array_equal(t.numpy(), sm.combine_soft_targets(got, 2.0)) and np.array_equal(y.numpy(), info.load("train")[1][src])
+    assert np.array_equal(t.numpy(), sm.combine_soft_targets(got, 2.0)) and np.array_equal(y.numpy(),
+                                                                                           info.load("train")[1][src])
 
 
 def test_verify_rebuilds_views_and_catches_edited_parameters(views_cache, tiny_teacher, tiny_prepared, tmp_path):
@@ -74,7 +83,8 @@ def test_float16_logits_and_add_temperature(tiny_teacher, tiny_prepared, tmp_pat
                              tmp_path / "h.h5", **QUIET)
     c = open_cache(out)
     logits = c.read("logits")
-    assert logits.dtype == np.float16 and np.array_equal(c.soft(1.0), sm.combine_soft_targets(logits.astype(np.float32), 1.0))
+    assert logits.dtype == np.float16 and np.array_equal(c.soft(1.0),
+                                                         sm.combine_soft_targets(logits.astype(np.float32), 1.0))
     add_temperature(AddTemperatureConfig(temperatures=(4.0,)), out, **QUIET)
     c = open_cache(out)
     assert np.array_equal(c.soft(4.0), sm.combine_soft_targets(logits.astype(np.float32), 4.0))

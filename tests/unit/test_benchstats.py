@@ -16,8 +16,7 @@ from hypothesis.extra.numpy import arrays
 from pipeline.errors import DataError, RuntimeUnavailable
 from pipeline.formats.onnx_model import OPSET
 from stages.bench import worker as bw
-from stages.bench.stats import (STAT_KEYS, combine_trials, median_trial_index, summarize,
-                               throughput)
+from stages.bench.stats import STAT_KEYS, combine_trials, median_trial_index, summarize, throughput
 
 TINY = dict(warmup_count=5, warmup_s=0, min_count=20, min_s=0, trials=3)
 
@@ -260,7 +259,8 @@ def test_cuda_request_without_cuda_fails_loudly(identity):
     model_path, pool_path, _ = identity
     if _cuda_works(model_path):
         pytest.skip("CUDA actually works here")
-    with pytest.raises(RuntimeUnavailable, match="exited 5: .*CUDA was requested but onnxruntime cannot run on CUDA here"):
+    with pytest.raises(RuntimeUnavailable,
+                       match="exited 5: .*CUDA was requested but onnxruntime cannot run on CUDA here"):
         bw.run_isolated(model_path, pool_path, threads=1, batch=1, provider="cuda", **TINY)
 
 

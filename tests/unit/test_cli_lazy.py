@@ -29,7 +29,7 @@ def test_help_loads_neither_torch_nor_onnxruntime():
     proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(COMMANDS)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert set(result) == {" ".join(c) for c in COMMANDS}
     for command, loaded in result.items():
         assert loaded == [], f"distill {command} --help loaded {loaded}"

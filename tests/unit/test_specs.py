@@ -47,7 +47,8 @@ def test_malformed_specs_are_a_usage_error_naming_the_spec(spec):
 @st.composite
 def _specs(draw):
     kind = draw(st.sampled_from(["mlp", "cnn"]))
-    widths = draw(st.lists(st.integers(1, 10_000), min_size=3 if kind == "cnn" else 1, max_size=3 if kind == "cnn" else 5))
+    widths = draw(st.lists(st.integers(1, 10_000), min_size=3 if kind == "cnn" else 1,
+                           max_size=3 if kind == "cnn" else 5))
     dropout = draw(st.none() | st.floats(0.0, 1.0, exclude_max=True))
     text = f"{kind}:{'-'.join(map(str, widths))}" + ("" if dropout is None else f":dropout={dropout!r}")
     return text, (kind, widths, 0.0 if dropout is None else dropout)

@@ -77,7 +77,8 @@ def test_params_are_the_same_for_any_split_of_the_rows():
     mixed = q["lam"] > 0
     block = (np.arange(9000 * 5) // 5) // views.BLOCK
     assert (q["partner"][mixed] // views.BLOCK == block[mixed]).all()  # a partner lies in its row's block
-    assert 0.4 < mixed.reshape(9000, 5)[:, 1:].mean() < 0.6 and 0.4 < (q["flags"] & 1)[q["lam"] >= 0].mean() * 5 / 4 < 0.6
+    assert 0.4 < mixed.reshape(9000, 5)[:,
+                                        1:].mean() < 0.6 and 0.4 < (q["flags"] & 1)[q["lam"] >= 0].mean() * 5 / 4 < 0.6
     other = views.params(views.ViewSpec(count=5, max_shift=2, flip=0.5, mixup=0.5, seed=8), 0, 9000, 9000)
     assert not np.array_equal(whole, other)
 
