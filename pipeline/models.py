@@ -16,14 +16,17 @@ from the data.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-
 import torch
 from torch import nn
 
 from pipeline.errors import UsageError
 from pipeline.specs import parse_spec
+
+if TYPE_CHECKING:
+    from pipeline.formats.checkpoint import Checkpoint
 
 
 def build(spec: str, input_shape: tuple[int, ...], classes: int) -> nn.Module:
@@ -156,7 +159,7 @@ def from_checkpoint(ckpt) -> nn.Module:
     return net.eval()
 
 
-def load(path, role: str = "student") -> tuple[nn.Module, "Checkpoint"]:
+def load(path, role: str = "student") -> tuple[nn.Module, Checkpoint]:
     """The network of the checkpoint at ``path`` (read and checked by
     :func:`pipeline.formats.checkpoint.read_checkpoint`) and the checkpoint itself."""
     from pipeline.formats.checkpoint import read_checkpoint

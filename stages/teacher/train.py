@@ -13,7 +13,7 @@ the prepared data and the settings: a run killed after member k resumes at membe
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
