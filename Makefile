@@ -50,7 +50,7 @@ EDGE_EPOCHS ?= 20
 EDGE_LR ?= 0.003
 EDGE_STUDENT_ARGS ?=
 BENCH_EDGE_ARGS ?= --threads 1 --batches 1
-# views (issue 14): one cache of VIEWS_K views per row for each view family; students draw from the
+# views (docs/design.md, "views"): one cache of VIEWS_K views per row for each view family; students draw from the
 # first K' of them (view j of a row does not depend on K, so one cache serves every K')
 # (K = 16: +-2 px shifts make only 25 distinct views, and a 64-view cache of 55,000 rows is 3.5M teacher
 # runs, about 100 minutes on a busy 2-core host; VIEWS_K=64 makes one)
@@ -293,7 +293,7 @@ clean-smoke: ## remove the smoke run's artifacts
 clean: ## remove every artifact under data/ (keeps .venv)
 	find data -mindepth 1 -not -name .gitkeep -delete
 
-# ---- cache benchmarks (issue 3): JSON under data/bench/; synthetic inputs under data/bench/cache-work ----
+# ---- cache benchmarks: JSON under data/bench/; synthetic inputs under data/bench/cache-work ----
 .PHONY: bench-cache bench-cache-scale
 CACHE_BENCH_ARGS ?=
 CACHE_SCALE_ARGS ?=

@@ -1,4 +1,4 @@
-"""What float16 logits in the cache do to a student (issue 14, storage): two caches of the same teacher and
+"""What float16 logits in the cache do to a student (``--logits-dtype float16``): two caches of the same teacher and
 rows, float32 and float16 logits, and one student from each (same settings and seed).
 
     python scripts/fp16_logits_effect.py --prepared P --teacher T.onnx --cache32 C32 --cache16 C16 \

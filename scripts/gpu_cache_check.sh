@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the cache stage (issue 3): `distill cache --device cuda` with IOBinding, resume after
+# GPU check of the cache stage: `distill cache --device cuda` with IOBinding, resume after
 # SIGKILL, verify on CUDA against the stored logits, and the bench-cache JSON with the stage on CUDA.
 # Needs only python3 with torch, onnx, onnxruntime-gpu, h5py, click, numpy (tqdm optional). Run from
 # the repository root:   OUT=/some/folder bash scripts/gpu_cache_check.sh

@@ -1,4 +1,4 @@
-"""Mutation check of the rewritten tests (issue 15): each test must fail for a plausible bug.
+"""Mutation check of the tests: each test listed here must fail for a plausible bug planted in the code.
 
     python scripts/mutation_check.py [--only NAME ...] [--out docs/checks/mutations.json] [--list]
 

@@ -113,7 +113,7 @@ def teacher(path: Path, params: dict, in_shape: tuple, *, dtype: int = TensorPro
 def grey_images(n: int, seed: int = 0, classes: int = 10, size: int = 14) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [n, size, size]: one shared background, each class a sparse +-60 change of 10% of its
     pixels, noise of sd 50: hard enough (~85% for the teachers here) that feeding a teacher another
-    range costs it tens of points, as with real data (issue 12: 87.6% -> 65.9%)."""
+    range costs it tens of points, as with real data (87.6% -> 65.9%, docs/teachers.md)."""
     rng, g = np.random.default_rng(seed), np.random.default_rng(1234)
     base = g.uniform(40, 200, (size, size))
     delta = (g.random((classes, size, size)) < 0.1) * g.choice([-60, 60], (classes, size, size))

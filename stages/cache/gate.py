@@ -2,7 +2,7 @@
 
 A teacher fed the wrong range or layout still runs and still gives confident, wrong soft targets
 (a classifier trained on [0, 1] pixels and fed ``(x / 255 - mean) / std`` scored 65.9% where it
-really scores 87.6%; issue 12).  So before the long run the first ``gate_rows`` rows of the
+really scores 87.6%; docs/teachers.md).  So before the long run the first ``gate_rows`` rows of the
 transfer split (their labelled ones) are run through each teacher under its resolved contract and
 under the common alternatives that fit its input: raw, unit and normalised (the transfer set's
 statistics, and the teacher's own if it declares some), in every layout its input shape fits.

@@ -70,7 +70,7 @@ def test_the_command_line_reruns_everything_its_own_command_only_what_follows(da
 
 
 def test_a_student_only_module_spares_the_cache(data):
-    """The case the issue names: code only the student runs must not rebuild the cache."""
+    """The case that motivated the per-stage prerequisites: code only the student runs must not rebuild the cache."""
     assert "pipeline/losses.py" not in {str(p.relative_to(ROOT)) for p in code_deps.stage_code("cache")}
     assert make_n(data, "-W", "pipeline/losses.py", "all") == {"student", "export", "bench"}
     assert make_n(data, "-W", "stages/cache/stream.py", "all") == {"cache", "student", "export", "bench"}

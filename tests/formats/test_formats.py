@@ -68,7 +68,7 @@ def test_truncated_corrupt_and_edited_are_told_apart(reader, fixture, request, t
 
 def test_truncated_prepared_is_corrupt_not_stale_at_every_stage(tiny_prepared, tiny_cache, tiny_teacher,
                                                                  tiny_student, tmp_path):
-    """The issue's case: a truncated transfer set given to the student was called 'changed, rebuild
+    """A truncated transfer set given to the student was once called 'changed, rebuild
     the cache'; every stage now says it is truncated (exit 3) before comparing any hash."""
     data = tiny_prepared.read_bytes()
     p = tmp_path / "p.h5"
@@ -105,7 +105,7 @@ def shards(tiny_prepared, tmp_path_factory):
 
 
 def test_merge_refuses_a_part_edited_after_its_seal(shards, tmp_path):
-    """The integrity hole of the issue: one soft target of shard 0 changed with h5py after sealing.
+    """An integrity hole once open: one soft target of shard 0 changed with h5py after sealing.
     merge read parts with plain h5py and re-sealed the result; it now verifies each part's seal."""
     parts, _ = shards
     bad = _copy(parts[0], tmp_path / "c.part0of2.h5", lambda f: f["soft/2"].__setitem__((0, 0), 0.5))

@@ -1,4 +1,4 @@
-"""The views cache (issue 14): K views of every transfer row, each 8 bytes of parameters and the
+"""The views cache: K views of every transfer row, each 8 bytes of parameters and the
 teacher's outputs for it; the student re-makes exactly the pixels the teacher saw."""
 import json
 import shutil
