@@ -28,7 +28,7 @@ def _named_paths(doc):
         token = token.split("#")[0].split("::")[0].rstrip(".,;:")
         if not token or any(c in token for c in "*{}<>$") or token.startswith(("http", "data/", "/")):
             continue
-        if token.startswith(("docs/", "scripts/", "tests/", "pipeline/", "stages/")):
+        if token.startswith(("docs/", "scripts/", "tests/", "commands/", "pipeline/", "stages/")):
             yield token, ROOT / token
         elif doc.parent != ROOT and re.match(r"(\.\./|sources/|gpu/|bench/|runs/)", token):
             yield token, (doc.parent / token).resolve()
