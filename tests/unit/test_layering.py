@@ -32,6 +32,8 @@ def imported(path: Path) -> set[str]:
 def test_stage_packages_exist():
     assert STAGES == ["bench", "cache", "export", "jitter", "prepare", "student", "teacher"]
     assert [p.name for p in (ROOT / "stages").glob("*.py")] == ["__init__.py"], "stage code lives in packages"
+    for stage in STAGES:  # entry modules named alike: the stage's function in stage.py, its settings beside it
+        assert {"stage.py", "settings.py"} <= {p.name for p in (ROOT / "stages" / stage).glob("*.py")}, stage
 
 
 @pytest.mark.parametrize("stage", STAGES)
