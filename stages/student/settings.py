@@ -28,7 +28,8 @@ class StudentConfig:
     objective: str = setting("kd", "kd (tempered soft targets) or logits (match zero-meaned mean logits)")
     epochs: int = setting(30, "training epochs")
     batch_size: int = setting(128, "minibatch rows")
-    lr: float = setting(1e-3, "Adam learning rate (one-cycle schedule)")
+    lr: float = setting(1e-3, "AdamW's peak learning rate of the one-cycle schedule: warm-up from lr/25 over the first "
+                              "30% of the steps, then cosine annealing to lr/25e4 (Smith & Topin 2019)")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     seed: int = setting(0, "seed of initialisation and batch order")
     threads: int = setting(1, "torch threads (one trains a small MLP fastest on 2 shared cores)")
@@ -67,7 +68,8 @@ class SweepConfig:
     seeds: tuple[int, ...] = setting((0, 1, 2), "seeds; the table reports mean and spread over them")
     epochs: int = setting(30, "training epochs of every student (the epoch is chosen on validation)")
     batch_size: int = setting(128, "minibatch rows")
-    lr: float = setting(1e-3, "Adam learning rate (one-cycle schedule)")
+    lr: float = setting(1e-3, "AdamW's peak learning rate of every student's one-cycle schedule (as in "
+                              "`distill student --lr`)")
     objective: str = setting("kd", "kd or logits (logits ignores the temperature)")
     train_fraction: float = setting(1.0, "fraction of the transfer rows every student uses")
     memory_budget_mib: float = setting(1024.0, "memory budget of each job's loader (MiB)")

@@ -20,7 +20,8 @@ class TeacherConfig:
     arch: str = setting("cnn:32-64-128", "member architecture spec, e.g. cnn:32-64-128 or mlp:1200-1200:dropout=0.5")
     epochs: int = setting(8, "training epochs per member")
     batch_size: int = setting(128, "minibatch rows")
-    lr: float = setting(2e-3, "Adam learning rate (cosine-decayed to 0 over the epochs)")
+    lr: float = setting(2e-3, "peak learning rate of the one-cycle schedule: warm-up from lr/25 over the first 15% "
+                              "of the steps, then cosine annealing to lr/25e4 (Smith & Topin 2019)")
     weight_decay: float = setting(0.0, "Adam weight decay")
     max_shift: int = setting(2, "random translation of up to this many pixels per example (Hinton's jitter); 0 = off")
     seed: int = setting(0, "seed of member 0; member i uses seed + i")
