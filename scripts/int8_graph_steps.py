@@ -127,23 +127,24 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", help="JSON to write (default: print only)")
     args = p.parse_args(argv)
 
-    from stages.bench import worker as bw
+    from stages.bench import runners
+    from stages.bench.worker import timed_loop
 
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         graphs, test, normalise = build(args, tmp)
         runners = {}
         for step, path in graphs.items():
-            sess = bw.make_session(path, args.threads)
+            sess = runners.make_session(path, args.threads)
             pool = test if sess.get_inputs()[0].type == "tensor(uint8)" else normalise(test)
-            run, refills, _ = bw.frame_buffer_runner(sess, bw.cut_batches(pool, 1))
+            run, refills, _ = runners.frame_buffer_runner(sess, runners.cut_batches(pool, 1))
             runners[step] = (run, refills)
-            bw.timed_loop([run], 0, 200, 0.0, refills)  # warm-up
+            timed_loop([run], 0, 200, 0.0, refills)  # warm-up
         rounds: dict[str, list[float]] = {s: [] for s in STEPS}
         for _ in range(args.rounds):
             for step in STEPS:  # interleaved: a slow phase of the host weighs on every variant alike
                 run, refills = runners[step]
-                lat, _ = bw.timed_loop([run], 0, args.runs, 0.0, refills)
+                lat, _ = timed_loop([run], 0, args.runs, 0.0, refills)
                 rounds[step].append(float(np.median(lat)) * 1e6)
         report = {"settings": vars(args), "source": "scripts/int8_graph_steps.py",
                   "steps": {s: {"us_per_run_p50": statistics.median(rounds[s]), "round_p50s_us": rounds[s],

@@ -1,7 +1,8 @@
 """Stage 6, bench: edge inference of the students against the teacher ensemble, and its fidelity check.
 
 ``benchmark(cfg, teacher, candidates, prepared, out, markdown, csv)`` is the stage (:mod:`.stage`);
-every timing runs in a fresh ``python -m stages.bench.worker`` process (:mod:`.worker`), summarised
+every timing runs in a fresh ``python -m stages.bench.worker`` process (:mod:`.worker`, started by
+:mod:`.launcher`; the calls it times are built by :mod:`.runners`), summarised
 by :mod:`.stats` and rendered by :mod:`.report`; :mod:`.fidelity` checks the harness itself;
 ``pick_model(cfg, report)`` (:mod:`.choice`) picks a model from a report under budgets;
 :mod:`.settings` holds the settings.

@@ -14,7 +14,7 @@
    (feeds, output allocation, the GIL), which the floor measures.
 
 All timings at batch 1 and ``threads`` threads, each configuration in a fresh process
-(:func:`stages.bench.worker.run_isolated`), the whole set repeated ``rounds`` times interleaved and
+(:func:`stages.bench.launcher.run_isolated`), the whole set repeated ``rounds`` times interleaved and
 each p50 the median round's; ratios come from the same run, never across runs.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pipeline.artifacts import write_json
 from pipeline.config import to_dict
 from pipeline.formats.onnx_model import input_dtype
 from pipeline.formats.prepared import open_prepared
-from stages.bench import worker as bench_worker
+from stages.bench import launcher
 from stages.bench.settings import FidelityConfig
 from stages.bench.stage import environment
 
@@ -67,9 +67,9 @@ def profile(model: Path, pool: np.ndarray, threads: int, runs: int) -> dict:
 
 
 def _p50(cfg: FidelityConfig, model: Path, pool: Path, engine: str = "onnxruntime") -> dict:
-    return bench_worker.run_isolated(model, pool, cfg.threads, 1, "cpu", engine=engine,
-                                     warmup_count=cfg.warmup_count, warmup_s=cfg.warmup_s,
-                                     min_count=cfg.min_count, min_s=cfg.min_s, trials=cfg.trials)
+    return launcher.run_isolated(model, pool, cfg.threads, 1, "cpu", engine=engine,
+                                 warmup_count=cfg.warmup_count, warmup_s=cfg.warmup_s,
+                                 min_count=cfg.min_count, min_s=cfg.min_s, trials=cfg.trials)
 
 
 CALLS = {"run": ("onnxruntime", "timeit"), "iobinding": ("iobinding", "timeit-iobinding")}
@@ -115,9 +115,9 @@ def check_fidelity(cfg: FidelityConfig, teacher: Path, student: Path, student_in
     xtest = info.load("test")[0][:1024]
     with resources.temporary_folder() as tmp:  # a full TMPDIR is one line naming it (exit 7)
         pools = {"float32": Path(tmp) / "pool.npy", "uint8": Path(tmp) / "pixels.npy"}
-        bench_worker.save_pool(pools["float32"], xtest)
-        bench_worker.save_pool(pools["uint8"], info.load_raw("test", 0, 1024)[0])  # for a model taking raw pixels
-        floor = bench_worker.write_identity_model(Path(tmp) / "identity.onnx", info.shape)
+        launcher.save_pool(pools["float32"], xtest)
+        launcher.save_pool(pools["uint8"], info.load_raw("test", 0, 1024)[0])  # for a model taking raw pixels
+        floor = launcher.write_identity_model(Path(tmp) / "identity.onnx", info.shape)
         rounds: dict[tuple[str, str], list[dict]] = defaultdict(list)
         for i in range(cfg.rounds):
             for call, (engine, reference) in CALLS.items():

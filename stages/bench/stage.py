@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,10 +28,10 @@ from pipeline.config import to_dict
 from pipeline.errors import DataError
 from pipeline.formats.bench_report import write_bench_report
 from pipeline.formats.onnx_model import input_dtype, model_files, model_size, onnx_macs, parameter_count
-from pipeline.formats.prepared import open_prepared
-from stages.bench import choice
+from pipeline.formats.prepared import Prepared, open_prepared
+from stages.bench import choice, launcher
 from stages.bench import report as benchreport
-from stages.bench import worker as bench_worker
+from stages.bench.runners import TORCH_PROVIDER
 from stages.bench.settings import BenchConfig
 
 TEACHER = "teacher-ensemble"
@@ -51,12 +52,20 @@ def _time(cfg: BenchConfig, path: Path, pool: Path, log: Callable, engine: str =
     for threads in cfg.thread_counts():
         for batch in ((1,) if engine == "iobinding" else cfg.batches):  # binding is a per-run cost: batch 1
             log(f"timing {path.name} ({engine}): threads {threads}, batch {batch}")
-            runs.append(bench_worker.run_isolated(
+            runs.append(launcher.run_isolated(
                 path, pool, threads, batch, cfg.provider if engine == "onnxruntime" else "cpu", engine=engine,
                 max_spread=cfg.max_spread, warmup_count=cfg.warmup_count, warmup_s=cfg.warmup_s,
                 min_count=cfg.min_count if batch == 1 else max(1, cfg.min_count // 10),
                 min_s=cfg.min_s, trials=cfg.trials))
     return runs
+
+
+class _Scoring(NamedTuple):
+    """What every model is scored against: the test rows in each input dtype the models take, the
+    labels and the teacher ensemble's predictions."""
+    rows: dict[str, np.ndarray]
+    labels: np.ndarray
+    teacher_pred: np.ndarray
 
 
 def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prepared: Path, out: Path,
@@ -66,79 +75,117 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
     """Time and score ``teacher``, each ONNX candidate and each PyTorch checkpoint of ``torch_models``
     (reported as ``<name>-torch``); write ``out`` (JSON), ``markdown``, ``csv_path`` and the plots
     whose paths are given."""
-    claim(out, markdown, csv_path, *(p for p in (plot_accuracy, plot_throughput) if p is not None))
+    plots = [p for p in (plot_accuracy, plot_throughput) if p is not None]
+    claim(out, markdown, csv_path, *plots)
     info = open_prepared(prepared)
     xtest, ytest = info.load("test")
     models = {TEACHER: Path(teacher), **{k: Path(v) for k, v in candidates.items()}}
     dtypes = {name: input_dtype(path) for name, path in models.items()}
-    rows = {"float32": xtest}
-    if "uint8" in dtypes.values():  # a raw-pixel model takes the stored pixels, not normalised rows
-        rows["uint8"] = info.load_raw("test")[0]
-        if rows["uint8"].dtype != np.uint8:
-            raise DataError(f"{prepared}: a candidate takes uint8 pixels, the prepared test split holds "
-                            f"{rows['uint8'].dtype}")
+    rows = _test_rows(info, prepared, xtest, set(dtypes.values()))
     for name, path in models.items():  # shape, dtype and class count, before any timing
         inference.check_io(path, inference.session(path, "cpu"), info.shape, len(info.classes), dtype=dtypes[name])
     torch_models = {f"{k}{TORCH_SUFFIX}": Path(v) for k, v in (torch_models or {}).items()}
-    teacher_pred = inference.predict_proba(teacher, xtest).argmax(1)
+    scoring = _Scoring(rows, ytest, inference.predict_proba(teacher, xtest).argmax(1))
     results = {}
     with resources.temporary_folder() as tmp:  # a full TMPDIR is one line naming it (exit 7)
-        pools, floors = {}, {}
-        for dtype, x in rows.items():
-            pools[dtype] = Path(tmp) / f"pool-{dtype}.npy"
-            bench_worker.save_pool(pools[dtype], x[:1024])  # a pool of real rows, cycled; 1024 rows is ~3 MiB of MNIST
-            floors[benchreport.floor_name(dtype, "onnxruntime")] = bench_worker.write_identity_model(
-                Path(tmp) / f"identity-{dtype}.onnx", info.shape, dtype)
-            dtypes[benchreport.floor_name(dtype, "onnxruntime")] = dtype
-        todo = [(n, p, "onnxruntime") for n, p in [*models.items(), *floors.items()]]
-        todo += [(f"{n}{IOBINDING_SUFFIX}", p, "iobinding") for n, p, _ in (todo if cfg.iobinding else [])]
-        todo += [(n, p, "torch") for n, p in torch_models.items()]
-        for name, path, engine in runtime.progress(todo, desc="bench", unit="model"):
+        pools, floors = _pools_and_floors(Path(tmp), rows, info.shape)
+        dtypes.update({name: dtype for dtype, name in zip(rows, floors)})
+        for name, path, engine in runtime.progress(_todo(cfg, models, floors, torch_models), desc="bench",
+                                                   unit="model"):
             dtype = dtypes.get(name.removesuffix(IOBINDING_SUFFIX), "float32")
             entry = {"path": str(path), "engine": engine, "input_dtype": dtype,
                      "runs": _time(cfg, path, pools[dtype], log, engine)}
-            floor = path in floors.values()
-            if floor:
-                entry["path"] = f"(Identity of input [batch, {', '.join(map(str, info.shape))}] {dtype})"
-            if engine == "iobinding":
-                entry["same_model_as"] = name.removesuffix(IOBINDING_SUFFIX)  # scored under that name
-            elif engine == "torch":
-                scores, params, macs = _torch_scores(path, xtest)
-                pred = scores.argmax(1)
-                entry.update(files=model_files(path), size_bytes=model_size(path), parameters=params,
-                             macs_per_image=macs,
-                             size_note="checkpoint: weights, metadata and provenance (kd-checkpoint/1)")
-            elif not floor:
-                pred = inference.predict_proba(path, rows[dtype]).argmax(1)
-                entry.update(files=model_files(path), size_bytes=model_size(path), parameters=parameter_count(path),
-                             macs_per_image=onnx_macs(path))
-            if not floor and engine != "iobinding":
-                entry.update(test_accuracy=float(np.mean(pred == ytest)),
-                             agreement_with_teacher=float(np.mean(pred == teacher_pred)),
-                             sha256=provenance.sha256_file(path))
-            results[name] = entry
-    want = inference.PROVIDERS[cfg.provider]
-    for entry in results.values():
-        for r in entry["runs"]:
-            expected = bench_worker.TORCH_PROVIDER if entry["engine"] == "torch" else want
-            if r["providers_used"][0] != expected:
-                raise DataError(f"{entry['path']}: ran on {r['providers_used'][0]}, not {expected}")
+            results[name] = _scored(entry, name, path in floors.values(), info.shape, scoring)
+    _check_providers(cfg, results)
     report = {"settings": to_dict(cfg), "threads_resolved": cfg.thread_counts(), "models": results,
               "environment": environment(),
               "provenance": provenance.record("bench", to_dict(cfg), {"prepared": prepared, **models,
                                                                      **torch_models})}
     report["pareto"] = choice.fronts(report)
-    # Each file is published atomically; the Markdown, make's target, goes last, so a run that fails
-    # on the way (a full disk: exit 7) leaves make with a reason to run the bench again.
-    benchreport.write_csv(csv_path, results)
+    _publish(report, out, markdown, csv_path, plot_accuracy, plot_throughput)
+    log(f"bench: {len(results)} models -> {out}, {markdown}")
+    return out
+
+
+def _test_rows(info: Prepared, prepared: Path, xtest: np.ndarray, dtypes: set[str]) -> dict[str, np.ndarray]:
+    """The test rows per input dtype: normalised float32, and the stored pixels for a raw-pixel model."""
+    rows = {"float32": xtest}
+    if "uint8" in dtypes:  # a raw-pixel model takes the stored pixels, not normalised rows
+        rows["uint8"] = info.load_raw("test")[0]
+        if rows["uint8"].dtype != np.uint8:
+            raise DataError(f"{prepared}: a candidate takes uint8 pixels, the prepared test split holds "
+                            f"{rows['uint8'].dtype}")
+    return rows
+
+
+def _pools_and_floors(tmp: Path, rows: dict[str, np.ndarray],
+                      shape: tuple[int, ...]) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Per input dtype, the pool of rows the worker cycles (``{dtype: .npy}``) and the Identity model of
+    that input, the floor of one ``run()`` (``{floor name: .onnx}``, in the order of ``rows``)."""
+    pools, floors = {}, {}
+    for dtype, x in rows.items():
+        pools[dtype] = launcher.save_pool(tmp / f"pool-{dtype}.npy", x[:1024])  # real rows; 1024 is ~3 MiB of MNIST
+        floors[benchreport.floor_name(dtype, "onnxruntime")] = launcher.write_identity_model(
+            tmp / f"identity-{dtype}.onnx", shape, dtype)
+    return pools, floors
+
+
+def _todo(cfg: BenchConfig, models: dict[str, Path], floors: dict[str, Path],
+          torch_models: dict[str, Path]) -> list[tuple[str, Path, str]]:
+    """(name, path, engine) of every timing: each model and floor through ``session.run``, again
+    through IOBinding when ``cfg.iobinding``, and each checkpoint in PyTorch eager."""
+    todo = [(n, p, "onnxruntime") for n, p in [*models.items(), *floors.items()]]
+    todo += [(f"{n}{IOBINDING_SUFFIX}", p, "iobinding") for n, p, _ in (todo if cfg.iobinding else [])]
+    return todo + [(n, p, "torch") for n, p in torch_models.items()]
+
+
+def _scored(entry: dict, name: str, floor: bool, shape: tuple[int, ...], scoring: _Scoring) -> dict:
+    """``entry`` (a timed model) with what it is: a floor's input, the model an IOBinding timing belongs to
+    (scored under that name), or the model's files, size, parameters, MACs and test scores."""
+    path, engine, dtype = Path(entry["path"]), entry["engine"], entry["input_dtype"]
+    if floor:
+        entry["path"] = f"(Identity of input [batch, {', '.join(map(str, shape))}] {dtype})"
+    if engine == "iobinding":
+        entry["same_model_as"] = name.removesuffix(IOBINDING_SUFFIX)
+        return entry
+    if floor:
+        return entry
+    if engine == "torch":
+        scores, params, macs = _torch_scores(path, scoring.rows["float32"])
+        entry.update(files=model_files(path), size_bytes=model_size(path), parameters=params, macs_per_image=macs,
+                     size_note="checkpoint: weights, metadata and provenance (kd-checkpoint/1)")
+    else:
+        scores = inference.predict_proba(path, scoring.rows[dtype])
+        entry.update(files=model_files(path), size_bytes=model_size(path), parameters=parameter_count(path),
+                     macs_per_image=onnx_macs(path))
+    pred = scores.argmax(1)
+    entry.update(test_accuracy=float(np.mean(pred == scoring.labels)),
+                 agreement_with_teacher=float(np.mean(pred == scoring.teacher_pred)),
+                 sha256=provenance.sha256_file(path))
+    return entry
+
+
+def _check_providers(cfg: BenchConfig, results: dict[str, dict]) -> None:
+    """DataError when any run ran on another execution provider than asked (never a silent fallback)."""
+    want = inference.PROVIDERS[cfg.provider]
+    for entry in results.values():
+        for r in entry["runs"]:
+            expected = TORCH_PROVIDER if entry["engine"] == "torch" else want
+            if r["providers_used"][0] != expected:
+                raise DataError(f"{entry['path']}: ran on {r['providers_used'][0]}, not {expected}")
+
+
+def _publish(report: dict, out: Path, markdown: Path, csv_path: Path, plot_accuracy: Path | None,
+             plot_throughput: Path | None) -> None:
+    """Each file is published atomically; the Markdown, make's target, goes last, so a run that fails
+    on the way (a full disk: exit 7) leaves make with a reason to run the bench again."""
+    benchreport.write_csv(csv_path, report["models"])
     if plot_accuracy is not None:
         benchreport.plot_accuracy_latency(report, plot_accuracy)
     if plot_throughput is not None:
         benchreport.plot_throughput(report, plot_throughput)
     write_bench_report(out, benchreport.strip_latencies(report))
     write_text(markdown, benchreport.render_markdown(report, plots=[p for p in (plot_accuracy, plot_throughput) if p]))
-    log(f"bench: {len(results)} models -> {out}, {markdown}")
-    return out
 
 
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",

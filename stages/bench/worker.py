@@ -17,139 +17,42 @@ same loop) and ``timeit`` / ``timeit-iobinding`` (a bare ``timeit`` loop over th
 reference the harness's own p50 is checked against by ``distill bench-fidelity``).
 
 Only the JSON object goes to stdout: anything a library prints there is redirected to stderr.
+The calls timed are built by :mod:`stages.bench.runners`; the bench stage starts this process, and
+writes the pool and the floor model it reads, through :mod:`stages.bench.launcher`.
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import io
 import itertools
 import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 import timeit
-from collections.abc import Callable
-from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 
-from pipeline import inference, resources, runtime
-from pipeline.errors import DataError, PipelineError, ResourceError, RuntimeUnavailable
-from pipeline.formats.onnx_model import IR_VERSION, OPSET
+from pipeline import inference, resources
+from pipeline.errors import PipelineError, RuntimeUnavailable
 from stages.bench import stats as benchstats
+from stages.bench.runners import (
+    TORCH_PROVIDER,
+    cpu_runners,
+    cut_batches,
+    frame_buffer_runner,
+    iobinding_runners,
+    load_pool,
+    make_session,
+    torch_runners,
+    torch_session,
+)
 from stages.bench.settings import TIMING_DEFAULTS
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROVIDERS = inference.PROVIDERS
 ENGINES = ("onnxruntime", "iobinding", "torch", "timeit", "timeit-iobinding")
-TORCH_PROVIDER = "torch-eager-cpu"
-POOL_CACHE_BYTES = 64 << 20  # at most this much of pre-cut batches is kept
-
-
-# ---------------------------------------------------------------- session and inputs
-def make_session(model: str | Path, threads: int, provider: str = "cpu") -> ort.InferenceSession:
-    """:func:`pipeline.inference.session` on ``provider`` (asserted), without re-checking the file: the bench
-    stage checked it before any timing, and the worker times session creation."""
-    return inference.session(Path(model), provider, threads, check=False)
-
-
-def load_pool(inputs: str | Path | np.ndarray) -> np.ndarray:
-    """The pool of input rows, from an array or a .npy file; at least one row."""
-    pool = inputs if isinstance(inputs, np.ndarray) else np.load(inputs, allow_pickle=False)
-    if pool.ndim < 1 or pool.shape[0] < 1:
-        raise ValueError(f"input pool needs at least one row, got shape {pool.shape}")
-    return pool
-
-
-def save_pool(path: Path, pool: np.ndarray) -> Path:
-    """Write a pool of rows as .npy through Python's own file I/O: ``np.save`` to a file reports a
-    full disk as "N requested and M written", without the errno that makes it exit 7."""
-    buf = io.BytesIO()
-    np.save(buf, pool, allow_pickle=False)
-    with resources.writing(path):
-        Path(path).write_bytes(buf.getbuffer())
-    return Path(path)
-
-
-def cut_batches(pool: np.ndarray, batch: int) -> list[np.ndarray]:
-    """Contiguous batches of ``batch`` rows cycling through the pool (wrapping around).
-
-    One full cycle of distinct batches when it fits in POOL_CACHE_BYTES, else as many as fit
-    (at least one); cut before timing so slicing never enters a measurement.
-    """
-    n = pool.shape[0]
-    period = n // math.gcd(n, batch)
-    per_batch = max(1, batch * pool[0].nbytes)
-    count = max(1, min(period, POOL_CACHE_BYTES // per_batch))
-    rows = np.arange(batch)
-    return [np.ascontiguousarray(np.take(pool, (i * batch + rows) % n, axis=0))
-            for i in range(count)]
-
-
-Runner = Callable[[], object]
-
-
-def cpu_runners(sess: ort.InferenceSession, batches: list[np.ndarray]) -> list[Runner]:
-    name = sess.get_inputs()[0].name
-    return [lambda feed={name: b}: sess.run(None, feed) for b in batches]
-
-
-def iobinding_runners(sess: ort.InferenceSession, batches: list[np.ndarray],
-                      device: str = "cuda") -> list[Runner]:
-    """CUDA: every pool batch copied to ``device`` once and bound with outputs allocated there by a
-    first run, so neither host<->device copies nor numpy conversion nor output allocation enter the
-    timed ``run_with_iobinding`` (CUDA is not testable on a CPU-only machine; the code is the same,
-    and runs here with ``device="cpu"``).  The CPU engine uses :func:`frame_buffer_runner`."""
-    name = sess.get_inputs()[0].name
-    outs = [o.name for o in sess.get_outputs()]
-    runners = []
-    for b in batches:
-        first = sess.io_binding()
-        first.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(b, device, 0))
-        for out in outs:
-            first.bind_output(out, device, 0)
-        sess.run_with_iobinding(first)  # allocates outputs of this batch's shape, bound below for good
-        binding = sess.io_binding()
-        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(b, device, 0))
-        for out, value in zip(outs, first.get_outputs()):
-            binding.bind_ortvalue_output(out, value)
-        runners.append(lambda bd=binding: sess.run_with_iobinding(bd))
-    return runners
-
-
-class FrameBuffer(NamedTuple):
-    run: Runner  # the timed call
-    refills: list[Callable[[], None]]  # refills[i] copies pool batch i into the bound input
-    binding: ort.IOBinding  # (its outputs hold the last run's result)
-
-
-def frame_buffer_runner(sess: ort.InferenceSession, batches: list[np.ndarray], device: str = "cpu") -> FrameBuffer:
-    """One input and the outputs bound once, as an embedded caller with a fixed frame buffer binds
-    them: returns the timed call (``run_with_iobinding``) and, per pool batch, the refill that copies
-    that batch into the bound input (``OrtValue.update_inplace``), run before the clock starts.  The
-    input changes every run, as in the other engines, and only the C API's per-run cost is timed;
-    1,024 separately bound rows instead would time cache misses on 1,024 bindings, which a real
-    caller does not have (measured: 0.7 us more per run on the Identity floor)."""
-    name = sess.get_inputs()[0].name
-    value = ort.OrtValue.ortvalue_from_numpy(np.array(batches[0], copy=True), device, 0)  # ours, not the pool's
-    binding = sess.io_binding()
-    binding.bind_ortvalue_input(name, value)
-    for out in sess.get_outputs():
-        binding.bind_output(out.name, device, 0)
-    sess.run_with_iobinding(binding)  # allocates the outputs once; they stay bound
-    outputs = binding.get_outputs()
-    binding.clear_binding_outputs()
-    for out, v in zip(sess.get_outputs(), outputs):
-        binding.bind_ortvalue_output(out.name, v)
-    return FrameBuffer(lambda: sess.run_with_iobinding(binding), [lambda b=b: value.update_inplace(b) for b in batches],
-                       binding)
 
 
 # ---------------------------------------------------------------- measurement
@@ -183,28 +86,6 @@ def timed_loop(runners: list, start: int, min_count: int, min_s: float,
         lat_ns.append(clock() - t0)
         k += 1
     return np.asarray(lat_ns, dtype=np.float64) * 1e-9, k
-
-
-def torch_session(checkpoint: str | Path, threads: int):
-    """A student checkpoint as a PyTorch eager model in inference mode, ``threads`` intra-op threads."""
-    import torch
-
-    from pipeline import models
-
-    torch.set_num_threads(threads)
-    torch.set_num_interop_threads(1)
-    return models.load(Path(checkpoint))[0].eval()
-
-
-def torch_runners(net, batches: list[np.ndarray]) -> list[Runner]:
-    import torch
-
-    tensors = [torch.from_numpy(b) for b in batches]
-
-    def run(t):
-        with torch.inference_mode():
-            return net(t)
-    return [lambda t=t: run(t) for t in tensors]
 
 
 def measure(model: str, inputs: str, threads: int, batch: int, provider: str,
@@ -286,6 +167,25 @@ def _timeit_result(model, inputs, threads: int, batch: int, min_count: int, tria
             "steady": {"p50": per_run * 1e6, "number": number, "repeat": repeat}, "peak_rss_mb": rss_mb()["VmHWM"]}
 
 
+def timeit_floor(model, inputs, threads: int, batch: int, number: int, *, repeat: int = 5,
+                 cycle: bool = True, bound: bool = False) -> float:
+    """Median over ``repeat`` timeit repeats of seconds per session.run (``run_with_iobinding`` when
+    ``bound``), in-process: the bare-loop reference the worker's p50 is checked against. With
+    ``cycle`` it walks the same batches as the worker (so only the harness differs); without, it
+    reruns one fixed batch (hot caches, which for a model of a few microseconds is measurably faster
+    than cycling a pool)."""
+    sess = make_session(model, threads, "cpu")
+    batches = cut_batches(load_pool(inputs), batch)
+    batches = batches if cycle else batches[:1]
+    if bound:  # the harness's bound call on its frame buffer; a bare loop cannot refill outside the clock
+        timer = timeit.Timer(frame_buffer_runner(sess, batches).run)
+    else:
+        runs = itertools.cycle(cpu_runners(sess, batches))
+        timer = timeit.Timer(lambda: next(runs)())
+    timer.timeit(number=max(1, number // 10))  # warm-up
+    return statistics.median(timer.repeat(repeat=repeat, number=number)) / number
+
+
 # ---------------------------------------------------------------- command line
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stages.bench.worker",
@@ -333,79 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     real_stdout.write("\n")
     real_stdout.flush()
     return 0
-
-
-# ---------------------------------------------------------------- helpers for the bench stage
-def run_isolated(model, inputs, threads: int, batch: int, provider: str = "cpu",
-                 *, timeout_s: float | None = None, engine: str = "onnxruntime", max_spread: float = 0.10,
-                 **timing) -> dict:
-    """Run the worker in a fresh ``python -m stages.bench.worker`` process and return its JSON.
-
-    ``timing`` takes warmup_count, warmup_s, min_count, min_s, trials. When the worker fails, raises
-    RuntimeUnavailable (its exit 5), ResourceError (its exit 7: out of memory) or DataError (any other
-    exit) with its exit code and the last line of its stderr.
-    """
-    unknown = set(timing) - set(TIMING_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown timing options {sorted(unknown)}")
-    cmd = [sys.executable, "-m", "stages.bench.worker", "--model", str(Path(model).resolve()),
-           "--inputs", str(Path(inputs).resolve()), "--threads", str(threads),
-           "--batch", str(batch), "--provider", provider, "--engine", engine, "--max-spread", str(max_spread)]
-    for key, value in timing.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout_s,
-                          preexec_fn=runtime.die_with_parent)
-    if proc.returncode != 0:  # a documented exit for the bench command, never a traceback
-        lines = proc.stderr.strip().splitlines()
-        why = f"bench worker exited {proc.returncode}: {lines[-1] if lines else '(no stderr)'}"
-        if proc.returncode == ResourceError.exit_code:
-            raise ResourceError(f"{model}: {why}")
-        if proc.returncode == RuntimeUnavailable.exit_code:
-            raise RuntimeUnavailable(why)
-        raise DataError(f"{model}: {why}")
-    return json.loads(proc.stdout)
-
-
-def write_identity_model(path, input_shape_without_batch: tuple[int, ...],
-                         dtype=np.float32) -> Path:
-    """Write an ONNX Identity model (input ``x``, output ``y``, batch dim 'batch'), the floor of
-    what one run() costs. Opset and IR of :mod:`pipeline.formats.onnx_model`; checked with full_check;
-    written via a .partial twin."""
-    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    shape = ["batch", *input_shape_without_batch]
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Identity", ["x"], ["y"])], "identity",
-        [onnx.helper.make_tensor_value_info("x", elem, shape)],
-        [onnx.helper.make_tensor_value_info("y", elem, shape)])
-    opset = [onnx.helper.make_opsetid("", OPSET)]
-    model = onnx.helper.make_model(graph, opset_imports=opset, producer_name="stages.bench.worker")
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    with resources.writing(partial):
-        onnx.save_model(model, str(partial))
-    os.replace(partial, path)
-    return path
-
-
-def timeit_floor(model, inputs, threads: int, batch: int, number: int, *, repeat: int = 5,
-                 cycle: bool = True, bound: bool = False) -> float:
-    """Median over ``repeat`` timeit repeats of seconds per session.run (``run_with_iobinding`` when
-    ``bound``), in-process: the bare-loop reference the worker's p50 is checked against. With
-    ``cycle`` it walks the same batches as the worker (so only the harness differs); without, it
-    reruns one fixed batch (hot caches, which for a model of a few microseconds is measurably faster
-    than cycling a pool)."""
-    sess = make_session(model, threads, "cpu")
-    batches = cut_batches(load_pool(inputs), batch)
-    batches = batches if cycle else batches[:1]
-    if bound:  # the harness's bound call on its frame buffer; a bare loop cannot refill outside the clock
-        timer = timeit.Timer(frame_buffer_runner(sess, batches).run)
-    else:
-        runs = itertools.cycle(cpu_runners(sess, batches))
-        timer = timeit.Timer(lambda: next(runs)())
-    timer.timeit(number=max(1, number // 10))  # warm-up
-    return statistics.median(timer.repeat(repeat=repeat, number=number)) / number
 
 
 if __name__ == "__main__":

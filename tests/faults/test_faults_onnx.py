@@ -173,7 +173,7 @@ def test_bench_rejects_before_timing(case, tiny_teacher, tiny_prepared, tmp_path
     def boom(*a, **k):
         raise AssertionError("timing started before the models were checked")
 
-    monkeypatch.setattr(bench.bench_worker, "run_isolated", boom)
+    monkeypatch.setattr(bench.launcher, "run_isolated", boom)
     monkeypatch.setattr(bench.inference, "predict_proba", boom)
     out = tmp_path / "b.json"
     with pytest.raises(DataError, match=BAD[case][1]):

@@ -15,6 +15,7 @@ from hypothesis.extra.numpy import arrays
 
 from pipeline.errors import DataError, RuntimeUnavailable
 from pipeline.formats.onnx_model import OPSET
+from stages.bench import launcher, runners
 from stages.bench import worker as bw
 from stages.bench.stats import STAT_KEYS, combine_trials, median_trial_index, summarize, throughput
 
@@ -31,7 +32,7 @@ def trial(p50: float, **over) -> dict:
 @pytest.fixture(scope="module")
 def identity(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
-    model = bw.write_identity_model(d / "identity.onnx", (1, 28, 28))
+    model = launcher.write_identity_model(d / "identity.onnx", (1, 28, 28))
     pool = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
     np.save(d / "pool.npy", pool)
     return model, d / "pool.npy", pool
@@ -148,40 +149,40 @@ def test_identity_model_is_loadable_with_dynamic_batch(identity):
     assert [(o.domain, o.version) for o in m.opset_import] == [("", OPSET)]
     assert m.graph.input[0].name == "x"
     assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    sess = bw.make_session(model_path, 1)
+    sess = runners.make_session(model_path, 1)
     for n in (1, 7):
         np.testing.assert_array_equal(sess.run(None, {"x": pool[:n]})[0], pool[:n])
 
 
 def test_cut_batches_cycle_and_wrap():
     pool = np.arange(5, dtype=np.float32)[:, None]
-    got = [b[:, 0].tolist() for b in bw.cut_batches(pool, 2)]
+    got = [b[:, 0].tolist() for b in runners.cut_batches(pool, 2)]
     assert got == [[0, 1], [2, 3], [4, 0], [1, 2], [3, 4]]
-    big = [b[:, 0].tolist() for b in bw.cut_batches(pool, 7)]  # batch larger than the pool
+    big = [b[:, 0].tolist() for b in runners.cut_batches(pool, 7)]  # batch larger than the pool
     assert len(big) == 5 and big[:2] == [[0, 1, 2, 3, 4, 0, 1], [2, 3, 4, 0, 1, 2, 3]]
-    assert len(bw.cut_batches(pool, 5)) == 1
-    assert all(b.flags.c_contiguous for b in bw.cut_batches(pool, 3))
+    assert len(runners.cut_batches(pool, 5)) == 1
+    assert all(b.flags.c_contiguous for b in runners.cut_batches(pool, 3))
 
 
 def test_iobinding_path_runs_on_cpu_device(identity):
     model_path, _, pool = identity
-    sess = bw.make_session(model_path, 1)
-    batches = bw.cut_batches(pool, 4)
-    runners = bw.iobinding_runners(sess, batches, device="cpu")
+    sess = runners.make_session(model_path, 1)
+    batches = runners.cut_batches(pool, 4)
+    bound = runners.iobinding_runners(sess, batches, device="cpu")
     for i in (1, 0, 1):  # each batch keeps its own pre-bound output: no run overwrites another's
-        runners[i]()
+        bound[i]()
     for i in (0, 1):
-        np.testing.assert_array_equal(runners[i].__defaults__[0].copy_outputs_to_cpu()[0], batches[i])
+        np.testing.assert_array_equal(bound[i].__defaults__[0].copy_outputs_to_cpu()[0], batches[i])
 
 
 def test_frame_buffer_refill_feeds_each_batch_and_leaves_the_pool_alone(identity):
     """The CPU IOBinding engine: one bound input refilled before each run (outside the clock); the
     bound output then holds that run's batch (Identity), and the pool's batches are never written."""
     model_path, _, pool = identity
-    sess = bw.make_session(model_path, 1)
-    batches = bw.cut_batches(pool, 4)
+    sess = runners.make_session(model_path, 1)
+    batches = runners.cut_batches(pool, 4)
     saved = [b.copy() for b in batches]
-    run, refills, binding = bw.frame_buffer_runner(sess, batches)
+    run, refills, binding = runners.frame_buffer_runner(sess, batches)
     assert len(refills) == len(batches)
     for i in (2, 0, 1):
         refills[i]()
@@ -208,7 +209,7 @@ def test_rss_reads_proc():
 # ---------------------------------------------------------------- worker, in a fresh process
 def test_worker_json_shape(identity):
     model_path, pool_path, _ = identity
-    out = bw.run_isolated(model_path, pool_path, threads=1, batch=1, **TINY)
+    out = launcher.run_isolated(model_path, pool_path, threads=1, batch=1, **TINY)
     assert set(out) == {"model", "engine", "provider_requested", "providers_used", "threads", "batch", "load",
                         "first_run", "first_run_s", "steady", "trials_detail", "latencies_s",
                         "trial_latencies_s", "peak_rss_mb"}
@@ -229,16 +230,16 @@ def test_worker_json_shape(identity):
 
 def test_worker_batches_wrap_around_the_pool(identity):
     model_path, pool_path, _ = identity
-    out = bw.run_isolated(model_path, pool_path, threads=1, batch=5, **TINY)
+    out = launcher.run_isolated(model_path, pool_path, threads=1, batch=5, **TINY)
     assert out["batch"] == 5 and out["steady"]["count"] >= 20
 
 
 def test_run_isolated_reports_worker_failure(identity, tmp_path):
     _, pool_path, _ = identity
     with pytest.raises(DataError, match="missing.onnx: bench worker exited"):
-        bw.run_isolated(tmp_path / "missing.onnx", pool_path, threads=1, batch=1, **TINY)
+        launcher.run_isolated(tmp_path / "missing.onnx", pool_path, threads=1, batch=1, **TINY)
     with pytest.raises(TypeError):
-        bw.run_isolated("m.onnx", pool_path, threads=1, batch=1, min_seconds=1)
+        launcher.run_isolated("m.onnx", pool_path, threads=1, batch=1, min_seconds=1)
 
 
 def _cuda_works(model_path) -> bool:
@@ -249,7 +250,7 @@ def _cuda_works(model_path) -> bool:
     except ImportError:
         pass
     try:
-        bw.make_session(model_path, 1, "cuda")
+        runners.make_session(model_path, 1, "cuda")
         return True
     except (RuntimeUnavailable, ort.capi.onnxruntime_pybind11_state.Fail):
         return False
@@ -261,24 +262,24 @@ def test_cuda_request_without_cuda_fails_loudly(identity):
         pytest.skip("CUDA actually works here")
     with pytest.raises(RuntimeUnavailable,
                        match="exited 5: .*CUDA was requested but onnxruntime cannot run on CUDA here"):
-        bw.run_isolated(model_path, pool_path, threads=1, batch=1, provider="cuda", **TINY)
+        launcher.run_isolated(model_path, pool_path, threads=1, batch=1, provider="cuda", **TINY)
 
 
 def test_max_spread_is_passed_to_the_verdict(identity):
     model_path, pool_path, _ = identity
-    out = bw.run_isolated(model_path, pool_path, threads=1, batch=1, max_spread=1e-9, **TINY)
+    out = launcher.run_isolated(model_path, pool_path, threads=1, batch=1, max_spread=1e-9, **TINY)
     assert out["steady"]["valid"] is False and "spread" in out["steady"]["reason"]
 
 
 @pytest.mark.parametrize("engine", ["timeit", "timeit-iobinding"])
 def test_timeit_engine_reports_a_p50(identity, engine):
     model_path, pool_path, _ = identity
-    out = bw.run_isolated(model_path, pool_path, threads=1, batch=2, engine=engine, **TINY)
+    out = launcher.run_isolated(model_path, pool_path, threads=1, batch=2, engine=engine, **TINY)
     assert out["engine"] == engine and out["steady"]["p50"] > 0 and out["steady"]["repeat"] >= TINY["trials"]
 
 
 def test_iobinding_engine_times_the_bound_call(identity):
     model_path, pool_path, _ = identity
-    out = bw.run_isolated(model_path, pool_path, threads=1, batch=3, engine="iobinding", **TINY)
+    out = launcher.run_isolated(model_path, pool_path, threads=1, batch=3, engine="iobinding", **TINY)
     assert out["engine"] == "iobinding" and out["providers_used"] == ["CPUExecutionProvider"]
     assert out["steady"]["count"] >= 20 and out["steady"]["p50"] > 0
