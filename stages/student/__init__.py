@@ -2,7 +2,8 @@
 
 ``distill_student(cfg, cache, transfer_set, out, metrics)`` is the stage (:mod:`.stage`), its
 training step :mod:`.train`; many students from one cache are :mod:`.sweep` and :mod:`.experiments`
-(the paper's), the epoch-time measurement :mod:`.measure`; :mod:`.loader` reads the cache's rows;
+(the paper's), the epoch-time measurement :mod:`.measure`; :mod:`.loader` reads the cache's rows and
+:mod:`.viewloader` a views cache's, both the :class:`~.batches.StudentLoader` the training loop takes;
 :mod:`.settings` holds every command's settings.
 """
 from __future__ import annotations

@@ -34,6 +34,7 @@ from pipeline.errors import DataError, ResourceError
 from pipeline.formats.cache import CacheInfo, t_key
 from pipeline.formats.prepared import Prepared
 from pipeline.resources import human, memory_headroom
+from stages.student.batches import Batch
 
 MiB = 1 << 20
 TARGETS = ("soft", "logits", "none")
@@ -41,7 +42,8 @@ MIN_BLOCKS = 4  # blocks a streaming buffer mixes at least
 
 
 class TransferLoader:
-    """Minibatches ``(x, target, y)`` (torch tensors) of the selected cache rows, one epoch at a time.
+    """Minibatches ``(x, target, y)`` (torch tensors) of the selected cache rows, one epoch at a time
+    (a :class:`stages.student.batches.StudentLoader`).
 
     ``target``: ``soft`` (p_T at ``temperature``), ``logits`` (members' mean logits) or ``none``
     (hard labels only: zeros, never read).  ``rows``: sorted cache row indices to use (None = all).
@@ -80,7 +82,7 @@ class TransferLoader:
             self.block_rows = max(1, min(self.block_rows, half // (MIN_BLOCKS * self.row_bytes)))
             self.buffer_blocks = max(1, half // (self.block_rows * self.row_bytes))
 
-    def arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def arrays(self) -> Batch:
         """The resident (x, target, y) tensors (resident mode only)."""
         if not self.resident:
             raise ValueError("a streaming loader holds no arrays")
@@ -93,7 +95,7 @@ class TransferLoader:
     def steps(self, batch_size: int) -> int:
         return -(-self.n // batch_size)
 
-    def _read(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _read(self, lo: int, hi: int) -> Batch:
         """Selected rows within cache rows [lo, hi), read block by block as contiguous slices."""
         a, b = np.searchsorted(self.rows, [lo, hi])
         n = int(b - a)
@@ -120,7 +122,7 @@ class TransferLoader:
                 done = k
         return torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)
 
-    def epoch(self, gen: torch.Generator, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def epoch(self, gen: torch.Generator, batch_size: int) -> Iterator[Batch]:
         """One pass over the selected rows in a random order drawn from ``gen``."""
         if self.resident:
             x, t, y = self._all

@@ -25,9 +25,10 @@ from pipeline import macs, models, provenance, runtime
 from pipeline.artifacts import atomic_output, claim, write_json
 from pipeline.config import to_dict
 from pipeline.errors import UsageError
-from pipeline.formats.cache import open_cache
+from pipeline.formats.cache import CacheInfo, open_cache
 from pipeline.formats.checkpoint import Checkpoint, write_checkpoint
-from pipeline.formats.prepared import open_prepared
+from pipeline.formats.prepared import Prepared, open_prepared
+from stages.student.batches import StudentLoader
 from stages.student.loader import TransferLoader, select_rows
 from stages.student.settings import StudentConfig
 from stages.student.train import train_epoch
@@ -52,7 +53,7 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def make_loader(cfg: StudentConfig, c, info) -> TransferLoader | ViewLoader:
+def make_loader(cfg: StudentConfig, c: CacheInfo, info: Prepared) -> StudentLoader:
     """The loader of ``cfg``'s rows of cache ``c`` (a subset when train_fraction < 1 or drop_class >= 0):
     a :class:`ViewLoader` for a views cache (one view of each transfer row per epoch)."""
     if cfg.drop_class >= c.classes:

@@ -9,9 +9,12 @@ or, with ``objective = logits``, :func:`pipeline.losses.logit_matching_loss`.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from pipeline import losses
+from stages.student.batches import Batch
 from stages.student.settings import StudentConfig
 
 
@@ -21,9 +24,11 @@ def _loss(cfg: StudentConfig, z: torch.Tensor, target: torch.Tensor, y: torch.Te
     return losses.kd_loss(z, target, y, cfg.temperature, cfg.alpha)
 
 
-def train_epoch(cfg: StudentConfig, model: torch.nn.Module, opt, sched, batches, rank: int = 0,
+def train_epoch(cfg: StudentConfig, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler, batches: Iterable[Batch], rank: int = 0,
                 world: int = 1) -> float:
-    """One epoch of steps over ``batches`` of ``(x, target, y)``; returns the last loss.
+    """One epoch of steps over ``batches`` of ``(x, target, y)`` (a :class:`stages.student.batches.StudentLoader`'s
+    ``epoch``, or any iterable of such batches); returns the last loss.
 
     Under DDP every rank draws the same *global* batch (same seed, same order) and trains on its
     contiguous share; DDP averages the ranks' gradients, so the loss of a share of n_r of n rows is

@@ -24,12 +24,14 @@ from pipeline import views
 from pipeline.errors import DataError, UsageError
 from pipeline.formats.cache import CacheInfo
 from pipeline.formats.prepared import Prepared
+from stages.student.batches import Batch
 
 MiB = 1 << 20
 
 
 class ViewLoader:
-    """Minibatches ``(x, target, y)`` of one view per selected transfer row, one epoch at a time.
+    """Minibatches ``(x, target, y)`` of one view per selected transfer row, one epoch at a time (a
+    :class:`stages.student.batches.StudentLoader`).
 
     ``target``: ``soft`` (p_T of the view), ``logits`` (the members' mean logits for it) or ``none``;
     ``rows``: sorted transfer-row indices to use (None = all).  ``y`` is the row's label.
@@ -79,13 +81,13 @@ class ViewLoader:
     def steps(self, batch_size: int) -> int:
         return -(-self.n // batch_size)
 
-    def batch(self, src: np.ndarray, view: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, src: np.ndarray, view: np.ndarray) -> Batch:
         """View ``view[i]`` of transfer row ``src[i]``: its normalised pixels, target and label."""
         vr = src * self.k + view
         x = self.prepared.normalise(self.maker(src, self.params[vr]))
         return torch.from_numpy(x), torch.from_numpy(self.targets[vr]), torch.from_numpy(self.labels_all[src])
 
-    def epoch(self, gen: torch.Generator, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def epoch(self, gen: torch.Generator, batch_size: int) -> Iterator[Batch]:
         """One pass over the selected rows in a random order, each through one uniformly drawn view."""
         order = torch.randperm(self.n, generator=gen).numpy()
         view = torch.randint(0, self.used, (self.n,), generator=gen).numpy()

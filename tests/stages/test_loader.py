@@ -1,10 +1,13 @@
-"""The student's loader (stages/loader.py): resident and streaming give the same rows, aligned, once
+"""The student's loader (stages/student/loader.py): resident and streaming give the same rows, aligned, once
 per epoch; a cache larger than the memory budget trains in bounded memory; subsets and unlabelled
-transfer sets."""
+transfer sets; both loaders (and the views cache's, stages/student/viewloader.py) offer the interface the
+training loop is typed against (stages/student/batches.py)."""
+import inspect
 import json
 import shutil
 import subprocess
 import sys
+import typing
 
 import h5py
 import numpy as np
@@ -18,7 +21,9 @@ from pipeline.formats.prepared import open_prepared
 from stages.cache import CacheConfig, cache_soft_targets
 from stages.prepare import PrepareConfig, prepare_dataset
 from stages.student import StudentConfig, distill_student
+from stages.student.batches import StudentLoader
 from stages.student.loader import TransferLoader, select_rows
+from stages.student.viewloader import ViewLoader
 from tests.conftest import ROOT, synthetic_images
 
 
@@ -156,3 +161,39 @@ def test_cache_larger_than_budget_trains_in_bounded_memory(tiny_teacher, tmp_pat
     # cache); the resident run holds the 180 MiB of float32 x.
     assert res["8"]["growth_mib"] < 24, res
     assert res["1024"]["growth_mib"] > 150, res
+
+
+def _members(protocol: type) -> tuple[dict[str, type], list[str]]:
+    """A protocol's data members (with their types) and its methods."""
+    data = typing.get_type_hints(protocol)
+    methods = [n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")]
+    return data, methods
+
+
+def test_both_loaders_satisfy_the_student_loader_protocol(tiny_teacher, tiny_cache, tiny_prepared, tmp_path):
+    """TransferLoader and ViewLoader offer every member of StudentLoader, with its type and signature, and
+    an epoch of either gives steps() batches of (float32 x, float32 target, int64 y) covering n rows."""
+    views = cache_soft_targets(CacheConfig(temperatures=(2.0,), batch_size=256, device="cpu", threads=1, views=2),
+                               [tiny_teacher], tiny_prepared, tmp_path / "views.h5", log=lambda m: None)
+    info = open_prepared(tiny_prepared)
+    loaders = [TransferLoader(open_cache(tiny_cache), info, "soft", 2.0),
+               TransferLoader(open_cache(tiny_cache), info, "soft", 2.0, budget_mib=0.5),  # streaming
+               ViewLoader(open_cache(views), info, "soft", 2.0)]
+    data, methods = _members(StudentLoader)
+    assert set(data) == {"n", "resident", "peak_buffer_rows"} and set(methods) == {"labels", "steps", "epoch"}
+    assert not isinstance(object(), StudentLoader)  # the check can fail
+    for loader in loaders:
+        name = type(loader).__name__
+        assert isinstance(loader, StudentLoader), name
+        for member, tp in data.items():
+            assert isinstance(getattr(loader, member), tp), (name, member)
+        for method in methods:
+            want = inspect.signature(getattr(StudentLoader, method), eval_str=True)
+            assert inspect.signature(getattr(type(loader), method), eval_str=True) == want, (name, method)
+        batches = list(loader.epoch(torch.Generator().manual_seed(0), 64))
+        assert len(batches) == loader.steps(64) and sum(len(b[2]) for b in batches) == loader.n, name
+        for x, t, y in batches:
+            assert (x.dtype, t.dtype, y.dtype) == (torch.float32, torch.float32, torch.int64), name
+            assert len(x) == len(t) == len(y) and t.shape[1] == 10, name
+    assert [type(v).__name__ for v in loaders] == ["TransferLoader", "TransferLoader", "ViewLoader"]
+    assert [v.resident for v in loaders] == [True, False, True]

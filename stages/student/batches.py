@@ -1,0 +1,45 @@
+"""What the student's training loop asks of its data: :class:`StudentLoader`, the interface both loaders offer.
+
+- :class:`stages.student.loader.TransferLoader`: rows of a cache of the transfer rows themselves, joined
+  with x of the prepared file, resident or streamed in contiguous blocks;
+- :class:`stages.student.viewloader.ViewLoader`: one view of each transfer row per epoch, re-made from
+  a views cache's parameters.
+
+Neither inherits from it (a :class:`typing.Protocol` is structural); ``tests/stages/test_loader.py``
+checks that both satisfy it, member by member and signature by signature.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(x, target, y)``: float32 inputs as the student takes them, float32 targets ``[rows, classes]`` (the
+soft targets at T, the members' mean logits, or zeros never read) and int64 labels (-1: unlabelled)."""
+
+
+@runtime_checkable
+class StudentLoader(Protocol):
+    """Minibatches of a student's selected transfer rows, one epoch at a time."""
+
+    n: int
+    """Selected transfer rows: one epoch visits each once."""
+    resident: bool
+    """True when every selected row is held in memory; False when they are streamed in blocks."""
+    peak_buffer_rows: int
+    """The most rows held in memory at once so far."""
+
+    def labels(self) -> np.ndarray:
+        """Labels of the selected rows (-1 where unlabelled)."""
+        ...
+
+    def steps(self, batch_size: int) -> int:
+        """Optimiser steps of one epoch at ``batch_size`` (the last batch may be short)."""
+        ...
+
+    def epoch(self, gen: torch.Generator, batch_size: int) -> Iterator[Batch]:
+        """One pass over the selected rows in a random order drawn from ``gen``."""
+        ...
