@@ -4,20 +4,20 @@
   PyTorch eager, alternated trial by trial in one process (side by side, same threads, same
   batches), and the share of the stage's wall time spent in HDF5 I/O when the stage runs it.
 - :func:`bench_scale` (``make bench-cache-scale``): peak RSS and time of the stage on synthetic
-  transfer sets of 10k, 100k and 1M rows, each in a fresh process (peak RSS from ``wait4``).
+  transfer sets of 10k, 100k and 1M rows, each in a fresh spawned process (:func:`in_child`; peak RSS
+  is the child's own ``ru_maxrss``).
 
 Synthetic inputs are written in blocks (1M rows x 784 float32 is 3.1 GB; it never sits in memory).
 """
 from __future__ import annotations
 
-import json
-import os
+import multiprocessing
+import resource
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from pipeline.artifacts import atomic_output, write_json
 from pipeline.config import to_dict
 from pipeline.formats.onnx_model import IR_VERSION, OPSET
 from pipeline.formats.prepared import Normalisation, PreparedWriter
-from stages.cache.settings import CacheBenchConfig, CacheScaleConfig
+from stages.cache.settings import CacheBenchConfig, CacheConfig, CacheScaleConfig
 
 _BLOCK = 65536  # rows generated per block: 200 MB of float32 at 784 features
 
@@ -95,7 +95,6 @@ def bench_speed(cfg: CacheBenchConfig, work: Path, out: Path, log: Callable[[str
     import torch
 
     from pipeline import inference, runtime
-    from stages.cache.settings import CacheConfig
     from stages.cache.stage import build_cache
 
     work = Path(work)
@@ -150,41 +149,65 @@ def bench_speed(cfg: CacheBenchConfig, work: Path, out: Path, log: Callable[[str
     return report
 
 
+def _child_main(send, fn: Callable, args: tuple) -> None:
+    """In the child: ``fn(*args)``, then send (result or error, the process's own peak RSS in KiB)."""
+    try:
+        out = ("ok", fn(*args))
+    except Exception as e:  # the parent raises it, with the size it was running
+        out = ("error", f"{type(e).__name__}: {' '.join(str(e).split())}")
+    send.send((*out, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+
+
+def in_child(fn: Callable, *args) -> tuple[Any, float]:
+    """``fn(*args)`` in a fresh *spawned* process: (its result, the child's peak RSS in MiB).
+
+    Spawned, not forked, and nothing large is held by this process: a child's ru_maxrss starts from the
+    address space it was started from (exec records that space's peak), so a forked child of a process
+    holding rows would report the parent's rows as its own.  ``fn`` and ``args`` must be picklable."""
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(send, fn, args))
+    proc.start()
+    send.close()
+    try:
+        status, value, maxrss_kib = recv.recv()
+    except EOFError:  # died before it could answer (killed, out of memory)
+        status, value, maxrss_kib = "error", "the process died without a result", 0
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed (exit {proc.exitcode}): {value}")
+    return value, maxrss_kib / 1024
+
+
+def _cache_stage(cfg: CacheConfig, teacher: Path, prepared: Path, cache: Path) -> float:
+    """The cache stage on ``prepared`` (in a child of :func:`_run_sized`): its own wall seconds."""
+    from stages.cache.stage import build_cache
+
+    return build_cache(cfg, [teacher], prepared, cache, log=lambda m: None)[1]["wall_s"]
+
+
 def _run_sized(cfg: CacheScaleConfig, work: Path, rows: int, log: Callable, shape: tuple[int, ...] | None = None,
                views: int = 0) -> dict:
-    """One ``distill cache`` in a fresh process on ``rows`` synthetic rows (of ``shape``; with ``views``
-    K views of each when given): peak RSS (its own, from wait4), time and sizes."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    """The cache stage in a fresh process on ``rows`` synthetic rows (of ``shape``; with ``views`` K views of
+    each when given): its peak RSS, time and sizes."""
     shape = shape or (cfg.features,)
     name = f"scale-{rows}" + (f"-k{views}" if views else "")
     prepared = work / f"{name}.h5"
-    # Generated in its own process: a child's ru_maxrss starts from its parent's high-water mark
-    # (exec records the old address space's peak), so generating here would inflate every figure.
-    subprocess.run([sys.executable, "-c", "import sys, json; from stages.cache.measure import synthetic_prepared; "
-                    "synthetic_prepared(sys.argv[1], int(sys.argv[2]), tuple(json.loads(sys.argv[3])))",
-                    str(prepared), str(rows), json.dumps(list(shape))], env=env, check=True)
+    in_child(synthetic_prepared, prepared, rows, shape)  # generated apart: its rows never weigh on a figure
     cache = work / f"{name}.cache.h5"
     teacher = work / ("linear.onnx" if len(shape) == 1 else "linear-image.onnx")
-    cmd = [sys.executable, "-m", "commands", "cache", "--teacher", str(teacher),
-           "--transfer-set", str(prepared), "--out", str(cache), "--temperatures", "1,2,4,8,20",
-           "--batch-size", str(cfg.batch_size), "--threads", str(cfg.threads), "--device", cfg.device,
-           "--no-gate",  # an untrained linear teacher: the gate would rightly refuse it
-           *(["--views", str(views)] if views else [])]
+    # an untrained linear teacher: the sanity gate would rightly refuse it
+    stage_cfg = CacheConfig(temperatures=(1.0, 2.0, 4.0, 8.0, 20.0), batch_size=cfg.batch_size, threads=cfg.threads,
+                            device=cfg.device, gate=False, views=views)
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone: its own peak RSS
+    stage_s, peak_mib = in_child(_cache_stage, stage_cfg, teacher, prepared, cache)
     wall = time.perf_counter() - t
-    err = proc.stderr.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"cache on {rows} rows failed ({proc.returncode}): {err[-500:]}")
-    stage_s = float(err.rsplit(" in ", 1)[1].split(" s ")[0])  # the stage's own "in X s", without start-up
     sizes = {"prepared_bytes": prepared.stat().st_size, "cache_bytes": cache.stat().st_size}
     if not cfg.keep:
         prepared.unlink()
         cache.unlink()
     cached = rows * max(1, views)  # cache rows: one per view
-    row = {"rows": rows, "views": views, "cache_rows": cached, "peak_rss_mib": usage.ru_maxrss / 1024,
+    row = {"rows": rows, "views": views, "cache_rows": cached, "peak_rss_mib": peak_mib,
            "process_wall_s": wall, "stage_s": stage_s, "us_per_row": 1e6 * stage_s / cached,
            "cache_bytes_per_row": sizes["cache_bytes"] / cached, **sizes}
     log(f"bench-cache-scale: {rows} rows" + (f" x {views} views" if views else "")
@@ -204,14 +227,12 @@ def bench_scale(cfg: CacheScaleConfig, work: Path, out: Path, log: Callable[[str
     if cfg.views:
         linear_teacher(work / "linear-image.onnx", cfg.view_image ** 2, shape=image)
         views = [_run_sized(cfg, work, cfg.view_rows, log, image, k) for k in cfg.views]
-    import resource
-
     report = {"settings": to_dict(cfg), "teacher": f"linear {cfg.features}->10", "runs": runs,
               # K views of the same rows: time per cached view and peak RSS against K (memory flat in K)
               "views": views,
               "views_rss_ratio_vs_fewest": [v["peak_rss_mib"] / views[0]["peak_rss_mib"] for v in views],
               "views_time_per_view_ratio_vs_fewest": [v["us_per_row"] / views[0]["us_per_row"] for v in views],
-              # floor of every child's figure (see _run_sized): this process's own peak
+              # floor of every child's figure (see in_child): this process's own peak
               "parent_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "rss_ratio_vs_smallest": [r["peak_rss_mib"] / first["peak_rss_mib"] for r in runs],
               "time_per_row_ratio_vs_smallest": [r["us_per_row"] / first["us_per_row"] for r in runs]}

@@ -12,7 +12,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "docs" / "sources" / "README.md"]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "docs" / "sources" / "README.md",
+        *sorted((ROOT / "docs" / "checks").glob("*.md"))]
 GPU = ROOT / "docs" / "gpu"
 SOURCES = ROOT / "docs" / "sources"
 
@@ -119,7 +120,7 @@ def test_gpu_json_figures_quoted_in_the_text():
 
 def test_sizes_are_those_of_the_copied_files():
     sizes = json.loads((SOURCES / "baseline-ref" / "sizes.json").read_text())
-    for name, s in sizes.items():  # as scripts/file_sizes.py writes them
+    for name, s in sizes.items():  # as the command in docs/sources/README.md writes them
         assert s["KiB"] == round(s["bytes"] / 1024, 1), name
     results, readme = _text("docs/results.md"), _text("README.md")
     for name in ("fashion-mnist-kd.int8.onnx", "fashion-mnist-hard.int8.onnx"):

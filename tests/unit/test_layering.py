@@ -61,6 +61,22 @@ def test_nothing_but_the_command_line_imports_it():
         assert not bad, f"{rel} imports {bad}: only the command line imports itself"
 
 
+def module_names_run(path: Path) -> set[str]:
+    """String constants that name a project command module (``"commands"``, ``"commands.main"``): what a
+    ``python -m`` subprocess would run, a dependency on the command line that no import shows."""
+    return {node.value for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and (node.value == "commands" or node.value.startswith("commands."))}
+
+
+def test_no_stage_or_shared_module_runs_the_command_line():
+    """A stage that measures itself runs its stage function in a child process, not ``python -m commands``."""
+    for path in sorted(p for d in ("stages", "pipeline") for p in (ROOT / d).rglob("*.py")):
+        assert not module_names_run(path), f"{path.relative_to(ROOT)} runs the command line: {module_names_run(path)}"
+    p = ROOT / "tests" / "conftest.py"  # control: the tests' helper does run it
+    assert module_names_run(p) == {"commands"}
+
+
 def test_formats_import_numpy_h5py_onnx_only():
     for path in sorted((ROOT / "pipeline" / "formats").glob("*.py")):
         for mod in imported(path):

@@ -1,6 +1,6 @@
 """Mutation check of the tests: each test listed here must fail for a plausible bug planted in the code.
 
-    python scripts/mutation_check.py [--only NAME ...] [--out docs/checks/mutations.json] [--list]
+    python tests/tools/mutation_check.py [--only NAME ...] [--out docs/checks/mutations.json] [--list]
 
 For every entry of MUTATIONS: run its tests on the unchanged code (they must pass), plant ONE bug in
 the production code (an exact textual replacement in one file), run the same tests again with
@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GUARDED = ("pipeline/", "stages/")
 TIMEOUT_S = 600  # per pytest run; a mutated run that hangs until then counts as not caught
 
@@ -332,7 +332,7 @@ def main(argv=None) -> int:
     total = round(time.monotonic() - t0, 1)
     ok = all(r["passed_clean"] and r["failed_mutated"] for r in rows)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    report = {"command": "python scripts/mutation_check.py" + "".join(f" --only {n}" for n in (a.only or [])),
+    report = {"command": "python tests/tools/mutation_check.py" + "".join(f" --only {n}" for n in (a.only or [])),
               "commit": head, "python": platform.python_version(), "total_seconds": total, "all_caught": ok,
               "entries": rows}
     out = ROOT / a.out
