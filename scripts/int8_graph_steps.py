@@ -133,17 +133,17 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         graphs, test, normalise = build(args, tmp)
-        runners = {}
+        variants = {}
         for step, path in graphs.items():
             sess = runners.make_session(path, args.threads)
             pool = test if sess.get_inputs()[0].type == "tensor(uint8)" else normalise(test)
             run, refills, _ = runners.frame_buffer_runner(sess, runners.cut_batches(pool, 1))
-            runners[step] = (run, refills)
+            variants[step] = (run, refills)
             timed_loop([run], 0, 200, 0.0, refills)  # warm-up
         rounds: dict[str, list[float]] = {s: [] for s in STEPS}
         for _ in range(args.rounds):
             for step in STEPS:  # interleaved: a slow phase of the host weighs on every variant alike
-                run, refills = runners[step]
+                run, refills = variants[step]
                 lat, _ = timed_loop([run], 0, args.runs, 0.0, refills)
                 rounds[step].append(float(np.median(lat)) * 1e6)
         report = {"settings": vars(args), "source": "scripts/int8_graph_steps.py",
