@@ -165,24 +165,42 @@ def test_export_agreement_is_with_the_teacher_fed_its_contract(name, decl, grey,
     assert report["provenance"]["inputs"]["teacher"]["path"] == str(teachers[name])
 
 
-def test_bench_scores_the_teacher_fed_its_contract_and_names_it(grey, teachers, student, tmp_path):
+@pytest.mark.parametrize("name, decl, fed", [
+    ("nhwc", "input=normalised", "input=normalised,layout=nhwc,dtype=float32,output=logits"),
+    ("flat", "", "input=unit,layout=flat,dtype=float32,output=logits"),  # undeclared: the gate gives it [0, 1]
+], ids=["channel-last-declared", "flat-undeclared"])
+def test_bench_scores_the_teacher_fed_its_contract_and_names_it(name, decl, fed, grey, teachers, student, tmp_path):
     _, onnx_student, pred = student
     cfg = BenchConfig(threads=(1,), batches=(1,), warmup_count=2, warmup_s=0, min_count=10, min_s=0, trials=3,
                       iobinding=False)
     out = tmp_path / "b.json"
-    benchmark(cfg, f"{teachers['nhwc']}:input=normalised", {"s": onnx_student}, grey.path, out, tmp_path / "b.md",
-              tmp_path / "b.csv", log=lambda m: None)
+    benchmark(cfg, f"{teachers[name]}:{decl}" if decl else teachers[name], {"s": onnx_student}, grey.path, out,
+              tmp_path / "b.md", tmp_path / "b.csv", log=lambda m: None)
     report = json.loads(out.read_text())
     t, s = report["models"]["teacher-ensemble"], report["models"]["s"]
-    want = teacher_pred(grey, teachers, "nhwc")
+    want = teacher_pred(grey, teachers, name)
     _, y = grey.load_raw("test")
     assert t["test_accuracy"] == pytest.approx(float(np.mean(want == y)), abs=1e-12)
     assert t["test_accuracy"] > 0.5 and t["agreement_with_teacher"] == 1.0
     assert s["agreement_with_teacher"] == pytest.approx(float(np.mean(pred == want)), abs=1e-12)
     contract = t["input_contract"]
-    assert contract["input"]["layout"] == "nhwc" and contract["sources"]["range"] == "command line"
-    assert t["path"] == str(teachers["nhwc"]) and t["runs"][0]["providers_used"][0] == "CPUExecutionProvider"
-    assert "is fed as `input=normalised,layout=nhwc,dtype=float32,output=logits`" in (tmp_path / "b.md").read_text()
+    assert contract["sources"]["range"] == ("command line" if decl else "gate")
+    assert (contract["gate"] is None) == bool(decl)
+    assert t["path"] == str(teachers[name]) and t["runs"][0]["providers_used"][0] == "CPUExecutionProvider"
+    assert f"is fed as `{fed}`" in (tmp_path / "b.md").read_text()
+
+
+def test_fidelity_times_a_flat_teacher_on_the_rows_it_takes(grey, teachers, student, tmp_path):
+    _, onnx_student, _ = student
+    code, err = cli("bench-fidelity", "--teacher", f"{teachers['flat']}:input=unit", "--student", onnx_student,
+                    "--student-int8", onnx_student, "--prepared", grey.path, "--out", tmp_path / "f.json",
+                    "--warmup-count", "2", "--warmup-s", "0", "--min-count", "10", "--min-s", "0", "--trials", "2",
+                    "--rounds", "1", "--profile-runs", "20")
+    assert code == 0, err
+    f = json.loads((tmp_path / "f.json").read_text())
+    assert f["teacher_input_contract"]["input"] == {"range": "unit", "layout": "flat", "dtype": "float32",
+                                                    "output": "logits"}
+    assert f["p50_us"]["run"]["teacher"] > 0 and f["provenance"]["inputs"]["teacher"]["path"] == str(teachers["flat"])
 
 
 @pytest.mark.parametrize("command", ["export", "bench-teacher", "bench-candidate", "fidelity", "verify"])
