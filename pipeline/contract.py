@@ -85,14 +85,18 @@ def _scan(text: str, quoting: bool = True) -> tuple[list[int], int | None]:
 
 
 def _pairs(tail: str) -> list[str]:
-    """``tail`` cut at the commas outside quoted values."""
-    out, start, quoted = [], 0, False
-    for i, ch in enumerate(tail):
-        if ch == '"' and (quoted or tail[i - 1:i] == "="):
-            quoted = not quoted  # a doubled quote toggles twice: still inside
+    """``tail`` cut at the commas outside quoted values (quoted as :func:`_scan` reads them)."""
+    out, start, quoted, i = [], 0, False, 0
+    while i < len(tail):
+        ch = tail[i]
+        if quoted and ch == '"' and tail[i + 1:i + 2] == '"':  # a doubled quote: still inside
+            i += 1
+        elif ch == '"' and (quoted or tail[i - 1:i] == "="):
+            quoted = not quoted
         elif ch == "," and not quoted:
             out.append(tail[start:i])
             start = i + 1
+        i += 1
     return [*out, tail[start:]]
 
 

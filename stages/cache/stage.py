@@ -7,13 +7,13 @@ member's accuracy and provenance.  Because the raw logits are kept, a new temper
 from the file without any teacher (``distill cache add-temperature``, :mod:`stages.cache.temperatures`).
 
 Teachers (docs/teachers.md): each ``--teacher`` is fed under its input contract (command line, then
-the model's metadata, then defaults; :mod:`stages.cache.teachers`), checked before any row is read,
-then scored by the sanity gate (:mod:`pipeline.sanity_gate`, on labelled rows drawn from the whole
-split) before the first row is committed.  The
-resolved contracts are part of the cache's identity, so a resume, a shard and ``verify`` feed the
-same inputs.  A run that fails (a refused batch, an error in the reader or writer thread, which
-becomes one line) removes its ``.partial``; an interrupt, a kill or a failed write (a full disk, a
-file-size limit: exit 7, saying how many rows are committed) leaves it to resume.  Before the
+the model's metadata, then defaults; :mod:`pipeline.feed`), checked before any row is read, then
+judged by the sanity gate (:mod:`pipeline.sanity_gate`, on labelled rows drawn from the whole split)
+before the first row is committed.  The resolved contracts are part of the cache's identity, so a
+resume, a shard and ``verify`` feed the same inputs.  A run that fails (a refused batch, an error in
+the reader or writer thread, which becomes one line) removes its ``.partial``; an interrupt, a kill
+or a failed write (a full disk, a file-size limit: exit 7, saying how many rows are committed)
+leaves it to resume.  Before the
 partial file is created, the disk is checked for the finished file's size.
 
 Streaming: the transfer set is read, run and written batch by batch, with reading and writing

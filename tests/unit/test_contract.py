@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import contract as ct
 from pipeline import soft
@@ -28,6 +30,7 @@ from tests.foreign import by_hand
     ('a:b/m.onnx:output="dense/BiasAdd:0",input=unit', "a:b/m.onnx", {"range": "unit", "output": "dense/BiasAdd:0"}),
     ('m.onnx:output="a,b=c"', "m.onnx", {"output": "a,b=c"}),
     ('m.onnx:output="say ""hi"":0"', "m.onnx", {"output": 'say "hi":0'}),
+    ('m.onnx:output="a"",b",input=unit', "m.onnx", {"range": "unit", "output": 'a",b'}),
     ('my"dir:m.onnx', 'my"dir:m.onnx', {}),  # a quote not after '=' is a plain character of a path
     ('a="b:c.onnx', 'a="b:c.onnx', {}),  # nor does an unclosed one that follows no key make a declaration
     ("t.onnx:tta=hflip", "t.onnx", {"tta": "hflip"}),
@@ -60,7 +63,8 @@ def test_bad_declarations_are_usage_errors(text, fragment):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["logits", "Identity:0", "dense/BiasAdd:0", "a,b", 'q"uote', "x=y", "two words"])
+@pytest.mark.parametrize("name", ["logits", "Identity:0", "dense/BiasAdd:0", "a,b", 'q"uote', "x=y", "two words",
+                                  'a",b:0'])
 def test_spec_quotes_what_the_parser_needs_quoted(name):
     c = InputContract(range="unit", output=name)
     assert ct.parse_teacher(f"dir:x/m.onnx:{c.spec()}") == ct.TeacherSpec(Path("dir:x/m.onnx"), c)
@@ -182,3 +186,13 @@ def test_equal_weights_are_the_unweighted_formula_bit_for_bit():
 def test_bad_weights(weights, fragment):
     with pytest.raises(ValueError, match=fragment):
         soft.normalise_weights(weights, 3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.text(min_size=1, max_size=20), folder=st.text(alphabet="ab:/=,", max_size=8))
+def test_any_output_name_round_trips_through_the_syntax(name, folder):
+    """Whatever an exporter names its output, the spec the stages print parses back to it, after a path
+    that may hold colons (a path ending in a declaration-like tail is ended by one more ':')."""
+    c = InputContract(range="unit", output=name)
+    path = f"{folder}m.onnx"
+    assert ct.parse_teacher(f"{path}:{c.spec()}") == ct.TeacherSpec(Path(path), c)
