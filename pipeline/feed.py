@@ -5,7 +5,7 @@ export's agreement with the teacher, ``distill bench`` and ``distill bench-fidel
 contract (:class:`pipeline.formats.onnx_model.InputContract`, docs/teachers.md) is resolved field by
 field before any row is read, from, in this order of precedence: the command line (``--teacher
 PATH:input=unit,...``, :func:`pipeline.contract.parse_teacher`), the contract a cache recorded for
-that file (where the stage reads a cache: resume and verify), the model's ``input_contract``
+that file (where the stage reads a cache: ``cache verify``), the model's ``input_contract``
 metadata, and the defaults: the layout that the model's declared input shape fits (the transfer
 set's own first), the dtype of that input, the transfer set's normalisation for a float input (raw
 for uint8), and the first float output shaped ``[batch, classes]`` or ``[batch, members, classes]``

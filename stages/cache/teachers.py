@@ -2,7 +2,7 @@
 
 Each file's contract (docs/teachers.md) is resolved by :func:`pipeline.feed.resolve`, the one
 reading every stage shares: the command line, then the contract a cache recorded (``contracts``:
-resume and verify) or the model's metadata, then defaults; checked against the graph before any
+``verify``) or the model's metadata, then defaults; checked against the graph before any
 row is read.
 
 An output that is already a probability distribution (non-negative rows summing to 1) is taken as
