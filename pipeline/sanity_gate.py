@@ -60,9 +60,10 @@ from pipeline.formats.prepared import Prepared
 
 #: "Clearly better", in nats of mean NLL of the labels.  The difference of two mean NLLs on the same
 #: rows is the mean log-likelihood ratio per row: at 0.1 nats the alternative gives the true labels
-#: e^0.1 = 1.105 times the probability, on geometric average over 2048 rows.  Measured on Fashion-MNIST
-#: (docs/teachers.md, "The sanity gate"): that difference has a standard error of 0.008 to 0.011 nats on
-#: 2048 rows, so 0.1 is ten of them; in 9 (teacher, split) pairs the right contract had the lowest
+#: e^0.1 = 1.105 times the probability, on geometric average over 2048 rows.  Measured (docs/teachers.md,
+#: "The sanity gate"): on Fashion-MNIST that difference has a standard error of 0.008 to 0.011 nats on
+#: 2048 rows, so 0.1 is ten of them; in 14 (teacher, split) pairs (12 on Fashion-MNIST, 2 on the tests'
+#: synthetic set) the right contract had the lowest
 #: calibrated NLL of all candidates (by 0.03 to 0.18 nats), so no right declaration comes near the bar;
 #: the mistakes that cost a teacher 5 points or more cost it 0.15 to 1.2 nats calibrated, and raw
 #: pixels cost 12 to 56 nats at T = 1.
