@@ -9,6 +9,10 @@ import click
 from commands.main import DefaultGroup, PathArg, say, stage_command
 from stages.bench.settings import BenchConfig, FidelityConfig, PickConfig
 
+TEACHER_HELP = ("teacher ONNX file, optionally with its input contract: PATH[:key=value,...] as `distill cache "
+                "--teacher` takes it (docs/teachers.md); undeclared fields come from the model's metadata, else the "
+                "defaults")
+
 
 def _candidates(values: tuple[str, ...]) -> dict[str, Path]:
     out = {}
@@ -26,7 +30,7 @@ def bench() -> None:
 
 
 @stage_command("run", BenchConfig, bench)
-@click.option("--teacher", "teacher_path", type=PathArg, required=True, help="teacher ensemble ONNX file")
+@click.option("--teacher", "teacher_path", required=True, help=TEACHER_HELP)
 @click.option("--candidate", "candidates", multiple=True, required=True, help="NAME=PATH of a student ONNX (repeat)")
 @click.option("--prepared", type=PathArg, required=True, help="prepared dataset (test rows)")
 @click.option("--out", type=PathArg, required=True, help="report JSON to write")
@@ -57,7 +61,7 @@ def bench_pick(cfg, report, out):
 
 
 @stage_command("bench-fidelity", FidelityConfig)
-@click.option("--teacher", "teacher_path", type=PathArg, required=True, help="teacher ensemble ONNX file")
+@click.option("--teacher", "teacher_path", required=True, help=TEACHER_HELP)
 @click.option("--student", type=PathArg, required=True, help="fp32 student ONNX file")
 @click.option("--student-int8", type=PathArg, required=True,
               help="int8 student ONNX file (taking normalised rows or, raw-input export, uint8 pixels)")

@@ -16,7 +16,8 @@ from stages.export.settings import ExportConfig
 @click.option("--dynamic-int8", "out_dynamic", type=PathArg, default=None,
               help="dynamic int8 ONNX file [default: none]")
 @click.option("--fp16", "out_fp16", type=PathArg, default=None, help="fp16 ONNX file, for GPUs [default: none]")
-@click.option("--teacher", type=PathArg, default=None, help="teacher ensemble ONNX: adds agreement with it to the gate")
+@click.option("--teacher", default=None, help="teacher ONNX, optionally with its input contract (PATH[:key=value,...], "
+              "as `distill cache --teacher`; docs/teachers.md): adds agreement with it to the gate")
 @click.option("--mobile-dir", type=PathArg, default=None,
               help="folder for .ort files, required_operators.config [default: <out stem>.mobile]")
 def export(cfg, checkpoint, transfer_set, out, out_int8, report, out_dynamic, out_fp16, teacher, mobile_dir):

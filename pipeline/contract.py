@@ -19,12 +19,21 @@ its job: a model whose spatial size differs from the transfer set's is refused (
 resizes).
 
 On the command line a teacher is ``PATH[:key=value,...]`` (:func:`parse_teacher`): the declaration
-is the text after the last ``:`` when that text is empty or made of ``key=value`` pairs, so a path
-with colons stays a path, and a trailing ``:`` ends any path whatever it contains.
+is the text after the last ``:`` that is not inside a quoted value, when that text is empty or made
+of ``key=value`` pairs, so a path with colons stays a path, and a trailing ``:`` ends any path
+whatever it contains.  A value holding ``:``, ``,``, ``=``, ``"`` or white space (tf2onnx's output
+names ``Identity:0``, ``dense/BiasAdd:0``) is written in double quotes, a ``"`` inside doubled:
+``model.onnx:output="Identity:0"`` (:func:`pipeline.formats.onnx_model.quote_value` writes it).
+A quote opens a value only right after its ``=``, so quotes elsewhere in a path are plain characters.
+
+``tta=hflip`` (test-time augmentation) runs the model on every stored image and on its horizontal
+mirror, the W axis flipped before the layout change (:func:`views_of`); the caller takes the mean
+of the two logit vectors.  Images only.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +44,8 @@ from pipeline.errors import DataError, UsageError
 from pipeline.formats.onnx_model import CONTRACT_FIELDS, LAYOUTS, InputContract
 
 #: The command line's key for each contract field (``input=unit`` declares the range).
-SPEC_KEYS = {"input": "range", "layout": "layout", "mean": "mean", "std": "std", "dtype": "dtype", "output": "output"}
+SPEC_KEYS = {"input": "range", "layout": "layout", "mean": "mean", "std": "std", "dtype": "dtype", "output": "output",
+             "tta": "tta"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,19 +66,71 @@ def _value(key: str, text: str) -> Any:
     return text
 
 
+def _scan(text: str, quoting: bool = True) -> tuple[list[int], int | None]:
+    """Positions of the ``:`` outside quoted values, and where an unterminated quoted value opens (None)."""
+    colons, opened, i = [], None, 0
+    while i < len(text):
+        ch = text[i]
+        if opened is not None:
+            if ch == '"' and text[i + 1:i + 2] == '"':  # a doubled quote inside a quoted value
+                i += 1
+            elif ch == '"':
+                opened = None
+        elif quoting and ch == '"' and text[i - 1:i] == "=":
+            opened = i
+        elif ch == ":":
+            colons.append(i)
+        i += 1
+    return colons, opened
+
+
+def _pairs(tail: str) -> list[str]:
+    """``tail`` cut at the commas outside quoted values (quoted as :func:`_scan` reads them)."""
+    out, start, quoted, i = [], 0, False, 0
+    while i < len(tail):
+        ch = tail[i]
+        if quoted and ch == '"' and tail[i + 1:i + 2] == '"':  # a doubled quote: still inside
+            i += 1
+        elif ch == '"' and (quoted or tail[i - 1:i] == "="):
+            quoted = not quoted
+        elif ch == "," and not quoted:
+            out.append(tail[start:i])
+            start = i + 1
+        i += 1
+    return [*out, tail[start:]]
+
+
+def _unquote(text: str, whole: str) -> str:
+    if not text.startswith('"'):
+        return text
+    if len(text) < 2 or not text.endswith('"') or '"' in text[1:-1].replace('""', ""):
+        raise UsageError(f"--teacher {whole}: bad quoted value {text} (a quoted value is \"...\" with a \" "
+                         f"inside doubled)")
+    return text[1:-1].replace('""', '"')
+
+
 def parse_teacher(text: str | Path | TeacherSpec) -> TeacherSpec:
     """``PATH`` or ``PATH:input=unit,layout=flat,output=probabilities`` -> TeacherSpec (UsageError).
 
     A :class:`~pathlib.Path` is taken whole (no declaration); a string is split at its last ``:``
-    when the tail is empty or ``key=value`` pairs (keys: input, layout, mean, std, dtype, output).
+    outside a quoted value when the tail is empty or ``key=value`` pairs (keys: input, layout, mean,
+    std, dtype, output, tta); a value may be quoted: ``output="Identity:0"``.
     """
     if isinstance(text, TeacherSpec):
         return text
     if isinstance(text, Path):
         return TeacherSpec(text)
-    head, sep, tail = text.rpartition(":")
-    pairs = [p for p in tail.split(",")] if tail else []
-    if not sep or not head or (tail and not all("=" in p for p in pairs)):
+    colons, opened = _scan(text)
+    if opened is not None:  # a quote that never closes: an error in a declaration, else part of a path
+        if re.search(r"[:,](" + "|".join(SPEC_KEYS) + r")=$", text[:opened]):
+            raise UsageError(f"--teacher {text}: the quoted value that starts at {text[opened:opened + 12]!r} "
+                             f"has no closing \"")
+        colons, _ = _scan(text, quoting=False)
+    if not colons:
+        return TeacherSpec(Path(text))
+    head, tail = text[:colons[-1]], text[colons[-1] + 1:]
+    pairs = _pairs(tail) if tail else []
+    if not head or (tail and not all("=" in p for p in pairs)):
         return TeacherSpec(Path(text))
     values: dict[str, Any] = {}
     for pair in pairs:
@@ -78,7 +140,7 @@ def parse_teacher(text: str | Path | TeacherSpec) -> TeacherSpec:
                              f"end a path that contains ':' with one more ':')")
         if SPEC_KEYS[key] in values:
             raise UsageError(f"--teacher {text}: {key} given twice")
-        values[SPEC_KEYS[key]] = _value(key, val)
+        values[SPEC_KEYS[key]] = _value(key, _unquote(val, text))
     try:
         return TeacherSpec(Path(head), InputContract(**values))
     except ValueError as e:
@@ -186,6 +248,22 @@ def adapt(x: np.ndarray, contract: InputContract, geom: Geometry) -> np.ndarray:
     if layout in ("nhwc", "flat-nhwc"):
         y = y.reshape(n, geom.channels, *geom.shape[-2:]).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(y.reshape(n, *geom.fits()[layout]))
+
+
+def without_defaults(contract: InputContract) -> InputContract:
+    """``contract`` with ``tta=none`` written as undeclared (the same feeding, one record of it)."""
+    return dataclasses.replace(contract, tta=None) if contract.tta == "none" else contract
+
+
+def views_of(x: np.ndarray, contract: InputContract, geom: Geometry) -> list[np.ndarray]:
+    """The model inputs of a batch of stored rows ``x``: ``[adapt(x)]``, and with ``tta=hflip`` also
+    the adapted horizontal mirror (the last, W, axis of each stored ``[C, H, W]`` or ``[H, W]`` image
+    reversed before the layout change), whose outputs the caller averages as logits."""
+    if contract.tta != "hflip":
+        return [adapt(x, contract, geom)]
+    if len(geom.shape) < 2:
+        raise UsageError(f"tta=hflip mirrors images, but the transfer set's rows are {list(geom.shape)} features")
+    return [adapt(x, contract, geom), adapt(x[..., ::-1], contract, geom)]
 
 
 def describe_dims(dims: Sequence[Any]) -> str:

@@ -59,6 +59,7 @@ def main() -> None:
     from skl2onnx import to_onnx
     from sklearn.linear_model import LogisticRegression
 
+    from pipeline import sanity_gate
     from pipeline.formats.cache import open_cache
     from pipeline.formats.prepared import open_prepared
 
@@ -80,8 +81,9 @@ def main() -> None:
     own_train = float(model.score(flat, y))
     xt, yt = info.load_raw("test")
     own_test = float(model.score(xt.reshape(len(xt), -1).astype(np.float32) / 255, yt))
+    gate_rows = sanity_gate.draw(y, 2048, 0)  # the rows the gate draws (--gate-rows 2048, --gate-seed 0)
     say(f"the model's own accuracy (scikit-learn, float64): all {len(y)} transfer (train) rows {own_train:.4f}, "
-        f"first 2048 {float(model.score(flat[:2048], y[:2048])):.4f}, test {own_test:.4f}")
+        f"the gate's 2048 {float(model.score(flat[gate_rows], y[gate_rows])):.4f}, test {own_test:.4f}")
     sk_pred = model.predict(flat)
 
     say("\n# 1. declared wrong (the project's normalised input): refused by the sanity gate, nothing written")
@@ -104,8 +106,9 @@ def main() -> None:
     say(f"cache member accuracy {c.member_accuracy[0]:.4f} on {c.rows} rows vs the model's own {own_train:.4f}; "
         f"predictions differing from scikit-learn's: {int(np.sum(stored != sk_pred))} of {c.rows}")
     gate = c.teacher_inputs[0]["gate"]
-    say(f"gate record: {gate['accuracy']:.4f} on {gate['rows']} rows; alternatives "
-        + json.dumps({k: round(v, 4) for k, v in gate["alternatives"].items()}))
+    say(f"gate record: {gate['accuracy']:.4f} accuracy, NLL {gate['nll_nats']:.4f} nats on {gate['rows']} rows; "
+        "alternatives " + json.dumps({k: {f: round(v, 4) for f, v in m.items() if v is not None}
+                                      for k, m in gate["alternatives"].items()}))
     same = np.array_equal(c.soft(1.0), open_cache(auto).soft(1.0))
     say(f"soft targets of the undeclared run (2) equal the declared run's (3): {same}")
     distill("cache", "verify", cache, "--teacher", path, "--transfer-set", PREPARED)

@@ -49,13 +49,17 @@ def by_hand(x: np.ndarray, range_: str, layout: str, scale: float = 255.0, mean=
     return v.astype(np.float32)
 
 
-def fit(x_model: np.ndarray, y: np.ndarray, classes: int = 10, hidden: int = 256, seed: int = 0) -> dict:
-    """Random ReLU features on ``x_model`` (flattened as the graph's Flatten does) + ridge head."""
+def fit(x_model: np.ndarray, y: np.ndarray, classes: int = 10, hidden: int = 256, seed: int = 0,
+        thresholds: bool = True) -> dict:
+    """Random ReLU features on ``x_model`` (flattened as the graph's Flatten does) + ridge head.
+    ``thresholds`` False: no first-layer bias, so the features scale with the input (``relu(c x W1) =
+    c relu(x W1)`` for ``c > 0``), like a ReLU MLP whose biases are small next to ``x W1``: fed 255
+    times its inputs it keeps most of its argmax while its logits grow 255-fold (targets one-hot)."""
     f = x_model.reshape(len(x_model), -1).astype(np.float64)
     rng = np.random.default_rng(seed)
     w1 = rng.normal(0, 1, (f.shape[1], hidden)) / np.sqrt(f.shape[1])
     z = f @ w1
-    b1 = -np.median(z, axis=0)
+    b1 = -np.median(z, axis=0) if thresholds else np.zeros(hidden)
     h = np.c_[np.maximum(z + b1, 0), np.ones(len(z))]
     t = np.eye(classes)[y]
     w2 = np.linalg.solve(h.T @ h + 1e-3 * np.eye(h.shape[1]) * len(h), h.T @ t)
@@ -68,7 +72,8 @@ def teacher(path: Path, params: dict, in_shape: tuple, *, dtype: int = TensorPro
             contract: dict | None = None, classes: int = 10) -> Path:
     """Write the classifier as ONNX.  ``outputs``: ``logits`` (one float output), ``skl`` (``label``
     int64 [N] then ``probabilities`` float [N, C], skl2onnx with zipmap=False), ``zipmap`` (``label``
-    then ``output_probability`` as a ZipMap, skl2onnx's default), ``label`` (the label alone).
+    then ``output_probability`` as a ZipMap, skl2onnx's default), ``label`` (the label alone), ``tf``
+    (tf2onnx's names: ``Identity:0``, the logits doubled, then ``dense/BiasAdd:0``, the logits).
     ``contract``: written as the ``input_contract`` metadata."""
     inits = [numpy_helper.from_array(params[k], k) for k in ("w1", "b1", "w2", "b2")]
     nodes = []
@@ -84,6 +89,10 @@ def teacher(path: Path, params: dict, in_shape: tuple, *, dtype: int = TensorPro
     opsets = [helper.make_opsetid("", 17)]
     if outputs == "logits":
         outs = [float_out("logits")]
+    elif outputs == "tf":  # the first output is not the one to read: only a declaration reaches the second
+        nodes += [helper.make_node("Add", ["logits", "logits"], ["Identity:0"]),
+                  helper.make_node("Identity", ["logits"], ["dense/BiasAdd:0"])]
+        outs = [float_out("Identity:0"), float_out("dense/BiasAdd:0")]
     else:
         nodes += [helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
                   helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0)]
@@ -122,10 +131,15 @@ def grey_images(n: int, seed: int = 0, classes: int = 10, size: int = 14) -> tup
     return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
 
 
-def write_prepared(path: Path, parts: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
-    """A prepared file of ``parts`` (split -> (x, y)), normalised by its train split's mean and std."""
+def write_prepared(path: Path, parts: dict[str, tuple[np.ndarray, np.ndarray]], per_channel: bool = False) -> Path:
+    """A prepared file of ``parts`` (split -> (x, y)), normalised by its train split's mean and std
+    (``per_channel``: one of each per channel of [n, C, H, W] rows, as prepare writes for colour images)."""
     x = parts["train"][0] / 255.0
-    norm = Normalisation(255.0, float(x.mean()), float(x.std()))
+    if per_channel:
+        axes = (0, 2, 3)
+        norm = Normalisation(255.0, tuple(map(float, x.mean(axis=axes))), tuple(map(float, x.std(axis=axes))))
+    else:
+        norm = Normalisation(255.0, float(x.mean()), float(x.std()))
     with PreparedWriter(path, [f"c{i}" for i in range(10)], norm, {"stage": "test"}) as w:
         for split, (xs, ys) in parts.items():
             w.put(split, xs, ys)
@@ -139,6 +153,30 @@ def grey_prepared(path: Path) -> Path:
 
 
 
+def semi_supervised_prepared(path: Path, unlabelled: int = 2048, train: int = 3000) -> Path:
+    """The grey 14x14 images with ``train`` training rows whose first ``unlabelled`` labels are -1 (a
+    semi-supervised transfer set: labelled rows only after them), val/test 200 labelled rows."""
+    x, y = grey_images(train, seed=0)
+    y = y.copy()
+    y[:unlabelled] = -1
+    return write_prepared(path, {"train": (x, y), "val": grey_images(200, seed=1), "test": grey_images(200, seed=2)})
+
+
+def mirror_teacher(path: Path, in_shape: tuple, classes: int = 10, seed: int = 7) -> tuple[Path, np.ndarray]:
+    """An asymmetric linear teacher (``logits = flatten(x) W``, ``W`` random, no symmetry between the
+    left and right halves of an image), float input of ``in_shape``; returns the file and ``W``."""
+    w = np.random.default_rng(seed).normal(0, 0.05, (int(np.prod(in_shape)), classes)).astype(np.float32)
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=1), helper.make_node("MatMul", ["f", "w"], ["logits"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *in_shape])
+    graph = helper.make_graph(nodes, "mirror", [x], [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                                                   ["N", classes])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="another-exporter")
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return Path(path), w
+
+
 def colour_images(n: int, seed: int = 0, classes: int = 10, size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [n, 3, size, size]: as :func:`grey_images`, one background per channel (each its own
     brightness), each class a sparse +-60 change of 15% of the pixels of every channel, noise sd 50."""
@@ -150,7 +188,8 @@ def colour_images(n: int, seed: int = 0, classes: int = 10, size: int = 8) -> tu
     return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
 
 
-def colour_prepared(path: Path) -> Path:
-    """A prepared set of 3-channel 8x8 images [3, 8, 8] (train 1200, val/test 200; scalar normalisation)."""
+def colour_prepared(path: Path, per_channel: bool = False) -> Path:
+    """A prepared set of 3-channel 8x8 images [3, 8, 8] (train 1200, val/test 200; scalar normalisation,
+    or per channel)."""
     return write_prepared(path, {s: colour_images(n, seed=i) for i, (s, n) in
-                                 enumerate((("train", 1200), ("val", 200), ("test", 200)))})
+                                 enumerate((("train", 1200), ("val", 200), ("test", 200)))}, per_channel)

@@ -15,7 +15,12 @@ reads the JSON, so its keys are declared here and checked both ways (docs/format
     MODEL   path, engine ("onnxruntime" | "iobinding" | "torch"), input_dtype, runs: [RUN];
             scored models add test_accuracy, agreement_with_teacher, sha256; files models add
             files {name: bytes}, size_bytes, parameters and (optional) macs_per_image;
-            IOBinding rows add same_model_as
+            IOBinding rows add same_model_as; the teacher adds input_contract (CONTRACT)
+    CONTRACT input {range, layout, mean, std, dtype, output, tta: the resolved input contract,
+            docs/teachers.md}, sources {field: command line | metadata | default | input shape |
+            input type | first float output | gate}, gate (null, or the sanity gate's record where
+            the contract was a guess: rows, seed, labelled, split, accuracy, nll_nats, entropy_nats,
+            alternatives)
     FRONT   threads, engine ("run" | "iobinding"), latency ("p50", ...), models [names, fastest first]:
             no other scored ONNX model is at least as accurate, as fast at batch 1 and as small, and
             strictly better in one (stages.bench.choice)
@@ -40,6 +45,7 @@ MODEL = {"path": str, "engine": str, "input_dtype": str, "runs": list}
 SCORED = {"test_accuracy": float, "agreement_with_teacher": float, "sha256": str}
 SIZED = {"files": dict, "size_bytes": int, "parameters": int}
 OPTIONAL_SIZED = {"macs_per_image": int}  # reports written before it was added lack it
+CONTRACT = {"input": dict, "sources": dict}  # the teacher's; reports written before it was added lack it
 FRONT = {"threads": int, "engine": str, "latency": str, "models": list}
 RUN = {"threads": int, "batch": int, "providers_used": list, "load": dict, "first_run_s": float, "steady": dict}
 STEADY = {"p50": float, "p90": float, "p99": float, "p999": float, "max": float, "valid": bool,
@@ -85,6 +91,8 @@ def check(report: dict) -> None:
             raise ValueError(f"{where}.engine is {m['engine']!r}, expected one of {ENGINES}")
         if "test_accuracy" in m:
             _need(m, SCORED, where)
+        if "input_contract" in m:
+            _need(m["input_contract"], CONTRACT, f"{where}.input_contract")
         if "size_bytes" in m:
             _need(m, SIZED, where)
             _need(m, {k: t for k, t in OPTIONAL_SIZED.items() if k in m}, where)

@@ -17,13 +17,15 @@ flags (docs/teachers.md).  Its JSON::
      "mean": null | number | [number, ...],      # normalised only; null: the transfer set's
      "std": null | number | [number, ...],       # (one value, or one per channel)
      "dtype": "float32" | "uint8",
-     "output": null | "<output name>"}           # null: the first float [batch, C] / [batch, M, C]
+     "output": null | "<output name>",           # null: the first float [batch, C] / [batch, M, C]
+     "tta": "none" | "hflip"}                    # test-time augmentation: hflip = mean logits of x and its mirror
 
 Every key is optional (a missing one is not declared).  With ``x`` the transfer set's stored
 pixels and ``scale`` its scale (255 for uint8 images), the model is fed ``x`` (raw), ``x / scale``
 (unit, [0, 1]) or ``(x / scale - mean) / std`` (normalised, per channel when lists), as ``dtype``,
 laid out as the transfer set (same), ``[C, H, W]``, ``[H, W, C]``, or flattened in ``C, H, W`` or
-``H, W, C`` order.
+``H, W, C`` order; ``tta`` ``hflip`` runs the model on each image and on its horizontal mirror and
+takes the mean of the two logit vectors (images only).
 
 Before any long work a model is loaded without its weights and refused when it is not an ONNX
 protobuf, has an IR version onnxruntime cannot read, or references external data outside its
@@ -54,7 +56,18 @@ INPUT_KEY = "input_contract"
 LAYOUTS = ("same", "nchw", "nhwc", "flat", "flat-nhwc")
 RANGES = ("raw", "unit", "normalised")
 INPUT_DTYPES = ("float32", "uint8")
-CONTRACT_FIELDS = ("range", "layout", "mean", "std", "dtype", "output")
+TTAS = ("none", "hflip")
+CONTRACT_FIELDS = ("range", "layout", "mean", "std", "dtype", "output", "tta")
+#: Characters that make a value quoted in the command-line syntax (``output="Identity:0"``).
+QUOTED_CHARS = frozenset(':,"= \t')
+
+
+def quote_value(text: str) -> str:
+    """A declaration's value as the command line writes it: as is, or in double quotes (a ``"`` inside
+    doubled) when it holds ``:``, ``,``, ``"``, ``=`` or white space (docs/teachers.md, quoting)."""
+    if not text or QUOTED_CHARS.isdisjoint(text):
+        return text
+    return '"' + text.replace('"', '""') + '"'
 
 
 def _stats(name: str, value: Any) -> float | tuple[float, ...] | None:
@@ -81,9 +94,10 @@ class InputContract:
     std: float | tuple[float, ...] | None = None
     dtype: str | None = None
     output: str | None = None
+    tta: str | None = None
 
     def __post_init__(self) -> None:
-        for name, allowed in (("range", RANGES), ("layout", LAYOUTS), ("dtype", INPUT_DTYPES)):
+        for name, allowed in (("range", RANGES), ("layout", LAYOUTS), ("dtype", INPUT_DTYPES), ("tta", TTAS)):
             v = getattr(self, name)
             if v is not None and v not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {v!r}")
@@ -107,11 +121,13 @@ class InputContract:
         return json.dumps(self.as_dict(), sort_keys=True)
 
     def spec(self) -> str:
-        """The declared fields in the command-line syntax: ``input=unit,layout=flat`` (lists as a/b/c)."""
+        """The declared fields in the command-line syntax: ``input=unit,layout=flat`` (lists as a/b/c,
+        an output name quoted where it must be: ``output="Identity:0"``)."""
         names = {"range": "input"}
         parts = []
         for k, v in self.as_dict().items():
-            parts.append(f"{names.get(k, k)}={'/'.join(f'{x:g}' for x in v) if isinstance(v, list) else v}")
+            text = "/".join(f"{x:g}" for x in v) if isinstance(v, list) else quote_value(str(v))
+            parts.append(f"{names.get(k, k)}={text}")
         return ",".join(parts)
 
     @classmethod
@@ -315,6 +331,7 @@ def onnx_macs(path: Path) -> int:
 
 
 def input_dtype(path: Path) -> str:
-    """``uint8`` for a model that takes raw pixels (normalisation in its graph), else ``float32``."""
-    model = onnx.load(str(path), load_external_data=False)
+    """``uint8`` for a model that takes raw pixels (normalisation in its graph), else ``float32``; a
+    missing or unreadable file is a DataError (:func:`check_onnx_file`)."""
+    model = check_onnx_file(path)
     return "uint8" if model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8 else "float32"

@@ -201,6 +201,27 @@ class Prepared:
         with h5py.File(self.path, "r") as f:
             return f[split]["x"][start:stop], f[split]["y"][start:stop]
 
+    def labels(self, split: str) -> np.ndarray:
+        """Every label of ``split`` (int64; -1 marks an unlabelled row): 8 bytes a row, one read."""
+        with h5py.File(self.path, "r") as f:
+            return f[split]["y"][:]
+
+    def take(self, split: str, rows: np.ndarray, block: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+        """x as stored and y of the sorted row indices ``rows`` of ``split``, read in contiguous blocks
+        of at most ``block`` rows (only the blocks that hold a wanted row), never row by row."""
+        rows = np.asarray(rows, np.int64)
+        xs, ys = [], []
+        with h5py.File(self.path, "r") as f:
+            x, y = f[split]["x"], f[split]["y"]
+            for a in np.unique(rows // block) * block:
+                want = rows[(rows >= a) & (rows < a + block)]
+                lo, hi = int(want[0]), int(want[-1]) + 1
+                xs.append(x[lo:hi][want - lo])
+                ys.append(y[lo:hi][want - lo])
+        if not xs:
+            return np.zeros((0, *self.shape), self.dtype), np.zeros(0, np.int64)
+        return np.concatenate(xs), np.concatenate(ys)
+
     @contextlib.contextmanager
     def rows_reader(self, split: str) -> Iterator[Callable[[int, int], tuple[np.ndarray, np.ndarray]]]:
         """``read(lo, hi) -> (raw x, y)`` of contiguous rows of ``split``, over one open handle."""

@@ -29,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import inference, provenance, resources
+from pipeline import contract as ct
+from pipeline import feed, inference, provenance, resources
 from pipeline.artifacts import write_json
 from pipeline.config import to_dict
-from pipeline.formats.onnx_model import input_dtype
+from pipeline.formats.onnx_model import check_onnx_file, input_dtype
 from pipeline.formats.prepared import open_prepared
 from stages.bench import launcher
 from stages.bench.settings import FidelityConfig
@@ -107,16 +108,26 @@ def explain(pc: dict[str, float], prof: dict, student: Path, call: str) -> str:
             "read it as attribution, not as timing).")
 
 
-def check_fidelity(cfg: FidelityConfig, teacher: Path, student: Path, student_int8: Path, prepared: Path,
+def check_fidelity(cfg: FidelityConfig, teacher: str | Path, student: Path, student_int8: Path, prepared: Path,
                    out: Path, log: Callable[[str], None] = print) -> Path:
     """Measure the three ratios of the module docstring, through each call path of CALLS, and write
-    them, verdicts included, to ``out``."""
+    them, verdicts included, to ``out``.  ``teacher`` is an ONNX file, optionally ``PATH:key=value,...``
+    declaring its input contract (:mod:`pipeline.feed`): its timed rows are the test rows as it takes
+    them (only their shape and type matter to a time, so no gate judges the contract here)."""
     info = open_prepared(prepared)
     xtest = info.load("test")[0][:1024]
+    for path in (student, student_int8):  # a missing or unreadable file: one line, before any work
+        check_onnx_file(Path(path))
+    geom = ct.Geometry.of(info)
+    raw = info.load_raw("test", 0, 1024)[0]
+    plan = feed.open_model(teacher, geom, len(info.classes), "cpu")[1]
+    teacher = plan.path
     with resources.temporary_folder() as tmp:  # a full TMPDIR is one line naming it (exit 7)
-        pools = {"float32": Path(tmp) / "pool.npy", "uint8": Path(tmp) / "pixels.npy"}
+        pools = {"float32": Path(tmp) / "pool.npy", "uint8": Path(tmp) / "pixels.npy",
+                 "teacher": Path(tmp) / "teacher.npy"}
         launcher.save_pool(pools["float32"], xtest)
-        launcher.save_pool(pools["uint8"], info.load_raw("test", 0, 1024)[0])  # for a model taking raw pixels
+        launcher.save_pool(pools["uint8"], raw)  # for a model taking raw pixels
+        launcher.save_pool(pools["teacher"], ct.adapt(raw, plan.contract, geom))
         floor = launcher.write_identity_model(Path(tmp) / "identity.onnx", info.shape)
         rounds: dict[tuple[str, str], list[dict]] = defaultdict(list)
         for i in range(cfg.rounds):
@@ -125,7 +136,7 @@ def check_fidelity(cfg: FidelityConfig, teacher: Path, student: Path, student_in
                                         ("student-int8", student_int8, engine), ("teacher", teacher, engine),
                                         ("identity-floor", floor, engine)]:
                     log(f"fidelity: round {i + 1}/{cfg.rounds}, timing {name} through {call}")
-                    r = _p50(cfg, path, pools[input_dtype(path)], eng)
+                    r = _p50(cfg, path, pools["teacher" if name == "teacher" else input_dtype(path)], eng)
                     rounds[call, name].append({k: v for k, v in r.items()
                                                if k not in ("latencies_s", "trial_latencies_s")})
         runs: dict[str, dict] = {call: {} for call in CALLS}
@@ -141,6 +152,7 @@ def check_fidelity(cfg: FidelityConfig, teacher: Path, student: Path, student_in
     result = {
         "settings": to_dict(cfg), "p50_us": p, "runs": runs, "profile": prof, "calls": verdicts,
         "student_int8_input": input_dtype(student_int8),  # uint8: the raw-pixel edge export
+        "teacher_input_contract": plan.record(),
         "environment": environment(),
         "provenance": provenance.record("bench-fidelity", to_dict(cfg), {
             "teacher": teacher, "student": student, "student_int8": student_int8, "prepared": prepared}),

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from pipeline.artifacts import atomic_output, write_text
+from pipeline.formats.onnx_model import InputContract
 
 
 def strip_latencies(report: dict) -> dict:
@@ -50,6 +51,17 @@ def _fmt(x, spec: str = ".1f", missing: str = "-") -> str:
     return missing if x is None else format(x, spec)
 
 
+def _contract_lines(models: dict) -> list[str]:
+    """The teacher's input contract, as ``--teacher`` would declare it, and where its fields came from."""
+    out = []
+    for name, e in models.items():
+        if "input_contract" in e:
+            c = e["input_contract"]
+            sources = ", ".join(f"{k}: {v}" for k, v in c["sources"].items())
+            out.append(f"The teacher `{name}` is fed as `{InputContract.from_dict(c['input']).spec()}` ({sources}).\n")
+    return out
+
+
 def render_markdown(report: dict, plots: list | None = None) -> str:
     cfg, threads = report["settings"], report["threads_resolved"]
     models, big = report["models"], max(cfg["batches"])
@@ -64,6 +76,7 @@ def render_markdown(report: dict, plots: list | None = None) -> str:
              f"as onnxruntime_perf_test measures); the others call `session.run` with numpy arrays (what a "
              f"Python caller pays). "
              f"A result is *noisy* when the trials' p50s spread more than {cfg['max_spread']:.0%}.\n",
+             *_contract_lines(models),
              "## Models\n", "| model | engine | weights (rank >= 2) | MACs / image | size KiB (files) | test acc | "
              "agrees w/ teacher |", "|---|---|---:|---:|---:|---:|---:|"]
     for name, e in models.items():

@@ -8,10 +8,15 @@ validity flag when the trials' p50s spread more than ``max_spread``).  An Identi
 input shape is the floor of what one ``run()`` costs; PyTorch eager on the student checkpoints is the
 baseline the ONNX files are compared with.  Accuracy and top-1 agreement with the teacher ensemble
 are measured in this process on the whole test split, multiply-accumulates per image from each
-file's graph (:func:`pipeline.formats.onnx_model.onnx_macs`).  The report is the ``kd-bench/1`` JSON
-(:mod:`pipeline.formats.bench_report`), rendered by :mod:`stages.bench.report`, with the Pareto
-front of accuracy, latency and size per thread count and call path (:mod:`stages.bench.choice`,
-which also picks a model under budgets: ``distill bench pick``).
+file's graph (:func:`pipeline.formats.onnx_model.onnx_macs`).  The teacher is fed under its input
+contract (``--teacher PATH[:key=value,...]``, else its metadata, else defaults, a guessed contract
+judged by the sanity gate: :mod:`pipeline.feed`, :func:`pipeline.sanity_gate.judge_guess`), for its
+scores and for its timed rows alike, and the report records the contract (``input_contract``);
+with ``tta=hflip`` its scores average the image and its mirror, while its time is of one run.  The
+report is the ``kd-bench/1`` JSON (:mod:`pipeline.formats.bench_report`), rendered by
+:mod:`stages.bench.report`, with the Pareto front of accuracy, latency and size per thread count
+and call path (:mod:`stages.bench.choice`, which also picks a model under budgets: ``distill bench
+pick``).
 """
 from __future__ import annotations
 
@@ -22,12 +27,20 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline import inference, provenance, resources, runtime
+from pipeline import contract as ct
+from pipeline import feed, inference, provenance, resources, runtime, sanity_gate, soft
 from pipeline.artifacts import claim, write_text
 from pipeline.config import to_dict
 from pipeline.errors import DataError
 from pipeline.formats.bench_report import write_bench_report
-from pipeline.formats.onnx_model import input_dtype, model_files, model_size, onnx_macs, parameter_count
+from pipeline.formats.onnx_model import (
+    check_onnx_file,
+    input_dtype,
+    model_files,
+    model_size,
+    onnx_macs,
+    parameter_count,
+)
 from pipeline.formats.prepared import Prepared, open_prepared
 from stages.bench import choice, launcher
 from stages.bench import report as benchreport
@@ -60,6 +73,17 @@ def _time(cfg: BenchConfig, path: Path, pool: Path, log: Callable, engine: str =
     return runs
 
 
+def score_teacher(teacher: str | Path, info, log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The teacher's soft targets at T = 1 on the whole test split and its first 1024 rows as it takes
+    them (the timing pool), fed under its resolved contract; and the contract's record."""
+    geom = ct.Geometry.of(info)
+    sess, plan = feed.open_model(teacher, geom, len(info.classes), "cpu", threads=os.cpu_count() or 1)
+    gate = sanity_gate.judge_guess(sess, plan, info, "test", log, "bench")
+    x = info.load_raw("test")[0]
+    probs = soft.combine_soft_targets(feed.run_model(sess, plan, x, geom), 1.0)
+    return probs, ct.adapt(x[:1024], plan.contract, geom), {**plan.record(), "gate": gate}
+
+
 class _Scoring(NamedTuple):
     """What every model is scored against: the test rows in each input dtype the models take, the
     labels and the teacher ensemble's predictions."""
@@ -68,33 +92,41 @@ class _Scoring(NamedTuple):
     teacher_pred: np.ndarray
 
 
-def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prepared: Path, out: Path,
+def benchmark(cfg: BenchConfig, teacher: str | Path, candidates: dict[str, Path], prepared: Path, out: Path,
               markdown: Path, csv_path: Path, log: Callable[[str], None] = print, *,
               torch_models: dict[str, Path] | None = None, plot_accuracy: Path | None = None,
               plot_throughput: Path | None = None) -> Path:
-    """Time and score ``teacher``, each ONNX candidate and each PyTorch checkpoint of ``torch_models``
+    """Time and score ``teacher`` (an ONNX file, optionally ``PATH:key=value,...`` declaring its input
+    contract), each ONNX candidate and each PyTorch checkpoint of ``torch_models``
     (reported as ``<name>-torch``); write ``out`` (JSON), ``markdown``, ``csv_path`` and the plots
     whose paths are given."""
     plots = [p for p in (plot_accuracy, plot_throughput) if p is not None]
     claim(out, markdown, csv_path, *plots)
     info = open_prepared(prepared)
     xtest, ytest = info.load("test")
-    models = {TEACHER: Path(teacher), **{k: Path(v) for k, v in candidates.items()}}
+    for path in [*candidates.values()]:  # a missing or unreadable file: one line, before any work
+        check_onnx_file(Path(path))
+    teacher_probs, teacher_pool, contract = score_teacher(teacher, info, log)
+    models = {TEACHER: ct.parse_teacher(teacher).path, **{k: Path(v) for k, v in candidates.items()}}
     dtypes = {name: input_dtype(path) for name, path in models.items()}
     rows = _test_rows(info, prepared, xtest, set(dtypes.values()))
-    for name, path in models.items():  # shape, dtype and class count, before any timing
+    for name, path in list(models.items())[1:]:  # shape, dtype and class count, before any timing
         inference.check_io(path, inference.session(path, "cpu"), info.shape, len(info.classes), dtype=dtypes[name])
     torch_models = {f"{k}{TORCH_SUFFIX}": Path(v) for k, v in (torch_models or {}).items()}
-    scoring = _Scoring(rows, ytest, inference.predict_proba(teacher, xtest).argmax(1))
+    scoring = _Scoring(rows, ytest, teacher_probs.argmax(1))
     results = {}
     with resources.temporary_folder() as tmp:  # a full TMPDIR is one line naming it (exit 7)
         pools, floors = _pools_and_floors(Path(tmp), rows, info.shape)
         dtypes.update({name: dtype for dtype, name in zip(rows, floors)})
+        pools[TEACHER] = launcher.save_pool(Path(tmp) / "pool-teacher.npy", teacher_pool)  # as it takes them
         for name, path, engine in runtime.progress(_todo(cfg, models, floors, torch_models), desc="bench",
                                                    unit="model"):
-            dtype = dtypes.get(name.removesuffix(IOBINDING_SUFFIX), "float32")
+            base = name.removesuffix(IOBINDING_SUFFIX)
+            dtype = dtypes.get(base, "float32")
             entry = {"path": str(path), "engine": engine, "input_dtype": dtype,
-                     "runs": _time(cfg, path, pools[dtype], log, engine)}
+                     "runs": _time(cfg, path, pools[TEACHER if base == TEACHER else dtype], log, engine)}
+            if name == TEACHER:
+                entry["input_contract"] = contract
             results[name] = _scored(entry, name, path in floors.values(), info.shape, scoring)
     _check_providers(cfg, results)
     report = {"settings": to_dict(cfg), "threads_resolved": cfg.thread_counts(), "models": results,
@@ -152,13 +184,14 @@ def _scored(entry: dict, name: str, floor: bool, shape: tuple[int, ...], scoring
         return entry
     if engine == "torch":
         scores, params, macs = _torch_scores(path, scoring.rows["float32"])
+        pred = scores.argmax(1)
         entry.update(files=model_files(path), size_bytes=model_size(path), parameters=params, macs_per_image=macs,
                      size_note="checkpoint: weights, metadata and provenance (kd-checkpoint/1)")
-    else:
-        scores = inference.predict_proba(path, scoring.rows[dtype])
+    else:  # the teacher was scored under its input contract (score_teacher)
+        pred = (scoring.teacher_pred if name == TEACHER
+                else inference.predict_proba(path, scoring.rows[dtype]).argmax(1))
         entry.update(files=model_files(path), size_bytes=model_size(path), parameters=parameter_count(path),
                      macs_per_image=onnx_macs(path))
-    pred = scores.argmax(1)
     entry.update(test_accuracy=float(np.mean(pred == scoring.labels)),
                  agreement_with_teacher=float(np.mean(pred == scoring.teacher_pred)),
                  sha256=provenance.sha256_file(path))

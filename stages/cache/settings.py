@@ -13,8 +13,11 @@ from pipeline.soft import COMBINES
 DIAG_BLOCK = 16384  # rows per block of diagnostics and tools: ~0.7 MB of logits per member at 10 classes
 # Settings that do not change the content (the gate's only effect, a contract it takes, is recorded
 # with the contracts), and member_weights, recorded normalised in the identity instead of as typed.
-RUN_ONLY = ("device", "threads", "shard", "io_binding", "gate", "gate_rows")
+RUN_ONLY = ("device", "threads", "shard", "io_binding", "gate", "gate_rows", "gate_seed")
 NOT_IN_SETTINGS = (*RUN_ONLY, "member_weights")
+# pipeline.sanity_gate.MIN_LABELLED, the fewest labelled rows that can tell contracts apart (not imported:
+# it loads onnx, which `--help` must not; tests/unit/test_sanity_gate.py checks that they are equal)
+MIN_LABELLED = 100
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -48,9 +51,12 @@ class CacheConfig:
                                                     "outputs (normalised to sum 1): arithmetic "
                                                     "sum_m w_m softmax(v_m/T), geometric softmax(sum_m w_m v_m/T); "
                                                     "empty = equal")
-    gate: bool = setting(True, "sanity gate: before caching, score each teacher on labelled transfer rows under its "
-                               "input contract and the common alternatives; --no-gate keeps a declaration it refuses")
-    gate_rows: int = setting(2048, "rows from the start of the split that the gate reads (their labelled ones count)")
+    gate: bool = setting(True, "sanity gate: before caching, judge each teacher's soft targets on labelled transfer "
+                               "rows under its input contract and the common alternatives; --no-gate keeps a "
+                               "declaration it refuses, or a guessed contract where the split has no labels")
+    gate_rows: int = setting(2048, f"labelled rows the gate draws from anywhere in the split (at least "
+                                   f"{MIN_LABELLED}; all of them when fewer)")
+    gate_seed: int = setting(0, "seed of the gate's draw of rows")
     split: str = setting("train", "split of the prepared file used as the transfer set")
     batch_size: int = setting(1024, "rows per onnxruntime call (also the commit unit and the CUDA bound size)")
     device: str = setting("auto", "auto (CUDA when onnxruntime can run it, else CPU, said aloud), cpu or cuda")
@@ -75,7 +81,8 @@ class CacheConfig:
         require(self.combine in COMBINES, f"combine must be one of {', '.join(COMBINES)}")
         require(self.split in ("train", "val", "test"), "split must be train, val or test")
         require(self.batch_size >= 1 and self.threads >= 1, "batch_size and threads must be >= 1")
-        require(self.gate_rows >= 1, "gate_rows must be >= 1")
+        require(self.gate_rows >= MIN_LABELLED, f"gate_rows must be >= {MIN_LABELLED} (fewer rows cannot tell the "
+                                                f"contracts apart); --no-gate skips the gate")
         require_weights(self.member_weights)
         require(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}")
         require(self.io_binding in ("auto", "on", "off"), "io_binding must be auto, on or off")

@@ -7,12 +7,13 @@ member's accuracy and provenance.  Because the raw logits are kept, a new temper
 from the file without any teacher (``distill cache add-temperature``, :mod:`stages.cache.temperatures`).
 
 Teachers (docs/teachers.md): each ``--teacher`` is fed under its input contract (command line, then
-the model's metadata, then defaults; :mod:`stages.cache.teachers`), checked before any row is read,
-then scored by the sanity gate (:mod:`stages.cache.gate`) before the first row is committed.  The
-resolved contracts are part of the cache's identity, so a resume, a shard and ``verify`` feed the
-same inputs.  A run that fails (a refused batch, an error in the reader or writer thread, which
-becomes one line) removes its ``.partial``; an interrupt, a kill or a failed write (a full disk, a
-file-size limit: exit 7, saying how many rows are committed) leaves it to resume.  Before the
+the model's metadata, then defaults; :mod:`pipeline.feed`), checked before any row is read, then
+judged by the sanity gate (:mod:`pipeline.sanity_gate`, on labelled rows drawn from the whole split)
+before the first row is committed.  The resolved contracts are part of the cache's identity, so a
+resume, a shard and ``verify`` feed the same inputs.  A run that fails (a refused batch, an error in
+the reader or writer thread, which becomes one line) removes its ``.partial``; an interrupt, a kill
+or a failed write (a full disk, a file-size limit: exit 7, saying how many rows are committed)
+leaves it to resume.  Before the
 partial file is created, the disk is checked for the finished file's size.
 
 Streaming: the transfer set is read, run and written batch by batch, with reading and writing
@@ -42,14 +43,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import contract as ct
-from pipeline import provenance, resources, runtime, soft
+from pipeline import feed, provenance, resources, runtime, sanity_gate, soft
 from pipeline.artifacts import claim, exclusive, partial_path, publish, release
 from pipeline.config import to_dict
 from pipeline.errors import DataError, PipelineError, UsageError
 from pipeline.formats.cache import CacheWriter, predicted_size, t_key
 from pipeline.formats.prepared import Prepared, open_prepared
 from pipeline.resources import human, require_space
-from stages.cache.gate import run_gate
 from stages.cache.settings import DIAG_BLOCK, NOT_IN_SETTINGS, CacheConfig
 from stages.cache.stream import (
     StreamStats,
@@ -73,10 +73,26 @@ def cache_soft_targets(cfg: CacheConfig, teacher: list, transfer_set: Path, out:
 
 
 def _gate(cfg: CacheConfig, teachers: Teachers, info: Prepared, log: Callable[[str], None]) -> list:
+    """Each teacher's gate record (None: not judged), after judging its contract on ``gate_rows``
+    labelled rows drawn from the whole split (:mod:`pipeline.sanity_gate`)."""
     if not cfg.gate:
         return [None] * len(teachers.plans)
-    x, y = info.load_raw(cfg.split, 0, min(info.rows[cfg.split], cfg.gate_rows))
-    return run_gate(teachers, x, y, log)
+    rows, labelled = sanity_gate.gate_rows(info.labels(cfg.split), cfg.gate_rows, cfg.gate_seed)
+    if labelled < sanity_gate.MIN_LABELLED:
+        for plan in teachers.plans:
+            sanity_gate.unjudged(plan, labelled, cfg.split, "--no-gate", log, "cache")
+        return [None] * len(teachers.plans)
+    x, y = info.take(cfg.split, rows)
+    offsets = np.cumsum([0] + [s[1] if len(s) == 3 else 1 for s in teachers.shapes])
+
+    def run(i: int, c) -> np.ndarray:
+        return feed.run_model(teachers.sessions[i], teachers.plans[i], x, teachers.geom, teachers.batch, c)
+
+    def first(i: int, logits: np.ndarray) -> None:  # the run's own outputs: its error, naming row and member
+        feed.check_finite(logits, teachers.plans[i].path, 0, int(offsets[i]), rows=rows)
+
+    drawn = {"seed": cfg.gate_seed, "labelled": labelled, "split": cfg.split}
+    return sanity_gate.run_gate(teachers.plans, run, y, teachers.geom, teachers.classes, drawn, log, first=first)
 
 
 def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,

@@ -1,20 +1,16 @@
 """The cache stage's teachers: one or more ONNX classifiers, each under its input contract, run as one ensemble.
 
-Each file's contract (docs/teachers.md; :class:`pipeline.formats.onnx_model.InputContract`) is
-resolved field by field before any row is read, from, in this order of precedence: the command
-line (``--teacher PATH:input=unit,...``), the model's ``input_contract`` metadata, and the
-defaults: the layout that the model's declared input shape fits (the transfer set's own first),
-the dtype of that input, the transfer set's normalisation for a float input (raw for uint8), and
-the first float output shaped ``[batch, classes]`` or ``[batch, members, classes]``
-(:func:`pipeline.inference.select_output`).  The command line wins over the metadata so that a model whose
-metadata is wrong can still be declared right.  A mismatch (an input shape no layout fits, which
-includes another spatial size; a declaration that contradicts the graph; a ZipMap or label-only
-output) is one line naming the file, what the model has and what the transfer set gives.
+Each file's contract (docs/teachers.md) is resolved by :func:`pipeline.feed.resolve`, the one
+reading every stage shares: the command line, then the contract a cache recorded (``contracts``:
+``verify``) or the model's metadata, then defaults; checked against the graph before any
+row is read.
 
 An output that is already a probability distribution (non-negative rows summing to 1) is taken as
 ``log p``: ``softmax(log p / T) = softmax(v / T)`` for ``p = softmax(v)`` (a per-row shift), so every
 tempered target is unchanged.  The decision is made once per teacher, on the first batch it sees,
-and stored in the cache so that a resumed run makes the same one.
+and stored in the cache so that a resumed run makes the same one.  With ``tta=hflip`` each batch runs
+twice, on the rows and on their mirror, and the member's logits are the mean of the two
+(:func:`pipeline.feed.mean_logits`, which says why logits).
 
 The stored rows are adapted once per batch per distinct contract (:meth:`Teachers.adapt`, called in
 the reader thread).  On CUDA the input and output are bound with IOBinding at a fixed batch size:
@@ -23,9 +19,7 @@ shapes and onnxruntime reuses the same device buffers instead of allocating per 
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,9 +27,8 @@ import numpy as np
 from pipeline import contract as ct
 from pipeline import inference, soft
 from pipeline.errors import DataError
-from pipeline.formats.onnx_model import InputContract, read_input_contract
-
-_ONNX_DTYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8"}
+from pipeline.feed import Plan, as_members, check_finite, mean_logits, resolve
+from pipeline.formats.onnx_model import InputContract
 
 
 def pad_rows(x: np.ndarray, rows: int, dtype: Any = np.float32) -> np.ndarray:
@@ -48,91 +41,10 @@ def pad_rows(x: np.ndarray, rows: int, dtype: Any = np.float32) -> np.ndarray:
     return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), dtype)])
 
 
-@dataclasses.dataclass
-class Plan:
-    """One teacher file's resolved contract, where each field came from, and its input's name."""
-
-    path: Path
-    contract: InputContract
-    sources: dict[str, str]
-    input: str
-    fits: list[str]  # the layouts the model's input shape fits (for the gate's alternatives)
-    own_stats: tuple | None = None  # (mean, std) declared anywhere, even where a declared range drops them
-
-    def declared(self, field: str) -> bool:
-        return self.sources.get(field) in ("command line", "metadata")
-
-    def record(self) -> dict:
-        """What the cache stores of it: the contract (content) and the sources (provenance)."""
-        return {"input": self.contract.as_dict(), "sources": dict(self.sources)}
-
-
-def resolve(spec: ct.TeacherSpec, sess: Any, geom: ct.Geometry, classes: int) -> Plan:
-    """The contract of one teacher: command line, then metadata, then defaults; DataError on mismatch."""
-    path = spec.path
-    meta = read_input_contract(path)
-    decl, own_stats = ct.merge(spec.declared, meta)
-    sources = {k: "command line" if getattr(spec.declared, k) is not None else "metadata"
-               for k in ("range", "layout", "mean", "std", "dtype", "output") if getattr(decl, k) is not None}
-    inputs = sess.get_inputs()
-    want = ct.describe_dims(["batch", *geom.shape])
-    if len(inputs) != 1:
-        raise DataError(f"{path}: the model takes {len(inputs)} inputs "
-                        f"({', '.join(i.name for i in inputs)}); a teacher takes one, {want}")
-    inp, dims = inputs[0], list(inputs[0].shape)
-    if inp.type not in _ONNX_DTYPES:
-        raise DataError(f"{path}: input {inp.name!r} has type {inp.type}; a teacher takes tensor(float) "
-                        f"(the transfer set's rows as float32) or tensor(uint8) (its raw pixels)")
-    dtype = _ONNX_DTYPES[inp.type]
-    if decl.dtype is not None and decl.dtype != dtype:
-        raise DataError(f"{path}: dtype {decl.dtype} is declared ({sources['dtype']}) but input {inp.name!r} "
-                        f"is {inp.type}")
-    sources.setdefault("dtype", "input type")
-    if dims and isinstance(dims[0], int) and dims[0] != 1:  # a fixed batch (other than 1 = any) cannot take ours
-        raise DataError(f"{path}: input {inp.name!r} has a fixed batch of {dims[0]}; re-export with a dynamic batch")
-    fits = ct.fitting_layouts(geom, dims)
-    if decl.layout is not None:
-        layout = geom.canonical(decl.layout)
-        if layout not in geom.fits():
-            raise DataError(f"{path}: layout {decl.layout} is declared ({sources['layout']}) but the transfer "
-                            f"set's rows {want} cannot be laid out so")
-        if layout not in fits:
-            raise DataError(f"{path}: input {inp.name!r} has shape {ct.describe_dims(dims)}, but layout "
-                            f"{decl.layout} (declared, {sources['layout']}) gives "
-                            f"{ct.describe_dims(['batch', *geom.fits()[layout]])}")
-    elif not fits:
-        raise DataError(f"{path}: input {inp.name!r} {ct.spatial_mismatch(geom, dims)}")
-    else:
-        layout = fits[0]
-        sources["layout"] = "default" if layout == "same" else "input shape"
-    if dtype == "uint8":
-        if decl.range not in (None, "raw"):
-            raise DataError(f"{path}: input {inp.name!r} is uint8, which takes raw pixels, but range "
-                            f"{decl.range} is declared ({sources['range']})")
-        if geom.dtype != "uint8":
-            raise DataError(f"{path}: input {inp.name!r} takes uint8 pixels, the transfer set holds {geom.dtype}")
-    range_ = decl.range or ("raw" if dtype == "uint8" else "normalised")
-    sources.setdefault("range", "input type" if dtype == "uint8" else "default")
-    for name in ("mean", "std"):  # a per-channel list of the wrong length, before any row
-        if getattr(decl, name) is not None:
-            try:
-                geom.stats(getattr(decl, name), name)
-            except DataError as e:
-                raise DataError(f"{path}: {e} (declared, {sources[name]})") from None
-    output = inference.select_output(path, sess, decl.output)
-    sources.setdefault("output", "first float output")
-    odims = next(o.shape for o in sess.get_outputs() if o.name == output)
-    if odims and isinstance(odims[-1], int) and odims[-1] != classes:
-        raise DataError(f"{path}: output {output!r} has shape {ct.describe_dims(odims)}: {odims[-1]} classes, "
-                        f"the transfer set has {classes}")
-    contract = InputContract(range=range_, layout=layout, mean=decl.mean, std=decl.std, dtype=dtype, output=output)
-    return Plan(path, contract, sources, inp.name, fits or [layout], own_stats)
-
-
 class _Member:
     """One ONNX session; ``bind`` runs it through IOBinding at a fixed, padded batch size."""
 
-    def __init__(self, plan: Plan, sess, bind: bool, batch: int, geom: ct.Geometry, device_id: int):
+    def __init__(self, plan: Plan, sess: Any, bind: bool, batch: int, geom: ct.Geometry, device_id: int):
         import onnxruntime
 
         self.path, self.sess, self.plan = plan.path, sess, plan
@@ -161,15 +73,6 @@ class _Member:
         return self.io.copy_outputs_to_cpu()[0][: len(x)]
 
 
-def check_finite(out: np.ndarray, path: Path, first_row: int, offset: int) -> None:
-    """DataError naming the first row and ensemble member whose output is NaN or Inf."""
-    bad = ~np.isfinite(out)
-    if bad.any():  # nothing of this batch is written: the run stops before the writer sees it
-        row, m = np.argwhere(bad)[0][:2]
-        raise DataError(f"{path}: non-finite output (NaN or Inf) at row {first_row + int(row)}, "
-                        f"member {offset + int(m)} of the ensemble; nothing of that batch was written")
-
-
 class Teachers:
     """One or more ONNX teachers run as one ensemble: outputs joined on the member axis.
 
@@ -185,11 +88,8 @@ class Teachers:
         self.geom, self.classes, self.batch = geom, classes, batch
         sessions = [inference.session(p, device, threads, log=log, device_id=device_id) for p in self.paths]
         self.provider = inference.provider_name(sessions[0])
-        if contracts is None:
-            self.plans = [resolve(s, sess, geom, classes) for s, sess in zip(specs, sessions)]
-        else:
-            self.plans = [resolve(ct.TeacherSpec(s.path, c), sess, geom, classes)
-                          for s, c, sess in zip(specs, contracts, sessions)]
+        recorded = list(contracts) if contracts is not None else [None] * len(specs)
+        self.plans = [resolve(s, sess, geom, classes, c) for s, c, sess in zip(specs, recorded, sessions)]
         self.sessions = sessions
         self.bind = io_binding == "on" or (io_binding == "auto" and self.provider == "CUDAExecutionProvider")
         self.io_binding = self.bind
@@ -218,30 +118,33 @@ class Teachers:
     def contracts(self) -> list[InputContract]:
         return [p.contract for p in self.plans]
 
-    def adapt(self, x: np.ndarray) -> list[np.ndarray]:
-        """Stored rows -> each teacher's input, computed once per distinct contract (reader thread)."""
-        done: dict[str, np.ndarray] = {}
+    def adapt(self, x: np.ndarray) -> list[list[np.ndarray]]:
+        """Stored rows -> each teacher's inputs (one per view: two with ``tta=hflip``), computed once per
+        distinct contract (reader thread)."""
+        done: dict[str, list[np.ndarray]] = {}
         out = []
         for c in self.contracts:
             key = c.to_json()
             if key not in done:
-                done[key] = ct.adapt(x, c, self.geom)
+                done[key] = ct.views_of(x, c, self.geom)
             out.append(done[key])
         return out
 
-    def __call__(self, xs: list[np.ndarray], first_row: int) -> np.ndarray:
-        """member_logits [rows, members, classes] float32 from each teacher's adapted rows ``xs``;
-        DataError on NaN/Inf or mismatches."""
+    def __call__(self, xs: list[list[np.ndarray]], first_row: int) -> np.ndarray:
+        """member_logits [rows, members, classes] float32 from each teacher's adapted views ``xs``
+        (the mean of the views' logits); DataError on NaN/Inf or mismatches."""
         parts, offset = [], 0  # offset: ensemble index of this file's first member
-        for i, (member, x) in enumerate(zip(self.members, xs)):
-            out = member(x)
-            out = out[:, None, :] if out.ndim == 2 else out
-            if out.ndim != 3 or out.shape[0] != len(x) or out.shape[2] != self.classes:
-                raise DataError(f"{member.path}: output shape {list(out.shape)}, expected [{len(x)}, {self.classes}] "
-                                f"or [{len(x)}, members, {self.classes}]")
-            check_finite(out, member.path, first_row, offset)
+        for i, (member, views) in enumerate(zip(self.members, xs)):
+            outs = []
+            for x in views:
+                out = as_members(member(x))
+                if out.ndim != 3 or out.shape[0] != len(x) or out.shape[2] != self.classes:
+                    raise DataError(f"{member.path}: output shape {list(out.shape)}, expected [{len(x)}, "
+                                    f"{self.classes}] or [{len(x)}, members, {self.classes}]")
+                check_finite(out, member.path, first_row, offset)
+                outs.append(out)
             if self.probabilities[i] is None:
-                self.probabilities[i] = soft.looks_like_probabilities(out)
-            parts.append(soft.as_logits(out) if self.probabilities[i] else out.astype(np.float32, copy=False))
-            offset += out.shape[1]
+                self.probabilities[i] = soft.looks_like_probabilities(outs[0])
+            parts.append(mean_logits(outs, self.probabilities[i]))
+            offset += outs[0].shape[1]
         return np.concatenate(parts, axis=1)

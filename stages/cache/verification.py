@@ -1,6 +1,7 @@
 """``distill cache verify``: a finished cache checked against its teachers and transfer set.
 
-The recorded sha256 of the teachers and transfer set are compared with the files given; random
+The recorded sha256 of the teachers and transfer set are compared with the files given (the
+cache's teachers given in another order is a usage error that names the order); random
 contiguous windows of rows (never row-by-row h5py indexing) are re-run, fed as the recorded input
 contracts say, and the largest difference from the stored logits is reported; the stored soft
 targets are recomputed from them.  Any difference beyond the tolerance is an IntegrityError (exit 4).
@@ -15,7 +16,7 @@ import numpy as np
 
 from pipeline import contract as ct
 from pipeline import provenance, soft, views
-from pipeline.errors import IntegrityError
+from pipeline.errors import DataError, IntegrityError, UsageError
 from pipeline.formats.cache import open_cache
 from pipeline.formats.onnx_model import InputContract
 from pipeline.formats.prepared import open_prepared
@@ -35,19 +36,35 @@ def _windows(rows: int, cfg: VerifyConfig) -> list[tuple[int, int]]:
     return [(int(s) * size, int(s) * size + size) for s in picks]
 
 
+def _check_order(cache: Path, specs: list, given: list[str], recorded: list[str]) -> None:
+    """UsageError when the files given are the cache's teachers in another order, naming the order."""
+    if given == recorded or sorted(given) != sorted(recorded):
+        return
+    by_sha: dict[str, list] = {}
+    for spec, sha in zip(specs, given):
+        by_sha.setdefault(sha, []).append(spec.path)
+    order = " ".join(f"--teacher {by_sha[sha].pop(0)}" for sha in recorded)
+    raise UsageError(f"{cache}: these are the cache's teachers in another order (the order makes the ensemble's "
+                     f"members); give them in the order it was built with: {order}")
+
+
 def verify(cfg: VerifyConfig, cache: Path, teacher: list[Path], transfer_set: Path,
            log: Callable[[str], None] = print) -> dict:
     """Check hashes, re-run a sample of rows; returns the report, IntegrityError when anything differs."""
     c = open_cache(cache)
     info = open_prepared(transfer_set)  # corrupt before stale: a damaged file is not "changed"
     specs = [ct.parse_teacher(t) for t in teacher]
-    recorded = c.teacher_sha256
+    recorded = list(c.teacher_sha256)
     problems = []
+    given = [provenance.sha256_file(s.path) if s.path.is_file() else "" for s in specs]
+    _check_order(cache, specs, given, recorded)
     if len(teacher) != len(recorded):
         problems.append(f"{len(teacher)} teacher file(s) given, the cache was built from {len(recorded)}")
-    for i, (path, sha) in enumerate(zip([s.path for s in specs], recorded)):
-        if provenance.sha256_file(path) != sha:
-            problems.append(f"teacher {path} differs from teacher {i} of the cache (sha256 {str(sha)[:12]})")
+    for i, (spec, sha, got) in enumerate(zip(specs, recorded, given)):
+        if not got:
+            raise DataError(f"{spec.path}: no such ONNX file (teacher {i} of the cache {cache})")
+        if got != sha:
+            problems.append(f"teacher {spec.path} differs from teacher {i} of the cache (sha256 {str(sha)[:12]})")
     if provenance.sha256_file(transfer_set) != c.transfer_sha256:
         problems.append(f"transfer set {transfer_set} differs from the one recorded (sha256 {c.transfer_sha256[:12]})")
     if problems:
@@ -55,7 +72,8 @@ def verify(cfg: VerifyConfig, cache: Path, teacher: list[Path], transfer_set: Pa
     windows = _windows(c.rows, cfg)
     contracts = recorded_contracts(c)
     for spec, rec in zip(specs, contracts or [None] * len(specs)):
-        if spec.declared != InputContract() and (rec is None or ct.merge(spec.declared, rec)[0] != rec):
+        if spec.declared != InputContract() and (rec is None or ct.without_defaults(ct.merge(spec.declared, rec)[0])
+                                                 != rec):
             raise IntegrityError(f"{cache}: teacher {spec.path} is declared as {spec.declared.spec()} but the cache "
                                  f"was built with {rec.spec() if rec else 'the default contract'}; verify feeds the "
                                  f"recorded contract (give the path alone)")

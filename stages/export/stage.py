@@ -22,6 +22,7 @@ config and onnxruntime's NNAPI / CoreML usability analysis, summarised in the re
 """
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,8 @@ import numpy as np
 import onnx
 import torch
 
-from pipeline import inference, macs, models, onnxio, provenance, resources
+from pipeline import contract as ct
+from pipeline import feed, inference, macs, models, onnxio, provenance, resources, sanity_gate, soft
 from pipeline.artifacts import atomic_output, claim, write_json
 from pipeline.config import to_dict
 from pipeline.errors import IntegrityError, UsageError
@@ -56,6 +58,17 @@ def _raw(info: Prepared, split: str) -> np.ndarray:
     if x.dtype != np.uint8:
         raise UsageError(f"{info.path}: raw_input needs uint8 pixels, the prepared {split} split holds {x.dtype}")
     return x
+
+
+def teacher_predictions(teacher: str | Path, info: Prepared, log: Callable[[str], None]) -> tuple[np.ndarray, dict]:
+    """The teacher's predictions on the test split (argmax of its members' mean softmax at T = 1), fed
+    under its contract (:func:`pipeline.feed.open_model`: ``PATH[:key=value,...]``, else its metadata,
+    else defaults, a guessed contract judged by the sanity gate), and what the report records of it."""
+    geom = ct.Geometry.of(info)
+    sess, plan = feed.open_model(teacher, geom, len(info.classes), "cpu", threads=os.cpu_count() or 1)
+    gate = sanity_gate.judge_guess(sess, plan, info, "test", log, "export")
+    logits = feed.run_model(sess, plan, info.load_raw("test")[0], geom)
+    return soft.combine_soft_targets(logits, 1.0).argmax(1), {"path": str(plan.path), **plan.record(), "gate": gate}
 
 
 def _count_bn(net: torch.nn.Module) -> int:
@@ -103,12 +116,13 @@ def _publish(src: Path, final: Path) -> Path:
 
 
 def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out: Path, out_int8: Path | None,
-                   report: Path, log: Callable[[str], None] = print, *, teacher: Path | None = None,
+                   report: Path, log: Callable[[str], None] = print, *, teacher: str | Path | None = None,
                    out_dynamic: Path | None = None, out_fp16: Path | None = None,
                    mobile_dir: Path | None = None) -> Path:
     """Write ``out`` (fp32), each variant whose path is given (``out_int8`` static QDQ, ``out_dynamic``,
     ``out_fp16``) that passes the gate, the mobile files under ``mobile_dir`` and the check ``report``.
-    ``teacher`` (the ensemble ONNX) adds agreement with the teacher to the gate."""
+    ``teacher`` (an ONNX file, optionally ``PATH:key=value,...`` declaring its input contract) adds
+    agreement with the teacher to the gate."""
     claim(out, report, *(p for p in (out_int8, out_dynamic, out_fp16) if p is not None))
     net, ckpt = models.load(checkpoint)
     info = open_prepared(transfer_set)
@@ -123,15 +137,16 @@ def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out:
     else:
         module, xin, calib = net, xtest, info.load("train")[0][calib_idx]
     graph, front = edge_module(net, info.shape, cfg.raw_input, info.scale, info.mean, info.std)
-    teacher_pred = None
+    teacher_pred, teacher_record = None, None
     if teacher is not None:
-        teacher_pred = inference.predict_proba(Path(teacher), xtest).argmax(1)  # the ensemble takes normalised rows
+        teacher_pred, teacher_record = teacher_predictions(teacher, info, log)
     meta = metadata(ckpt, checkpoint, cfg.raw_input)
     wanted = {k: Path(p) for k, p in (("int8", out_int8), ("dynamic", out_dynamic), ("fp16", out_fp16)) if p}
     result: dict = {"settings": to_dict(cfg), "metadata": meta, "arch": ckpt.arch,
                     "parameters": models.count_parameters(net),
                     "macs_per_image": macs.count_macs(net, tuple(info.shape)),
-                    "graph": {"input": front, "batchnorm_folded": _count_bn(net)}, "variants": {}}
+                    "graph": {"input": front, "batchnorm_folded": _count_bn(net)}, "variants": {},
+                    **({"teacher": teacher_record} if teacher_record else {})}
     with resources.temporary_folder() as tmp:  # a full TMPDIR is one line naming it (exit 7)
         fp32 = Path(tmp) / "fp32.onnx"
         onnxio.export(graph, torch.from_numpy(xin[:2]), fp32, "logits", metadata={**meta, "precision": "fp32"})
@@ -164,7 +179,8 @@ def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out:
         stems = {Path(p).name.removesuffix(".onnx"): p for p in shipped}
         result["mobile"] = {**mobile.convert_to_ort(stems, Path(mobile_dir)),
                             "usability": {s: mobile.usability(p) for s, p in stems.items()}}
-    inputs = {"checkpoint": checkpoint, "transfer_set": transfer_set, **({"teacher": teacher} if teacher else {})}
+    inputs = {"checkpoint": checkpoint, "transfer_set": transfer_set,
+              **({"teacher": Path(teacher_record["path"])} if teacher_record else {})}
     result["provenance"] = provenance.record("export", to_dict(cfg), inputs)
     write_json(report, result)
     summary = "; ".join(f"{k} {v['test_accuracy']:.4f} ({v['accuracy_change_points']:+.2f} pts, "

@@ -103,7 +103,7 @@ def tripwire(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("long work started before the model was checked")
 
-    for reader in ("load", "load_raw", "rows_reader", "blocks"):  # every way rows leave a prepared file
+    for reader in ("load", "load_raw", "rows_reader", "blocks", "labels", "take"):  # every way rows leave the file
         monkeypatch.setattr(Prepared, reader, boom)
     return boom
 

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import contract as ct
 from pipeline import soft
@@ -23,6 +25,16 @@ from tests.foreign import by_hand
     ("t.onnx:input=normalised,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nhwc", "t.onnx",
      {"range": "normalised", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "layout": "nhwc"}),
     ("t.onnx:dtype=uint8", "t.onnx", {"dtype": "uint8"}),
+    # quoted values: tf2onnx's output names, and paths with colons that stay paths
+    ('m.onnx:output="Identity:0"', "m.onnx", {"output": "Identity:0"}),
+    ('a:b/m.onnx:output="dense/BiasAdd:0",input=unit', "a:b/m.onnx", {"range": "unit", "output": "dense/BiasAdd:0"}),
+    ('m.onnx:output="a,b=c"', "m.onnx", {"output": "a,b=c"}),
+    ('m.onnx:output="say ""hi"":0"', "m.onnx", {"output": 'say "hi":0'}),
+    ('m.onnx:output="a"",b",input=unit', "m.onnx", {"range": "unit", "output": 'a",b'}),
+    ('my"dir:m.onnx', 'my"dir:m.onnx', {}),  # a quote not after '=' is a plain character of a path
+    ('a="b:c.onnx', 'a="b:c.onnx', {}),  # nor does an unclosed one that follows no key make a declaration
+    ("t.onnx:tta=hflip", "t.onnx", {"tta": "hflip"}),
+    ("t.onnx:tta=none,input=unit", "t.onnx", {"range": "unit", "tta": "none"}),
 ])
 def test_teacher_syntax(text, path, declared):
     spec = ct.parse_teacher(text)
@@ -41,11 +53,22 @@ def test_teacher_syntax(text, path, declared):
     ("t.onnx:input=normalised,std=0", "std must be > 0"),
     ("t.onnx:input=normalised,mean=a/b", "mean must be a number"),
     ("t.onnx:input=unit,input=raw", "input given twice"),
+    ('m.onnx:output="Identity:0', "has no closing"),
+    ('m.onnx:output="a"b"', "bad quoted value"),
+    ("t.onnx:tta=vflip", "tta must be one of none, hflip"),
 ])
 def test_bad_declarations_are_usage_errors(text, fragment):
     with pytest.raises(UsageError, match=fragment) as e:
         ct.parse_teacher(text)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["logits", "Identity:0", "dense/BiasAdd:0", "a,b", 'q"uote', "x=y", "two words",
+                                  'a",b:0'])
+def test_spec_quotes_what_the_parser_needs_quoted(name):
+    c = InputContract(range="unit", output=name)
+    assert ct.parse_teacher(f"dir:x/m.onnx:{c.spec()}") == ct.TeacherSpec(Path("dir:x/m.onnx"), c)
+    assert (c.spec() == f"input=unit,output={name}") == (name == "logits")  # quoted unless plain
 
 
 def test_command_line_wins_field_by_field_and_a_range_drops_the_statistics():
@@ -88,6 +111,20 @@ def test_default_contract_gives_prepared_normalise_bytes(tiny_prepared):
     assert ct.adapt(x, c, ct.Geometry.of(info)).tobytes() == info.normalise(x).tobytes()
     explicit = InputContract(range="normalised", layout="same", mean=info.mean, std=info.std, dtype="float32")
     assert ct.adapt(x, explicit, ct.Geometry.of(info)).tobytes() == info.normalise(x).tobytes()
+
+
+@pytest.mark.parametrize("geom", [GREY, CHANNEL, COLOUR], ids=["hw", "1hw", "3hw"])
+@pytest.mark.parametrize("layout", ["same", "nhwc", "flat"])
+def test_hflip_views_are_the_mirror_before_the_layout(geom, layout):
+    x = np.random.default_rng(1).integers(0, 256, (4, *geom.shape)).astype(np.uint8)
+    c = InputContract(range="unit", layout=layout, dtype="float32", tta="hflip")
+    plain, mirror = ct.views_of(x, c, geom)
+    np.testing.assert_array_equal(plain, ct.adapt(x, c, geom))
+    flipped = np.stack([np.stack([row[..., ::-1] for row in img]) if img.ndim == 3 else img[:, ::-1] for img in x])
+    np.testing.assert_allclose(mirror, by_hand(flipped, "unit", layout), rtol=1e-6)
+    assert len(ct.views_of(x, InputContract(range="unit", layout=layout, dtype="float32"), geom)) == 1
+    with pytest.raises(UsageError, match="tta=hflip mirrors images"):
+        ct.views_of(np.zeros((2, 5), np.uint8), c, ct.Geometry((5,), "uint8", 255.0, 0.3, 0.25))
 
 
 def test_uint8_contract_passes_the_pixels_and_per_channel_lengths_are_checked():
@@ -149,3 +186,13 @@ def test_equal_weights_are_the_unweighted_formula_bit_for_bit():
 def test_bad_weights(weights, fragment):
     with pytest.raises(ValueError, match=fragment):
         soft.normalise_weights(weights, 3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.text(min_size=1, max_size=20), folder=st.text(alphabet="ab:/=,", max_size=8))
+def test_any_output_name_round_trips_through_the_syntax(name, folder):
+    """Whatever an exporter names its output, the spec the stages print parses back to it, after a path
+    that may hold colons (a path ending in a declaration-like tail is ended by one more ':')."""
+    c = InputContract(range="unit", output=name)
+    path = f"{folder}m.onnx"
+    assert ct.parse_teacher(f"{path}:{c.spec()}") == ct.TeacherSpec(Path(path), c)
