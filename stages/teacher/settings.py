@@ -5,10 +5,10 @@ import dataclasses
 from typing import ClassVar
 
 from pipeline.config import require, setting
+from pipeline.runtime import PRECISIONS
 from pipeline.specs import parse_spec
 
 OPTIMIZERS = ("adam", "sgd")
-PRECISIONS = ("fp32", "bf16", "auto")
 
 
 @dataclasses.dataclass(frozen=True)

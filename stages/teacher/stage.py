@@ -21,7 +21,7 @@ from pipeline.formats.checkpoint import Checkpoint, read_checkpoint, write_check
 from pipeline.formats.onnx_model import InputContract, input_contract_metadata
 from pipeline.formats.prepared import open_prepared
 from stages.teacher.settings import TeacherConfig
-from stages.teacher.train import resolve_precision, train_member, training_data
+from stages.teacher.train import train_member, training_data
 
 
 def _state_path(out: Path, index: int) -> Path:
@@ -53,7 +53,7 @@ def train_teachers(cfg: TeacherConfig, prepared: Path, out: Path, log: Callable[
     data, pixels = training_data(cfg, info)
     out.parent.mkdir(parents=True, exist_ok=True)
     sha = provenance.sha256_file(prepared)
-    precision = resolve_precision(cfg.precision)
+    precision = runtime.resolve_precision(cfg.precision)
     if precision != cfg.precision:
         log(f"teacher: precision auto -> {precision}")
     nets, accs = [], []

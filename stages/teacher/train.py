@@ -39,15 +39,6 @@ def black_pixel(info: Prepared) -> float | torch.Tensor:
     return torch.from_numpy(black) if info.norm.per_channel else float(black[0])
 
 
-def resolve_precision(precision: str) -> str:
-    """``auto`` -> ``bf16`` where the CPU has bfloat16 instructions (AVX512-BF16 or AMX), else ``fp32``."""
-    if precision != "auto":
-        return precision
-    cpu = getattr(torch, "cpu", None)
-    native = any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return "bf16" if native else "fp32"
-
-
 def _optimizer(cfg: TeacherConfig, net: torch.nn.Module) -> torch.optim.Optimizer:
     """Adam or Nesterov SGD; weight decay on conv and linear weights only (ndim > 1), as is usual for
     batch-norm networks (decaying BN's scale only fights the normalisation)."""
@@ -103,7 +94,7 @@ def train_member(cfg: TeacherConfig, index: int, data: dict, shape: tuple, class
     resume from the training state at path if it was saved with that key, and save it after every epoch.
     """
     seed, arch = cfg.seed + index, cfg.member_arch(index)
-    precision = resolve_precision(cfg.precision)
+    precision = runtime.resolve_precision(cfg.precision)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = models.build(arch, shape, classes)
