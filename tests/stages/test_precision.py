@@ -15,7 +15,8 @@ from stages.student import StudentConfig, distill_student
 from stages.teacher import TeacherConfig
 
 
-@pytest.mark.parametrize("flags, expected", [((True, False), "bf16"), ((False, True), "bf16"), ((False, False), "fp32")])
+@pytest.mark.parametrize("flags, expected", [((True, False), "bf16"), ((False, True), "bf16"),
+                                             ((False, False), "fp32")])
 def test_auto_follows_the_cpus_bfloat16_instructions(monkeypatch, flags, expected):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flags[0], raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: flags[1], raising=False)
