@@ -18,9 +18,19 @@ DS ?= fashion-mnist
 DATA ?= data
 SOURCE ?= $(FASHION)
 PREPARE_ARGS ?=
-MEMBERS ?= 3
-TEACHER_ARCH ?= cnn:32-64-128
-TEACHER_EPOCHS ?= 8
+# the teacher recipe: TEACHER names one of TEACHERS; a recipe's artifacts (teacher, caches, students, exports,
+# bench reports, sweeps and their parameter stamps) are named <ds>-<recipe> (the default recipe's plain <ds>), so
+# `make all TEACHER=strong` builds a second pipeline beside the default one and never touches it
+# (docs/results.md, "A teacher worth distilling": how each recipe was chosen and what it scores)
+TEACHER ?= default
+TEACHERS := default strong
+MEMBERS ?= 2
+TEACHER_ARCH ?= res:16x3-32x3-64x3
+TEACHER_EPOCHS ?= 10
+RECIPE ?= --optimizer sgd --lr 0.1 --weight-decay 5e-4 --label-smoothing 0.1 --max-shift 2 --flip 0.5 --erase 0.5 \
+  --precision auto
+TEACHER_default = --members $(MEMBERS) --arch $(TEACHER_ARCH) --epochs $(TEACHER_EPOCHS) $(RECIPE)
+TEACHER_strong ?= --members 4 --arch res:16x3-32x3-64x3 --epochs 30 $(RECIPE)
 TEACHER_ARGS ?=
 TEMPS ?= 1,2,4,8,20
 CACHE_ARGS ?=
@@ -58,7 +68,7 @@ VIEWS_K ?= 16
 VIEW_FAMILIES ?= shift mix
 VIEW_ARGS_shift ?= --view-max-shift 2
 VIEW_ARGS_mix ?= --view-max-shift 2 --view-flip 0.5 --view-mixup 0.5
-views_cache = $(DATA)/cache/$(DS)-views-$(1).h5
+views_cache = $(DATA)/cache/$(NAME)-views-$(1).h5
 EXP_V_ARCHS ?= mlp:128,mlp:800-800
 EXP_V_USED ?= 1,4,16
 EXP_V_EPOCHS ?= 30,60,120
@@ -78,22 +88,27 @@ $(CODE_MK): $(PY_FILES) scripts/code_deps.py
 include $(CODE_MK)
 code = $(CODE_$(1))
 
-# ---- artifacts ----
+# ---- artifacts (NAME: the data set, tagged with the teacher recipe unless it is the default) ----
+ifeq ($(filter $(TEACHER),$(TEACHERS)),)
+$(error TEACHER=$(TEACHER) is not a teacher recipe; the recipes are: $(TEACHERS))
+endif
+TAG := $(if $(filter default,$(TEACHER)),,-$(TEACHER))
+NAME := $(DS)$(TAG)
 PREPARED := $(DATA)/prepared/$(DS).h5
-TEACHER := $(DATA)/teachers/$(DS)/ensemble.onnx
-CACHE := $(DATA)/cache/$(DS).h5
+TEACHER_ONNX := $(DATA)/teachers/$(NAME)/ensemble.onnx
+CACHE := $(DATA)/cache/$(NAME).h5
 PREPARED_J := $(DATA)/prepared/$(DS)-jitter.h5
-CACHE_J := $(DATA)/cache/$(DS)-jitter.h5
+CACHE_J := $(DATA)/cache/$(NAME)-jitter.h5
 STU := $(DATA)/students
-HARD := $(STU)/$(DS)-hard
-KD := $(STU)/$(DS)-kd
+HARD := $(STU)/$(NAME)-hard
+KD := $(STU)/$(NAME)-kd
 RAW := $(KD).raw
-BENCH := $(DATA)/bench/$(DS)
+BENCH := $(DATA)/bench/$(NAME)
 PARAMS := $(DATA)/params
-SWEEPS := $(DATA)/sweeps/$(DS)
+SWEEPS := $(DATA)/sweeps/$(NAME)
 
 ARGS_prepare := --source $(SOURCE) $(PREPARE_ARGS)
-ARGS_teacher := --members $(MEMBERS) --arch $(TEACHER_ARCH) --epochs $(TEACHER_EPOCHS) $(TEACHER_ARGS)
+ARGS_teacher := $(TEACHER_$(TEACHER)) $(TEACHER_ARGS)
 ARGS_cache := --temperatures $(TEMPS) $(CACHE_ARGS)
 ARGS_jitter := --copies $(JITTER_COPIES) $(JITTER_ARGS)
 ARGS_hard := --arch $(STUDENT_ARCH) --alpha 0 --temperature $(T) --epochs $(EPOCHS) $(STUDENT_ARGS)
@@ -102,7 +117,8 @@ ARGS_export := $(EXPORT_ARGS)
 ARGS_bench := $(BENCH_ARGS)
 ARGS_edge := --alpha $(ALPHA) --temperature $(EDGE_T) --epochs $(EDGE_EPOCHS) --lr $(EDGE_LR) $(EDGE_STUDENT_ARGS)
 ARGS_bench_edge := $(BENCH_EDGE_ARGS)
-stamp = $(PARAMS)/$(1).args
+# the prepared sets' stamps are shared by every recipe; the rest are the recipe's own
+stamp = $(PARAMS)/$(1)$(if $(filter prepare jitter,$(1)),,$(TAG)).args
 
 .PHONY: help all smoke setup lint test test-fast prepare teacher cache student export bench bench-fidelity clean clean-smoke
 .PHONY: bench-student sweep experiments exp-small-transfer exp-omitted-class exp-temperature
@@ -110,7 +126,8 @@ stamp = $(PARAMS)/$(1).args
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_.-]+:.*## ' $(firstword $(MAKEFILE_LIST)) | awk 'BEGIN{FS=":.*## "}{printf "  %-14s %s\n", $$1, $$2}'
-	@echo "  parameters: DS DATA SOURCE MEMBERS TEACHER_ARCH TEACHER_EPOCHS TEMPS STUDENT_ARCH T ALPHA EPOCHS *_ARGS"
+	@echo "  parameters: DS DATA SOURCE TEACHER ($(TEACHERS)) MEMBERS TEACHER_ARCH TEACHER_EPOCHS TEMPS STUDENT_ARCH T"
+	@echo "              ALPHA EPOCHS *_ARGS"
 
 all: $(BENCH).md ## run the whole pipeline on the default data and print where the report is
 	@echo "report: $(BENCH).md (JSON: $(BENCH).json, every timed run: $(BENCH).csv)"
@@ -118,7 +135,8 @@ all: $(BENCH).md ## run the whole pipeline on the default data and print where t
 SMOKE_DATA ?= data/smoke
 SMOKE_GOALS ?= all
 smoke: ## the same pipeline shrunk (a few thousand rows, tiny models), under two minutes
-	$(MAKE) $(SMOKE_GOALS) DATA=$(SMOKE_DATA) MEMBERS=2 TEACHER_ARCH=cnn:8-16-32 TEACHER_EPOCHS=1 EPOCHS=3 STUDENT_ARCH=mlp:32 \
+	$(MAKE) $(SMOKE_GOALS) DATA=$(SMOKE_DATA) MEMBERS=2 TEACHER_ARCH=res:4x1-8x1 TEACHER_EPOCHS=1 EPOCHS=3 STUDENT_ARCH=mlp:32 \
+	  TEACHER_strong="--members 2 --arch res:4x1-8x1,conv:8-16/2 --epochs 1 $(RECIPE)" \
 	  PREPARE_ARGS="--train-rows 3000 --val-rows 500 --test-rows 1000" \
 	  BENCH_ARGS="--warmup-count 5 --warmup-s 0 --min-count 20 --min-s 0.02 --trials 3 --batches 1,256"
 
@@ -134,7 +152,7 @@ lint: setup ## ruff check . (the rules: pyproject.toml [tool.ruff]; zero finding
 	$(VENV)/bin/ruff check .
 
 prepare: $(PREPARED) ## prepared transfer set (data/prepared/<ds>.h5)
-teacher: $(TEACHER) ## teacher ensemble ONNX (data/teachers/<ds>/ensemble.onnx)
+teacher: $(TEACHER_ONNX) ## teacher ensemble ONNX (data/teachers/<ds>[-<recipe>]/ensemble.onnx)
 cache: $(CACHE) ## soft-target cache (data/cache/<ds>.h5)
 student: $(KD).ckpt $(HARD).ckpt ## distilled and hard-label students (data/students/)
 export: $(KD).onnx $(HARD).onnx $(RAW).onnx ## student ONNX files, fp32 and int8 (and the kd student on raw uint8 pixels)
@@ -162,23 +180,23 @@ $(FASHION):
 NO_STAMP_GOALS := help smoke clean-smoke lint test test-fast setup
 ifneq ($(filter-out $(NO_STAMP_GOALS),$(or $(MAKECMDGOALS),$(.DEFAULT_GOAL))),)
 $(foreach s,prepare jitter teacher cache hard kd export bench edge bench_edge,$(shell mkdir -p $(PARAMS) && \
-  printf '%s\n' '$(ARGS_$(s))' | cmp -s - $(PARAMS)/$(s).args || printf '%s\n' '$(ARGS_$(s))' > $(PARAMS)/$(s).args))
+  printf '%s\n' '$(ARGS_$(s))' | cmp -s - $(call stamp,$(s)) || printf '%s\n' '$(ARGS_$(s))' > $(call stamp,$(s))))
 endif
 
 # ---- stages ----
 $(PREPARED): $(call code,prepare) $(call stamp,prepare) | $(INSTALLED) $(FASHION)
 	$(DISTILL) prepare --out $@ $(ARGS_prepare)
 
-$(TEACHER): $(PREPARED) $(call code,teacher) $(call stamp,teacher) | $(INSTALLED)
+$(TEACHER_ONNX): $(PREPARED) $(call code,teacher) $(call stamp,teacher) | $(INSTALLED)
 	$(DISTILL) teacher --prepared $< --out $@ $(ARGS_teacher)
 
-$(CACHE): $(TEACHER) $(PREPARED) $(call code,cache) $(call stamp,cache) | $(INSTALLED)
+$(CACHE): $(TEACHER_ONNX) $(PREPARED) $(call code,cache) $(call stamp,cache) | $(INSTALLED)
 	$(DISTILL) cache --teacher $< --transfer-set $(PREPARED) --out $@ $(ARGS_cache)
 
 $(PREPARED_J): $(PREPARED) $(call code,jitter) $(call stamp,jitter) | $(INSTALLED)
 	$(DISTILL) jitter --prepared $< --out $@ $(ARGS_jitter)
 
-$(CACHE_J): $(TEACHER) $(PREPARED_J) $(call code,cache) $(call stamp,cache) | $(INSTALLED)
+$(CACHE_J): $(TEACHER_ONNX) $(PREPARED_J) $(call code,cache) $(call stamp,cache) | $(INSTALLED)
 	$(DISTILL) cache --teacher $< --transfer-set $(PREPARED_J) --out $@ $(ARGS_cache)
 
 $(HARD).ckpt: $(CACHE) $(PREPARED) $(call code,student) $(call stamp,hard) | $(INSTALLED)
@@ -187,23 +205,23 @@ $(HARD).ckpt: $(CACHE) $(PREPARED) $(call code,student) $(call stamp,hard) | $(I
 $(KD).ckpt: $(CACHE) $(PREPARED) $(call code,student) $(call stamp,kd) | $(INSTALLED)
 	$(DISTILL) student --cache $< --transfer-set $(PREPARED) --out $@ --metrics $(KD).metrics.json $(ARGS_kd)
 
-$(STU)/%.onnx: $(STU)/%.ckpt $(PREPARED) $(TEACHER) $(call code,export) $(call stamp,export) | $(INSTALLED)
+$(STU)/%.onnx: $(STU)/%.ckpt $(PREPARED) $(TEACHER_ONNX) $(call code,export) $(call stamp,export) | $(INSTALLED)
 	$(DISTILL) export --checkpoint $< --transfer-set $(PREPARED) --out $@ --int8 $(STU)/$*.int8.onnx \
-	  --report $(STU)/$*.export.json --teacher $(TEACHER) --mobile-dir $(STU)/$*.mobile $(ARGS_export)
+	  --report $(STU)/$*.export.json --teacher $(TEACHER_ONNX) --mobile-dir $(STU)/$*.mobile $(ARGS_export)
 
 # The edge model: the same kd student taking raw uint8 pixels, normalisation folded into its first layer.
-$(RAW).onnx: $(KD).ckpt $(PREPARED) $(TEACHER) $(call code,export) $(call stamp,export) | $(INSTALLED)
+$(RAW).onnx: $(KD).ckpt $(PREPARED) $(TEACHER_ONNX) $(call code,export) $(call stamp,export) | $(INSTALLED)
 	$(DISTILL) export --raw-input --checkpoint $< --transfer-set $(PREPARED) --out $@ --int8 $(RAW).int8.onnx \
-	  --report $(RAW).export.json --teacher $(TEACHER) --mobile-dir $(RAW).mobile $(ARGS_export)
+	  --report $(RAW).export.json --teacher $(TEACHER_ONNX) --mobile-dir $(RAW).mobile $(ARGS_export)
 
 # any student on raw uint8 pixels (the edge students of EDGE_ARCHS)
-$(STU)/%.raw.onnx: $(STU)/%.ckpt $(PREPARED) $(TEACHER) $(call code,export) $(call stamp,export) | $(INSTALLED)
+$(STU)/%.raw.onnx: $(STU)/%.ckpt $(PREPARED) $(TEACHER_ONNX) $(call code,export) $(call stamp,export) | $(INSTALLED)
 	$(DISTILL) export --raw-input --checkpoint $< --transfer-set $(PREPARED) --out $@ --int8 $(STU)/$*.raw.int8.onnx \
-	  --report $(STU)/$*.raw.export.json --teacher $(TEACHER) --mobile-dir $(STU)/$*.raw.mobile $(ARGS_export)
+	  --report $(STU)/$*.raw.export.json --teacher $(TEACHER_ONNX) --mobile-dir $(STU)/$*.raw.mobile $(ARGS_export)
 
-$(BENCH).md: $(TEACHER) $(KD).onnx $(HARD).onnx $(RAW).onnx $(KD).ckpt $(PREPARED) $(call code,bench) \
+$(BENCH).md: $(TEACHER_ONNX) $(KD).onnx $(HARD).onnx $(RAW).onnx $(KD).ckpt $(PREPARED) $(call code,bench) \
              $(call stamp,bench) | $(INSTALLED)
-	$(DISTILL) bench --teacher $(TEACHER) --candidate student-hard=$(HARD).onnx --candidate student-kd=$(KD).onnx \
+	$(DISTILL) bench --teacher $(TEACHER_ONNX) --candidate student-hard=$(HARD).onnx --candidate student-kd=$(KD).onnx \
 	  --candidate student-kd-int8=$(KD).int8.onnx --candidate student-kd-int8-raw=$(RAW).int8.onnx \
 	  --torch student-kd=$(KD).ckpt --prepared $(PREPARED) \
 	  --out $(BENCH).json --markdown $@ --csv $(BENCH).csv \
@@ -211,15 +229,15 @@ $(BENCH).md: $(TEACHER) $(KD).onnx $(HARD).onnx $(RAW).onnx $(KD).ckpt $(PREPARE
 
 FIDELITY_ARGS ?=
 # int8: the edge model (raw uint8 pixels in, normalisation folded, float logits out)
-$(BENCH).fidelity.json: $(TEACHER) $(KD).onnx $(RAW).onnx $(PREPARED) $(call code,bench) | $(INSTALLED)
-	$(DISTILL) bench-fidelity --teacher $(TEACHER) --student $(KD).onnx --student-int8 $(RAW).int8.onnx \
+$(BENCH).fidelity.json: $(TEACHER_ONNX) $(KD).onnx $(RAW).onnx $(PREPARED) $(call code,bench) | $(INSTALLED)
+	$(DISTILL) bench-fidelity --teacher $(TEACHER_ONNX) --student $(KD).onnx --student-int8 $(RAW).int8.onnx \
 	  --prepared $(PREPARED) --out $@ $(FIDELITY_ARGS)
 
 # ---- convolutional edge students: each arch of EDGE_ARCHS distilled like the kd student, exported on raw
 # uint8 pixels (fp32 and int8), and benchmarked with the MLP students in one run ----
-edge_name = $(DS)-kd-$(subst /,s,$(subst :,-,$(1)))
+edge_name = $(NAME)-kd-$(subst /,s,$(subst :,-,$(1)))
 EDGE_RAW = $(foreach a,$(EDGE_ARCHS),$(STU)/$(call edge_name,$(a)).raw.onnx)
-BENCH_EDGE := $(DATA)/bench/$(DS)-edge
+BENCH_EDGE := $(DATA)/bench/$(NAME)-edge
 
 define EDGE_RULES
 $(STU)/$(call edge_name,$(1)).ckpt: $(CACHE) $(PREPARED) $(call code,student) $(call stamp,edge) | $(INSTALLED)
@@ -232,9 +250,9 @@ student-edge: $(foreach a,$(EDGE_ARCHS),$(STU)/$(call edge_name,$(a)).ckpt) ## t
 export-edge: $(EDGE_RAW) ## their raw-pixel exports, fp32 and int8, with the export reports
 bench-edge: $(BENCH_EDGE).md ## MLP and CNN students side by side: accuracy, latency, MACs, size, Pareto front
 
-$(BENCH_EDGE).md: $(TEACHER) $(KD).onnx $(HARD).onnx $(RAW).onnx $(EDGE_RAW) $(PREPARED) $(call code,bench) \
+$(BENCH_EDGE).md: $(TEACHER_ONNX) $(KD).onnx $(HARD).onnx $(RAW).onnx $(EDGE_RAW) $(PREPARED) $(call code,bench) \
                   $(call stamp,bench_edge) | $(INSTALLED)
-	$(DISTILL) bench --teacher $(TEACHER) --candidate mlp-hard=$(HARD).onnx --candidate mlp-kd=$(KD).onnx \
+	$(DISTILL) bench --teacher $(TEACHER_ONNX) --candidate mlp-hard=$(HARD).onnx --candidate mlp-kd=$(KD).onnx \
 	  --candidate mlp-kd-int8=$(KD).int8.onnx --candidate mlp-kd-raw=$(RAW).onnx --candidate mlp-kd-int8-raw=$(RAW).int8.onnx \
 	  $(foreach a,$(EDGE_ARCHS),--candidate $(subst /,s,$(subst :,-,$(a)))-raw=$(STU)/$(call edge_name,$(a)).raw.onnx \
 	    --candidate $(subst /,s,$(subst :,-,$(a)))-int8-raw=$(STU)/$(call edge_name,$(a)).raw.int8.onnx) \
@@ -244,12 +262,12 @@ $(BENCH_EDGE).md: $(TEACHER) $(KD).onnx $(HARD).onnx $(RAW).onnx $(EDGE_RAW) $(P
 # ---- student sweeps and the paper's experiments (phony: each reruns, reusing students already trained) ----
 EXP_IN := --cache $(CACHE) --transfer-set $(PREPARED)
 
-bench-student: $(CACHE) $(PREPARED) $(TEACHER) $(call views_cache,shift) | $(INSTALLED) ## student epoch: cache, views vs in-memory vs online (JSON)
-	$(DISTILL) student bench $(EXP_IN) --teacher $(TEACHER) --views-cache $(call views_cache,shift) \
-	  --out $(DATA)/bench/$(DS)-student.json $(BENCH_STUDENT_ARGS)
+bench-student: $(CACHE) $(PREPARED) $(TEACHER_ONNX) $(call views_cache,shift) | $(INSTALLED) ## student epoch: cache, views vs in-memory vs online (JSON)
+	$(DISTILL) student bench $(EXP_IN) --teacher $(TEACHER_ONNX) --views-cache $(call views_cache,shift) \
+	  --out $(DATA)/bench/$(NAME)-student.json $(BENCH_STUDENT_ARGS)
 
-sweep: $(CACHE) $(PREPARED) $(TEACHER) | $(INSTALLED) ## T x alpha x size x seed from one cache: CSV, Markdown, PNG
-	$(DISTILL) student sweep $(EXP_IN) --teacher $(TEACHER) --work-dir $(SWEEPS)/students --csv $(SWEEPS)/sweep.csv \
+sweep: $(CACHE) $(PREPARED) $(TEACHER_ONNX) | $(INSTALLED) ## T x alpha x size x seed from one cache: CSV, Markdown, PNG
+	$(DISTILL) student sweep $(EXP_IN) --teacher $(TEACHER_ONNX) --work-dir $(SWEEPS)/students --csv $(SWEEPS)/sweep.csv \
 	  --epochs $(EPOCHS) --jobs $(JOBS) $(SWEEP_ARGS)
 
 exp-small-transfer: $(CACHE) $(PREPARED) | $(INSTALLED) ## paper (1): 3% transfer set, hard vs soft, +-early stopping
@@ -260,8 +278,8 @@ exp-omitted-class: $(CACHE) $(PREPARED) | $(INSTALLED) ## paper (2): one class l
 	$(DISTILL) student experiment --name omitted-class $(EXP_IN) --work-dir $(SWEEPS)/students \
 	  --markdown $(SWEEPS)/omitted-class.md --epochs $(EPOCHS) --jobs $(JOBS) $(EXP_ARGS)
 
-exp-temperature: $(CACHE) $(PREPARED) $(TEACHER) | $(INSTALLED) ## paper (3): which T wins per student size
-	$(DISTILL) student sweep $(EXP_IN) --teacher $(TEACHER) --work-dir $(SWEEPS)/students \
+exp-temperature: $(CACHE) $(PREPARED) $(TEACHER_ONNX) | $(INSTALLED) ## paper (3): which T wins per student size
+	$(DISTILL) student sweep $(EXP_IN) --teacher $(TEACHER_ONNX) --work-dir $(SWEEPS)/students \
 	  --csv $(SWEEPS)/temperature-size.csv --archs $(EXP_T_ARCHS) --alphas 0.5 --epochs $(EPOCHS) --jobs $(JOBS) $(EXP_T_ARGS)
 
 experiments: exp-small-transfer exp-omitted-class exp-temperature ## the three experiments' tables
@@ -269,19 +287,19 @@ experiments: exp-small-transfer exp-omitted-class exp-temperature ## the three e
 jitter: $(PREPARED_J) ## transfer set + JITTER_COPIES shifted copies of each train row (data/prepared/<ds>-jitter.h5)
 cache-jitter: $(CACHE_J) ## the teacher's soft targets on the jittered transfer set (data/cache/<ds>-jitter.h5)
 
-exp-hinton: $(CACHE_J) $(PREPARED_J) $(TEACHER) | $(INSTALLED) ## 784-800-800-10, hard vs soft, from the jittered cache
-	$(DISTILL) student sweep --cache $(CACHE_J) --transfer-set $(PREPARED_J) --teacher $(TEACHER) \
+exp-hinton: $(CACHE_J) $(PREPARED_J) $(TEACHER_ONNX) | $(INSTALLED) ## 784-800-800-10, hard vs soft, from the jittered cache
+	$(DISTILL) student sweep --cache $(CACHE_J) --transfer-set $(PREPARED_J) --teacher $(TEACHER_ONNX) \
 	  --work-dir $(SWEEPS)/students-jitter --csv $(SWEEPS)/hinton-800-jitter.csv --archs mlp:800-800 \
 	  --temperatures $(EXP_H_TEMPS) --alphas 0.5 --epochs $(EXP_H_EPOCHS) --memory-budget-mib 4096 --jobs $(JOBS) $(EXP_H_ARGS)
 
-$(DATA)/cache/$(DS)-views-%.h5: $(TEACHER) $(PREPARED) $(call code,cache) $(call stamp,cache) | $(INSTALLED)
+$(DATA)/cache/$(NAME)-views-%.h5: $(TEACHER_ONNX) $(PREPARED) $(call code,cache) $(call stamp,cache) | $(INSTALLED)
 	$(DISTILL) cache --teacher $< --transfer-set $(PREPARED) --out $@ --views $(VIEWS_K) $(VIEW_ARGS_$*) $(ARGS_cache)
 
 views-caches: $(foreach f,$(VIEW_FAMILIES),$(call views_cache,$(f))) ## VIEWS_K views of every row per view family (data/cache/<ds>-views-<family>.h5)
 
-exp-views: views-caches $(PREPARED) $(TEACHER) | $(INSTALLED) ## students from K' in EXP_V_USED views x family: table and plot
+exp-views: views-caches $(PREPARED) $(TEACHER_ONNX) | $(INSTALLED) ## students from K' in EXP_V_USED views x family: table and plot
 	$(foreach f,$(VIEW_FAMILIES),$(DISTILL) student sweep --cache $(call views_cache,$(f)) --transfer-set $(PREPARED) \
-	  --teacher $(TEACHER) --work-dir $(SWEEPS)/students-views-$(f) --csv $(SWEEPS)/views-$(f).csv --archs $(EXP_V_ARCHS) \
+	  --teacher $(TEACHER_ONNX) --work-dir $(SWEEPS)/students-views-$(f) --csv $(SWEEPS)/views-$(f).csv --archs $(EXP_V_ARCHS) \
 	  --views-used $(EXP_V_USED) --view-epochs $(EXP_V_EPOCHS) --temperatures $(EXP_V_TEMPS) --alphas 0.5 \
 	  --memory-budget-mib 4096 --jobs $(JOBS) $(EXP_V_ARGS) &&) true
 	$(PY) scripts/views_report.py $(foreach f,$(VIEW_FAMILIES),$(f)=$(SWEEPS)/views-$(f).json) \

@@ -12,6 +12,8 @@ from the data.
   for microcontroller- and phone-class devices (batch norm, strided downsampling, global average
   pooling), one flat ``nn.Sequential`` so that :func:`fold_batchnorm` can fold every BN into the
   convolution before it.
+- ``res:16x3-32x3-64x3``: ResNet-20 (He et al. 2016), the strong teachers' member; every conv -> BN
+  pair sits in an ``nn.Sequential`` too, so it folds like the students.
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ def build(spec: str, input_shape: tuple[int, ...], classes: int) -> nn.Module:
     c, h, w = input_shape
     if kind in ("conv", "dws"):
         return _blocks(parsed, (c, h, w), classes)
+    if kind == "res":
+        return _resnet(parsed, (c, h, w), classes)
     if h < 4 or w < 4:
         raise UsageError(f"cnn pools twice by 2: it needs images of at least 4x4, data has {h}x{w}")
     c1, c2, fc = widths
@@ -77,6 +81,38 @@ def _blocks(spec, input_shape: tuple[int, int, int], classes: int) -> nn.Sequent
         else:  # depthwise 3x3 on each channel, then pointwise 1x1 across channels
             layers += _conv_bn_relu(last, last, 3, stride, groups=last) + _conv_bn_relu(last, width, 1, 1)
         last = width
+    return nn.Sequential(*layers, nn.AvgPool2d((h, w)), nn.Flatten(),
+                         *([nn.Dropout(spec.dropout)] if spec.dropout else []), nn.Linear(last, classes))
+
+
+class BasicBlock(nn.Module):
+    """He et al. (2016)'s basic block: ``relu(body(x) + shortcut(x))`` with ``body`` Conv3x3(stride)
+    -> BN -> ReLU -> Conv3x3 -> BN and ``shortcut`` the identity, or Conv1x1(stride) -> BN where the
+    width or the size changes (their option B)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(*_conv_bn_relu(cin, cout, 3, stride), *_conv_bn_relu(cout, cout, 3, 1)[:2])
+        self.shortcut = (nn.Sequential() if cin == cout and stride == 1 else
+                         nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def _resnet(spec, input_shape: tuple[int, int, int], classes: int) -> nn.Sequential:
+    """``res`` networks: a Conv3x3 stem, ``depths[i]`` basic blocks of width ``widths[i]`` per stage (the
+    first of each later stage with stride 2), global average pool (``AvgPool2d``, as :func:`_blocks`),
+    Linear."""
+    c, h, w = input_shape
+    layers: list[nn.Module] = _conv_bn_relu(c, spec.widths[0], 3, 1)
+    last = spec.widths[0]
+    for width, depth, stride in zip(spec.widths, spec.depths, spec.strides):
+        for j in range(depth):
+            s = stride if j == 0 else 1
+            h, w = -(-h // s), -(-w // s)
+            layers.append(BasicBlock(last, width, s))
+            last = width
     return nn.Sequential(*layers, nn.AvgPool2d((h, w)), nn.Flatten(),
                          *([nn.Dropout(spec.dropout)] if spec.dropout else []), nn.Linear(last, classes))
 

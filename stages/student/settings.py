@@ -6,6 +6,7 @@ import dataclasses
 from typing import ClassVar
 
 from pipeline.config import require, require_temperatures, setting
+from pipeline.runtime import PRECISIONS
 from pipeline.specs import parse_spec
 
 OBJECTIVES = ("kd", "logits")
@@ -41,6 +42,8 @@ class StudentConfig:
     subset_seed: int = setting(0, "seed of the train_fraction sample (fixed apart from seed: one subset, many runs)")
     views_used: int = setting(0, "a views cache: draw each epoch's view of a row from its first K' views only "
                                  "(0 = all K; 1 = the rows themselves)")
+    precision: str = setting("fp32", "arithmetic of training: fp32, bf16 (autocast, weights stay float32; fast only "
+                                     "on CPUs with bfloat16 instructions) or auto (bf16 where the CPU has them)")
 
     def __post_init__(self) -> None:
         require_temperatures(self.temperature)
@@ -51,6 +54,7 @@ class StudentConfig:
         require(self.memory_budget_mib > 0 and self.block_rows >= 1, "memory_budget_mib and block_rows must be > 0")
         require(0 < self.train_fraction <= 1, f"train_fraction must lie in (0, 1], got {self.train_fraction}")
         require(self.views_used >= 0, f"views_used must be >= 0 (0 = all views), got {self.views_used}")
+        require(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}")
         parse_spec(self.arch)
 
 

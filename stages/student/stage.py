@@ -28,6 +28,7 @@ from pipeline.errors import UsageError
 from pipeline.formats.cache import CacheInfo, open_cache
 from pipeline.formats.checkpoint import Checkpoint, write_checkpoint
 from pipeline.formats.prepared import Prepared, open_prepared
+from pipeline.specs import parse_spec
 from stages.student.batches import StudentLoader
 from stages.student.loader import TransferLoader, select_rows
 from stages.student.settings import StudentConfig
@@ -90,6 +91,10 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     net = models.build(cfg.arch, info.shape, len(info.classes))
+    conv = parse_spec(cfg.arch).convolutional
+    if conv:
+        net = net.to(memory_format=torch.channels_last)  # oneDNN's fast layout; the weights are the same numbers
+    precision = runtime.resolve_precision(cfg.precision)
     model = net
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -101,7 +106,7 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
     history, best = [], (-1.0, 0, None)
     t0 = time.perf_counter()
     for epoch in runtime.progress(range(cfg.epochs), desc="student", unit="epoch", disable=rank > 0 or None):
-        loss = train_epoch(cfg, model, opt, sched, loader.epoch(gen, cfg.batch_size), rank, world)
+        loss = train_epoch(cfg, model, opt, sched, loader.epoch(gen, cfg.batch_size), rank, world, precision, conv)
         acc = models.accuracy(models.predict(net, xval), yval)
         history.append({"epoch": epoch + 1, "val_accuracy": acc, "loss": loss})
         if acc > best[0]:
@@ -123,7 +128,8 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
     # beside old metrics, and the next run redoes both.
     with atomic_output(out) as tmp:
         write_checkpoint(tmp, ckpt)
-        result = {"name": out.stem, "settings": to_dict(cfg), "parameters": models.count_parameters(net),
+        result = {"name": out.stem, "settings": to_dict(cfg), "precision": precision,
+                  "parameters": models.count_parameters(net),
                   "macs_per_image": macs.count_macs(net, tuple(info.shape)),
                   "best_epoch": best[1], "val_accuracy": best[0], "test_accuracy": test_acc,
                   "test_accuracy_last_epoch": test_last, "train_rows": loader.n,

@@ -1,26 +1,34 @@
-"""Stage 2, teacher: train an ensemble of M members in PyTorch and export it as ONE ONNX graph.
+"""Stage 2, teacher: one member's training (:func:`train_member`), the recipe of the ensemble's members.
 
-Members differ only in their seed (initialisation, batch order, jitter), the ensemble recipe of
-Hinton et al. (2015, section 3).  Default members are small CNNs trained with random shifts of up to
-2 pixels; ``--arch mlp:1200-1200:dropout=0.5`` gives the paper's MLP teacher.  The graph maps
-``x [batch, ...]`` to ``member_logits [batch, members, classes]`` (docs/design.md, "stages and artifacts"); the cache
-stage combines members, so no averaging is baked into the teacher.  Its ``input_contract`` metadata
-(:mod:`pipeline.formats.onnx_model`) says it takes the transfer set's layout normalised with the
-train split's mean and std, as float32, and gives ``member_logits``: the cache needs no flags for it.
+Members differ in their seed (initialisation, batch order, augmentation), the ensemble recipe of
+Hinton et al. (2015, section 3), and optionally in their architecture (``--arch a,b``: member i takes
+arch ``i mod 2``).  Default members are small CNNs trained with random shifts of up to 2 pixels;
+``--arch mlp:1200-1200:dropout=0.5`` gives the paper's MLP teacher; the strong recipe
+(``make teacher TEACHER=strong``, docs/results.md) trains ResNet-20 members with Nesterov SGD, shifts,
+flips, random erasing and label smoothing, in bfloat16 autocast where the CPU has it.
 
-Each member's checkpoint is written beside the ONNX file as soon as it is trained, with the hash of
-the prepared data and the settings: a run killed after member k resumes at member k+1.
+Inside a member the whole training state (weights, optimizer, scheduler, random generators, best epoch
+so far) is written after every epoch to ``member<i>.state`` (:mod:`pipeline.formats.train_state`): a run
+killed at any point resumes after the member's last finished epoch and ends with the weights an
+uninterrupted run gives (``tests/stages/test_teacher_resume.py``).
 """
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pipeline import models, runtime
+from pipeline import augment, models, runtime
+from pipeline.artifacts import atomic_output
+from pipeline.errors import DataError, UsageError
 from pipeline.formats.prepared import Prepared
+from pipeline.formats.train_state import read_train_state, write_train_state
 from pipeline.jitter import jitter
+from pipeline.specs import parse_spec
 from stages.teacher.settings import TeacherConfig
 
 
@@ -31,36 +39,139 @@ def black_pixel(info: Prepared) -> float | torch.Tensor:
     return torch.from_numpy(black) if info.norm.per_channel else float(black[0])
 
 
+def _optimizer(cfg: TeacherConfig, net: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam or Nesterov SGD; weight decay on conv and linear weights only (ndim > 1), as is usual for
+    batch-norm networks (decaying BN's scale only fights the normalisation)."""
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    rest = [p for p in net.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+class _Augment:
+    """The training-time input pipeline of a batch: shift, flip, erase (each off at 0), all drawn from ``gen``."""
+
+    def __init__(self, cfg: TeacherConfig, fill: float | torch.Tensor, low: torch.Tensor, high: torch.Tensor):
+        self.cfg, self.fill, self.low, self.high = cfg, fill, low, high
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x = jitter(x, self.cfg.max_shift, gen, self.fill)
+        x = augment.hflip(x, self.cfg.flip, gen)
+        return augment.erase(x, self.cfg.erase, gen, self.low, self.high)
+
+
+def _to_numpy(tree):
+    """A state dict (nested) with every tensor as a numpy copy (what :mod:`train_state` stores)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu().contiguous().numpy().copy()
+    if isinstance(tree, dict):
+        return {k: _to_numpy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_numpy(v) for v in tree)
+    return tree
+
+
+def _to_torch(tree):
+    import numpy as np
+
+    if isinstance(tree, np.ndarray):
+        return torch.from_numpy(tree.copy())
+    if isinstance(tree, dict):
+        return {k: _to_torch(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_torch(v) for v in tree)
+    return tree
+
+
 def train_member(cfg: TeacherConfig, index: int, data: dict, shape: tuple, classes: int,
-                 fill: float | torch.Tensor, log: Callable[[str], None]) -> tuple[torch.nn.Module, float]:
-    """Train member ``index``; returns the weights of its best validation epoch and that accuracy."""
-    seed = cfg.seed + index
+                 pixels: tuple, log: Callable[[str], None], state: tuple[Path, dict] | None = None
+                 ) -> tuple[torch.nn.Module, float]:
+    """Train member ``index``; returns the weights of its best validation epoch and that accuracy.
+
+    ``pixels`` is (shift fill, lowest, highest normalised pixel per channel); ``state`` is (path, key):
+    resume from the training state at path if it was saved with that key, and save it after every epoch.
+    """
+    seed, arch = cfg.seed + index, cfg.member_arch(index)
+    precision = runtime.resolve_precision(cfg.precision)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    net = models.build(cfg.arch, shape, classes)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = models.build(arch, shape, classes)
+    fmt = torch.channels_last if parse_spec(arch).convolutional else torch.contiguous_format
+    net = net.to(memory_format=fmt)  # channels-last: oneDNN's fast convolution layout on CPUs
+    opt = _optimizer(cfg, net)
     xtr, ytr = data["train"]
     labelled = ytr >= 0
     xtr, ytr = xtr[labelled], ytr[labelled]
-    steps = cfg.epochs * -(-len(xtr) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
-    best, best_state = -1.0, None
-    bar = runtime.progress(total=steps, desc=f"teacher {index + 1}/{cfg.members}", unit="step")
-    for epoch in range(cfg.epochs):
+    per_epoch = -(-len(xtr) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * per_epoch,
+                                                pct_start=0.15)
+    run = {"epoch": 0, "best": -1.0, "best_state": None, "history": []}
+    if state is not None and state[0].is_file():
+        key, saved = read_train_state(state[0])
+        if key != json.loads(json.dumps(state[1], sort_keys=True)):
+            log(f"{state[0]}: saved from other data or settings; training member {index} from the start")
+        else:
+            net.load_state_dict(_to_torch(saved["net"]))
+            opt.load_state_dict(_to_torch(saved["opt"]))
+            sched.load_state_dict(saved["sched"])
+            gen.set_state(_to_torch(saved["gen"]))
+            torch.set_rng_state(_to_torch(saved["rng"]))
+            run = {**saved["run"], "best_state": _to_torch(saved["run"]["best_state"])}
+            log(f"member {index}: resuming after epoch {run['epoch']}/{cfg.epochs} from {state[0]}")
+    step_aug = _Augment(cfg, *pixels)
+    bar = runtime.progress(total=cfg.epochs * per_epoch, initial=run["epoch"] * per_epoch,
+                           desc=f"teacher {index + 1}/{cfg.members}", unit="step")
+    for epoch in range(run["epoch"], cfg.epochs):
+        t0 = time.perf_counter()
         net.train()
         order = torch.randperm(len(xtr), generator=gen)
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            loss = F.cross_entropy(net(jitter(xtr[idx], cfg.max_shift, gen, fill)), ytr[idx])
+            x = step_aug(xtr[idx], gen)
+            x = x.contiguous(memory_format=fmt) if x.ndim == 4 else x
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), ytr[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             bar.update()
         acc = models.accuracy(models.predict(net, data["val"][0]), data["val"][1])
-        log(f"member {index}: epoch {epoch + 1}/{cfg.epochs} val accuracy {acc:.4f}")
-        if acc > best:
-            best, best_state = acc, {k: v.clone() for k, v in net.state_dict().items()}
+        took = time.perf_counter() - t0
+        run["history"].append({"epoch": epoch + 1, "val_accuracy": acc, "seconds": took})
+        run["epoch"] = epoch + 1
+        if acc > run["best"]:
+            run["best"], run["best_state"] = acc, {k: v.clone() for k, v in net.state_dict().items()}
+        log(f"member {index}: epoch {epoch + 1}/{cfg.epochs} val accuracy {acc:.4f} ({took:.0f} s; "
+            f"this member done in ~{took * (cfg.epochs - epoch - 1) / 60:.0f} min)")
+        if state is not None and epoch + 1 < cfg.epochs:
+            with atomic_output(state[0]) as tmp:
+                write_train_state(tmp, state[1], {
+                    "net": _to_numpy(net.state_dict()), "opt": _to_numpy(opt.state_dict()),
+                    "sched": sched.state_dict(), "gen": _to_numpy(gen.get_state()),
+                    "rng": _to_numpy(torch.get_rng_state()), "run": _to_numpy(run)})
     bar.close()
-    net.load_state_dict(best_state)
-    return net.eval(), best
+    net.load_state_dict(run["best_state"])
+    return net.to(memory_format=torch.contiguous_format).eval(), run["best"]
+
+
+def _pixels(info: Prepared, xtr: torch.Tensor) -> tuple:
+    """(shift fill, per-channel lowest and highest value of the normalised train split): random erasing
+    fills with values the data could hold."""
+    dims = [0, *range(2, xtr.ndim)] if info.norm.per_channel else list(range(xtr.ndim))
+    return black_pixel(info), xtr.amin(dim=dims), xtr.amax(dim=dims)
+
+
+def training_data(cfg: TeacherConfig, info: Prepared) -> tuple[dict, tuple]:
+    """The train and val splits as tensors, and the pixel values the augmentation uses (:func:`_pixels`);
+    UsageError/DataError when the settings cannot apply to these rows."""
+    if (cfg.max_shift or cfg.flip or cfg.erase) and len(info.shape) not in (2, 3):
+        raise UsageError(f"{info.path}: rows of shape {list(info.shape)} are not images and cannot be shifted, "
+                         "flipped or erased; train with --max-shift 0 --flip 0 --erase 0")
+    data = {s: tuple(map(torch.from_numpy, info.load(s))) for s in ("train", "val")}
+    if not bool((data["train"][1] >= 0).any()):
+        raise DataError(f"{info.path}: the train split has no labelled rows; teachers need labels")
+    return data, _pixels(info, data["train"][0])
