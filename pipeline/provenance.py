@@ -80,13 +80,31 @@ def check_recorded_inputs(rec: dict[str, Any], what: str, rebuild: str, skip: tu
     for name, entry in sorted(rec.get("inputs", {}).items()):
         path = Path(entry.get("path", ""))
         if name not in skip and entry.get("path") and path.is_file():
-            check_hash(path, entry["sha256"], f"{name}, an input of {what},", rebuild)
+            check_lineage(path, entry, f"{name}, an input of {what}", rebuild)
 
 
-def check_hash(path: Path, expected: str, what: str, rebuild: str) -> None:
-    """Refuse ``path`` unless its sha256 is ``expected``; the message names the make target."""
+def recorded_input(rec: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The entry ``{"path", "sha256"}`` of input ``name`` in provenance ``rec``, or None."""
+    entry = (rec or {}).get("inputs", {}).get(name)
+    return entry if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) else None
+
+
+def check_lineage(path: Path, recorded: str | dict[str, Any] | None, what: str, rebuild: str) -> None:
+    """The lineage check of every stage that reads an artifact made from another: refuse (IntegrityError,
+    exit 4) unless ``path`` is the very file whose sha256 was ``recorded`` when ``what`` was made from it.
+
+    ``recorded`` is a sha256, or a provenance entry ``{"path", "sha256"}`` (its path is then named too);
+    None (the artifact records no such input) is refused as well: nothing to check it against.  The
+    message names both files and the make target that rebuilds what depends on them.
+    """
+    entry = recorded if isinstance(recorded, dict) else {"sha256": recorded}
+    expected, was = entry.get("sha256"), entry.get("path")
+    if not expected:
+        raise IntegrityError(f"{path}: {what} records no sha256 to check this file against; rebuild with "
+                             f"`{rebuild}`")
     actual = sha256_file(path)
     if actual != expected:
+        made = f" (recorded from {was})" if was and Path(was) != Path(path) else ""
         raise IntegrityError(
-            f"{path}: {what} has changed since it was recorded (sha256 {actual[:12]} != {expected[:12]}); "
-            f"rebuild with `{rebuild}`")
+            f"{path}: not the file {what} was made from: sha256 {actual[:12]} != recorded {expected[:12]}{made}; "
+            f"give that file, or rebuild with `{rebuild}`")

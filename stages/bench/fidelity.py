@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import inference, provenance, resources
-from pipeline.artifacts import write_json
+from pipeline.artifacts import check_outputs, claim, write_json
 from pipeline.config import to_dict
-from pipeline.formats.onnx_model import input_dtype
+from pipeline.formats.onnx_model import TRANSFER_KEY, input_dtype, read_metadata
 from pipeline.formats.prepared import open_prepared
 from stages.bench import launcher
 from stages.bench.settings import FidelityConfig
@@ -110,8 +110,18 @@ def explain(pc: dict[str, float], prof: dict, student: Path, call: str) -> str:
 def check_fidelity(cfg: FidelityConfig, teacher: Path, student: Path, student_int8: Path, prepared: Path,
                    out: Path, log: Callable[[str], None] = print) -> Path:
     """Measure the three ratios of the module docstring, through each call path of CALLS, and write
-    them, verdicts included, to ``out``."""
+    them, verdicts included, to ``out``.  Every ONNX file is checked readable (exit 3) and each student's
+    recorded transfer set must be ``prepared`` (exit 4) before anything is timed."""
+    check_outputs({"--teacher": teacher, "--student": student, "--student-int8": student_int8, "--prepared": prepared},
+                  {"--out": out})
+    claim(out)
     info = open_prepared(prepared)
+    for path in (teacher, student, student_int8):
+        input_dtype(path)  # checks the file (exit 3), before anything is timed
+    for path in (student, student_int8):
+        if sha := read_metadata(path).get(TRANSFER_KEY):
+            provenance.check_lineage(prepared, sha, f"the student {path} (the transfer set of its checkpoint)",
+                                     "make export")
     xtest = info.load("test")[0][:1024]
     with resources.temporary_folder() as tmp:  # a full TMPDIR is one line naming it (exit 7)
         pools = {"float32": Path(tmp) / "pool.npy", "uint8": Path(tmp) / "pixels.npy"}

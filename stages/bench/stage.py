@@ -23,11 +23,19 @@ from typing import NamedTuple
 import numpy as np
 
 from pipeline import inference, provenance, resources, runtime
-from pipeline.artifacts import claim, write_text
+from pipeline.artifacts import check_outputs, claim
 from pipeline.config import to_dict
 from pipeline.errors import DataError
-from pipeline.formats.bench_report import write_bench_report
-from pipeline.formats.onnx_model import input_dtype, model_files, model_size, onnx_macs, parameter_count
+from pipeline.formats.checkpoint import read_checkpoint
+from pipeline.formats.onnx_model import (
+    TRANSFER_KEY,
+    input_dtype,
+    model_files,
+    model_size,
+    onnx_macs,
+    parameter_count,
+    read_metadata,
+)
 from pipeline.formats.prepared import Prepared, open_prepared
 from stages.bench import choice, launcher
 from stages.bench import report as benchreport
@@ -74,13 +82,21 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
               plot_throughput: Path | None = None) -> Path:
     """Time and score ``teacher``, each ONNX candidate and each PyTorch checkpoint of ``torch_models``
     (reported as ``<name>-torch``); write ``out`` (JSON), ``markdown``, ``csv_path`` and the plots
-    whose paths are given."""
-    plots = [p for p in (plot_accuracy, plot_throughput) if p is not None]
-    claim(out, markdown, csv_path, *plots)
+    whose paths are given, published as one set (the Markdown, make's target, last).
+
+    Before anything is timed: every ONNX file and checkpoint is checked readable (exit 3), and each
+    student's recorded transfer set (a checkpoint's provenance, an export's ``transfer_sha256``) must
+    be ``prepared`` (exit 4): its test split scores the student, its normalisation feeds it."""
+    reports = {"--out": out, "--markdown": markdown, "--csv": csv_path, "--plot-accuracy": plot_accuracy,
+               "--plot-throughput": plot_throughput}
+    check_outputs({"--teacher": teacher, "--candidate": candidates.values(), "--torch": (torch_models or {}).values(),
+                   "--prepared": prepared}, reports)
+    claim(*(p for p in reports.values() if p is not None))
     info = open_prepared(prepared)
     xtest, ytest = info.load("test")
     models = {TEACHER: Path(teacher), **{k: Path(v) for k, v in candidates.items()}}
-    dtypes = {name: input_dtype(path) for name, path in models.items()}
+    dtypes = {name: input_dtype(path) for name, path in models.items()}  # each file checked: exit 3 if broken
+    _check_lineage(models, torch_models or {}, prepared)
     rows = _test_rows(info, prepared, xtest, set(dtypes.values()))
     for name, path in models.items():  # shape, dtype and class count, before any timing
         inference.check_io(path, inference.session(path, "cpu"), info.shape, len(info.classes), dtype=dtypes[name])
@@ -102,9 +118,22 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
               "provenance": provenance.record("bench", to_dict(cfg), {"prepared": prepared, **models,
                                                                      **torch_models})}
     report["pareto"] = choice.fronts(report)
-    _publish(report, out, markdown, csv_path, plot_accuracy, plot_throughput)
+    benchreport.publish(report, out, markdown, csv_path, plot_accuracy, plot_throughput)
     log(f"bench: {len(results)} models -> {out}, {markdown}")
     return out
+
+
+def _check_lineage(models: dict[str, Path], torch_models: dict[str, Path], prepared: Path) -> None:
+    """IntegrityError (exit 4) unless every student was trained on ``prepared``: an export's recorded
+    ``transfer_sha256`` (exports made before it lack it and are not judged), a checkpoint's provenance."""
+    for name, path in models.items():
+        if name != TEACHER and (sha := read_metadata(path).get(TRANSFER_KEY)):
+            provenance.check_lineage(prepared, sha, f"the student {path} (the transfer set of its checkpoint)",
+                                     "make export")
+    for path in torch_models.values():
+        ckpt = read_checkpoint(Path(path), role="student")
+        provenance.check_lineage(prepared, provenance.recorded_input(ckpt.provenance, "transfer_set"),
+                                 f"the checkpoint {path}", "make student")
 
 
 def _test_rows(info: Prepared, prepared: Path, xtest: np.ndarray, dtypes: set[str]) -> dict[str, np.ndarray]:
@@ -173,19 +202,6 @@ def _check_providers(cfg: BenchConfig, results: dict[str, dict]) -> None:
             expected = TORCH_PROVIDER if entry["engine"] == "torch" else want
             if r["providers_used"][0] != expected:
                 raise DataError(f"{entry['path']}: ran on {r['providers_used'][0]}, not {expected}")
-
-
-def _publish(report: dict, out: Path, markdown: Path, csv_path: Path, plot_accuracy: Path | None,
-             plot_throughput: Path | None) -> None:
-    """Each file is published atomically; the Markdown, make's target, goes last, so a run that fails
-    on the way (a full disk: exit 7) leaves make with a reason to run the bench again."""
-    benchreport.write_csv(csv_path, report["models"])
-    if plot_accuracy is not None:
-        benchreport.plot_accuracy_latency(report, plot_accuracy)
-    if plot_throughput is not None:
-        benchreport.plot_throughput(report, plot_throughput)
-    write_bench_report(out, benchreport.strip_latencies(report))
-    write_text(markdown, benchreport.render_markdown(report, plots=[p for p in (plot_accuracy, plot_throughput) if p]))
 
 
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
