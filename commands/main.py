@@ -37,7 +37,7 @@ from typing import Any
 import click
 
 from pipeline import artifacts, config, resources
-from pipeline.errors import PipelineError, ResourceError, UsageError
+from pipeline.errors import Interrupted, PipelineError, ResourceError, UsageError
 
 PathArg = click.Path(path_type=Path)
 
@@ -77,6 +77,7 @@ def stage_command(name: str, settings: type, group: click.Group | None = None,
                 cfg = config.load(settings, config_file, overrides, renamed,
                                   warn=lambda line: say(f"distill {where}: {line}"))
                 fn(cfg, **paths)
+                _quiet()  # done: a Ctrl-C from here on would only tear up the exit of a command that succeeded
             except PipelineError as e:
                 _fail(where, e)
             except KeyboardInterrupt:
@@ -107,8 +108,8 @@ def _take_former(where: str, former: dict[str, Any], renamed: dict[str, str], ov
 
 
 def _fail(where: str, e: BaseException) -> None:
-    if _interrupted:  # an error on the way out of an interrupted command (h5py's lock, a worker) is the interrupt
-        _interrupted_exit(where)
+    if _interrupted and not isinstance(e, Interrupted):  # an error on the way out of an interrupted command
+        _interrupted_exit(where)  # (inside h5py's lock, a worker) is the interrupt; a stage's own words stay
     _quiet()
     say(f"{_name(where)}: error: {' '.join(str(e).split())}")  # always one line
     sys.exit(getattr(e, "exit_code", 1))

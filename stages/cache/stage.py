@@ -101,7 +101,6 @@ def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
     lo, hi = shard_rows(total, cfg.batch_size, index, count)
     if hi <= lo:
         raise DataError(f"{transfer_set}: the {cfg.split} split has no rows for shard {index}/{count}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     teachers = Teachers(specs, ct.Geometry.of(info), len(info.classes), cfg.device, cfg.threads, cfg.batch_size,
                         cfg.io_binding, log=log, device_id=int(env.get("LOCAL_RANK", 0)))
     teachers.check()  # a two-row trial run of each teacher, before any row is read

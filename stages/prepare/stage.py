@@ -228,7 +228,6 @@ def prepare_dataset(cfg: PrepareConfig, out: Path, source: Path | None = None, n
         files = sorted(origin.iterdir()) if origin.is_dir() else [origin]
         inputs = {f.name: f for f in files if f.is_file()}
     prov = provenance.record("prepare", settings, inputs, source=str(origin), **extra)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(out) as tmp, PreparedWriter(tmp, names, Normalisation(scale, mean, std), prov) as w:
         for split, (x, y) in splits.items():
             w.put(split, x, y)

@@ -57,7 +57,7 @@ def train_epoch(cfg: StudentConfig, model: torch.nn.Module, opt: torch.optim.Opt
         # NaN reaches every rank's weights, and each stops at its next step instead of one rank
         # leaving the others waiting in the all-reduce.
         if not bool(torch.isfinite(loss)):
-            raise diverged(cfg, f"the loss is {float(loss)} at step {step} of this epoch")
+            raise diverged(cfg, f"the loss is {float(loss.detach())} at step {step} of this epoch")
     return float(loss.detach())
 
 

@@ -57,7 +57,6 @@ def train_teachers(cfg: TeacherConfig, prepared: Path, out: Path, log: Callable[
     if not bool((data["train"][1] >= 0).any()):
         raise DataError(f"{prepared}: the train split has no labelled rows; teachers need labels")
     fill = black_pixel(info)
-    out.parent.mkdir(parents=True, exist_ok=True)
     sha = provenance.sha256_file(prepared)
     nets, accs = [], []
     for i in range(cfg.members):
