@@ -36,6 +36,7 @@ from typing import Any
 
 import click
 
+from commands import _the_program
 from pipeline import artifacts, config, resources
 from pipeline.errors import Interrupted, PipelineError, ResourceError, UsageError
 
@@ -160,9 +161,14 @@ def _while_importing(e: BaseException) -> bool:
 
 
 def _quiet() -> None:
-    """From here the command only says its last line and exits: a Ctrl-C now would only tear that up."""
-    with contextlib.suppress(ValueError):  # not the main thread (an embedding caller): leave signals alone
+    """From here the command only says its last line and exits: a Ctrl-C now would only tear that up.
+    Only in the ``distill`` process: a program that calls :func:`main` (the tests) keeps its signals."""
+    if OWN_SIGNALS:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+#: Whether this process is the ``distill`` command, whose SIGINT is this module's to handle.
+OWN_SIGNALS = _the_program()
 
 
 def _interrupted_exit(where: str) -> None:
@@ -244,7 +250,7 @@ class LazyGroup(click.Group):
             raise _Interrupt from None
 
     def main(self, args: Any = None, prog_name: str | None = None, **kw: Any) -> Any:
-        with contextlib.suppress(ValueError):  # the main thread only (not when embedded in a thread)
+        if OWN_SIGNALS:
             signal.signal(signal.SIGINT, _on_sigint)
         kw.pop("standalone_mode", None)  # always one line and an exit code, whoever calls
         argv = list(sys.argv[1:] if args is None else args)

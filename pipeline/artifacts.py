@@ -450,7 +450,7 @@ def publish_together(target: Path) -> Iterator[OutputSet]:
     was and was not published.
     """
     s = OutputSet(target)
-    committed = False
+    committed, before = False, len(_published)
     try:
         yield s
         s.commit()
@@ -465,7 +465,7 @@ def publish_together(target: Path) -> Iterator[OutputSet]:
                 f"nothing was published: {target} and the files published with it are as they were")) from None
         if isinstance(e, PipelineError) or resources.write_errno(e) is None:
             raise
-        done = set(published())
+        done = set(_published[before:])
         left = [str(p) for p in s._order() if p not in done]
         raise resources.write_failure(resources.failed_file(e) or target, e, (
             f"published {', '.join(str(p) for p in s._order() if p in done) or 'none of the set'}; not yet "
