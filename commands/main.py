@@ -36,7 +36,7 @@ from typing import Any
 
 import click
 
-from commands import _the_program
+import commands
 from pipeline import artifacts, config, resources
 from pipeline.errors import Interrupted, PipelineError, ResourceError, UsageError
 
@@ -168,7 +168,7 @@ def _quiet() -> None:
 
 
 #: Whether this process is the ``distill`` command, whose SIGINT is this module's to handle.
-OWN_SIGNALS = _the_program()
+OWN_SIGNALS = commands._the_program()
 
 
 def _interrupted_exit(where: str) -> None:
