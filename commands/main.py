@@ -112,7 +112,8 @@ def _fail(where: str, e: BaseException) -> None:
     if _interrupted and not isinstance(e, Interrupted):  # an error on the way out of an interrupted command
         _interrupted_exit(where)  # (inside h5py's lock, a worker) is the interrupt; a stage's own words stay
     _quiet()
-    say(f"{_name(where)}: error: {' '.join(str(e).split())}")  # always one line
+    kind = "" if isinstance(e, Interrupted) else "error: "  # an interrupt a stage words is not an error
+    say(f"{_name(where)}: {kind}{' '.join(str(e).split())}")  # always one line
     sys.exit(getattr(e, "exit_code", 1))
 
 
