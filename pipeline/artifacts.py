@@ -313,6 +313,7 @@ class OutputSet:
         self.staged: dict[Path, Path] = {}  # final -> its .partial, in the order added
         self.stale: list[Path] = []  # files of the previous generation that this one does not replace
         self._fds: list[int] = []
+        self.committed = False
 
     def add(self, final: Path) -> Path:
         """Add ``final`` to the set; returns its ``.partial``, locked (exit 6 if another process has it), empty."""
@@ -360,11 +361,16 @@ class OutputSet:
             files.append([str(self.staged[final]), str(final), _sha256(self.staged[final])])
         journal = journal_path(self.target)
         tmp = journal.with_name(journal.name + ".partial")
-        with open(tmp, "w") as f:
-            json.dump({"files": files, "remove": [str(p) for p in self.stale if p not in self.staged]}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, journal)
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"files": files, "remove": [str(p) for p in self.stale if p not in self.staged]}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, journal)
+        except BaseException:  # no journal, no commit: the caller removes the staged files
+            tmp.unlink(missing_ok=True)
+            raise
+        self.committed = True  # the journal exists: from here on only forward
         fsync_path(journal.parent)
         return journal
 
@@ -450,14 +456,13 @@ def publish_together(target: Path) -> Iterator[OutputSet]:
     was and was not published.
     """
     s = OutputSet(target)
-    committed, before = False, len(_published)
+    before = len(_published)
     try:
         yield s
         s.commit()
-        committed = True
         _apply(journal_path(s.target))
     except BaseException as e:
-        if not committed:
+        if not s.committed:
             s.discard()
             if isinstance(e, PipelineError) or resources.write_errno(e) is None:
                 raise
