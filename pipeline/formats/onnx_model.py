@@ -50,6 +50,7 @@ MAX_IR_VERSION = 13  # onnxruntime 1.31 refuses IR above 13 ("Unsupported model 
 STUDENT_KEYS = ("class_names", "normalisation", "normalisation_in_graph", "input_dtype", "temperature", "alpha",
                 "checkpoint_sha256", "cache_sha256", "arch", "precision")
 TRANSFER_KEY = "transfer_sha256"  # a student export's transfer set (optional: exports before it lack it)
+SOURCE_KEY = "transfer_source_sha256"  # the file a jittered transfer set copies its val/test splits from
 ENSEMBLE_KEYS = ("provenance", "classes", "input_contract")
 INPUT_KEY = "input_contract"
 LAYOUTS = ("same", "nchw", "nhwc", "flat", "flat-nhwc")
@@ -229,11 +230,12 @@ def input_contract_metadata(contract: InputContract) -> dict[str, str]:
 
 def student_metadata(class_names: list[str], norm: dict[str, float], raw_input: bool, temperature: float,
                      alpha: float, checkpoint_sha256: str, cache_sha256: str, arch: str,
-                     transfer_sha256: str | None = None) -> dict[str, str]:
+                     transfer_sha256: str | None = None, transfer_source_sha256: str | None = None) -> dict[str, str]:
     """``metadata_props`` of every exported student file (values are strings; JSON where structured);
     its input contract is the transfer set's normalisation (float32) or, ``raw_input``, raw uint8.
     ``transfer_sha256``: the transfer set the checkpoint was trained on (its normalisation is in the
-    graph's input contract, its test split scores the model), checked by the bench."""
+    graph's input contract, its test split scores the model), checked by the bench;
+    ``transfer_source_sha256``: the file it was jittered from, whose splits and normalisation it copies."""
     contract = (InputContract(range="raw", layout="same", dtype="uint8", output="logits") if raw_input else
                 InputContract(range="normalised", layout="same", mean=norm["mean"], std=norm["std"],
                               dtype="float32", output="logits"))
@@ -243,7 +245,8 @@ def student_metadata(class_names: list[str], norm: dict[str, float], raw_input: 
             "input_dtype": "uint8" if raw_input else "float32",
             "temperature": str(temperature), "alpha": str(alpha),
             "checkpoint_sha256": checkpoint_sha256, "cache_sha256": cache_sha256, "arch": arch,
-            **({TRANSFER_KEY: transfer_sha256} if transfer_sha256 else {})}
+            **({TRANSFER_KEY: transfer_sha256} if transfer_sha256 else {}),
+            **({SOURCE_KEY: transfer_source_sha256} if transfer_source_sha256 else {})}
 
 
 def read_student_metadata(path: Path) -> dict[str, Any]:

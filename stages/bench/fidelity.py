@@ -32,7 +32,7 @@ import numpy as np
 from pipeline import inference, provenance, resources
 from pipeline.artifacts import check_outputs, claim, write_json
 from pipeline.config import to_dict
-from pipeline.formats.onnx_model import TRANSFER_KEY, input_dtype, read_metadata
+from pipeline.formats.onnx_model import SOURCE_KEY, TRANSFER_KEY, input_dtype, read_metadata
 from pipeline.formats.prepared import open_prepared
 from stages.bench import launcher
 from stages.bench.settings import FidelityConfig
@@ -119,9 +119,9 @@ def check_fidelity(cfg: FidelityConfig, teacher: Path, student: Path, student_in
     for path in (teacher, student, student_int8):
         input_dtype(path)  # checks the file (exit 3), before anything is timed
     for path in (student, student_int8):
-        if sha := read_metadata(path).get(TRANSFER_KEY):
-            provenance.check_lineage(prepared, sha, f"the student {path} (the transfer set of its checkpoint)",
-                                     "make export")
+        if TRANSFER_KEY in (meta := read_metadata(path)):
+            provenance.check_lineage(prepared, [meta[TRANSFER_KEY], meta.get(SOURCE_KEY)],
+                                     f"the student {path} (the transfer set of its checkpoint)", "make export")
     xtest = info.load("test")[0][:1024]
     with resources.temporary_folder() as tmp:  # a full TMPDIR is one line naming it (exit 7)
         pools = {"float32": Path(tmp) / "pool.npy", "uint8": Path(tmp) / "pixels.npy"}

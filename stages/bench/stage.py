@@ -28,6 +28,7 @@ from pipeline.config import to_dict
 from pipeline.errors import DataError
 from pipeline.formats.checkpoint import read_checkpoint
 from pipeline.formats.onnx_model import (
+    SOURCE_KEY,
     TRANSFER_KEY,
     input_dtype,
     model_files,
@@ -124,16 +125,18 @@ def benchmark(cfg: BenchConfig, teacher: Path, candidates: dict[str, Path], prep
 
 
 def _check_lineage(models: dict[str, Path], torch_models: dict[str, Path], prepared: Path) -> None:
-    """IntegrityError (exit 4) unless every student was trained on ``prepared``: an export's recorded
-    ``transfer_sha256`` (exports made before it lack it and are not judged), a checkpoint's provenance."""
+    """IntegrityError (exit 4) unless every student was trained on ``prepared`` (or on a transfer set
+    jittered from it, with its val and test splits): an export's recorded ``transfer_sha256`` (exports
+    made before it lack it and are not judged), a checkpoint's provenance."""
     for name, path in models.items():
-        if name != TEACHER and (sha := read_metadata(path).get(TRANSFER_KEY)):
-            provenance.check_lineage(prepared, sha, f"the student {path} (the transfer set of its checkpoint)",
-                                     "make export")
+        meta = read_metadata(path) if name != TEACHER else {}
+        if TRANSFER_KEY in meta:
+            provenance.check_lineage(prepared, [meta[TRANSFER_KEY], meta.get(SOURCE_KEY)],
+                                     f"the student {path} (the transfer set of its checkpoint)", "make export")
     for path in torch_models.values():
         ckpt = read_checkpoint(Path(path), role="student")
-        provenance.check_lineage(prepared, provenance.recorded_input(ckpt.provenance, "transfer_set"),
-                                 f"the checkpoint {path}", "make student")
+        provenance.check_lineage(prepared, provenance.trained_on(ckpt.provenance), f"the checkpoint {path}",
+                                 "make student")
 
 
 def _test_rows(info: Prepared, prepared: Path, xtest: np.ndarray, dtypes: set[str]) -> dict[str, np.ndarray]:

@@ -50,7 +50,8 @@ def metadata(ckpt: Checkpoint, checkpoint: Path, raw_input: bool) -> dict[str, s
     return student_metadata(list(ckpt.class_names), ckpt.norm, raw_input, ckpt.meta["temperature"],
                             ckpt.meta["alpha"], provenance.sha256_file(checkpoint),
                             ckpt.provenance["inputs"]["cache"]["sha256"], ckpt.arch,
-                            transfer_sha256=ckpt.provenance["inputs"]["transfer_set"]["sha256"])
+                            transfer_sha256=ckpt.provenance["inputs"]["transfer_set"]["sha256"],
+                            transfer_source_sha256=ckpt.provenance.get("transfer_source_sha256"))
 
 
 def outputs(out: Path, report: Path, variants: dict[str, Path], mobile_dir: Path | None) -> dict[str, Path]:
@@ -147,8 +148,8 @@ def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out:
     info = open_prepared(transfer_set)  # corrupt before stale: a damaged file is not one that "changed"
     # the transfer set the checkpoint was trained on, and no other: its mean and std go into a raw-input
     # graph, its test split scores every variant
-    provenance.check_lineage(transfer_set, provenance.recorded_input(ckpt.provenance, "transfer_set"),
-                             f"the checkpoint {checkpoint}", "make student")
+    provenance.check_lineage(transfer_set, provenance.trained_on(ckpt.provenance), f"the checkpoint {checkpoint}",
+                             "make student")
     xtest, ytest = info.load("test")
     ntrain = info.rows["train"]
     calib_idx = np.sort(np.random.default_rng(cfg.seed).choice(ntrain, size=min(cfg.calibration_rows, ntrain),

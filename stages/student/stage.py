@@ -117,8 +117,9 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
     test_acc = models.accuracy(models.predict(net, xtest), ytest)
     if rank > 0:
         return out
+    source = provenance.splits_source(info.provenance)  # a jittered transfer set: the splits' own file
     prov = provenance.record("student", to_dict(cfg), {"cache": cache, "transfer_set": transfer_set},
-                             world_size=world)
+                             world_size=world, **({"transfer_source_sha256": source} if source else {}))
     ckpt = Checkpoint("student", cfg.arch, info.shape, info.classes, info.norm.as_dict(), models.state_arrays(net),
                       {"temperature": cfg.temperature, "alpha": cfg.alpha, "epoch": best[1]}, prov)
     # One set (pipeline.artifacts.publish_together): the old checkpoint (make's target) goes first, the

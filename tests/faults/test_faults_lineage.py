@@ -206,3 +206,23 @@ def test_cache_resume_trusts_an_untouched_partial(tiny_teacher, tiny_prepared, t
     assert any("resuming" in line and "at row 1200" in line for line in logs), logs
     fresh = cache_soft_targets(cfg, [tiny_teacher], tiny_prepared, tmp_path / "fresh.h5", **QUIET)
     assert content_digest(out) == content_digest(fresh)
+
+
+def test_a_jittered_transfer_set_shares_its_sources_splits(tiny_prepared, other_prepared, tmp_path):
+    """A student trained on a jittered transfer set may be scored on the file it was jittered from (its
+    val and test splits and normalisation are that file's, bit for bit): the student records that file
+    (``transfer_source_sha256``), and the lineage check accepts either, and nothing else."""
+    jittered = tmp_path / "pj.h5"
+    jittered.write_bytes(b"a jittered transfer set")
+    source = {"stage": "jitter", "inputs": {"prepared": {"path": str(tiny_prepared),
+                                                           "sha256": provenance.sha256_file(tiny_prepared)}}}
+    assert provenance.splits_source(source) == provenance.sha256_file(tiny_prepared)
+    assert provenance.splits_source({"stage": "prepare", "inputs": {}}) is None
+    student = {"inputs": {"transfer_set": {"path": str(jittered), "sha256": provenance.sha256_file(jittered)}},
+               "transfer_source_sha256": provenance.splits_source(source)}
+    for accepted in (jittered, tiny_prepared):
+        provenance.check_lineage(accepted, provenance.trained_on(student), "the checkpoint s.ckpt", "make student")
+    with pytest.raises(IntegrityError, match=r"not the file the checkpoint s.ckpt was made from \(nor the file it "
+                                             r"was jittered from\)"):
+        provenance.check_lineage(other_prepared, provenance.trained_on(student), "the checkpoint s.ckpt",
+                                 "make student")
