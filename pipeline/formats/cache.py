@@ -22,8 +22,12 @@ computed from the rounded logits, so the file stays self-consistent.
 
 Crash safety (the writer): rows are written in batches; after each batch the data is flushed, then
 ``committed_rows`` advanced, flushed and the file fsynced, so a committed row is always on disk and
-a killed writer resumes after its last committed batch.  The seal is written last; readers verify
-it before returning anything, so a finished cache that changed since is refused as corrupt.
+a killed writer resumes after its last committed batch.  Each commit also chains the sha256 of the
+rows it commits onto ``committed_sha256`` (``sha256(previous chain + sha256 of the batch's rows of
+every dataset)``), and a resume recomputes the chain over the committed rows before it appends: a
+partial edited after a kill is restarted, never sealed in.  The chain is resume state, not content:
+it is removed before the seal.  The seal is written last; readers verify it before returning
+anything, so a finished cache that changed since is refused as corrupt.
 
 A failed write (full disk, file-size limit) is raised as the OSError it was, at the latest by the
 commit of its batch and before ``committed_rows`` can advance (:mod:`pipeline.formats.h5write`: HDF5
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,6 +57,7 @@ REBUILD = "make cache"
 VIEW_PARAM_BYTES = 8  # pipeline.views.PARAM_BYTES: a view's parameters
 CHUNK_BYTES = 512 << 10  # chunks of whole rows, ~512 KiB: in the 256 KiB - 1 MiB band of docs/formats.md
 METADATA_BYTES = 64 << 10  # headroom for HDF5's own structures, attributes and provenance (~30 KiB measured)
+CHAIN = "committed_sha256"  # a partial's checksum chain over its commits (removed before the seal)
 
 
 def t_key(T: float) -> str:
@@ -122,8 +128,9 @@ class CacheWriter:
         return w
 
     @classmethod
-    def resume(cls, path: Path, identity: dict, log: Callable[[str], None]) -> CacheWriter | None:
-        """Reopen a partial cache made from the same inputs and settings, else None (restart), saying
+    def resume(cls, path: Path, identity: dict, log: Callable[[str], None], step: int) -> CacheWriter | None:
+        """Reopen a partial cache made from the same inputs and settings whose committed rows still match
+        their checksum chain (commits of ``step`` rows, the stage's batch), else None (restart), saying
         which in the log."""
         if path.stat().st_size == 0:  # just created by the lock: nothing to resume
             return None
@@ -132,13 +139,17 @@ class CacheWriter:
         except (OSError, KeyError, ValueError, RuntimeError):
             log(f"{path}: unreadable partial cache (killed writer?); restarting from row 0")
             return None
-        f = out.f
+        w = cls(out)
         try:
-            if (json.loads(f.attrs["identity"]) == identity and "logits" in f
-                    and "teacher_probabilities" in f.attrs):
-                log(f"resuming {path} at row {int(f.attrs['committed_rows'])} (its last committed batch)")
-                return cls(out)
-            log(f"{path}: made from other inputs or settings; restarting from row 0")
+            if (json.loads(w.attrs["identity"]) != identity or "logits" not in w.f
+                    or "teacher_probabilities" not in w.attrs):
+                log(f"{path}: made from other inputs or settings; restarting from row 0")
+            elif w.attrs.get(CHAIN, "") != w.chain(0, w.committed_rows, step, b""):
+                log(f"{path}: its {w.committed_rows} committed rows no longer match their checksums (changed since "
+                    "they were written?); restarting from row 0")
+            else:
+                log(f"resuming {path} at row {w.committed_rows} (its last committed batch)")
+                return w
         except (OSError, KeyError, ValueError, RuntimeError):
             log(f"{path}: unreadable partial cache (killed writer?); restarting from row 0")
         out.close()
@@ -178,12 +189,27 @@ class CacheWriter:
         self.out.check()
 
     def commit(self, rows: int) -> None:
-        """Data before the counter: flush, advance ``committed_rows``, flush, fsync (h5py's flush
-        reaches the OS only; the counter must survive a crash).  A failed write of the data is raised
-        by the first flush, before the counter changes."""
+        """Data before the counter: flush, advance ``committed_rows`` and its checksum chain, flush, fsync
+        (h5py's flush reaches the OS only; the counter must survive a crash).  A failed write of the
+        data is raised by the first flush, before the counter changes."""
         self.out.flush()
-        self.f.attrs["committed_rows"] = rows
+        prev = self.committed_rows
+        chain = self.chain(prev, rows, rows - prev, bytes.fromhex(str(self.attrs.get(CHAIN, ""))))
+        self.f.attrs.update({"committed_rows": rows, CHAIN: chain})
         self.out.flush(fsync=True)
+
+    def chain(self, lo: int, hi: int, step: int, start: bytes) -> str:
+        """The checksum chain from ``start`` over commits of ``step`` rows of ``[lo, hi)``: for each,
+        ``sha256(chain + sha256(its rows of every row dataset, in name order))``, as hex ("" for none)."""
+        names = sorted(n for n in ("logits", "labels", "view_params") if n in self.f)
+        names += sorted(f"soft/{k}" for k in self.f.get("soft", {}))
+        chain = start
+        for a in range(lo, hi, max(1, step)):
+            rows = hashlib.sha256()
+            for name in names:
+                rows.update(np.ascontiguousarray(self.f[name][a:min(hi, a + step)]).tobytes())
+            chain = hashlib.sha256(chain + rows.digest()).digest()
+        return chain.hex()
 
     def read(self, name: str, lo: int, hi: int) -> np.ndarray:
         return self.f[name][lo:hi]
@@ -196,6 +222,8 @@ class CacheWriter:
         self.f.attrs.update(attrs)
         if part is not None:
             self.f.attrs["part"] = json.dumps(part)
+        if CHAIN in self.f.attrs:  # resume state, not content: equal runs, resumed or not, seal alike
+            del self.f.attrs[CHAIN]
         self.f.attrs["complete"] = True
         self.out.flush()  # a failed write is raised here, never sealed over
         h5seal.seal(self.f)
@@ -292,13 +320,6 @@ class CacheInfo:
         with h5py.File(self.path, "r") as f:
             return {T: {k: float(v) for k, v in f[f"diagnostics/{t_key(T)}"].attrs.items()}
                     for T in self.temperatures if f"diagnostics/{t_key(T)}" in f}
-
-    def check_built_from(self, transfer_set: Path, transfer_sha256: str) -> None:
-        """IntegrityError (stale) unless the cache was built from the file whose sha256 is given."""
-        if transfer_sha256 != self.transfer_sha256:
-            raise IntegrityError(
-                f"{transfer_set}: the transfer set has changed since the cache {self.path} was built from it "
-                f"(sha256 {transfer_sha256[:12]} != {self.transfer_sha256[:12]}); rebuild with `{REBUILD}`")
 
 
 def _check(path: Path, f: h5py.File, part: bool) -> CacheInfo:

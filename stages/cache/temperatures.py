@@ -12,12 +12,13 @@ since it was written is refused (exit 4), never re-sealed.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import provenance, soft
-from pipeline.artifacts import atomic_output
+from pipeline.artifacts import atomic_output, check_outputs
 from pipeline.config import to_dict
 from pipeline.errors import DataError, UsageError
 from pipeline.formats.cache import CacheInfo, CacheWriter, open_cache, soft_size, t_key
@@ -39,9 +40,12 @@ def add_temperature(cfg: AddTemperatureConfig, cache: Path, out: Path | None = N
     """Add soft targets (and diagnostics) at ``cfg.temperatures`` to ``cache``, written to ``out``
     (default: ``cache`` itself, replaced atomically)."""
     cache = Path(cache)
+    in_place = out is None or (Path(out).is_file() and os.path.samefile(out, cache))  # --out FILE: in place too
+    target = cache if in_place else Path(out)
+    if not in_place:
+        check_outputs({"FILE": cache}, {"--out": target})
     info = open_cache(cache)
     _need_logits(info)
-    target = Path(out) if out is not None else cache
     old_w = recorded_weights(info)
     weights = old_w
     if cfg.member_weights:
@@ -50,11 +54,20 @@ def add_temperature(cfg: AddTemperatureConfig, cache: Path, out: Path | None = N
         except ValueError as e:
             raise UsageError(f"{cache}: {e}") from None
     reweigh = not same(weights if weights is not None else [], old_w if old_w is not None else [])
-    new = [float(T) for T in cfg.temperatures if float(T) not in info.temperatures]
-    for T in sorted(set(map(float, cfg.temperatures)) - set(new)):
-        log(f"{cache}: already has T={t_key(T)}; kept as it is" + ("" if not reweigh else " (recombined)"))
-    if not new and not reweigh and target == cache:
-        return cache
+    stored = {t_key(T): T for T in info.temperatures}
+    new = [float(T) for T in cfg.temperatures if t_key(T) not in stored]
+    there = [float(T) for T in cfg.temperatures if t_key(T) in stored]
+    for T in there:
+        if T != stored[t_key(T)]:  # one dataset name, two values: the file cannot hold both
+            raise UsageError(f"{cache}: T={T!r} would be stored as T={t_key(T)}, which the cache holds already "
+                             f"(T={stored[t_key(T)]!r}); temperatures are told apart to six significant digits")
+    if not new and not reweigh:
+        raise UsageError(f"{cache}: nothing to add: " + (
+            f"T={', '.join(map(t_key, there))} already stored (it has {', '.join(stored)})" if there
+            else "the member weights given are the cache's own"))
+    for T in there:
+        log(f"{cache}: already has T={t_key(T)}; " + ("recombined with the new member weights" if reweigh
+                                                        else "kept as it is"))
     redo = [*(info.temperatures if reweigh else ()), *new]  # every T combined with the new weights
     size = cache.stat().st_size  # the cache is copied to the partial first, even to replace it in place
     require_space(target, size + soft_size(info.rows, info.classes, len(new)),
