@@ -30,7 +30,7 @@ TEACHER_EPOCHS ?= 10
 RECIPE ?= --optimizer sgd --lr 0.1 --weight-decay 5e-4 --label-smoothing 0.1 --max-shift 2 --flip 0.5 --erase 0.5 \
   --precision auto
 TEACHER_default = --members $(MEMBERS) --arch $(TEACHER_ARCH) --epochs $(TEACHER_EPOCHS) $(RECIPE)
-TEACHER_strong ?= --members 4 --arch res:16x3-32x3-64x3 --epochs 30 $(RECIPE)
+TEACHER_strong ?= --members 3 --arch res:16x3-32x3-64x3 --epochs 30 $(RECIPE)
 TEACHER_ARGS ?=
 TEMPS ?= 1,2,4,8,20
 CACHE_ARGS ?=
