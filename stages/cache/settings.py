@@ -40,11 +40,14 @@ def require_weights(weights: tuple[float, ...]) -> None:
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     """Run the teacher ensemble over the transfer set with onnxruntime and write the soft-target
-    cache (kd-cache/1): per-member logits and combined soft targets at each temperature."""
+    cache (kd-cache/2): per-member logits (or their top k), from which soft targets at any
+    temperature are derived when read, and the diagnostics at each temperature."""
 
     FOOTPRINT: ClassVar[str] = "lower --batch-size (now {batch_size}): the stage holds a few batches of rows at a time"
 
-    temperatures: tuple[float, ...] = setting((1.0, 2.0, 4.0, 8.0, 20.0), "temperatures to store soft targets at")
+    temperatures: tuple[float, ...] = setting((1.0, 2.0, 4.0, 8.0, 20.0), "temperatures to diagnose (and store soft "
+                                                                          "targets at, with --store-soft); targets at "
+                                                                          "any T are derived when read")
     combine: str = setting("arithmetic", "member combination: arithmetic (mean of softmaxes, Hinton) or "
                                          "geometric (softmax of mean logits)")
     member_weights: tuple[float, ...] = setting((), "one weight per ensemble member, in the order of the teachers' "
@@ -71,8 +74,15 @@ class CacheConfig:
     view_mixup: float = setting(0.0, "views: probability of mixing in a partner row (weight <= 0.5)")
     view_mixup_alpha: float = setting(1.0, "views: the partner's weight w is min(b, 1 - b), b ~ Beta(alpha, alpha)")
     view_seed: int = setting(0, "views: seed of every view's parameters")
-    logits_dtype: str = setting("float32", "storage of the per-member logits: float32, or float16 (half the bytes; "
-                                           "soft targets are then computed from the rounded logits)")
+    logits_dtype: str = setting("float16", "storage of the per-member logits: float16 (half the bytes; targets are "
+                                           "derived from the rounded logits, which costs nothing measured: "
+                                           "docs/results.md) or float32")
+    store_soft: bool = setting(False, "also store the soft targets at every --temperatures (4 x classes bytes a row "
+                                      "each, as kd-cache/1 did); without it they are derived when read")
+    top_k: int = setting(0, "keep only the k classes of highest ensemble target at T=1 per row: their class ids, "
+                            "each member's logits at them and each member's log-sum-exp of the rest; targets at "
+                            "any T are rebuilt with the rest spread evenly, within a bound (pipeline/topk.py); "
+                            "0 = every class")
 
     def __post_init__(self) -> None:
         require(len(self.temperatures) > 0, "give at least one temperature")
@@ -90,6 +100,7 @@ class CacheConfig:
             parse_shard(self.shard)
         require(self.views >= 0, f"views must be >= 0 (K views per row; 0 = none), got {self.views}")
         require(self.logits_dtype in ("float32", "float16"), "logits_dtype must be float32 or float16")
+        require(self.top_k >= 0, f"top_k must be >= 0 (0 = every class), got {self.top_k}")
         try:
             self.view_spec()
         except ValueError as e:

@@ -15,6 +15,7 @@ from stages.export import ExportConfig, export_student
 from stages.prepare import PrepareConfig, prepare_dataset
 from stages.student import StudentConfig, distill_student
 from tests import oracles
+from tests.cache_helpers import targets
 from tests.conftest import run_cli
 
 
@@ -53,7 +54,7 @@ def test_cache_schema_and_soft_targets(tiny_cache, tiny_teacher, tiny_prepared):
 
 def test_soft_targets_soften_with_temperature(tiny_cache):
     c = open_cache(tiny_cache)
-    ent = [float(np.mean(-(c.soft(T) * np.log(c.soft(T) + 1e-30)).sum(1))) for T in (1.0, 2.0, 4.0)]
+    ent = [float(np.mean(-(targets(c, T) * np.log(targets(c, T) + 1e-30)).sum(1))) for T in (1.0, 2.0, 4.0)]
     assert ent[0] < ent[1] < ent[2]
 
 
