@@ -56,7 +56,7 @@ import math
 import numpy as np
 
 from pipeline import soft
-from pipeline.formats.cache import id_dtype
+from pipeline.formats.cache_layout import id_dtype
 
 
 def _weights(weights, members: int) -> np.ndarray:
@@ -72,19 +72,38 @@ def compress(member_logits: np.ndarray, k: int, combine: str = "arithmetic",
     kept: each member's logits at them; tail: each member's log-sum-exp over the other classes.
     """
     v = np.asarray(member_logits, dtype=np.float64)
-    n, _, classes = v.shape
+    n, members, classes = v.shape
     if not 1 <= k < classes:
         raise ValueError(f"top-k: k must lie in [1, {classes - 1}] for {classes} classes, got {k}")
-    p = soft.combine_soft_targets(v, 1.0, combine, weights).astype(np.float64)
+    if not np.all(np.isfinite(v)):
+        raise ValueError("logits contain NaN or infinity")
+    mx = v.max(axis=2, keepdims=True)
+    q = np.exp(v - mx)  # each member's softmax at T = 1, once: the ranking and the tail both use it
+    z = q.sum(axis=2, keepdims=True)
+    q /= z
+    if combine == "arithmetic":
+        w = soft.normalise_weights(weights, members)
+        p = q.mean(axis=1) if w is None else np.einsum("nmc,m->nc", q, w)
+    else:
+        p = soft.combine_soft_targets(v, 1.0, combine, weights).astype(np.float64)
     part = np.argpartition(-p, k - 1, axis=1)[:, :k]
     # order the k by target, then id: one answer for equal inputs, whatever argpartition returned
     order = np.lexsort((part, -np.take_along_axis(p, part, 1)), axis=1)
     ids = np.take_along_axis(part, order, 1)
     kept = np.take_along_axis(v, ids[:, None, :], 2)
-    rest = v.copy()
-    np.put_along_axis(rest, np.broadcast_to(ids[:, None, :], kept.shape), -np.inf, 2)
-    mx = rest.max(axis=2, keepdims=True)
-    tail = (mx + np.log(np.exp(rest - mx).sum(axis=2, keepdims=True)))[..., 0]
+    rest = np.ones(p.shape, bool)
+    np.put_along_axis(rest, ids, False, 1)
+    # log-sum-exp of the rest: log z + max + log(the rest's share of the softmax), a sum of positive
+    # terms (no cancellation); where that share underflows, shifted by the rest's own largest logit
+    share = (q * rest[:, None, :]).sum(axis=2)
+    tiny = share < 1e-250
+    with np.errstate(divide="ignore"):
+        tail = (mx + np.log(z))[..., 0] + np.log(share)
+    if tiny.any():
+        r, m = np.nonzero(tiny)
+        vt = np.where(rest[r], v[r, m], -np.inf)
+        mt = vt.max(axis=1, keepdims=True)
+        tail[r, m] = (mt + np.log(np.exp(np.minimum(vt - mt, 0.0)).sum(axis=1, keepdims=True)))[:, 0]
     return ids.astype(id_dtype(classes)), kept.astype(np.float32), tail.astype(np.float32)
 
 

@@ -25,7 +25,8 @@ import h5py
 import numpy as np
 
 from pipeline.formats import h5seal
-from pipeline.formats.cache import SCHEMA, CacheLayout, RowReader, chunk_rows, layout_of, recorded_weights, t_key
+from pipeline.formats.cache import SCHEMA, layout_of
+from pipeline.formats.cache_layout import CacheLayout, RowReader, chunk_rows, recorded_weights, t_key
 from pipeline.formats.h5write import H5Output
 
 

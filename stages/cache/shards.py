@@ -20,7 +20,7 @@ from pipeline.formats.cache import SCHEMA, CacheInfo, CacheLayout, open_cache, o
 from pipeline.formats.cache_writer import CacheWriter
 from pipeline.resources import require_space
 from stages.cache.recorded import same
-from stages.cache.settings import DIAG_BLOCK, MergeConfig
+from stages.cache.settings import MergeConfig, diag_block
 from stages.cache.stage import format_diagnostics
 from stages.cache.stream import blocks, diagnostics_in_blocks, member_accuracy_in_blocks
 
@@ -82,10 +82,11 @@ def merge(cfg: MergeConfig, parts: list[Path], out: Path, log: Callable[[str], N
                     for lo, hi in blocks(0, c.rows, cfg.block_rows):
                         w.put(off + lo, {n: r.read(n, lo, hi) for n in names}, r.labels(lo, hi))
             reader = w.reader(p0.combine, p0.weights)
-            for T, d in diagnostics_in_blocks(reader, p0.temperatures, total, DIAG_BLOCK).items():
+            block = diag_block(lay.classes, lay.members)
+            for T, d in diagnostics_in_blocks(reader, p0.temperatures, total, block).items():
                 w.write_diagnostics(T, d)
             w.finish({**{k: p0.attrs[k] for k in _SHARED if k in p0.attrs and k != "schema"},
-                      "member_accuracy": member_accuracy_in_blocks(reader, total, DIAG_BLOCK),
+                      "member_accuracy": member_accuracy_in_blocks(reader, total, block),
                       "onnxruntime_version": p0.attrs.get("onnxruntime_version", ""),
                       "package_version": p0.attrs.get("package_version", ""),
                       "provider": ", ".join(providers), "committed_rows": total,

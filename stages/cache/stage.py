@@ -52,7 +52,7 @@ from pipeline.formats.cache import CacheLayout, StoredRows, t_key
 from pipeline.formats.cache_writer import CacheWriter
 from pipeline.formats.prepared import Prepared, open_prepared
 from pipeline.resources import human, require_space
-from stages.cache.settings import DIAG_BLOCK, NOT_IN_SETTINGS, CacheConfig
+from stages.cache.settings import NOT_IN_SETTINGS, CacheConfig, diag_block
 from stages.cache.stream import (
     StreamStats,
     diagnostics_in_blocks,
@@ -324,10 +324,11 @@ def _finish(w: CacheWriter | None, cfg: CacheConfig, teachers: Teachers, identit
         raise DataError(f"{transfer_set}: the {cfg.split} split has no rows")
     rows, members = w.layout.rows, w.layout.members
     reader = w.reader(cfg.combine, weights)
-    diags = {} if part else diagnostics_in_blocks(reader, cfg.temperatures, rows, DIAG_BLOCK)
+    block = diag_block(w.layout.classes, members)
+    diags = {} if part else diagnostics_in_blocks(reader, cfg.temperatures, rows, block)
     for T, d in diags.items():
         w.write_diagnostics(T, d)
-    extra = {} if part else {"member_accuracy": member_accuracy_in_blocks(reader, rows, DIAG_BLOCK)}
+    extra = {} if part else {"member_accuracy": member_accuracy_in_blocks(reader, rows, block)}
     w.finish({**content_attrs(cfg, identity, teachers.probabilities, info, records, weights, members),
               **extra, "provider": teachers.provider,
               "provenance": json.dumps(provenance.record("cache", used_settings(cfg), {

@@ -113,3 +113,13 @@ def test_member_logits_rebuilt():
 def test_k_outside_range_is_refused(k):
     with pytest.raises(ValueError, match="k must lie in"):
         topk.compress(np.zeros((2, 1, 5)), k)
+
+
+def test_tail_of_a_rest_far_below_the_kept_classes():
+    """Logits 2000 apart: the rest's share of the softmax underflows, and its log-sum-exp is still exact."""
+    v = np.zeros((2, 1, 6))
+    v[:, 0, 0] = 2000.0
+    v[1, 0, 3] = 1990.0
+    ids, kept, tail = topk.compress(v, 1)
+    assert ids.tolist() == [[0], [0]]
+    assert tail[0, 0] == pytest.approx(math.log(5), abs=1e-6) and tail[1, 0] == pytest.approx(1990.0, abs=1e-3)
