@@ -28,7 +28,11 @@ def t_key(T: float) -> str:
 
 
 def chunk_rows(rows: int, row_bytes: int) -> int:
-    return max(1, min(rows, CHUNK_BYTES // max(1, row_bytes)))
+    """Rows a chunk holds: at most CHUNK_BYTES of whole rows, as even as the rows allow, so the last
+    chunk (which HDF5 allocates whole) is nearly full: 55,000 rows of 20 bytes take 3 chunks of 18,334
+    rows (2 rows spare), not 3 of 26,214 (23,642 spare, 0.47 MB)."""
+    most = max(1, min(rows, CHUNK_BYTES // max(1, row_bytes)))
+    return -(-rows // -(-rows // most)) if rows else 1
 
 
 def _whole_chunks(rows: int, row_bytes: int) -> int:

@@ -270,14 +270,15 @@ def compact_rows(logits: np.ndarray, cfg: CacheConfig, weights: np.ndarray | Non
     the file agrees with itself).  DataError when a logit does not fit ``logits_dtype``."""
     dt = np.dtype(cfg.logits_dtype)
     base = StoredRows(classes, cfg.combine, None if weights is None else tuple(weights.tolist()))
-    if cfg.top_k:
-        ids, kept, tail = topk.compress(logits, cfg.top_k, cfg.combine, weights)
-        kept, tail = kept.astype(dt), tail.astype(dt)
-        rows, stored = {"topk/ids": ids, "topk/logits": kept, "topk/tail": tail}, \
-            dataclasses.replace(base, ids=ids, kept=kept, tail=tail)
-    else:
-        logits = logits.astype(dt, copy=False)
-        rows, stored = {"logits": logits}, dataclasses.replace(base, logits=logits)
+    with np.errstate(over="ignore"):  # a logit beyond the dtype's range becomes inf, refused below
+        if cfg.top_k:
+            ids, kept, tail = topk.compress(logits, cfg.top_k, cfg.combine, weights)
+            kept, tail = kept.astype(dt), tail.astype(dt)
+            rows, stored = {"topk/ids": ids, "topk/logits": kept, "topk/tail": tail}, \
+                dataclasses.replace(base, ids=ids, kept=kept, tail=tail)
+        else:
+            logits = logits.astype(dt, copy=False)
+            rows, stored = {"logits": logits}, dataclasses.replace(base, logits=logits)
     if not all(np.all(np.isfinite(a)) for a in rows.values() if a.dtype.kind == "f"):
         raise DataError(f"a teacher's logits exceed the range of {cfg.logits_dtype} (|logit| > "
                         f"{float(np.finfo(dt).max):g}); build with --logits-dtype float32")
