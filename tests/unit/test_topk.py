@@ -123,3 +123,37 @@ def test_tail_of_a_rest_far_below_the_kept_classes():
     ids, kept, tail = topk.compress(v, 1)
     assert ids.tolist() == [[0], [0]]
     assert tail[0, 0] == pytest.approx(math.log(5), abs=1e-6) and tail[1, 0] == pytest.approx(1990.0, abs=1e-3)
+
+
+def test_the_one_derivation_reads_stored_targets_or_derives_them():
+    """pipeline.soft.targets: stored targets at T as they are; else the logits' or the top-k's targets."""
+    from pipeline.formats.cache import StoredRows
+
+    rng = np.random.default_rng(3)
+    v = rng.normal(0, 2, (6, 2, 9)).astype(np.float16)
+    base = StoredRows(9, "arithmetic", (0.75, 0.25))
+    full = StoredRows(9, "arithmetic", (0.75, 0.25), logits=v)
+    np.testing.assert_array_equal(soft.targets(full, 3.0), soft.combine_soft_targets(v, 3.0, "arithmetic", (3, 1)))
+    stored = StoredRows(9, "arithmetic", None, logits=v, soft=np.full((6, 9), 1 / 9, np.float32), soft_T=3.0)
+    assert np.all(soft.targets(stored, 3.0) == np.float32(1 / 9))  # read, not recomputed
+    np.testing.assert_array_equal(soft.targets(stored, 3.0, use_stored=False), soft.combine_soft_targets(v, 3.0))
+    np.testing.assert_array_equal(soft.targets(stored, 2.0), soft.combine_soft_targets(v, 2.0))  # another T
+    ids, kept, tail = topk.compress(v.astype(np.float32), 4, "arithmetic", (3, 1))
+    k = StoredRows(9, "arithmetic", (0.75, 0.25), ids=ids, kept=kept, tail=tail)
+    np.testing.assert_array_equal(soft.targets(k, 2.0), topk.rebuild(ids, kept, tail, 9, 2.0, "arithmetic", (3, 1)))
+    with pytest.raises(ValueError, match="no logits, no top-k"):
+        soft.targets(base, 1.0)
+
+
+def test_member_predictions_of_a_top_k_row():
+    """A member whose even tail logit is above its kept ones predicts a tail class: -1, never a label."""
+    from pipeline.formats.cache import StoredRows
+
+    v = np.array([[[5.0, 1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 3.0, 3.0, 3.0]]])  # member 1's mass is in the tail
+    ids, kept, tail = topk.compress(v, 2)
+    s = StoredRows(5, "arithmetic", None, ids=ids, kept=kept, tail=tail)
+    assert ids.tolist() == [[0, 2]] and soft.member_predictions(s).tolist() == [[0, 2]]
+    ids, kept, tail = topk.compress(v, 1)
+    s = StoredRows(5, "arithmetic", None, ids=ids, kept=kept, tail=tail)
+    assert soft.member_predictions(s).tolist() == [[0, -1]]
+    assert soft.member_predictions(StoredRows(5, "arithmetic", None, logits=v)).tolist() == [[0, 2]]
