@@ -33,14 +33,15 @@ def test_a_failed_write_never_lets_committed_rows_advance(tmp_path, monkeypatch)
     before the counter, and every write after it is dropped: the file on disk keeps the batches
     committed before the fault, readable, which is what a resume trusts."""
     from pipeline.formats import h5write
-    from pipeline.formats.cache import CacheWriter
+    from pipeline.formats.cache import CacheLayout
+    from pipeline.formats.cache_writer import CacheWriter
 
     path = tmp_path / "c.h5.partial"
     rng = np.random.default_rng(0)
     batch = [(rng.standard_normal((10000, 2, 10), dtype=np.float32), rng.random((10000, 10), dtype=np.float32),
               rng.integers(0, 10, 10000)) for _ in range(2)]
-    w = CacheWriter.create(path, {"test": 1}, 40000, 2, 10, (1.0,))
-    w.put(0, batch[0][0], {1.0: batch[0][1]}, batch[0][2])
+    w = CacheWriter.create(path, {"test": 1}, CacheLayout(40000, 2, 10, "float32", soft_temperatures=(1.0,)))
+    w.put(0, {"logits": batch[0][0], "soft/1": batch[0][1]}, batch[0][2])
     w.commit(10000)
 
     def disk_full(self, view, at):
@@ -48,7 +49,7 @@ def test_a_failed_write_never_lets_committed_rows_advance(tmp_path, monkeypatch)
 
     monkeypatch.setattr(h5write.GuardedFile, "_pwrite_all", disk_full)
     with pytest.raises(OSError) as failed:
-        w.put(10000, batch[1][0], {1.0: batch[1][1]}, batch[1][2])
+        w.put(10000, {"logits": batch[1][0], "soft/1": batch[1][1]}, batch[1][2])
         w.commit(20000)
     assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(path)
     w.close()  # no second exception: HDF5 closed a file whose every write "succeeded"
