@@ -52,6 +52,7 @@ def main() -> None:
         "students": {tag: {"test_accuracy": float(np.mean(p == yt)),
                            "agreement_with_teacher": float(np.mean(p == teacher))} for tag, p in preds.items()},
         "agreement_between_students": float(np.mean(preds["float32"] == preds["float16"])),
+        "teacher_test_accuracy": float(np.mean(teacher == yt)),
         "inputs": {k: str(getattr(a, k)) for k in ("prepared", "teacher", "cache32", "cache16", "student32",
                                                    "student16")},
     }
