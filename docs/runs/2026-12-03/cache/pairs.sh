@@ -10,7 +10,7 @@ R=docs/runs/2026-12-03/cache
 mkdir -p $C/students $R/students
 [ -f $P ] || { python scripts/fashion_pairs.py --out data/pairs.npz &&
   $D prepare --npz data/pairs.npz --layout nchw --classes 100 --out $P; }
-[ -f $T ] || nice -n 10 $D teacher --prepared $P --out $T --members 2 --arch cnn:32-64-128 --epochs 8 --max-shift 1 \
+[ -f $T ] || nice -n 10 $D teacher --prepared $P --out $T --members 2 --arch cnn:32-64-128 --epochs 5 --max-shift 1 \
   --precision auto --threads 1 2> $R/pairs-teacher.log
 cache() {  # name, extra options
   name=$1; shift
