@@ -24,7 +24,8 @@ from tests.conftest import BIG_ROWS
 from tests.faultkit import content_digest, exit7, linear_model, run_limited, unpublished
 
 EFBIG = "file too large for this process's file-size limit (EFBIG"
-BIG_CACHE = ["--temperatures", "1,2,4", "--batch-size", "1024", "--device", "cpu", "--threads", "1"]  # as big_transfer
+BIG_CACHE = ["--temperatures", "1,2,4", "--batch-size", "1024", "--device", "cpu", "--threads", "1", "--store-soft",
+             "--logits-dtype", "float32"]  # as big_transfer
 TEACHER = ["--members", "2", "--arch", "mlp:32", "--epochs", "2", "--threads", "1", "--max-shift",
            "1"]  # tiny_teacher's
 
