@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from commands.main import DefaultGroup, PathArg, say, stage_command
+from commands.main import DefaultGroup, PathArg, importing, say, stage_command
 from stages.bench.settings import BenchConfig, FidelityConfig, PickConfig
 
 TEACHER_HELP = ("teacher ONNX file, optionally with its input contract: PATH[:key=value,...] as `distill cache "
@@ -43,7 +43,8 @@ def bench() -> None:
               help="PNG: throughput against batch size [default: none]")
 def bench_run(cfg, teacher_path, candidates, prepared, out, markdown, csv_path, torch_models, plot_accuracy,
               plot_throughput):
-    from stages.bench import benchmark
+    with importing("the bench stage"):
+        from stages.bench import benchmark
 
     benchmark(cfg, teacher_path, _candidates(candidates), prepared, out,
               markdown or out.with_suffix(".md"), csv_path or out.with_suffix(".csv"), log=say,
@@ -55,7 +56,8 @@ def bench_run(cfg, teacher_path, candidates, prepared, out, markdown, csv_path, 
 @click.option("--report", type=PathArg, required=True, help="bench report JSON (from `distill bench`)")
 @click.option("--out", type=PathArg, default=None, help="also write the decision as JSON here [default: none]")
 def bench_pick(cfg, report, out):
-    from stages.bench import pick_model
+    with importing("the bench stage"):
+        from stages.bench import pick_model
 
     pick_model(cfg, report, out, echo=click.echo)
 
@@ -68,6 +70,7 @@ def bench_pick(cfg, report, out):
 @click.option("--prepared", type=PathArg, required=True, help="prepared dataset (test rows)")
 @click.option("--out", type=PathArg, required=True, help="fidelity JSON to write")
 def bench_fidelity(cfg, teacher_path, student, student_int8, prepared, out):
-    from stages.bench import check_fidelity
+    with importing("the bench stage"):
+        from stages.bench import check_fidelity
 
     check_fidelity(cfg, teacher_path, student, student_int8, prepared, out, log=say)

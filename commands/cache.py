@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from commands.main import DefaultGroup, PathArg, say, stage_command
+from commands.main import DefaultGroup, PathArg, importing, say, stage_command
 from stages.cache.settings import (
     AddTemperatureConfig,
     CacheBenchConfig,
@@ -22,8 +22,10 @@ TEACHER_HELP = ("teacher ONNX file, optionally with its input contract: PATH[:in
 
 
 def _plot_cache(cache: Path, plot: Path) -> None:
-    from pipeline.formats.cache import open_cache
-    from stages.cache import plot_diagnostics
+    with importing("pipeline.formats.cache"):
+        from pipeline.formats.cache import open_cache
+    with importing("the cache stage"):
+        from stages.cache import plot_diagnostics
 
     plot_diagnostics(open_cache(cache).diagnostics(), plot)
 
@@ -40,7 +42,8 @@ def cache() -> None:
               "<out stem>.part<i>of<n><suffix>)")
 @click.option("--plot", type=PathArg, default=None, help="also plot entropy and accuracy against T to this PNG")
 def cache_build(cfg, teachers, transfer_set, out, plot):
-    from stages.cache import cache_soft_targets
+    with importing("the cache stage"):
+        from stages.cache import cache_soft_targets
 
     written = cache_soft_targets(cfg, list(teachers), transfer_set, out, log=say)
     if plot is not None:
@@ -53,7 +56,8 @@ def cache_build(cfg, teachers, transfer_set, out, plot):
               help="write the extended cache here [default: replace FILE atomically]")
 @click.option("--plot", type=PathArg, default=None, help="also plot entropy and accuracy against T to this PNG")
 def cache_add_temperature(cfg, cache_path, out, plot):
-    from stages.cache import add_temperature
+    with importing("the cache stage"):
+        from stages.cache import add_temperature
 
     written = add_temperature(cfg, cache_path, out, log=say)
     if plot is not None:
@@ -67,7 +71,8 @@ def cache_add_temperature(cfg, cache_path, out, plot):
                    "cache recorded, so a declaration (PATH:...) is only checked against that record")
 @click.option("--transfer-set", type=PathArg, required=True, help="prepared dataset the cache was built from")
 def cache_verify(cfg, cache_path, teachers, transfer_set):
-    from stages.cache import verify
+    with importing("the cache stage"):
+        from stages.cache import verify
 
     verify(cfg, cache_path, list(teachers), transfer_set, log=say)
 
@@ -77,7 +82,8 @@ def cache_verify(cfg, cache_path, teachers, transfer_set):
               help="a shard's part file (repeat for each)")
 @click.option("--out", type=PathArg, required=True, help="merged cache HDF5 file to write")
 def cache_merge(cfg, parts, out):
-    from stages.cache import merge
+    with importing("the cache stage"):
+        from stages.cache import merge
 
     merge(cfg, list(parts), out, log=say)
 
@@ -86,7 +92,8 @@ def cache_merge(cfg, parts, out):
 @click.option("--work", type=PathArg, required=True, help="folder for the synthetic inputs")
 @click.option("--out", type=PathArg, required=True, help="report JSON to write")
 def cache_bench(cfg, work, out):
-    from stages.cache import bench_speed
+    with importing("the cache stage"):
+        from stages.cache import bench_speed
 
     bench_speed(cfg, work, out, log=say)
 
@@ -95,6 +102,7 @@ def cache_bench(cfg, work, out):
 @click.option("--work", type=PathArg, required=True, help="folder for the synthetic inputs (GBs at 1M rows)")
 @click.option("--out", type=PathArg, required=True, help="report JSON to write")
 def cache_bench_scale(cfg, work, out):
-    from stages.cache import bench_scale
+    with importing("the cache stage"):
+        from stages.cache import bench_scale
 
     bench_scale(cfg, work, out, log=say)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from commands.main import PathArg, say, stage_command
+from commands.main import PathArg, importing, say, stage_command
 from stages.export.settings import ExportConfig
 
 
@@ -23,7 +23,8 @@ from stages.export.settings import ExportConfig
 def export(cfg, checkpoint, transfer_set, out, out_int8, report, out_dynamic, out_fp16, teacher, mobile_dir):
     out_int8 = out_int8 or out.with_suffix(".int8.onnx")
     report = report or out.with_suffix(".export.json")
-    from stages.export import export_student
+    with importing("the export stage"):
+        from stages.export import export_student
 
     export_student(cfg, checkpoint, transfer_set, out, out_int8, report, log=say, teacher=teacher,
                    out_dynamic=out_dynamic, out_fp16=out_fp16, mobile_dir=mobile_dir or out.with_suffix(".mobile"))

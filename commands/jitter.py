@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from commands.main import PathArg, say, stage_command
+from commands.main import PathArg, importing, say, stage_command
 from stages.jitter.settings import JitterConfig
 
 
@@ -11,6 +11,7 @@ from stages.jitter.settings import JitterConfig
 @click.option("--prepared", type=PathArg, required=True, help="prepared dataset (from `distill prepare`)")
 @click.option("--out", type=PathArg, required=True, help="prepared HDF5 file to write (the enlarged transfer set)")
 def jitter(cfg, prepared, out):
-    from stages.jitter import jitter_transfer_set
+    with importing("the jitter stage"):
+        from stages.jitter import jitter_transfer_set
 
     jitter_transfer_set(cfg, prepared, out, log=say)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from commands.main import PathArg, say, stage_command
+from commands.main import PathArg, importing, say, stage_command
 from stages.prepare.settings import PrepareConfig
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -22,7 +22,8 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 def prepare(cfg, source, npz, image_folder, out):
     if source is None and npz is None and image_folder is None:
         source = FASHION_MNIST
-    from stages.prepare import prepare_dataset
+    with importing("the prepare stage"):
+        from stages.prepare import prepare_dataset
 
     prepare_dataset(cfg, out, source=source, npz=npz, image_folder=image_folder, log=say)
     say(f"prepared -> {out}")

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import click
 
-from commands.main import DefaultGroup, PathArg, say, stage_command
+from commands.main import DefaultGroup, PathArg, importing, say, stage_command
 from stages.student.settings import ExperimentConfig, StudentBenchConfig, StudentConfig, SweepConfig
 
 
@@ -29,7 +29,8 @@ def student() -> None:
 @click.option("--metrics", type=PathArg, default=None, help="metrics JSON [default: <out>.metrics.json]")
 def student_train(cfg, cache_path, transfer_set, out, metrics):
     metrics = metrics or out.with_suffix(".metrics.json")
-    from stages.student import distill_student
+    with importing("the student stage"):
+        from stages.student import distill_student
 
     distill_student(cfg, cache_path, transfer_set, out, metrics, log=say)
 
@@ -43,7 +44,8 @@ def student_train(cfg, cache_path, transfer_set, out, metrics):
 @click.option("--teacher", type=PathArg, default=None, help="teacher ONNX of the cache: adds its test accuracy "
               "and the fraction of the gap closed")
 def student_sweep(cfg, cache_path, transfer_set, work_dir, csv_path, markdown, plot, teacher):
-    from stages.student import run_sweep
+    with importing("the student stage"):
+        from stages.student import run_sweep
 
     run_sweep(cfg, cache_path, transfer_set, work_dir, csv_path, markdown or csv_path.with_suffix(".md"),
               plot or csv_path.with_suffix(".png"), teacher, log=say)
@@ -54,7 +56,8 @@ def student_sweep(cfg, cache_path, transfer_set, work_dir, csv_path, markdown, p
 @click.option("--work-dir", type=PathArg, required=True, help="folder for every student's checkpoint and metrics")
 @click.option("--markdown", type=PathArg, required=True, help="Markdown table to write (+ <stem>.json)")
 def student_experiment(cfg, cache_path, transfer_set, work_dir, markdown):
-    from stages.student import run_experiment
+    with importing("the student stage"):
+        from stages.student import run_experiment
 
     run_experiment(cfg, cache_path, transfer_set, work_dir, markdown, log=say)
 
@@ -66,6 +69,7 @@ def student_experiment(cfg, cache_path, transfer_set, work_dir, markdown):
 @click.option("--views-cache", type=PathArg, default=None, help="a views cache of the same transfer set: adds the "
               "views mode (one view per row per epoch, re-made on the fly)")
 def student_bench(cfg, cache_path, transfer_set, teacher, out, views_cache):
-    from stages.student import bench_student
+    with importing("the student stage"):
+        from stages.student import bench_student
 
     bench_student(cfg, cache_path, transfer_set, teacher, out, log=say, views_cache=views_cache)

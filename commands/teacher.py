@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from commands.main import PathArg, say, stage_command
+from commands.main import PathArg, importing, say, stage_command
 from stages.teacher.settings import TeacherConfig
 
 
@@ -11,6 +11,7 @@ from stages.teacher.settings import TeacherConfig
 @click.option("--prepared", type=PathArg, required=True, help="prepared dataset (from `distill prepare`)")
 @click.option("--out", type=PathArg, required=True, help="ensemble ONNX file; member checkpoints go beside it")
 def teacher(cfg, prepared, out):
-    from stages.teacher import train_teachers
+    with importing("the teacher stage"):
+        from stages.teacher import train_teachers
 
     train_teachers(cfg, prepared, out, log=say)

@@ -95,7 +95,10 @@ def load(cls: type[C], config_file: Path | None, overrides: dict[str, Any],
     values: dict[str, Any] = {}
     if config_file is not None:
         try:
-            values = json.loads(Path(config_file).read_text())
+            values = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{config_file}: cannot read settings: not UTF-8 text (byte {e.start}); a --config "
+                             "file is JSON") from None
         except (OSError, json.JSONDecodeError) as e:
             raise UsageError(f"{config_file}: cannot read settings: {e}") from None
         if not isinstance(values, dict):
@@ -168,13 +171,21 @@ def require(cond: bool, message: str) -> None:
 
 
 def require_temperatures(temperatures: Any, name: str = "temperature") -> None:
-    """Every command's temperature check: :func:`pipeline.soft.check_temperature` (finite and > 0) on
-    each value, as a UsageError (exit 2).  ``inf`` parses as a float and NaN compares false with
+    """Every command's temperature check: :func:`pipeline.soft.check_temperature` (finite and >= its
+    floor) on each value, as a UsageError (exit 2), and no temperature given twice (``3,3`` or
+    ``2,2.0000001``, one name in a cache).  ``inf`` parses as a float and NaN compares false with
     everything, so ``t > 0`` alone would let them through to a traceback deep in a writer thread."""
+    from pipeline.formats.cache import t_key  # a temperature's name in a cache
     from pipeline.soft import check_temperature
 
-    for t in temperatures if isinstance(temperatures, (tuple, list)) else (temperatures,):
+    values = temperatures if isinstance(temperatures, (tuple, list)) else (temperatures,)
+    for t in values:
         try:
             check_temperature(t)
         except ValueError as e:
             raise UsageError(f"{name}: {e}") from None
+    names = [t_key(t) for t in values]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UsageError(f"{name}: T={', '.join(repeated)} given more than once (temperatures are told apart to six "
+                         "significant digits)")

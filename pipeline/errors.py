@@ -14,6 +14,7 @@ code  class                  meaning
                              quota, read-only or unwritable folder, I/O error), the disk
                              cannot hold what a stage will write, or memory ran out
 8     NothingFits            no model meets the budgets of ``distill bench pick``
+130   Interrupted            Ctrl-C (SIGINT); the line says what was kept
 ====  =====================  ==========================================================
 
 Code 7 says "nothing is wrong with your inputs or settings; the machine ran out": a script can free
@@ -55,3 +56,10 @@ class ResourceError(PipelineError):
 
 class NothingFits(PipelineError):
     exit_code = 8
+
+
+class Interrupted(PipelineError):
+    """Ctrl-C, as a stage words it when it has something to say (what was kept, how a rerun resumes);
+    the command line answers a bare KeyboardInterrupt with the same exit code."""
+
+    exit_code = 130

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import resources
 from pipeline.errors import UsageError
 from pipeline.specs import parse_spec
 
@@ -32,7 +33,19 @@ if TYPE_CHECKING:
 
 
 def build(spec: str, input_shape: tuple[int, ...], classes: int) -> nn.Module:
-    """The network for ``spec`` taking ``[batch, *input_shape]`` float32 and returning logits."""
+    """The network for ``spec`` taking ``[batch, *input_shape]`` float32 and returning logits.  A network
+    whose weights alone do not fit in memory is one ResourceError (exit 7) saying that only a smaller
+    architecture helps: no batch size or memory budget shrinks it."""
+    try:
+        return _build(spec, input_shape, classes)
+    except Exception as e:
+        if not resources.is_memory_error(e):
+            raise
+        raise resources.memory_failure(e, f"the network {spec} itself does not fit: only a smaller architecture "
+                                          "helps (no batch size or memory budget shrinks its weights)") from None
+
+
+def _build(spec: str, input_shape: tuple[int, ...], classes: int) -> nn.Module:
     parsed = parse_spec(spec)
     kind, widths, dropout = parsed.kind, parsed.widths, parsed.dropout
     if kind == "mlp":

@@ -80,13 +80,53 @@ def check_recorded_inputs(rec: dict[str, Any], what: str, rebuild: str, skip: tu
     for name, entry in sorted(rec.get("inputs", {}).items()):
         path = Path(entry.get("path", ""))
         if name not in skip and entry.get("path") and path.is_file():
-            check_hash(path, entry["sha256"], f"{name}, an input of {what},", rebuild)
+            check_lineage(path, entry, f"{name}, an input of {what}", rebuild)
 
 
-def check_hash(path: Path, expected: str, what: str, rebuild: str) -> None:
-    """Refuse ``path`` unless its sha256 is ``expected``; the message names the make target."""
+def recorded_input(rec: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The entry ``{"path", "sha256"}`` of input ``name`` in provenance ``rec``, or None."""
+    entry = (rec or {}).get("inputs", {}).get(name)
+    return entry if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) else None
+
+
+def splits_source(rec: dict[str, Any]) -> str | None:
+    """The sha256 of the prepared file whose val and test splits and normalisation a prepared file with
+    provenance ``rec`` copies bit for bit (a jittered transfer set's source, ``distill jitter``), or None."""
+    entry = recorded_input(rec, "prepared") if (rec or {}).get("stage") == "jitter" else None
+    return entry["sha256"] if entry else None
+
+
+def trained_on(rec: dict[str, Any]) -> list[str | None]:
+    """The transfer sets a student (its checkpoint's provenance ``rec``) may be exported or scored with: the
+    one it was trained on, and the file that one was jittered from (the same val and test splits and
+    normalisation, bit for bit; ``transfer_source_sha256``, recorded by the student stage)."""
+    entry = recorded_input(rec, "transfer_set")
+    return [entry["sha256"] if entry else None, (rec or {}).get("transfer_source_sha256")]
+
+
+def check_lineage(path: Path, recorded: str | dict[str, Any] | list[str | None] | None, what: str,
+                  rebuild: str) -> None:
+    """The lineage check of every stage that reads an artifact made from another: refuse (IntegrityError,
+    exit 4) unless ``path`` is the very file whose sha256 was ``recorded`` when ``what`` was made from it.
+
+    ``recorded`` is a sha256, a provenance entry ``{"path", "sha256"}`` (its path is then named too),
+    or a list of sha256 any of which is the file (a transfer set and the prepared file it was jittered
+    from, whose val and test splits and normalisation it copies: :func:`splits_source`); None (the
+    artifact records no such input) is refused as well: nothing to check it against.  The message
+    names both files and the make target that rebuilds what depends on them.
+    """
+    if isinstance(recorded, list):
+        accepted, was = [r for r in recorded if r], None
+    else:
+        entry = recorded if isinstance(recorded, dict) else {"sha256": recorded}
+        accepted, was = [entry["sha256"]] if entry.get("sha256") else [], entry.get("path")
+    if not accepted:
+        raise IntegrityError(f"{path}: {what} records no sha256 to check this file against; rebuild with "
+                             f"`{rebuild}`")
     actual = sha256_file(path)
-    if actual != expected:
+    if actual not in accepted:
+        made = f" (recorded from {was})" if was and Path(was) != Path(path) else ""
+        also = " (nor the file it was jittered from)" if len(accepted) > 1 else ""
         raise IntegrityError(
-            f"{path}: {what} has changed since it was recorded (sha256 {actual[:12]} != {expected[:12]}); "
-            f"rebuild with `{rebuild}`")
+            f"{path}: not the file {what} was made from{also}: sha256 {actual[:12]} != recorded "
+            f"{accepted[0][:12]}{made}; give that file, or rebuild with `{rebuild}`")

@@ -30,13 +30,18 @@ WRITE_ERRNOS = {  # what each means for a write, in words
     errno.EDQUOT: "disk quota exceeded",
     errno.EROFS: "read-only file system",
     errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted (an immutable file or folder, chattr +i?)",
+    errno.ENOTDIR: "not a directory (a folder on the path is a file)",
+    errno.EISDIR: "is a directory",
     errno.EIO: "input/output error (a failing disk or a lost network mount)",
 }
 _STRERROR = {os.strerror(n): n for n in WRITE_ERRNOS}  # how libraries that give only text say it
 _ERRNO_TEXT = re.compile(r"errno\s*=\s*(\d+)|\[Errno (\d+)\]")
 _HDF5_FILE = re.compile(r"filename = '([^']+)'")
 _MEMORY_TEXT = ("can't allocate memory", "Cannot allocate memory", "Failed to allocate memory", "bad_alloc",
-                "bad allocation", "can't start new thread", "out of memory")
+                "bad allocation", "can't start new thread", "out of memory",
+                "memory allocation failed",  # HDF5's words for a failed malloc, inside h5py's OSError
+                "failed to map segment from shared object")  # dlopen under an address-space limit (importing torch)
 _SIZE = (re.compile(r"Unable to allocate ([\d.]+\s*\w+)"), re.compile(r"allocate (\d+) bytes"),
          re.compile(r"buffer of size (\d+)"))
 
@@ -148,7 +153,7 @@ def is_memory_error(exc: BaseException) -> bool:
     """numpy's MemoryError, torch's and onnxruntime's allocator errors, a thread that cannot start."""
     if isinstance(exc, MemoryError):
         return True
-    if isinstance(exc, OSError):
+    if isinstance(exc, OSError) and exc.errno is not None:
         return exc.errno == errno.ENOMEM
     return isinstance(exc, Exception) and any(t in str(exc) for t in _MEMORY_TEXT)
 

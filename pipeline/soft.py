@@ -55,13 +55,36 @@ _TINY32 = float(np.finfo(np.float32).tiny)
 ECE_BINS = 15
 
 
+#: The lowest temperature, the one definition of the range every command accepts: [T_MIN, inf).
+#:
+#: Why 1e-3, from float32 arithmetic (the student divides its float32 logits by T):
+#:
+#: - no overflow: ``z / T`` stays finite for every ``|z| <= FLT_MAX * T = 3.4e38 * 1e-3 = 3.4e35``, far
+#:   beyond any logit a trained network gives (``tests/faults/test_faults_numeric.py`` trains on logits of
+#:   1e30 at this T); at T = 1e-38 a logit of 4 already overflows, and ``inf - inf`` in the softmax is NaN;
+#: - no underflow of the scale: ``T^2 = 1e-6`` is a normal float32 (smallest normal 1.2e-38), so the
+#:   ``T^2``-scaled soft term keeps its 24 bits;
+#: - nothing lost: at T = 1e-3 two logits 0.104 apart already give ``exp(-104) < 1.4e-45``, below the
+#:   smallest float32 (subnormal), so the tempered softmax is one-hot in float32 for any logits that
+#:   differ by more than a tenth: a lower T gives the same targets, only closer to overflow.
+#:
+#: No ceiling is needed for the soft targets (computed in float64 for any T); in the student ``T^2``
+#: overflows float32 only beyond ``sqrt(FLT_MAX) = 1.8e19``, and a loss that is not finite stops
+#: training (:mod:`stages.student.train`).
+T_MIN = 1e-3
+
+
 def check_temperature(T: float) -> float:
+    """``T`` as a float; ValueError unless it is finite and ``>= T_MIN`` (the range above)."""
     try:
         T = float(T)
     except (TypeError, ValueError):
         raise ValueError(f"temperature must be a number, got {T!r}") from None
     if not math.isfinite(T) or T <= 0:
         raise ValueError(f"temperature must be finite and > 0, got {T!r}")
+    if T < T_MIN:
+        raise ValueError(f"temperature must be >= {T_MIN:g}: below it a student's float32 logits / T overflow (and "
+                         f"the targets are one-hot anyway), got {T!r}")
     return T
 
 

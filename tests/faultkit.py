@@ -8,6 +8,10 @@ memory-ceiling tests set their ``RLIMIT_AS`` from.
 
     python -m tests.faultkit prepared|cache ORIGINAL WORKDIR SEED COUNT
     python -m tests.faultkit vmpeak DISTILL-ARGS...
+    python -m tests.faultkit publish FOLDER GENERATION KILL_AT
+
+``publish`` publishes a set of three files and kills itself with SIGKILL at a given step of the
+publication (:func:`publication_steps`); in-process, the same steps raise :class:`Killed` instead.
 """
 from __future__ import annotations
 
@@ -155,6 +159,57 @@ def external_model(path: Path, location: str, data_file: Path | None = None) -> 
     return Path(path)
 
 
+# ------------------------------------------------------------------------------------ publication
+class Killed(BaseException):
+    """In-process stand-in for SIGKILL: raised from inside a set's publication, caught by nothing in the
+    code under test (a publication past its commit point runs no cleanup: a kill leaves what it leaves)."""
+
+
+def publication_steps(at: int, hard: bool = False):
+    """A replacement for :func:`pipeline.artifacts._apply` that stops the publication of a set of files
+    just before its ``at``-th change of the filesystem (an unlink or a rename, counted from 0 after
+    the journal, the commit point, is written): SIGKILL of this process (``hard``) or :class:`Killed`.
+    Install it with ``monkeypatch.setattr(artifacts, "_apply", publication_steps(k))``."""
+    from pipeline import artifacts
+
+    real = artifacts._apply
+
+    def apply(journal, recovering=False, fresh=frozenset()):
+        count, replace, unlink = [0], os.replace, os.unlink
+
+        def counted(fn):
+            def step(*a, **kw):
+                if count[0] == at:
+                    if hard:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    raise Killed(f"killed before step {at} of the publication")
+                count[0] += 1
+                return fn(*a, **kw)
+            return step
+
+        os.replace, os.unlink = counted(replace), counted(unlink)
+        try:
+            return real(journal, recovering, fresh)
+        finally:
+            os.replace, os.unlink = replace, unlink
+
+    return apply
+
+
+def publish_generation(folder: Path, generation: str, kill_at: int | None = None) -> None:
+    """Publish files ``a.txt``, ``b.txt`` and make's target ``t.txt`` in ``folder`` as one set, each
+    holding ``generation``; ``kill_at``: SIGKILL this process at that step (:func:`publication_steps`)."""
+    from pipeline import artifacts
+
+    if kill_at is not None:
+        artifacts._apply = publication_steps(kill_at, hard=True)
+    target = folder / "t.txt"
+    artifacts.claim(target)
+    with artifacts.publish_together(target) as s:
+        for name in ("a.txt", "b.txt", "t.txt"):
+            artifacts.write_text(folder / name, generation, into=s)
+
+
 # ------------------------------------------------------------------------------------ processes
 def start_cli(*args, env: dict | None = None, throttle_s: float | None = None, **kw) -> subprocess.Popen:
     """``python -m commands ARGS`` in its own process group (so the test can kill stragglers).
@@ -261,6 +316,8 @@ def _reap_group(proc: subprocess.Popen) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "vmpeak":
         _vmpeak(sys.argv[2:])
+    elif sys.argv[1] == "publish":  # python -m tests.faultkit publish FOLDER GENERATION KILL_AT
+        publish_generation(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
     else:
         kind, original, workdir, seed, count = sys.argv[1:6]
         child(kind, Path(original), Path(workdir), int(seed), int(count))

@@ -36,7 +36,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import write_json
+from pipeline.artifacts import OutputSet, write_json
 from pipeline.errors import DataError
 
 SCHEMA = "kd-bench/1"
@@ -101,14 +101,15 @@ def check(report: dict) -> None:
             _need(r["steady"], STEADY, f"{where}.runs[{i}].steady")
 
 
-def write_bench_report(path: Path, report: dict) -> Path:
-    """Check ``report`` against the schema (adding the schema tag) and write it atomically."""
+def write_bench_report(path: Path, report: dict, into: OutputSet | None = None) -> Path:
+    """Check ``report`` against the schema (adding the schema tag) and write it atomically (alone, or
+    as part of the set ``into``)."""
     report = {"schema": SCHEMA, **report}
     try:
         check(report)
     except ValueError as e:
         raise AssertionError(f"bench report does not follow {SCHEMA}: {e}") from None  # a bug, not bad input
-    return write_json(Path(path), report)
+    return write_json(Path(path), report, into)
 
 
 def read_bench_report(path: Path) -> dict:

@@ -184,13 +184,6 @@ class CacheInfo:
             return {T: {k: float(v) for k, v in f[f"diagnostics/{t_key(T)}"].attrs.items()}
                     for T in self.temperatures if f"diagnostics/{t_key(T)}" in f}
 
-    def check_built_from(self, transfer_set: Path, transfer_sha256: str) -> None:
-        """IntegrityError (stale) unless the cache was built from the file whose sha256 is given."""
-        if transfer_sha256 != self.transfer_sha256:
-            raise IntegrityError(
-                f"{transfer_set}: the transfer set has changed since the cache {self.path} was built from it "
-                f"(sha256 {transfer_sha256[:12]} != {self.transfer_sha256[:12]}); rebuild with `{REBUILD}`")
-
 
 def layout_of(f: h5py.File, version: int | None = None) -> CacheLayout:
     """The layout a file's attributes declare (a kd-cache/1 file: its logits, soft targets and labels)."""

@@ -4,10 +4,14 @@ the reader), and the additions ``add-temperature`` makes to a finished file of e
 Crash safety: rows are written in batches (:meth:`CacheWriter.put`); after each batch the data is
 flushed, then ``committed_rows`` advanced, flushed and the file fsynced (:meth:`CacheWriter.commit`),
 so a committed row is always on disk and a killed writer resumes after its last committed batch.
-What one batch wrote, dataset by dataset, is :meth:`CacheWriter.spans` (the labels of a views cache
-are per transfer row, so their span is not the batch's rows): the unit a per-batch checksum covers.
-The seal is written last; readers verify it before returning anything, so a finished cache that
-changed since is refused as corrupt.
+Each commit also chains the sha256 of what it commits onto ``committed_sha256``
+(``sha256(previous chain + sha256 of the batch's rows of every row dataset, in name order)``), and a
+resume recomputes the chain over the committed rows before it appends: a partial edited after a kill
+is restarted, never sealed in.  What one batch wrote, dataset by dataset, is
+:meth:`CacheWriter.spans` (the labels of a views cache are per transfer row, so their span is not
+the batch's rows): the unit the chain covers.  The chain is resume state, not content: it is removed
+before the seal.  The seal is written last; readers verify it before returning anything, so a
+finished cache that changed since is refused as corrupt.
 
 A failed write (full disk, file-size limit) is raised as the OSError it was, at the latest by the
 commit of its batch and before ``committed_rows`` can advance (:mod:`pipeline.formats.h5write`: HDF5
@@ -16,6 +20,7 @@ exactly the batches committed before the fault and a rerun resumes after them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +33,8 @@ from pipeline.formats import h5seal
 from pipeline.formats.cache import SCHEMA, layout_of
 from pipeline.formats.cache_layout import CacheLayout, RowReader, chunk_rows, recorded_weights, t_key
 from pipeline.formats.h5write import H5Output
+
+CHAIN = "committed_sha256"  # a partial's checksum chain over its commits (removed before the seal)
 
 
 class CacheWriter:
@@ -58,8 +65,9 @@ class CacheWriter:
         return cls(out, layout)
 
     @classmethod
-    def resume(cls, path: Path, identity: dict, log: Callable[[str], None]) -> CacheWriter | None:
-        """Reopen a partial cache made from the same inputs and settings, else None (restart), saying
+    def resume(cls, path: Path, identity: dict, log: Callable[[str], None], step: int) -> CacheWriter | None:
+        """Reopen a partial cache made from the same inputs and settings whose committed rows still match
+        their checksum chain (commits of ``step`` rows, the stage's batch), else None (restart), saying
         which in the log."""
         if path.stat().st_size == 0:  # just created by the lock: nothing to resume
             return None
@@ -70,11 +78,16 @@ class CacheWriter:
             return None
         f = out.f
         try:
-            if (f.attrs.get("schema") == SCHEMA and json.loads(f.attrs["identity"]) == identity
-                    and "teacher_probabilities" in f.attrs):
-                log(f"resuming {path} at row {int(f.attrs['committed_rows'])} (its last committed batch)")
-                return cls(out, layout_of(f))
-            log(f"{path}: made from other inputs or settings; restarting from row 0")
+            if (f.attrs.get("schema") != SCHEMA or json.loads(f.attrs["identity"]) != identity
+                    or "teacher_probabilities" not in f.attrs):
+                log(f"{path}: made from other inputs or settings; restarting from row 0")
+            else:
+                w = cls(out, layout_of(f))
+                if w.attrs.get(CHAIN, "") == w.chain(0, w.committed_rows, step, b""):
+                    log(f"resuming {path} at row {w.committed_rows} (its last committed batch)")
+                    return w
+                log(f"{path}: its {w.committed_rows} committed rows no longer match their checksums (changed "
+                    "since they were written?); restarting from row 0")
         except (OSError, KeyError, ValueError, RuntimeError):
             log(f"{path}: unreadable partial cache (killed writer?); restarting from row 0")
         out.close()
@@ -124,12 +137,26 @@ class CacheWriter:
         self.out.check()
 
     def commit(self, rows: int) -> None:
-        """Data before the counter: flush, advance ``committed_rows``, flush, fsync (h5py's flush
-        reaches the OS only; the counter must survive a crash).  A failed write of the data is raised
-        by the first flush, before the counter changes."""
+        """Data before the counter: flush, advance ``committed_rows`` and its checksum chain, flush, fsync
+        (h5py's flush reaches the OS only; the counter must survive a crash).  A failed write of the
+        data is raised by the first flush, before the counter changes."""
         self.out.flush()
-        self.f.attrs["committed_rows"] = rows
+        prev = self.committed_rows
+        chain = self.chain(prev, rows, rows - prev, bytes.fromhex(str(self.attrs.get(CHAIN, ""))))
+        self.f.attrs.update({"committed_rows": rows, CHAIN: chain})
         self.out.flush(fsync=True)
+
+    def chain(self, lo: int, hi: int, step: int, start: bytes) -> str:
+        """The checksum chain from ``start`` over commits of ``step`` rows of ``[lo, hi)``: for each,
+        ``sha256(chain + sha256(what it wrote of every row dataset, in name order))`` (:meth:`spans`),
+        as hex ("" for none)."""
+        chain = start
+        for a in range(lo, hi, max(1, step)):
+            rows = hashlib.sha256()
+            for name, (x, y) in sorted(self.spans(a, min(hi, a + step)).items()):
+                rows.update(np.ascontiguousarray(self.f[name][x:y]).tobytes())
+            chain = hashlib.sha256(chain + rows.digest()).digest()
+        return chain.hex()
 
     def read(self, name: str, lo: int, hi: int) -> np.ndarray:
         return self.f[name][lo:hi]
@@ -150,6 +177,8 @@ class CacheWriter:
         self.f.attrs.update(attrs)
         if part is not None:
             self.f.attrs["part"] = json.dumps(part)
+        if CHAIN in self.f.attrs:  # resume state, not content: equal runs, resumed or not, seal alike
+            del self.f.attrs[CHAIN]
         self.f.attrs["complete"] = True
         self.out.flush()  # a failed write is raised here, never sealed over
         h5seal.seal(self.f)

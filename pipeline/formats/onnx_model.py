@@ -51,6 +51,8 @@ IR_VERSION = 10  # what exports write: opset 18 needs IR >= 8
 MAX_IR_VERSION = 13  # onnxruntime 1.31 refuses IR above 13 ("Unsupported model IR version"); onnx 1.23 writes 14
 STUDENT_KEYS = ("class_names", "normalisation", "normalisation_in_graph", "input_dtype", "temperature", "alpha",
                 "checkpoint_sha256", "cache_sha256", "arch", "precision")
+TRANSFER_KEY = "transfer_sha256"  # a student export's transfer set (optional: exports before it lack it)
+SOURCE_KEY = "transfer_source_sha256"  # the file a jittered transfer set copies its val/test splits from
 ENSEMBLE_KEYS = ("provenance", "classes", "input_contract")
 INPUT_KEY = "input_contract"
 LAYOUTS = ("same", "nchw", "nhwc", "flat", "flat-nhwc")
@@ -243,9 +245,13 @@ def input_contract_metadata(contract: InputContract) -> dict[str, str]:
 
 
 def student_metadata(class_names: list[str], norm: dict[str, float], raw_input: bool, temperature: float,
-                     alpha: float, checkpoint_sha256: str, cache_sha256: str, arch: str) -> dict[str, str]:
+                     alpha: float, checkpoint_sha256: str, cache_sha256: str, arch: str,
+                     transfer_sha256: str | None = None, transfer_source_sha256: str | None = None) -> dict[str, str]:
     """``metadata_props`` of every exported student file (values are strings; JSON where structured);
-    its input contract is the transfer set's normalisation (float32) or, ``raw_input``, raw uint8."""
+    its input contract is the transfer set's normalisation (float32) or, ``raw_input``, raw uint8.
+    ``transfer_sha256``: the transfer set the checkpoint was trained on (its normalisation is in the
+    graph's input contract, its test split scores the model), checked by the bench;
+    ``transfer_source_sha256``: the file it was jittered from, whose splits and normalisation it copies."""
     contract = (InputContract(range="raw", layout="same", dtype="uint8", output="logits") if raw_input else
                 InputContract(range="normalised", layout="same", mean=norm["mean"], std=norm["std"],
                               dtype="float32", output="logits"))
@@ -254,7 +260,9 @@ def student_metadata(class_names: list[str], norm: dict[str, float], raw_input: 
             "normalisation_in_graph": str(raw_input).lower(),
             "input_dtype": "uint8" if raw_input else "float32",
             "temperature": str(temperature), "alpha": str(alpha),
-            "checkpoint_sha256": checkpoint_sha256, "cache_sha256": cache_sha256, "arch": arch}
+            "checkpoint_sha256": checkpoint_sha256, "cache_sha256": cache_sha256, "arch": arch,
+            **({TRANSFER_KEY: transfer_sha256} if transfer_sha256 else {}),
+            **({SOURCE_KEY: transfer_source_sha256} if transfer_source_sha256 else {})}
 
 
 def read_student_metadata(path: Path) -> dict[str, Any]:

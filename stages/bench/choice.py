@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.artifacts import write_json
+from pipeline.artifacts import check_outputs, write_json
 from pipeline.config import to_dict
 from pipeline.errors import NothingFits, UsageError
 from pipeline.formats.bench_report import read_bench_report
@@ -148,6 +148,7 @@ def pick_model(cfg, report: Path, out: Path | None = None, echo: Callable[[str],
     """``distill bench pick``: :func:`pick` on the bench report at ``report`` under the budgets of
     ``cfg`` (a :class:`~stages.bench.settings.PickConfig`), the decision told line by line through
     ``echo`` (:func:`describe`) and, with ``out``, written there as JSON with the report's path."""
+    check_outputs({"--report": report}, {"--out": out})
     decision = pick(read_bench_report(report), **to_dict(cfg))
     for line in describe(decision):
         echo(line)

@@ -31,9 +31,9 @@ import numpy as np
 
 from pipeline import contract as ct
 from pipeline import feed, inference, provenance, resources
-from pipeline.artifacts import write_json
+from pipeline.artifacts import check_outputs, claim, write_json
 from pipeline.config import to_dict
-from pipeline.formats.onnx_model import check_onnx_file, input_dtype
+from pipeline.formats.onnx_model import SOURCE_KEY, TRANSFER_KEY, check_onnx_file, input_dtype, read_metadata
 from pipeline.formats.prepared import open_prepared
 from stages.bench import launcher
 from stages.bench.settings import FidelityConfig
@@ -113,11 +113,19 @@ def check_fidelity(cfg: FidelityConfig, teacher: str | Path, student: Path, stud
     """Measure the three ratios of the module docstring, through each call path of CALLS, and write
     them, verdicts included, to ``out``.  ``teacher`` is an ONNX file, optionally ``PATH:key=value,...``
     declaring its input contract (:mod:`pipeline.feed`): its timed rows are the test rows as it takes
-    them (only their shape and type matter to a time, so no gate judges the contract here)."""
+    them (only their shape and type matter to a time, so no gate judges the contract here).  Every ONNX
+    file is checked readable (exit 3) and each student's recorded transfer set must be ``prepared``
+    (exit 4) before anything is timed."""
+    check_outputs({"--teacher": ct.parse_teacher(teacher).path, "--student": student, "--student-int8": student_int8,
+                   "--prepared": prepared}, {"--out": out})
+    claim(out)
     info = open_prepared(prepared)
     xtest = info.load("test")[0][:1024]
     for path in (student, student_int8):  # a missing or unreadable file: one line, before any work
         check_onnx_file(Path(path))
+        if TRANSFER_KEY in (meta := read_metadata(path)):
+            provenance.check_lineage(prepared, [meta[TRANSFER_KEY], meta.get(SOURCE_KEY)],
+                                     f"the student {path} (the transfer set of its checkpoint)", "make export")
     geom = ct.Geometry.of(info)
     raw = info.load_raw("test", 0, 1024)[0]
     plan = feed.open_model(teacher, geom, len(info.classes), "cpu")[1]

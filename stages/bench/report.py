@@ -10,8 +10,25 @@ import io
 import os
 from pathlib import Path
 
-from pipeline.artifacts import atomic_output, write_text
+from pipeline.artifacts import OutputSet, output, publish_together, write_text
+from pipeline.formats.bench_report import write_bench_report
 from pipeline.formats.onnx_model import InputContract
+
+
+def publish(report: dict, out: Path, markdown: Path, csv_path: Path, accuracy_png: Path | None = None,
+            throughput_png: Path | None = None) -> None:
+    """Write the bench's files as one set (:func:`pipeline.artifacts.publish_together`): the ``kd-bench/1``
+    JSON, the CSV of every timed run, the plots whose paths are given and the Markdown, make's target,
+    renamed into place last.  A run that fails on the way (a full disk: exit 7) publishes none of them
+    and leaves the previous ones whole; make then has a reason to run the bench again."""
+    with publish_together(markdown) as s:
+        write_csv(csv_path, report["models"], into=s)
+        if accuracy_png is not None:
+            plot_accuracy_latency(report, accuracy_png, into=s)
+        if throughput_png is not None:
+            plot_throughput(report, throughput_png, into=s)
+        write_bench_report(out, strip_latencies(report), into=s)
+        write_text(markdown, render_markdown(report, plots=[p for p in (accuracy_png, throughput_png) if p]), into=s)
 
 
 def strip_latencies(report: dict) -> dict:
@@ -23,7 +40,7 @@ def strip_latencies(report: dict) -> dict:
     return slim
 
 
-def write_csv(path: Path, results: dict) -> None:
+def write_csv(path: Path, results: dict, into: OutputSet | None = None) -> None:
     """One row per timed run of every trial: model, engine, threads, batch, trial, run, latency_us."""
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -35,7 +52,7 @@ def write_csv(path: Path, results: dict) -> None:
                 for i, lat in enumerate(lats):
                     w.writerow([name, entry.get("engine", "onnxruntime"), r["threads"], r["batch"], t, i,
                                 f"{lat * 1e6:.3f}"])
-    write_text(path, buf.getvalue())
+    write_text(path, buf.getvalue(), into)
 
 
 def floor_name(dtype: str, engine: str) -> str:
@@ -172,12 +189,12 @@ def choice_section(report: dict) -> list[str]:
     return lines
 
 
-def _save(fig, path: Path) -> None:
-    with atomic_output(Path(path)) as part:
+def _save(fig, path: Path, into: OutputSet | None = None) -> None:
+    with output(Path(path), into) as part:
         fig.savefig(part, format="png", dpi=120, bbox_inches="tight")
 
 
-def plot_accuracy_latency(report: dict, path: Path) -> Path:
+def plot_accuracy_latency(report: dict, path: Path, into: OutputSet | None = None) -> Path:
     """Test accuracy against p50 latency at batch 1 (first thread count), one point per candidate;
     the Pareto-optimal ones (``session.run``, accuracy / latency / size) ringed in black."""
     import matplotlib
@@ -204,12 +221,12 @@ def plot_accuracy_latency(report: dict, path: Path) -> Path:
     ax.set(xlabel=f"p50 latency, batch 1, {t} thread(s) (us, log)", ylabel="test accuracy (%)",
            title="Accuracy against latency (ringed: Pareto-optimal)")
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    _save(fig, path, into)
     plt.close(fig)
     return Path(path)
 
 
-def plot_throughput(report: dict, path: Path) -> Path:
+def plot_throughput(report: dict, path: Path, into: OutputSet | None = None) -> Path:
     """Throughput (rows/s) against batch size, one line per (model, threads)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -231,6 +248,6 @@ def plot_throughput(report: dict, path: Path) -> Path:
     ax.set(xlabel="batch size", ylabel="rows / s (log)", title="Throughput against batch size")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: lines stay readable
-    _save(fig, path)
+    _save(fig, path, into)
     plt.close(fig)
     return Path(path)

@@ -29,17 +29,20 @@ import numpy as np
 
 from pipeline import contract as ct
 from pipeline import feed, inference, provenance, resources, runtime, sanity_gate, soft
-from pipeline.artifacts import claim, write_text
+from pipeline.artifacts import check_outputs, claim
 from pipeline.config import to_dict
 from pipeline.errors import DataError
-from pipeline.formats.bench_report import write_bench_report
+from pipeline.formats.checkpoint import read_checkpoint
 from pipeline.formats.onnx_model import (
+    SOURCE_KEY,
+    TRANSFER_KEY,
     check_onnx_file,
     input_dtype,
     model_files,
     model_size,
     onnx_macs,
     parameter_count,
+    read_metadata,
 )
 from pipeline.formats.prepared import Prepared, open_prepared
 from stages.bench import choice, launcher
@@ -99,9 +102,16 @@ def benchmark(cfg: BenchConfig, teacher: str | Path, candidates: dict[str, Path]
     """Time and score ``teacher`` (an ONNX file, optionally ``PATH:key=value,...`` declaring its input
     contract), each ONNX candidate and each PyTorch checkpoint of ``torch_models``
     (reported as ``<name>-torch``); write ``out`` (JSON), ``markdown``, ``csv_path`` and the plots
-    whose paths are given."""
-    plots = [p for p in (plot_accuracy, plot_throughput) if p is not None]
-    claim(out, markdown, csv_path, *plots)
+    whose paths are given, published as one set (the Markdown, make's target, last).
+
+    Before anything is timed: every ONNX file and checkpoint is checked readable (exit 3), and each
+    student's recorded transfer set (a checkpoint's provenance, an export's ``transfer_sha256``) must
+    be ``prepared`` (exit 4): its test split scores the student, its normalisation feeds it."""
+    reports = {"--out": out, "--markdown": markdown, "--csv": csv_path, "--plot-accuracy": plot_accuracy,
+               "--plot-throughput": plot_throughput}
+    check_outputs({"--teacher": ct.parse_teacher(teacher).path, "--candidate": candidates.values(),
+                   "--torch": (torch_models or {}).values(), "--prepared": prepared}, reports)
+    claim(*(p for p in reports.values() if p is not None))
     info = open_prepared(prepared)
     xtest, ytest = info.load("test")
     for path in [*candidates.values()]:  # a missing or unreadable file: one line, before any work
@@ -109,6 +119,7 @@ def benchmark(cfg: BenchConfig, teacher: str | Path, candidates: dict[str, Path]
     teacher_probs, teacher_pool, contract = score_teacher(teacher, info, log)
     models = {TEACHER: ct.parse_teacher(teacher).path, **{k: Path(v) for k, v in candidates.items()}}
     dtypes = {name: input_dtype(path) for name, path in models.items()}
+    _check_lineage(models, torch_models or {}, prepared)
     rows = _test_rows(info, prepared, xtest, set(dtypes.values()))
     for name, path in list(models.items())[1:]:  # shape, dtype and class count, before any timing
         inference.check_io(path, inference.session(path, "cpu"), info.shape, len(info.classes), dtype=dtypes[name])
@@ -134,9 +145,24 @@ def benchmark(cfg: BenchConfig, teacher: str | Path, candidates: dict[str, Path]
               "provenance": provenance.record("bench", to_dict(cfg), {"prepared": prepared, **models,
                                                                      **torch_models})}
     report["pareto"] = choice.fronts(report)
-    _publish(report, out, markdown, csv_path, plot_accuracy, plot_throughput)
+    benchreport.publish(report, out, markdown, csv_path, plot_accuracy, plot_throughput)
     log(f"bench: {len(results)} models -> {out}, {markdown}")
     return out
+
+
+def _check_lineage(models: dict[str, Path], torch_models: dict[str, Path], prepared: Path) -> None:
+    """IntegrityError (exit 4) unless every student was trained on ``prepared`` (or on a transfer set
+    jittered from it, with its val and test splits): an export's recorded ``transfer_sha256`` (exports
+    made before it lack it and are not judged), a checkpoint's provenance."""
+    for name, path in models.items():
+        meta = read_metadata(path) if name != TEACHER else {}
+        if TRANSFER_KEY in meta:
+            provenance.check_lineage(prepared, [meta[TRANSFER_KEY], meta.get(SOURCE_KEY)],
+                                     f"the student {path} (the transfer set of its checkpoint)", "make export")
+    for path in torch_models.values():
+        ckpt = read_checkpoint(Path(path), role="student")
+        provenance.check_lineage(prepared, provenance.trained_on(ckpt.provenance), f"the checkpoint {path}",
+                                 "make student")
 
 
 def _test_rows(info: Prepared, prepared: Path, xtest: np.ndarray, dtypes: set[str]) -> dict[str, np.ndarray]:
@@ -206,19 +232,6 @@ def _check_providers(cfg: BenchConfig, results: dict[str, dict]) -> None:
             expected = TORCH_PROVIDER if entry["engine"] == "torch" else want
             if r["providers_used"][0] != expected:
                 raise DataError(f"{entry['path']}: ran on {r['providers_used'][0]}, not {expected}")
-
-
-def _publish(report: dict, out: Path, markdown: Path, csv_path: Path, plot_accuracy: Path | None,
-             plot_throughput: Path | None) -> None:
-    """Each file is published atomically; the Markdown, make's target, goes last, so a run that fails
-    on the way (a full disk: exit 7) leaves make with a reason to run the bench again."""
-    benchreport.write_csv(csv_path, report["models"])
-    if plot_accuracy is not None:
-        benchreport.plot_accuracy_latency(report, plot_accuracy)
-    if plot_throughput is not None:
-        benchreport.plot_throughput(report, plot_throughput)
-    write_bench_report(out, benchreport.strip_latencies(report))
-    write_text(markdown, benchreport.render_markdown(report, plots=[p for p in (plot_accuracy, plot_throughput) if p]))
 
 
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.artifacts import atomic_output, write_json
+from pipeline.artifacts import atomic_output, check_outputs, write_json
 from pipeline.config import to_dict
 from pipeline.formats.onnx_model import IR_VERSION, OPSET
 from pipeline.formats.prepared import Normalisation, PreparedWriter
@@ -109,6 +109,7 @@ def _ensemble(cfg: CacheBenchConfig, shape: tuple[int, ...], path: Path):
 
 def bench_speed(cfg: CacheBenchConfig, work: Path, out: Path, log: Callable[[str], None] = print) -> dict:
     """Write ``out`` (JSON): onnxruntime vs PyTorch eager rows/s, and the stage's HDF5 I/O share."""
+    check_outputs({}, {"--out": out})
     import torch
 
     from pipeline import inference, runtime
@@ -241,6 +242,7 @@ def _ratios(runs: list[dict], key: str) -> list[float]:
 def bench_scale(cfg: CacheScaleConfig, work: Path, out: Path, log: Callable[[str], None] = print) -> dict:
     """Write ``out`` (JSON): per size, peak RSS (MiB) and time; plus ratios against the smallest; and per
     total of views, the same against K."""
+    check_outputs({}, {"--out": out})
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     heads = dict(classes=cfg.classes, members=cfg.members, hidden=cfg.hidden)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import provenance
-from pipeline.artifacts import atomic_output
+from pipeline.artifacts import atomic_output, check_outputs
 from pipeline.config import to_dict
 from pipeline.errors import DataError, IntegrityError
 from pipeline.formats.cache import SCHEMA, CacheInfo, CacheLayout, open_cache, open_part
@@ -57,6 +57,7 @@ def merge(cfg: MergeConfig, parts: list[Path], out: Path, log: Callable[[str], N
     """Check and join shard ``parts`` into the cache ``out``; every part's seal is verified first."""
     if not parts:
         raise DataError("give the parts to merge with --part")
+    check_outputs({"--part": parts}, {"--out": out})
     missing = [str(p) for p in parts if not Path(p).is_file()]
     if missing:
         raise DataError(f"parts not found: {', '.join(missing)} (run those shards first)")

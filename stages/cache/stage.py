@@ -45,7 +45,7 @@ import numpy as np
 
 from pipeline import contract as ct
 from pipeline import feed, provenance, resources, runtime, sanity_gate, soft, topk
-from pipeline.artifacts import claim, exclusive, partial_path, publish, release
+from pipeline.artifacts import check_outputs, claim, exclusive, partial_path, publish, release
 from pipeline.config import to_dict
 from pipeline.errors import DataError, PipelineError, UsageError
 from pipeline.formats.cache import CacheLayout, StoredRows, t_key
@@ -105,6 +105,9 @@ def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
     specs = [ct.parse_teacher(t) for t in teacher]
     env = os.environ if env is None else env
     t0 = time.perf_counter()
+    index, count = resolve_shard(cfg.shard, env)
+    out = part_path(Path(out), index, count) if count > 1 else Path(out)
+    check_outputs({"--teacher": [s.path for s in specs], "--transfer-set": transfer_set}, {"--out": out})
     info = open_prepared(transfer_set)
     spec = cfg.view_spec()
     if spec is not None:
@@ -115,12 +118,9 @@ def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
     if cfg.top_k >= len(info.classes):
         raise UsageError(f"top_k {cfg.top_k}: keep fewer than the {len(info.classes)} classes (0 keeps every class)")
     total = info.rows[cfg.split] * (spec.count if spec is not None else 1)  # cache rows: views of the rows
-    index, count = resolve_shard(cfg.shard, env)
     lo, hi = shard_rows(total, cfg.batch_size, index, count)
-    out = part_path(Path(out), index, count) if count > 1 else Path(out)
     if hi <= lo:
         raise DataError(f"{transfer_set}: the {cfg.split} split has no rows for shard {index}/{count}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     teachers = Teachers(specs, ct.Geometry.of(info), len(info.classes), cfg.device, cfg.threads, cfg.batch_size,
                         cfg.io_binding, log=log, device_id=int(env.get("LOCAL_RANK", 0)))
     teachers.check()  # a two-row trial run of each teacher, before any row is read
@@ -190,7 +190,7 @@ def _write_cache(cfg: CacheConfig, tmp: Path, identity: dict, span: tuple[int, i
     rerunning would fail the same way.  An interrupt or a kill keeps it.
     """
     lo, hi = span
-    box = {"w": CacheWriter.resume(tmp, identity, log), "rows": 0}
+    box = {"w": CacheWriter.resume(tmp, identity, log, cfg.batch_size), "rows": 0}
     try:
         start = lo
         if box["w"] is not None:

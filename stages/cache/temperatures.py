@@ -17,6 +17,7 @@ since it was written is refused (exit 4), never re-sealed.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import provenance, soft
-from pipeline.artifacts import atomic_output
+from pipeline.artifacts import atomic_output, check_outputs
 from pipeline.config import to_dict
 from pipeline.errors import DataError, UsageError
 from pipeline.formats.cache import CacheInfo, open_cache, soft_size, t_key
@@ -47,9 +48,12 @@ def add_temperature(cfg: AddTemperatureConfig, cache: Path, out: Path | None = N
     """Add diagnostics (and stored soft targets, where the cache stores them) at ``cfg.temperatures``
     to ``cache``, written to ``out`` (default: ``cache`` itself, replaced atomically)."""
     cache = Path(cache)
+    in_place = out is None or (Path(out).is_file() and os.path.samefile(out, cache))  # --out FILE: in place too
+    target = cache if in_place else Path(out)
+    if not in_place:
+        check_outputs({"FILE": cache}, {"--out": target})
     info = open_cache(cache)
     _need_logits(info)
-    target = Path(out) if out is not None else cache
     old_w = recorded_weights(info)
     weights = old_w
     if cfg.member_weights:
@@ -61,11 +65,20 @@ def add_temperature(cfg: AddTemperatureConfig, cache: Path, out: Path | None = N
     if reweigh and info.top_k:
         raise UsageError(f"{cache}: a top-k cache keeps the classes its own member weights ranked first; rebuild it "
                          f"with --member-weights instead")
-    new = [float(T) for T in cfg.temperatures if float(T) not in info.temperatures]
-    for T in sorted(set(map(float, cfg.temperatures)) - set(new)):
-        log(f"{cache}: already has T={t_key(T)}; kept as it is" + ("" if not reweigh else " (recombined)"))
-    if not new and not reweigh and target == cache:
-        return cache
+    recorded = {t_key(T): T for T in info.temperatures}
+    new = [float(T) for T in cfg.temperatures if t_key(T) not in recorded]
+    there = [float(T) for T in cfg.temperatures if t_key(T) in recorded]
+    for T in there:
+        if T != recorded[t_key(T)]:  # one dataset name, two values: the file cannot hold both
+            raise UsageError(f"{cache}: T={T!r} would be recorded as T={t_key(T)}, which the cache holds already "
+                             f"(T={recorded[t_key(T)]!r}); temperatures are told apart to six significant digits")
+    if not new and not reweigh:
+        raise UsageError(f"{cache}: nothing to add: " + (
+            f"T={', '.join(map(t_key, there))} already recorded (it has {', '.join(recorded)})" if there
+            else "the member weights given are the cache's own"))
+    for T in there:
+        log(f"{cache}: already has T={t_key(T)}; " + ("recombined with the new member weights" if reweigh
+                                                        else "kept as it is"))
     storing = bool(info.soft_temperatures)  # a cache that stores targets stores them at every T it records
     redo = [*(info.temperatures if reweigh else ()), *new]  # every T combined with the new weights
     size = cache.stat().st_size  # the cache is copied to the partial first, even to replace it in place

@@ -20,20 +20,20 @@ import shutil
 from pathlib import Path
 
 from pipeline import resources
-from pipeline.artifacts import atomic_output
+from pipeline.artifacts import OutputSet, output, write_text
 
 CONFIG_NAME = "required_operators.config"
 _VERDICT = re.compile(r"Model should perform well with (.+?) (as is|if modified to have fixed input shapes): (\w+)")
 _PARTITIONS = re.compile(r"(\d+) partitions with a total of (\d+)/(\d+) nodes can be handled by the (.+?) EP")
 
 
-def convert_to_ort(models: dict[str, Path], out_dir: Path) -> dict:
+def convert_to_ort(models: dict[str, Path], out_dir: Path, into: OutputSet | None = None) -> dict:
     """Convert ``models`` (stem -> ONNX file) to ``out_dir/<stem>.ort`` and write one
-    ``out_dir/required_operators.config`` for all of them; each file published atomically.
+    ``out_dir/required_operators.config`` for all of them; published with the set ``into`` (the
+    export's), else each file atomically.
     Returns {"ort": {stem: path}, "operator_config": path, "operators": [config lines]}."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     with resources.temporary_folder() as tmp:  # a full TMPDIR is one line naming it (exit 7)
         src, dst = Path(tmp) / "src", Path(tmp) / "dst"
         src.mkdir()
@@ -50,26 +50,21 @@ def convert_to_ort(models: dict[str, Path], out_dir: Path) -> dict:
                                                          "nothing was published") from None
         written = {}
         for stem in models:
-            written[stem] = _publish_copy(dst / f"{stem}.ort", out_dir / f"{stem}.ort")
+            written[stem] = out_dir / f"{stem}.ort"
+            with output(written[stem], into) as part:
+                shutil.copyfile(dst / f"{stem}.ort", part)
         config = (dst / CONFIG_NAME).read_text()
         # the tool names the temporary files it read; name the published ones instead
         config = config.replace(str(dst) + "/", "")
-        cfg_path = out_dir / CONFIG_NAME
-        with atomic_output(cfg_path) as part:
-            part.write_text(config)
+        cfg_path = write_text(out_dir / CONFIG_NAME, config, into)
     ops = [line for line in config.splitlines() if line and not line.startswith("#")]
     return {"ort": {k: str(v) for k, v in written.items()}, "operator_config": str(cfg_path), "operators": ops}
 
 
-def _publish_copy(src: Path, final: Path) -> Path:
-    with atomic_output(final) as part:
-        shutil.copyfile(src, part)
-    return final
-
-
-def usability(model: Path) -> dict:
+def usability(model: Path, shown: Path | None = None) -> dict:
     """onnxruntime's mobile usability analysis of ``model``: per execution provider the verdict as
-    exported and with fixed input shapes, the partition coverage, and the tool's full log."""
+    exported and with fixed input shapes, the partition coverage, and the tool's full log (naming the
+    file as ``shown``, its published path, when ``model`` is a staged copy)."""
     from onnxruntime.tools.mobile_helpers import usability_checker
 
     logger = logging.getLogger(f"edge_distill.usability.{id(model)}")
@@ -82,7 +77,7 @@ def usability(model: Path) -> dict:
         worth_trying = usability_checker.analyze_model(Path(model), skip_optimize=False, logger=logger)
     finally:
         logger.removeHandler(handler)
-    text = buf.getvalue()
+    text = buf.getvalue().replace(str(model), str(shown or model))
     return {"worth_trying_nnapi_or_coreml": bool(worth_trying), "providers": summarise_log(text),
             "log": text.splitlines()}
 

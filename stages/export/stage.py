@@ -22,6 +22,7 @@ config and onnxruntime's NNAPI / CoreML usability analysis, summarised in the re
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -33,7 +34,7 @@ import torch
 
 from pipeline import contract as ct
 from pipeline import feed, inference, macs, models, onnxio, provenance, resources, sanity_gate, soft
-from pipeline.artifacts import atomic_output, claim, write_json
+from pipeline.artifacts import check_outputs, claim, publish_together, write_json
 from pipeline.config import to_dict
 from pipeline.errors import IntegrityError, UsageError
 from pipeline.formats.checkpoint import Checkpoint
@@ -50,7 +51,37 @@ def metadata(ckpt: Checkpoint, checkpoint: Path, raw_input: bool) -> dict[str, s
     """``metadata_props`` of every exported file (:func:`pipeline.formats.onnx_model.student_metadata`)."""
     return student_metadata(list(ckpt.class_names), ckpt.norm, raw_input, ckpt.meta["temperature"],
                             ckpt.meta["alpha"], provenance.sha256_file(checkpoint),
-                            ckpt.provenance["inputs"]["cache"]["sha256"], ckpt.arch)
+                            ckpt.provenance["inputs"]["cache"]["sha256"], ckpt.arch,
+                            transfer_sha256=ckpt.provenance["inputs"]["transfer_set"]["sha256"],
+                            transfer_source_sha256=ckpt.provenance.get("transfer_source_sha256"))
+
+
+def outputs(out: Path, report: Path, variants: dict[str, Path], mobile_dir: Path | None) -> dict[str, Path]:
+    """Every file an export may write, by what the user calls it: the ONNX files, the report and, under
+    ``mobile_dir``, each one's ``.ort`` and the operator config."""
+    files = {"--out": out, **{f"--{'int8' if k == 'int8' else k + '-int8' if k == 'dynamic' else k}": p
+                              for k, p in variants.items()}, "--report": report}
+    if mobile_dir is not None:
+        files.update({f"the mobile file of {p.name}": mobile_dir / f"{p.name.removesuffix('.onnx')}.ort"
+                      for p in (out, *variants.values())})
+        files["the operator config"] = mobile_dir / mobile.CONFIG_NAME
+    return files
+
+
+def _previous(report: Path, mobile_dir: Path | None) -> list[Path]:
+    """Files the export before this one wrote, as its report (at the same path) names them: its ONNX
+    files that still hold what it recorded (their sha256), and its ``.ort`` files under ``mobile_dir``.
+    Whatever this export does not replace is removed when it publishes: never two generations side by side."""
+    try:
+        old = json.loads(report.read_text())
+        files = [old["fp32"], *old.get("variants", {}).values()]
+        onnx_files = [Path(e["path"]) for e in files if e.get("written", True) and "sha256" in e
+                      and Path(e["path"]).is_file() and provenance.sha256_file(Path(e["path"])) == e["sha256"]]
+        orts = [Path(p) for p in old.get("mobile", {}).get("ort", {}).values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no previous report, or not ours
+        return []
+    inside = [p for p in orts if mobile_dir is not None and Path(p).parent.resolve() == mobile_dir.resolve()]
+    return onnx_files + inside
 
 
 def _raw(info: Prepared, split: str) -> np.ndarray:
@@ -108,13 +139,6 @@ def _variant(kind: str, fp32: Path, tmp: Path, calib: np.ndarray, cfg: ExportCon
     return path, {**verdict, **({"rejected": passed_over} if passed_over else {})}
 
 
-def _publish(src: Path, final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(final) as part:
-        shutil.copyfile(src, part)
-    return final
-
-
 def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out: Path, out_int8: Path | None,
                    report: Path, log: Callable[[str], None] = print, *, teacher: str | Path | None = None,
                    out_dynamic: Path | None = None, out_fp16: Path | None = None,
@@ -122,10 +146,25 @@ def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out:
     """Write ``out`` (fp32), each variant whose path is given (``out_int8`` static QDQ, ``out_dynamic``,
     ``out_fp16``) that passes the gate, the mobile files under ``mobile_dir`` and the check ``report``.
     ``teacher`` (an ONNX file, optionally ``PATH:key=value,...`` declaring its input contract) adds
-    agreement with the teacher to the gate."""
-    claim(out, report, *(p for p in (out_int8, out_dynamic, out_fp16) if p is not None))
+    agreement with the teacher to the gate.
+
+    Every file is published as one set (:func:`pipeline.artifacts.publish_together`, ``out`` last): a
+    failure leaves the previous export whole, and a variant that fails the gate (its ``.ort`` too), or
+    a file the previous export wrote that this one does not, is removed as the set is published."""
+    wanted = {k: Path(p) for k, p in (("int8", out_int8), ("dynamic", out_dynamic), ("fp16", out_fp16)) if p}
+    mobile_dir = Path(mobile_dir) if cfg.mobile and mobile_dir is not None else None
+    if mobile_dir is not None and mobile_dir.exists() and not mobile_dir.is_dir():
+        raise UsageError(f"--mobile-dir {mobile_dir} is a file; give a folder for the mobile files")
+    check_outputs({"--checkpoint": checkpoint, "--transfer-set": transfer_set,
+                   "--teacher": ct.parse_teacher(teacher).path if teacher else None},
+                  outputs(out, report, wanted, mobile_dir))
+    claim(out, report, *wanted.values())
     net, ckpt = models.load(checkpoint)
-    info = open_prepared(transfer_set)
+    info = open_prepared(transfer_set)  # corrupt before stale: a damaged file is not one that "changed"
+    # the transfer set the checkpoint was trained on, and no other: its mean and std go into a raw-input
+    # graph, its test split scores every variant
+    provenance.check_lineage(transfer_set, provenance.trained_on(ckpt.provenance), f"the checkpoint {checkpoint}",
+                             "make student")
     xtest, ytest = info.load("test")
     ntrain = info.rows["train"]
     calib_idx = np.sort(np.random.default_rng(cfg.seed).choice(ntrain, size=min(cfg.calibration_rows, ntrain),
@@ -141,7 +180,6 @@ def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out:
     if teacher is not None:
         teacher_pred, teacher_record = teacher_predictions(teacher, info, log)
     meta = metadata(ckpt, checkpoint, cfg.raw_input)
-    wanted = {k: Path(p) for k, p in (("int8", out_int8), ("dynamic", out_dynamic), ("fp16", out_fp16)) if p}
     result: dict = {"settings": to_dict(cfg), "metadata": meta, "arch": ckpt.arch,
                     "parameters": models.count_parameters(net),
                     "macs_per_image": macs.count_macs(net, tuple(info.shape)),
@@ -169,20 +207,27 @@ def export_student(cfg: ExportConfig, checkpoint: Path, transfer_set: Path, out:
             result["variants"][kind] = {"path": str(final), "written": written, **verdict}
             if written:
                 built[kind] = path
-            elif final.exists():
-                final.unlink()  # a stale file from an earlier export would be benchmarked as if current
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shipped = {out: _publish(fp32, out)} | {wanted[k]: _publish(p, wanted[k]) for k, p in built.items()}
-    for entry in [result["fp32"], *[v for v in result["variants"].values() if v["written"]]]:
-        entry["sha256"] = provenance.sha256_file(entry["path"])
-    if cfg.mobile and mobile_dir is not None:
-        stems = {Path(p).name.removesuffix(".onnx"): p for p in shipped}
-        result["mobile"] = {**mobile.convert_to_ort(stems, Path(mobile_dir)),
-                            "usability": {s: mobile.usability(p) for s, p in stems.items()}}
-    inputs = {"checkpoint": checkpoint, "transfer_set": transfer_set,
-              **({"teacher": Path(teacher_record["path"])} if teacher_record else {})}
-    result["provenance"] = provenance.record("export", to_dict(cfg), inputs)
-    write_json(report, result)
+        shipped = {out: fp32} | {wanted[k]: p for k, p in built.items()}  # final path -> its file in tmp
+        for entry in [result["fp32"], *[v for v in result["variants"].values() if v["written"]]]:
+            entry["sha256"] = provenance.sha256_file(shipped[Path(entry["path"])])
+        inputs = {"checkpoint": checkpoint, "transfer_set": transfer_set,
+                  **({"teacher": Path(teacher_record["path"])} if teacher_record else {})}
+        result["provenance"] = provenance.record("export", to_dict(cfg), inputs)
+        with publish_together(out) as s:
+            for final, src in shipped.items():
+                with s.file(final) as part:
+                    shutil.copyfile(src, part)
+            if mobile_dir is not None:
+                stems = {final.name.removesuffix(".onnx"): src for final, src in shipped.items()}
+                result["mobile"] = {**mobile.convert_to_ort(stems, mobile_dir, into=s),
+                                    "usability": {final.name.removesuffix(".onnx"): mobile.usability(src, final)
+                                                  for final, src in shipped.items()}}
+            for old in _previous(report, mobile_dir) + [p for k, p in wanted.items() if k not in built]:
+                s.remove(old)  # a stale variant would be benchmarked as if current
+            if mobile_dir is not None:
+                for k in wanted.keys() - built.keys():
+                    s.remove(mobile_dir / f"{wanted[k].name.removesuffix('.onnx')}.ort")
+            write_json(report, result, into=s)
     summary = "; ".join(f"{k} {v['test_accuracy']:.4f} ({v['accuracy_change_points']:+.2f} pts, "
                         f"{'written' if v['written'] else 'NOT written'})" for k, v in result["variants"].items())
     log(f"export: fp32 test {result['fp32']['test_accuracy']:.4f} (max |diff| vs torch {worst:.2g}) -> {out}"

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from pipeline import provenance, runtime
-from pipeline.artifacts import atomic_output, claim
+from pipeline.artifacts import atomic_output, check_outputs, claim
 from pipeline.config import to_dict
 from pipeline.errors import DataError
 from pipeline.formats.prepared import PreparedWriter, open_prepared, predicted_size
@@ -50,6 +50,7 @@ def _shifted(block, max_shift: int, gen: torch.Generator):
 def jitter_transfer_set(cfg: JitterConfig, prepared: Path, out: Path,
                         log: Callable[[str], None] = print) -> Path:
     """Write ``out``: ``prepared`` with ``cfg.copies`` shifted copies of its train rows appended."""
+    check_outputs({"--prepared": prepared}, {"--out": out})
     claim(out)
     info = open_prepared(prepared)
     if len(info.shape) not in (2, 3):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import provenance
-from pipeline.artifacts import atomic_output
+from pipeline.artifacts import atomic_output, check_outputs
 from pipeline.config import to_dict
 from pipeline.errors import DataError, UsageError
 from pipeline.formats.prepared import Normalisation, PreparedWriter
@@ -164,6 +164,13 @@ def _kind(source: Path | None, npz: Path | None, image_folder: Path | None) -> t
     return given[0]
 
 
+def _source_files(origin: Path) -> list[Path]:
+    """The files a source may be read from (a folder's, at any depth): none of them may be the output."""
+    if origin.is_dir():
+        return [p for p in origin.rglob("*") if p.is_file()]
+    return [origin]
+
+
 def _recorded(cfg: PrepareConfig, kind: str) -> dict:
     """The settings that apply to a source of ``kind``, as the provenance records them; UsageError for
     one that was changed from its default but does not apply."""
@@ -196,6 +203,7 @@ def prepare_dataset(cfg: PrepareConfig, out: Path, source: Path | None = None, n
     """Read ``source`` (IDX dir), ``npz`` or ``image_folder``, check it, split it and write ``out``
     atomically."""
     kind, origin = _kind(source, npz, image_folder)
+    check_outputs({f"--{'source' if kind == 'idx' else kind}": _source_files(origin)}, {"--out": out})
     settings = _recorded(cfg, kind)
     extra: dict = {}
     if kind == "image-folder":
@@ -220,7 +228,6 @@ def prepare_dataset(cfg: PrepareConfig, out: Path, source: Path | None = None, n
         files = sorted(origin.iterdir()) if origin.is_dir() else [origin]
         inputs = {f.name: f for f in files if f.is_file()}
     prov = provenance.record("prepare", settings, inputs, source=str(origin), **extra)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(out) as tmp, PreparedWriter(tmp, names, Normalisation(scale, mean, std), prov) as w:
         for split, (x, y) in splits.items():
             w.put(split, x, y)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline import models, provenance
-from pipeline.artifacts import write_json, write_text
+from pipeline.artifacts import check_outputs, claim, publish_together, write_json, write_text
 from pipeline.config import to_dict
 from pipeline.formats.prepared import open_prepared
 from stages.student.settings import ExperimentConfig
@@ -73,7 +73,10 @@ def _mean_sd(v: list[float], pct: bool = True) -> str:
 
 def run_experiment(cfg: ExperimentConfig, cache: Path, transfer_set: Path, work_dir: Path, md_path: Path,
                    log: Callable[[str], None] = print) -> Path:
-    """Train the experiment's students into ``work_dir``; write ``md_path`` and ``<md stem>.json``."""
+    """Train the experiment's students into ``work_dir``; write ``md_path`` and ``<md stem>.json`` (one set)."""
+    check_outputs({"--cache": cache, "--transfer-set": transfer_set},
+                  {"--markdown": md_path, "the summary": md_path.with_suffix(".json")})
+    claim(md_path, md_path.with_suffix(".json"))
     torch.set_num_threads(1)
     rows = run_students(cfg.students(), cache, transfer_set, work_dir, cfg.jobs, log)
     label = {0.0: "hard labels", cfg.alpha: f"soft targets (T={cfg.temperature:g}, alpha={cfg.alpha:g})"}
@@ -105,9 +108,10 @@ def run_experiment(cfg: ExperimentConfig, cache: Path, transfer_set: Path, work_
             lines.append(f"| {label[a]} | {col('class_errors_before')} | {col('class_errors_after')} | "
                          f"{col('test_accuracy_before', True)} | {col('test_accuracy_after', True)} | "
                          f"{col('bias_shift')} |")
-    write_text(md_path, "\n".join(lines) + "\n")
-    write_json(md_path.with_suffix(".json"), {
-        "provenance": provenance.record(f"experiment {cfg.name}", to_dict(cfg),
-                                        {"cache": cache, "transfer_set": transfer_set}), "rows": rows})
+    with publish_together(md_path) as out:
+        write_json(md_path.with_suffix(".json"), {
+            "provenance": provenance.record(f"experiment {cfg.name}", to_dict(cfg),
+                                            {"cache": cache, "transfer_set": transfer_set}), "rows": rows}, into=out)
+        write_text(md_path, "\n".join(lines) + "\n", into=out)
     log(f"experiment {cfg.name}: {len(rows)} students -> {md_path}")
     return md_path

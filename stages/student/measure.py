@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline import inference, models, provenance, runtime, soft
-from pipeline.artifacts import write_json
+from pipeline.artifacts import check_outputs, write_json
 from pipeline.config import to_dict
 from pipeline.formats.cache import open_cache
 from pipeline.formats.prepared import open_prepared
@@ -52,9 +52,11 @@ def bench_student(cfg: StudentBenchConfig, cache: Path, transfer_set: Path, teac
     """Time ``cfg.epochs`` interleaved epochs of every mode and write the report ``out`` (JSON);
     ``views_cache`` (a views cache of the same transfer set) adds the ``views`` mode: one view of each
     row per epoch, re-made from its parameters on the fly."""
+    check_outputs({"--cache": cache, "--transfer-set": transfer_set, "--teacher": teacher,
+                   "--views-cache": views_cache}, {"--out": out})
     runtime.set_torch_threads(cfg.threads)
     c, info = open_cache(cache), open_prepared(transfer_set)
-    c.check_built_from(transfer_set, provenance.sha256_file(transfer_set))
+    provenance.check_lineage(transfer_set, c.transfer_sha256, f"the cache {cache}", "make cache")
     n = min(cfg.rows or c.rows, c.rows)
     sel = np.arange(n)
     scfg = StudentConfig(arch=cfg.arch, temperature=cfg.temperature, alpha=cfg.alpha, batch_size=cfg.batch_size,
@@ -81,7 +83,7 @@ def bench_student(cfg: StudentBenchConfig, cache: Path, transfer_set: Path, teac
     modes = list(MODES)
     if views_cache is not None:
         vc = open_cache(views_cache)
-        vc.check_built_from(transfer_set, provenance.sha256_file(transfer_set))
+        provenance.check_lineage(transfer_set, vc.transfer_sha256, f"the views cache {views_cache}", "make cache")
         viewed = ViewLoader(vc, info, "soft", cfg.temperature, sel, budget_mib=1 << 20)
         sources["views"] = lambda g: viewed.epoch(g, cfg.batch_size)
         modes.append("views")

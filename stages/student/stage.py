@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pipeline import macs, models, provenance, runtime
-from pipeline.artifacts import atomic_output, claim, write_json
+from pipeline.artifacts import check_outputs, claim, publish_together, write_json
 from pipeline.config import to_dict
 from pipeline.errors import UsageError
 from pipeline.formats.cache import CacheInfo, open_cache
@@ -32,7 +32,7 @@ from pipeline.specs import parse_spec
 from stages.student.batches import StudentLoader
 from stages.student.loader import TransferLoader, select_rows
 from stages.student.settings import StudentConfig
-from stages.student.train import train_epoch
+from stages.student.train import diverged, train_epoch
 from stages.student.viewloader import ViewLoader, view_row_labels
 
 
@@ -76,13 +76,14 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
 
     Under torchrun (WORLD_SIZE > 1) trains with DistributedDataParallel; rank 0 writes the files.
     """
+    check_outputs({"--cache": cache, "--transfer-set": transfer_set}, {"--out": out, "--metrics": metrics})
     rank, world = distributed()
     if rank == 0:
         claim(out, metrics)  # a second writer of these outputs fails now, not after training
     runtime.set_torch_threads(cfg.threads)
     c = open_cache(cache)
     info = open_prepared(transfer_set)  # corrupt before stale: a damaged file is not one that "changed"
-    c.check_built_from(transfer_set, provenance.sha256_file(transfer_set))
+    provenance.check_lineage(transfer_set, c.transfer_sha256, f"the cache {cache}", "make cache")
     provenance.check_recorded_inputs(c.provenance, f"the cache {cache}", "make cache")
     loader = make_loader(cfg, c, info)
     if cfg.alpha < 1 and not bool((loader.labels() >= 0).any()):
@@ -107,6 +108,8 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
     t0 = time.perf_counter()
     for epoch in runtime.progress(range(cfg.epochs), desc="student", unit="epoch", disable=rank > 0 or None):
         loss = train_epoch(cfg, model, opt, sched, loader.epoch(gen, cfg.batch_size), rank, world, precision, conv)
+        if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):  # the last step of an epoch
+            raise diverged(cfg, f"weights that are not finite after epoch {epoch + 1}")
         acc = models.accuracy(models.predict(net, xval), yval)
         history.append({"epoch": epoch + 1, "val_accuracy": acc, "loss": loss})
         if acc > best[0]:
@@ -119,15 +122,16 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
     test_acc = models.accuracy(models.predict(net, xtest), ytest)
     if rank > 0:
         return out
+    source = provenance.splits_source(info.provenance)  # a jittered transfer set: the splits' own file
     prov = provenance.record("student", to_dict(cfg), {"cache": cache, "transfer_set": transfer_set},
-                             world_size=world)
+                             world_size=world, **({"transfer_source_sha256": source} if source else {}))
     ckpt = Checkpoint("student", cfg.arch, info.shape, info.classes, info.norm.as_dict(), models.state_arrays(net),
                       {"temperature": cfg.temperature, "alpha": cfg.alpha, "epoch": best[1]}, prov)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Metrics first, the checkpoint (make's target) last: a kill in between leaves no new checkpoint
-    # beside old metrics, and the next run redoes both.
-    with atomic_output(out) as tmp:
-        write_checkpoint(tmp, ckpt)
+    # One set (pipeline.artifacts.publish_together): the old checkpoint (make's target) goes first, the
+    # new one comes last, so a kill in between never leaves a checkpoint beside another one's metrics.
+    with publish_together(out) as s:
+        with s.file(out) as tmp:
+            write_checkpoint(tmp, ckpt)
         result = {"name": out.stem, "settings": to_dict(cfg), "precision": precision,
                   "parameters": models.count_parameters(net),
                   "macs_per_image": macs.count_macs(net, tuple(info.shape)),
@@ -136,7 +140,7 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
                   "loader": "resident" if loader.resident else "streaming", "world_size": world,
                   "train_seconds": seconds, "history": history, "checkpoint_sha256": provenance.sha256_file(tmp),
                   "provenance": prov}
-        write_json(metrics, result)
+        write_json(metrics, result, into=s)
     log(f"student {cfg.arch} T={cfg.temperature:g} alpha={cfg.alpha:g}: val {best[0]:.4f} (epoch {best[1]}), "
         f"test {test_acc:.4f} -> {out}")
     return out

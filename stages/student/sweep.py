@@ -18,15 +18,17 @@ import concurrent.futures as cf
 import csv
 import json
 import multiprocessing
+import signal
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import inference, provenance, runtime
-from pipeline.artifacts import atomic_output, write_json, write_text
+from pipeline.artifacts import OutputSet, check_outputs, claim, output, publish_together, write_json, write_text
 from pipeline.config import to_dict
-from pipeline.errors import DataError, IntegrityError
+from pipeline.errors import DataError, IntegrityError, Interrupted, ResourceError, UsageError
 from pipeline.formats.cache import open_cache
 from pipeline.formats.prepared import open_prepared
 from stages.student.settings import StudentConfig, SweepConfig
@@ -46,6 +48,9 @@ def job_name(cfg: StudentConfig) -> str:
 
 
 def _init_worker() -> None:
+    # Ctrl-C reaches the whole foreground process group: the parent alone answers it (one line) and
+    # ends the workers; each would otherwise print its own KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     runtime.die_with_parent()  # a killed sweep must not leave students training (and writing) on
     runtime.set_torch_threads(1)
 
@@ -76,34 +81,92 @@ def run_students(configs: list[StudentConfig], cache: Path, transfer_set: Path, 
     A student already in ``work_dir`` with the same settings and cache is reused: an interrupted
     sweep resumes instead of starting over.
     """
+    if work_dir.exists() and not work_dir.is_dir():
+        raise UsageError(f"--work-dir {work_dir} is a file; give a folder for the students")
+    outs = [work_dir / f"{job_name(cfg)}.ckpt" for cfg in configs]
+    check_outputs({"--cache": cache, "--transfer-set": transfer_set},
+                  {f"student {out.name}": p for out in outs for p in (out, out.with_suffix(".metrics.json"))})
     work_dir.mkdir(parents=True, exist_ok=True)
     cache_sha = provenance.sha256_file(cache)
     rows: list[dict | None] = [None] * len(configs)
     todo = []
-    for i, cfg in enumerate(configs):
-        out = work_dir / f"{job_name(cfg)}.ckpt"
-        metrics = out.with_suffix(".metrics.json")
-        if out.is_file() and metrics.is_file():
-            m = json.loads(metrics.read_text())
-            if _same_student(m["settings"], cfg) and m["provenance"]["inputs"]["cache"]["sha256"] == cache_sha:
-                rows[i] = {**{k: m.get(k) for k in FIELDS}, "arch": cfg.arch, "alpha": cfg.alpha, "seed": cfg.seed,
-                           "views_used": cfg.views_used, "epochs": cfg.epochs,
-                           "temperature": cfg.temperature if cfg.alpha > 0 else "", "checkpoint": str(out)}
-                continue
-        todo.append((i, cfg, out))
+    for i, (cfg, out) in enumerate(zip(configs, outs)):
+        m = _trained(cfg, out, cache_sha, log)
+        if m is not None:
+            rows[i] = {**{k: m.get(k) for k in FIELDS}, "arch": cfg.arch, "alpha": cfg.alpha, "seed": cfg.seed,
+                       "views_used": cfg.views_used, "epochs": cfg.epochs,
+                       "temperature": cfg.temperature if cfg.alpha > 0 else "", "checkpoint": str(out)}
+        else:
+            todo.append((i, cfg, out))
     log(f"sweep: {len(configs)} students, {len(configs) - len(todo)} already trained, {jobs} at a time")
     ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker) as pool:
-        futures = {pool.submit(_job, cfg, cache, transfer_set, out): i for i, cfg, out in todo}
-        for done, fut in enumerate(cf.as_completed(futures), 1):
+    pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker)
+    done = 0
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # workers spawned now inherit "ignore"
+        try:
+            futures = {pool.submit(_job, cfg, cache, transfer_set, out): i for i, cfg, out in todo}
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        for fut in cf.as_completed(futures):
             try:
                 rows[futures[fut]] = row = fut.result()
-            except Exception:  # a PipelineError, or a resource fault the command line words (exit 7)
-                for f in futures:
-                    f.cancel()
-                raise
+            except BrokenProcessPool:
+                raise ResourceError(
+                    f"sweep: a worker process died (killed by a signal: most often the kernel's out-of-memory "
+                    f"killer); {done} of {len(todo)} students of this run finished and are kept in {work_dir}, a "
+                    f"rerun resumes after them; lower --jobs (now {jobs}) so that fewer students train at once"
+                ) from None
+            done += 1
             log(f"  [{done}/{len(todo)}] {Path(row['checkpoint']).stem}: test {row['test_accuracy']:.4f}")
+    except KeyboardInterrupt:
+        _stop(pool)
+        raise Interrupted(f"sweep interrupted: {done} of {len(todo)} students trained in this run are kept in "
+                          f"{work_dir}; the students in training were stopped, and a rerun trains them") \
+            from None
+    except BaseException:  # a PipelineError, or a resource fault the command line words (exit 7)
+        _stop(pool)
+        raise
+    pool.shutdown()
     return rows  # type: ignore[return-value]
+
+
+def _stop(pool: cf.ProcessPoolExecutor) -> None:
+    """End a pool now: nothing queued starts, the running workers are terminated (each leaves at most an
+    empty, unlocked ``.partial``: its student is published as one set, or not at all)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public API ends running jobs
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        p.terminate()
+    for p in processes:
+        p.join()
+
+
+def _trained(cfg: StudentConfig, out: Path, cache_sha: str, log: Callable[[str], None]) -> dict | None:
+    """The metrics of a student already trained at ``out`` with ``cfg`` from this cache, else None.
+
+    Trusted only when they describe that very checkpoint (its sha256 is the metrics'
+    ``checkpoint_sha256``): metrics beside another checkpoint (one killed between its two files,
+    copied in, or edited) mean retraining it, which the log says.
+    """
+    metrics = out.with_suffix(".metrics.json")
+    if not (out.is_file() and metrics.is_file()):
+        return None
+    try:
+        m = json.loads(metrics.read_text())
+        same = _same_student(m["settings"], cfg) and m["provenance"]["inputs"]["cache"]["sha256"] == cache_sha
+        recorded = m.get("checkpoint_sha256")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log(f"{metrics}: unreadable ({type(e).__name__}); retraining {out.stem}")
+        return None
+    if not same:
+        return None
+    try:
+        provenance.check_lineage(out, recorded, f"the metrics {metrics.name}", "the sweep again")
+    except IntegrityError as e:
+        log(f"{e}; retraining {out.stem}")
+        return None
+    return m
 
 
 def teacher_test_accuracy(teacher: Path, cache: Path, transfer_set: Path) -> float:
@@ -187,7 +250,7 @@ def markdown(summary: list[dict], best: list[dict], teacher_acc: float | None, t
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: list[dict], path: Path, teacher_acc: float | None) -> None:
+def plot(summary: list[dict], path: Path, teacher_acc: float | None, into: OutputSet | None = None) -> None:
     """Test accuracy against T (log axis), one line per (size, alpha), the hard baseline dashed."""
     import matplotlib
 
@@ -213,13 +276,13 @@ def plot(summary: list[dict], path: Path, teacher_acc: float | None) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
+    with output(path, into) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    with atomic_output(path) as tmp:
+def write_csv(rows: list[dict], path: Path, into: OutputSet | None = None) -> None:
+    with output(path, into) as tmp:
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=FIELDS)
             w.writeheader()
@@ -228,7 +291,12 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def run_sweep(cfg: SweepConfig, cache: Path, transfer_set: Path, work_dir: Path, csv_path: Path, md_path: Path,
           png_path: Path, teacher: Path | None = None, log: Callable[[str], None] = print) -> list[dict]:
-    """Run the grid of ``cfg`` and write the CSV, the Markdown table, the plot and ``<csv>.json``."""
+    """Run the grid of ``cfg`` and write the CSV, the Markdown table, the plot and ``<csv>.json``, published
+    as one set (the CSV last)."""
+    check_outputs({"--cache": cache, "--transfer-set": transfer_set, "--teacher": teacher},
+                  {"--csv": csv_path, "--markdown": md_path, "--plot": png_path, "the summary": csv_path.with_suffix(
+                      ".json")})
+    claim(csv_path, md_path, png_path, csv_path.with_suffix(".json"))
     c = open_cache(cache)
     for T in cfg.temperatures:
         c.require_temperature(T)  # every temperature must be in the cache: fail before training anything
@@ -237,12 +305,13 @@ def run_sweep(cfg: SweepConfig, cache: Path, transfer_set: Path, work_dir: Path,
     rows = run_students(cfg.students(), cache, transfer_set, work_dir, cfg.jobs, log)
     summary = summarise(rows)
     best = best_per_arch(summary, teacher_acc)
-    write_csv(rows, csv_path)
-    write_text(md_path, markdown(summary, best, teacher_acc, "Sweep: temperature x alpha x student size"))
-    plot(summary, png_path, teacher_acc)
     inputs = {"cache": cache, "transfer_set": transfer_set, **({"teacher": teacher} if teacher else {})}
-    write_json(csv_path.with_suffix(".json"), {"provenance": provenance.record("sweep", to_dict(cfg), inputs),
-                                               "teacher_test_accuracy": teacher_acc, "summary": summary,
-                                               "best": best, "rows": rows})
+    with publish_together(csv_path) as s:
+        write_text(md_path, markdown(summary, best, teacher_acc, "Sweep: temperature x alpha x student size"), into=s)
+        plot(summary, png_path, teacher_acc, into=s)
+        write_json(csv_path.with_suffix(".json"), {"provenance": provenance.record("sweep", to_dict(cfg), inputs),
+                                                   "teacher_test_accuracy": teacher_acc, "summary": summary,
+                                                   "best": best, "rows": rows}, into=s)
+        write_csv(rows, csv_path, into=s)
     log(f"sweep: {len(rows)} students -> {csv_path}, {md_path}, {png_path}")
     return rows

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 
 from pipeline import losses
+from pipeline.errors import UsageError
 from stages.student.batches import Batch
 from stages.student.settings import StudentConfig
 
@@ -28,7 +29,8 @@ def train_epoch(cfg: StudentConfig, model: torch.nn.Module, opt: torch.optim.Opt
                 sched: torch.optim.lr_scheduler.LRScheduler, batches: Iterable[Batch], rank: int = 0,
                 world: int = 1, precision: str = "fp32", channels_last: bool = False) -> float:
     """One epoch of steps over ``batches`` of ``(x, target, y)`` (a :class:`stages.student.batches.StudentLoader`'s
-    ``epoch``, or any iterable of such batches); returns the last loss.
+    ``epoch``, or any iterable of such batches); returns the last loss.  A loss that is not finite (NaN
+    or inf) stops training with one line (:func:`diverged`).
 
     ``precision`` ``bf16`` runs the network under bfloat16 autocast (the loss in float32);
     ``channels_last`` hands image batches to the network in that memory layout (oneDNN's fast one for
@@ -42,7 +44,7 @@ def train_epoch(cfg: StudentConfig, model: torch.nn.Module, opt: torch.optim.Opt
     """
     model.train()
     loss = torch.zeros(())
-    for x, t, y in batches:
+    for step, (x, t, y) in enumerate(batches, 1):
         n = len(y)
         scale = 1.0
         if world > 1:
@@ -59,4 +61,16 @@ def train_epoch(cfg: StudentConfig, model: torch.nn.Module, opt: torch.optim.Opt
         (loss * scale).backward()  # x * 1.0 is exact: a single process is unchanged
         opt.step()
         sched.step()
+        # Checked after the step, not before it: under DDP every rank joins this step's all-reduce, the
+        # NaN reaches every rank's weights, and each stops at its next step instead of one rank
+        # leaving the others waiting in the all-reduce.
+        if not bool(torch.isfinite(loss)):
+            raise diverged(cfg, f"the loss is {float(loss.detach())} at step {step} of this epoch")
     return float(loss.detach())
+
+
+def diverged(cfg: StudentConfig, what: str) -> UsageError:
+    """The one-line error that stops a student whose training left the finite numbers (exit 2: the inputs
+    are checked finite, the temperature lies in its range, so the settings diverge)."""
+    return UsageError(f"{what}: training diverged with these settings; lower --lr (now {cfg.lr:g}) and rerun; "
+                      "nothing was published")

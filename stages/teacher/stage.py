@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import inference, models, onnxio, provenance, runtime
-from pipeline.artifacts import atomic_output, claim
+from pipeline.artifacts import atomic_output, check_outputs, claim
 from pipeline.config import to_dict
 from pipeline.formats.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from pipeline.formats.onnx_model import InputContract, input_contract_metadata
@@ -47,11 +47,13 @@ def _load_member(path: Path, key: dict, log: Callable[[str], None]):
 
 def train_teachers(cfg: TeacherConfig, prepared: Path, out: Path, log: Callable[[str], None] = print) -> Path:
     """Train ``cfg.members`` teachers on ``prepared`` and write the ensemble graph to ``out``."""
+    check_outputs({"--prepared": prepared}, {"--out": out, **{
+        f"member {i}'s {kind}": p for i in range(cfg.members)
+        for kind, p in (("checkpoint", _member_path(out, i)), ("state", out.with_name(f"member{i}.state")))}})
     claim(out)  # a second teacher on the same output fails now, not after training
     runtime.set_torch_threads(cfg.threads)
     info = open_prepared(prepared)
     data, pixels = training_data(cfg, info)
-    out.parent.mkdir(parents=True, exist_ok=True)
     sha = provenance.sha256_file(prepared)
     precision = runtime.resolve_precision(cfg.precision)
     if precision != cfg.precision:

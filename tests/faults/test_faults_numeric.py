@@ -2,7 +2,8 @@
 
 test_kd.py already has: soft targets are distributions for float32 logits anywhere in the finite
 range and T in [1e-3, 1e3]; kd_loss >= 0 and 0 at a match for moderate logits.  Added here:
-temperatures over sixty decades and float64 logits near the float64 limit; loss finiteness (neither
+temperatures over thirty-three decades (from the floor ``pipeline.soft.T_MIN`` up) and float64 logits
+near the float64 limit; loss finiteness (neither
 NaN nor inf from overflow) for huge float32 student logits; "zero *only* when student and teacher agree", as
 Pinsker's inequality KL >= 1/2 ||p - q||_1^2; the same for the logit-matching loss.
 """
@@ -17,7 +18,7 @@ from pipeline import soft as sm
 
 _shape = st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(2, 6))
 _F32_1E30 = float(np.float32(1e30))
-_T_any = st.floats(1e-30, 1e30, allow_nan=False, allow_infinity=False)
+_T_any = st.floats(sm.T_MIN, 1e30, allow_nan=False, allow_infinity=False)
 
 
 @settings(max_examples=80, deadline=None)
