@@ -1,9 +1,10 @@
 """Tables of the cache-layout measurements (docs/results.md, "Caches that scale") from the files they kept.
 
-    python scripts/cache_report.py --runs docs/runs/2026-12-03/cache [--caches data/c23]
+    python scripts/cache_report.py --runs docs/runs/2026-12-03/cache [--caches data/c23 [--caches data/c23/final]]
 
-``--caches``: the folder of the caches themselves (not kept: tens of MB); when given, their sizes,
-rows and layouts are written to ``<runs>/sizes.json`` first, which is kept and read afterwards.
+``--caches``: folders of the caches themselves (not kept: tens of MB; each named relative to the
+first folder); when given, their sizes, rows and layouts are written to ``<runs>/sizes.json`` first,
+which is kept and read afterwards.
 Students are the ``<runs>/students/<name>.metrics.json`` files, named ``<arch>-<cache>-T<T>-s<seed>``
 or ``pairs-<cache>-T<T>-s<seed>``; they are grouped over seeds (mean and sample std of test accuracy).
 Writes ``<runs>/summary.md`` and ``<runs>/summary.json``.
@@ -24,14 +25,15 @@ from pipeline.formats.cache import open_cache
 NAME = re.compile(r"^(?P<group>.+)-T(?P<T>[0-9.]+)-s(?P<seed>\d+)\.metrics\.json$")
 
 
-def sizes(caches: Path) -> dict:
+def sizes(folders: list[Path]) -> dict:
     out = {}
-    for p in sorted(caches.glob("*.h5")):
+    for p in sorted(p for d in folders for p in d.glob("*.h5")):
         c = open_cache(p)
-        out[p.name] = {"bytes": p.stat().st_size, "rows": c.rows, "members": c.members, "classes": c.classes,
-                       "layout": c.layout.layout, "top_k": c.top_k, "logits_dtype": c.logits_dtype,
-                       "stored_temperatures": list(c.soft_temperatures), "views": (c.views or {}).get("count", 0),
-                       "formula_bytes_per_row": c.layout.bytes_per_row(), "bytes_per_row": p.stat().st_size / c.rows}
+        name = str(p.relative_to(folders[0]) if p.is_relative_to(folders[0]) else p)
+        out[name] = {"bytes": p.stat().st_size, "rows": c.rows, "members": c.members, "classes": c.classes,
+                     "layout": c.layout.layout, "top_k": c.top_k, "logits_dtype": c.logits_dtype,
+                     "stored_temperatures": list(c.soft_temperatures), "views": (c.views or {}).get("count", 0),
+                     "formula_bytes_per_row": c.layout.bytes_per_row(), "bytes_per_row": p.stat().st_size / c.rows}
     return out
 
 
@@ -57,9 +59,9 @@ def students(runs: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, required=True)
-    ap.add_argument("--caches", type=Path)
+    ap.add_argument("--caches", type=Path, action="append")
     a = ap.parse_args()
-    if a.caches is not None:
+    if a.caches:
         (a.runs / "sizes.json").write_text(json.dumps(sizes(a.caches), indent=1, sort_keys=True) + "\n")
     size = json.loads((a.runs / "sizes.json").read_text()) if (a.runs / "sizes.json").exists() else {}
     rows = students(a.runs)
