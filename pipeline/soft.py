@@ -167,6 +167,49 @@ def combine_soft_targets(member_logits: np.ndarray, T: float, combine: str = "ar
     return out.astype(np.float32)
 
 
+def targets(stored, T: float, use_stored: bool = True) -> np.ndarray:
+    """Soft targets ``[n, classes]`` float32 at T of cache rows as stored: the one derivation every reader
+    of a cache's targets calls (the student's loaders, ``cache verify``, ``add-temperature``, diagnostics).
+
+    ``stored`` is a :class:`pipeline.formats.cache.StoredRows`: targets stored at T are returned as
+    they are (``use_stored``); per-member logits give :func:`combine_soft_targets` with the cache's
+    combine and member weights; a top-k row gives :func:`pipeline.topk.rebuild` (its docstring has the
+    rule and the bound on its error).
+    """
+    T = check_temperature(T)
+    if use_stored and stored.soft is not None and stored.soft_T == T:
+        return np.asarray(stored.soft, dtype=np.float32)
+    if stored.logits is not None:
+        return combine_soft_targets(stored.logits, T, stored.combine, stored.weights)
+    if stored.ids is not None:
+        from pipeline import topk
+
+        return topk.rebuild(stored.ids, stored.kept, stored.tail, stored.classes, T, stored.combine, stored.weights)
+    raise ValueError(f"no logits, no top-k and no soft targets at T={T:g} to take targets from")
+
+
+def member_outputs(stored) -> np.ndarray:
+    """Each member's logits ``[n, members, classes]`` float32 as stored (a top-k row: rebuilt, the tail
+    classes at its even value, :func:`pipeline.topk.member_logits`)."""
+    if stored.logits is not None:
+        return np.asarray(stored.logits, dtype=np.float32)
+    from pipeline import topk
+
+    return topk.member_logits(stored.ids, stored.kept, stored.tail, stored.classes)
+
+
+def member_predictions(stored) -> np.ndarray:
+    """Each member's argmax ``[n, members]`` (int64) of cache rows as stored; a top-k row: the kept class
+    of its highest logit, or -1 (a tail class) where the member's even tail logit is higher."""
+    if stored.logits is not None:
+        return np.asarray(stored.logits).argmax(axis=2)
+    kept = np.asarray(stored.kept, dtype=np.float64)
+    best = kept.argmax(axis=2)
+    pred = np.take_along_axis(np.asarray(stored.ids, dtype=np.int64), best, 1)
+    u = np.asarray(stored.tail, dtype=np.float64) - math.log(stored.classes - kept.shape[2])
+    return np.where(kept.max(axis=2) >= u, pred, -1)
+
+
 def looks_like_probabilities(outputs: np.ndarray, atol: float = 1e-3) -> bool:
     """True when every entry is >= 0 and every row (last axis) sums to 1 within ``atol``."""
     x = np.asarray(outputs, dtype=np.float64)
@@ -232,6 +275,7 @@ class DiagnosticSums:
         self.gap = np.zeros(ECE_BINS)
 
     def add(self, member_logits: np.ndarray, soft: np.ndarray, labels: np.ndarray) -> None:
+        """One block: members' logits ``[n, M, C]`` (or their argmax ``[n, M]``), targets, labels."""
         # Renormalise the float32 rows and clip: rounding must not push H outside [0, log C].
         p = np.asarray(soft, dtype=np.float64)
         classes = p.shape[1]
@@ -240,7 +284,8 @@ class DiagnosticSums:
         self.entropy += float(np.clip(-plogp.sum(axis=1), 0.0, math.log(classes)).sum())
         pred = p.argmax(axis=1)
         self.members = member_logits.shape[1]
-        self.disagree += float(np.sum(member_logits.argmax(axis=2) != pred[:, None]))
+        member_pred = member_logits if member_logits.ndim == 2 else member_logits.argmax(axis=2)
+        self.disagree += float(np.sum(member_pred != pred[:, None]))
         self.rows += len(p)
         y = np.asarray(labels).astype(np.int64, copy=False)
         keep = y >= 0

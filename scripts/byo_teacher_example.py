@@ -59,7 +59,7 @@ def main() -> None:
     from skl2onnx import to_onnx
     from sklearn.linear_model import LogisticRegression
 
-    from pipeline import sanity_gate
+    from pipeline import sanity_gate, soft
     from pipeline.formats.cache import open_cache
     from pipeline.formats.prepared import open_prepared
 
@@ -109,7 +109,7 @@ def main() -> None:
     say(f"gate record: {gate['accuracy']:.4f} accuracy, NLL {gate['nll_nats']:.4f} nats on {gate['rows']} rows; "
         "alternatives " + json.dumps({k: {f: round(v, 4) for f, v in m.items() if v is not None}
                                       for k, m in gate["alternatives"].items()}))
-    same = np.array_equal(c.soft(1.0), open_cache(auto).soft(1.0))
+    same = np.array_equal(*(soft.targets(x.stored(T=1.0), 1.0) for x in (c, open_cache(auto))))
     say(f"soft targets of the undeclared run (2) equal the declared run's (3): {same}")
     distill("cache", "verify", cache, "--teacher", path, "--transfer-set", PREPARED)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import inference, models
+from pipeline import inference, models, soft
 from pipeline.formats.cache import open_cache
 from pipeline.formats.prepared import open_prepared
 
@@ -33,7 +33,7 @@ def main() -> None:
     a = ap.parse_args()
     c32, c16 = open_cache(a.cache32), open_cache(a.cache16)
     l32, l16 = c32.read("logits").astype(np.float64), c16.read("logits").astype(np.float64)
-    p32, p16 = c32.soft(a.temperature).astype(np.float64), c16.soft(a.temperature).astype(np.float64)
+    p32, p16 = (soft.targets(c.stored(T=a.temperature), a.temperature).astype(np.float64) for c in (c32, c16))
     kl = np.sum(p32 * (np.log(np.clip(p32, 1e-30, None)) - np.log(np.clip(p16, 1e-30, None))), axis=1)
     info = open_prepared(a.prepared)
     xt, yt = info.load("test")
@@ -52,6 +52,7 @@ def main() -> None:
         "students": {tag: {"test_accuracy": float(np.mean(p == yt)),
                            "agreement_with_teacher": float(np.mean(p == teacher))} for tag, p in preds.items()},
         "agreement_between_students": float(np.mean(preds["float32"] == preds["float16"])),
+        "teacher_test_accuracy": float(np.mean(teacher == yt)),
         "inputs": {k: str(getattr(a, k)) for k in ("prepared", "teacher", "cache32", "cache16", "student32",
                                                    "student16")},
     }

@@ -65,3 +65,35 @@ def digest(path: Path, skip_attrs: tuple[str, ...] = ()) -> str:
         attrs("/", f)
         f.visititems(visit)
     return h.hexdigest()
+
+
+def targets(cache, T: float, lo: int = 0, hi: int | None = None) -> np.ndarray:
+    """Soft targets at T of a cache's rows, as every reader derives them (pipeline.soft.targets)."""
+    from pipeline import soft
+
+    return soft.targets(cache.stored(lo, hi, T), T)
+
+
+def as_kd_cache_v1(src: Path, dst: Path) -> Path:
+    """A kd-cache/1 file with the content of ``src``, a kd-cache/2 cache built with --store-soft (and
+    float32 logits for a faithful one): the layout docs/formats.md gives for version 1 -- a label per
+    cache row (int64), soft targets at every recorded temperature, no layout attributes -- sealed as
+    the version-1 writer sealed it."""
+    import shutil
+
+    from pipeline.formats import h5seal
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        assert f.attrs["schema"] == "kd-cache/2" and json.loads(f.attrs["soft_temperatures"]), "needs --store-soft"
+        k = json.loads(f.attrs["views"])["count"] if "views" in f.attrs else 1
+        y = f["labels"][:].astype(np.int64)
+        del f["labels"]
+        f.create_dataset("labels", data=np.repeat(y, k), chunks=(min(len(y) * k, 65536),))
+        for name in ("layout", "top_k", "logits_dtype", "soft_temperatures"):
+            del f.attrs[name]
+        if "views" not in f.attrs:
+            del f.attrs["source_rows"]
+        f.attrs["schema"] = "kd-cache/1"
+        h5seal.seal(f)
+    return Path(dst)

@@ -76,9 +76,10 @@ BIG_ROWS = 59800  # train rows of big_transfer (60000 - 200 for validation)
 
 @pytest.fixture(scope="session")
 def big_transfer(tmp_path_factory, tiny_teacher):
-    """A 60000-row transfer set (47 MB) and its cache (13 MB, several chunks per dataset, built at batch
-    1024, temperatures 1, 2, 4): big enough for a cache to commit batches before a resource limit stops
-    it, and for the memory tests' allocations to stand out from the interpreter's."""
+    """A 60000-row transfer set (47 MB) and its cache (12 MB, several chunks per dataset, built at batch
+    1024, temperatures 1, 2, 4, float32 logits and stored targets: kd-cache/1's content, 200 bytes a
+    row): big enough for a cache to commit batches before a resource limit stops it, and for the
+    memory tests' allocations to stand out from the interpreter's."""
     from types import SimpleNamespace
 
     from stages.cache import CacheConfig, cache_soft_targets
@@ -89,7 +90,8 @@ def big_transfer(tmp_path_factory, tiny_teacher):
     xt, yt = synthetic_images(300, seed=4)
     np.savez(d / "big.npz", x=x, y=y, x_test=xt, y_test=yt)
     prepared = prepare_dataset(PrepareConfig(val_rows=200), d / "big.h5", npz=d / "big.npz")
-    cfg = CacheConfig(temperatures=(1.0, 2.0, 4.0), batch_size=1024, device="cpu", threads=1)
+    cfg = CacheConfig(temperatures=(1.0, 2.0, 4.0), batch_size=1024, device="cpu", threads=1, store_soft=True,
+                      logits_dtype="float32")
     cache = cache_soft_targets(cfg, [tiny_teacher], prepared, d / "c.h5", log=lambda m: None)
     return SimpleNamespace(prepared=prepared, cache=cache)
 

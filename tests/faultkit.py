@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.cache_helpers import targets
+
 ROOT = Path(__file__).resolve().parent.parent
 HEADROOM = 1 << 30  # the child may allocate 1 GiB beyond what it has mapped after its imports
 
@@ -80,7 +82,7 @@ def _content(kind: str, path: Path) -> dict[str, np.ndarray]:
     c = open_cache(path)
     out = {"logits": c.read("logits"), "labels": c.read("labels")}
     for T in c.temperatures:
-        out[f"soft/{T}"] = c.soft(T)
+        out[f"soft/{T}"] = targets(c, T)
     return out
 
 

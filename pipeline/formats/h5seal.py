@@ -97,10 +97,17 @@ def check_attrs(path: Path, obj: Any) -> None:
             raise DataError(f"{path}: attribute {name!r} of {obj.name} is larger than {MAX_ATTR_BYTES >> 10} KiB")
 
 
-def _objects(f: h5py.File) -> list[tuple[str, Any]]:
+def _objects(f: h5py.File) -> Iterator[tuple[str, Any]]:
+    """The root, then every object by sorted name, each opened only while it is visited: HDF5 keeps
+    memory per open dataset after a large read (8 MiB per dataset measured, after one 8 MiB block),
+    so holding them all open made the seal's peak grow with the number and size of the datasets."""
     names: list[str] = []
     f.visit(names.append)
-    return [("/", f)] + [(n, f[n]) for n in sorted(names)]
+    yield "/", f
+    for n in sorted(names):
+        obj = f[n]
+        yield n, obj
+        del obj
 
 
 def _attr_bytes(value: Any) -> bytes:
@@ -170,9 +177,10 @@ def verify(path: Path, f: h5py.File, rebuild: str) -> None:
                              f"(corrupt or edited); rebuild with `{rebuild}`")
 
 
-def check_schema(path: Path, f: h5py.File, expected: str, what: str, rebuild: str) -> None:
-    """Refuse a file whose ``schema`` attribute is not ``expected`` (``name/version``), saying whether it
-    is another kind of file, an older version (rebuild it) or a newer one (this code cannot read it)."""
+def check_schema(path: Path, f: h5py.File, expected: str, what: str, rebuild: str, oldest: int | None = None) -> int:
+    """Refuse a file whose ``schema`` attribute is not ``expected`` (``name/version``), or a version from
+    ``oldest`` up to it when given, saying whether it is another kind of file, an older version (rebuild
+    it) or a newer one (this code cannot read it); returns the version read."""
     name, version = expected.rsplit("/", 1)
     got = f.attrs.get("schema")
     got = got.decode() if isinstance(got, bytes) else got
@@ -185,6 +193,8 @@ def check_schema(path: Path, f: h5py.File, expected: str, what: str, rebuild: st
     if v > int(version):
         raise DataError(f"{path}: {what} of schema {got}, newer than this code reads ({expected}); "
                         f"upgrade edge-distill or rebuild with `{rebuild}`")
-    if v < int(version):
-        raise DataError(f"{path}: {what} of an older schema ({got}, this code reads {expected}); "
+    if v < (int(version) if oldest is None else oldest):
+        reads = expected if oldest is None else f"{name}/{oldest} to {expected}"
+        raise DataError(f"{path}: {what} of an older schema ({got}, this code reads {reads}); "
                         f"rebuild with `{rebuild}`")
+    return v

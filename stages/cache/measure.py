@@ -46,21 +46,38 @@ def synthetic_prepared(path: Path, rows: int, shape: tuple[int, ...], classes: i
 
 
 def linear_teacher(path: Path, features: int, classes: int = 10, seed: int = 0,
-                   shape: tuple[int, ...] | None = None) -> Path:
+                   shape: tuple[int, ...] | None = None, members: int = 1, hidden: int = 0) -> Path:
     """The smallest honest teacher: ``x [batch, features] -> x W + b`` (so the stage's own costs show);
-    ``shape``: rows of that shape, flattened first."""
+    ``shape``: rows of that shape, flattened first.  ``hidden`` > 0: ``tanh(x W1) W2 + b`` through that
+    many units (a thousand classes cost ``hidden x classes`` multiply-adds a member, not ``features x
+    classes``); ``members`` > 1: one output ``[batch, members, classes]`` of that many such heads."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    flat = [helper.make_node("Flatten", ["x"], ["f"], axis=1)] if shape else []
+    src = "f" if shape else "x"
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=1)] if shape else []
+    width, inits = features, []
+    if hidden:
+        inits.append(numpy_helper.from_array(rng.normal(0, features ** -0.5, (features, hidden)).astype(np.float32),
+                                             "W1"))
+        nodes += [helper.make_node("MatMul", [src, "W1"], ["h0"]), helper.make_node("Tanh", ["h0"], ["h"])]
+        src, width = "h", hidden
+    # logits of spread ~3 with a hidden layer (tanh units of ~0.6), as a trained classifier's
+    scale = 5.0 * width ** -0.5 if hidden else width ** -0.5
+    inits += [numpy_helper.from_array(rng.normal(0, scale, (width, members * classes)).astype(np.float32), "W"),
+              numpy_helper.from_array(np.zeros(members * classes, np.float32), "b")]
+    nodes += [helper.make_node("MatMul", [src, "W"], ["m"]), helper.make_node("Add", ["m", "b"], ["z"])]
+    out_shape = ["batch", classes]
+    if members > 1:
+        inits.append(numpy_helper.from_array(np.array([-1, members, classes], np.int64), "shape"))
+        nodes.append(helper.make_node("Reshape", ["z", "shape"], ["logits"]))
+        out_shape = ["batch", members, classes]
+    else:
+        nodes.append(helper.make_node("Identity", ["z"], ["logits"]))
     graph = helper.make_graph(
-        flat + [helper.make_node("MatMul", ["f" if shape else "x", "W"], ["m"]),
-                helper.make_node("Add", ["m", "b"], ["logits"])], "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *(shape or (features,))])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
-        [numpy_helper.from_array(rng.normal(0, features ** -0.5, (features, classes)).astype(np.float32), "W"),
-         numpy_helper.from_array(np.zeros(classes, np.float32), "b")])
+        nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *(shape or (features,))])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = IR_VERSION
     with atomic_output(Path(path)) as tmp:
@@ -194,12 +211,13 @@ def _run_sized(cfg: CacheScaleConfig, work: Path, rows: int, log: Callable, shap
     shape = shape or (cfg.features,)
     name = f"scale-{rows}" + (f"-k{views}" if views else "")
     prepared = work / f"{name}.h5"
-    in_child(synthetic_prepared, prepared, rows, shape)  # generated apart: its rows never weigh on a figure
+    in_child(synthetic_prepared, prepared, rows, shape, cfg.classes)  # apart: its rows never weigh on a figure
     cache = work / f"{name}.cache.h5"
     teacher = work / ("linear.onnx" if len(shape) == 1 else "linear-image.onnx")
-    # an untrained linear teacher: the sanity gate would rightly refuse it
+    # an untrained synthetic teacher: the sanity gate would rightly refuse it
     stage_cfg = CacheConfig(temperatures=(1.0, 2.0, 4.0, 8.0, 20.0), batch_size=cfg.batch_size, threads=cfg.threads,
-                            device=cfg.device, gate=False, views=views)
+                            device=cfg.device, gate=False, views=views, top_k=cfg.top_k,
+                            logits_dtype=cfg.logits_dtype, store_soft=cfg.store_soft)
     t = time.perf_counter()
     stage_s, peak_mib = in_child(_cache_stage, stage_cfg, teacher, prepared, cache)
     wall = time.perf_counter() - t
@@ -210,34 +228,53 @@ def _run_sized(cfg: CacheScaleConfig, work: Path, rows: int, log: Callable, shap
     cached = rows * max(1, views)  # cache rows: one per view
     row = {"rows": rows, "views": views, "cache_rows": cached, "peak_rss_mib": peak_mib,
            "process_wall_s": wall, "stage_s": stage_s, "us_per_row": 1e6 * stage_s / cached,
-           "cache_bytes_per_row": sizes["cache_bytes"] / cached, **sizes}
+           "rows_per_s": cached / stage_s, "cache_bytes_per_row": sizes["cache_bytes"] / cached, **sizes}
     log(f"bench-cache-scale: {rows} rows" + (f" x {views} views" if views else "")
-        + f": peak RSS {row['peak_rss_mib']:.0f} MiB, stage {stage_s:.1f} s, {row['us_per_row']:.1f} us per cache row")
+        + f": peak RSS {row['peak_rss_mib']:.0f} MiB, stage {stage_s:.1f} s, {row['rows_per_s']:.0f} cache rows/s, "
+          f"{row['cache_bytes_per_row']:.1f} bytes a cache row")
     return row
 
 
+def _ratios(runs: list[dict], key: str) -> list[float]:
+    return [r[key] / runs[0][key] for r in runs]
+
+
 def bench_scale(cfg: CacheScaleConfig, work: Path, out: Path, log: Callable[[str], None] = print) -> dict:
-    """Write ``out`` (JSON): per size, peak RSS (MiB) and time; plus ratios against the smallest."""
+    """Write ``out`` (JSON): per size, peak RSS (MiB) and time; plus ratios against the smallest; and per
+    total of views, the same against K."""
     check_outputs({}, {"--out": out})
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    linear_teacher(work / "linear.onnx", cfg.features)
+    heads = dict(classes=cfg.classes, members=cfg.members, hidden=cfg.hidden)
+    linear_teacher(work / "linear.onnx", cfg.features, **heads)
     runs = [_run_sized(cfg, work, rows, log) for rows in cfg.sizes]
-    first = runs[0]
     image = (1, cfg.view_image, cfg.view_image)
-    views = []
+    groups = []
     if cfg.views:
-        linear_teacher(work / "linear-image.onnx", cfg.view_image ** 2, shape=image)
-        views = [_run_sized(cfg, work, cfg.view_rows, log, image, k) for k in cfg.views]
-    report = {"settings": to_dict(cfg), "teacher": f"linear {cfg.features}->10", "runs": runs,
+        linear_teacher(work / "linear-image.onnx", cfg.view_image ** 2, shape=image, **heads)
+        for total in cfg.view_totals or (None,):  # None: view_rows rows for every K
+            v = [_run_sized(cfg, work, cfg.view_rows if total is None else max(1, total // k), log, image, k)
+                 for k in cfg.views]
+            groups.append({"total": total, "views": v, "rss_ratio_vs_fewest": _ratios(v, "peak_rss_mib"),
+                           "time_per_view_ratio_vs_fewest": _ratios(v, "us_per_row")})
+    views = groups[0]["views"] if groups else []
+    kind = f"tanh {cfg.hidden} then " if cfg.hidden else ""
+    report = {"settings": to_dict(cfg),
+              "teacher": f"linear {cfg.features}->{cfg.classes}" if not cfg.hidden and cfg.members == 1 else
+              f"{cfg.members} x ({kind}linear) {cfg.features}->{cfg.classes}", "runs": runs,
               # K views of the same rows: time per cached view and peak RSS against K (memory flat in K)
               "views": views,
-              "views_rss_ratio_vs_fewest": [v["peak_rss_mib"] / views[0]["peak_rss_mib"] for v in views],
-              "views_time_per_view_ratio_vs_fewest": [v["us_per_row"] / views[0]["us_per_row"] for v in views],
+              "views_rss_ratio_vs_fewest": _ratios(views, "peak_rss_mib") if views else [],
+              "views_time_per_view_ratio_vs_fewest": _ratios(views, "us_per_row") if views else [],
+              # per total of views (view_totals): the same, and at each K the ratio across totals
+              "view_groups": groups,
+              "views_rss_ratio_across_totals": [
+                  [g["views"][i]["peak_rss_mib"] / groups[0]["views"][i]["peak_rss_mib"] for g in groups]
+                  for i in range(len(cfg.views))] if groups else [],
               # floor of every child's figure (see in_child): this process's own peak
               "parent_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "rss_ratio_vs_smallest": [r["peak_rss_mib"] / first["peak_rss_mib"] for r in runs],
-              "time_per_row_ratio_vs_smallest": [r["us_per_row"] / first["us_per_row"] for r in runs]}
+              "rss_ratio_vs_smallest": _ratios(runs, "peak_rss_mib") if runs else [],
+              "time_per_row_ratio_vs_smallest": _ratios(runs, "us_per_row") if runs else []}
     write_json(out, report)
     log(f"bench-cache-scale -> {out}")
     return report

@@ -11,6 +11,14 @@ from pipeline.inference import DEVICES
 from pipeline.soft import COMBINES
 
 DIAG_BLOCK = 16384  # rows per block of diagnostics and tools: ~0.7 MB of logits per member at 10 classes
+DIAG_BLOCK_BYTES = 16 << 20  # ... and at most this much float64 a block of targets holds at many classes
+
+
+def diag_block(classes: int, members: int) -> int:
+    """Rows per block of the diagnostics: DIAG_BLOCK, fewer where a block of float64 targets of every
+    member would pass DIAG_BLOCK_BYTES (1000 classes: 699 rows at 3 members).  A function of the
+    cache's shape alone, so one run, a resume and merged shards cut the same blocks."""
+    return max(1, min(DIAG_BLOCK, DIAG_BLOCK_BYTES // (8 * classes * max(1, members))))
 # Settings that do not change the content (the gate's only effect, a contract it takes, is recorded
 # with the contracts), and member_weights, recorded normalised in the identity instead of as typed.
 RUN_ONLY = ("device", "threads", "shard", "io_binding", "gate", "gate_rows", "gate_seed")
@@ -40,11 +48,14 @@ def require_weights(weights: tuple[float, ...]) -> None:
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     """Run the teacher ensemble over the transfer set with onnxruntime and write the soft-target
-    cache (kd-cache/1): per-member logits and combined soft targets at each temperature."""
+    cache (kd-cache/2): per-member logits (or their top k), from which soft targets at any
+    temperature are derived when read, and the diagnostics at each temperature."""
 
     FOOTPRINT: ClassVar[str] = "lower --batch-size (now {batch_size}): the stage holds a few batches of rows at a time"
 
-    temperatures: tuple[float, ...] = setting((1.0, 2.0, 4.0, 8.0, 20.0), "temperatures to store soft targets at")
+    temperatures: tuple[float, ...] = setting((1.0, 2.0, 4.0, 8.0, 20.0), "temperatures to diagnose (and store soft "
+                                                                          "targets at, with --store-soft); targets at "
+                                                                          "any T are derived when read")
     combine: str = setting("arithmetic", "member combination: arithmetic (mean of softmaxes, Hinton) or "
                                          "geometric (softmax of mean logits)")
     member_weights: tuple[float, ...] = setting((), "one weight per ensemble member, in the order of the teachers' "
@@ -71,8 +82,15 @@ class CacheConfig:
     view_mixup: float = setting(0.0, "views: probability of mixing in a partner row (weight <= 0.5)")
     view_mixup_alpha: float = setting(1.0, "views: the partner's weight w is min(b, 1 - b), b ~ Beta(alpha, alpha)")
     view_seed: int = setting(0, "views: seed of every view's parameters")
-    logits_dtype: str = setting("float32", "storage of the per-member logits: float32, or float16 (half the bytes; "
-                                           "soft targets are then computed from the rounded logits)")
+    logits_dtype: str = setting("float16", "storage of the per-member logits: float16 (half the bytes; targets are "
+                                           "derived from the rounded logits, which costs nothing measured: "
+                                           "docs/results.md) or float32")
+    store_soft: bool = setting(False, "also store the soft targets at every --temperatures (4 x classes bytes a row "
+                                      "each, as kd-cache/1 did); without it they are derived when read")
+    top_k: int = setting(0, "keep only the k classes of highest ensemble target at T=1 per row: their class ids, "
+                            "each member's logits at them and each member's log-sum-exp of the rest; targets at "
+                            "any T are rebuilt with the rest spread evenly, within a bound (pipeline/topk.py); "
+                            "0 = every class")
 
     def __post_init__(self) -> None:
         require(len(self.temperatures) > 0, "give at least one temperature")
@@ -90,6 +108,7 @@ class CacheConfig:
             parse_shard(self.shard)
         require(self.views >= 0, f"views must be >= 0 (K views per row; 0 = none), got {self.views}")
         require(self.logits_dtype in ("float32", "float16"), "logits_dtype must be float32 or float16")
+        require(self.top_k >= 0, f"top_k must be >= 0 (0 = every class), got {self.top_k}")
         try:
             self.view_spec()
         except ValueError as e:
@@ -183,8 +202,14 @@ class CacheScaleConfig:
 
     FOOTPRINT: ClassVar[str] = "lower --sizes (now {sizes}) or --batch-size (now {batch_size})"
 
-    sizes: tuple[int, ...] = setting((10_000, 100_000, 1_000_000), "transfer-set rows, one run each")
+    sizes: tuple[int, ...] = setting((10_000, 100_000, 1_000_000), "transfer-set rows, one run each (empty = none)")
     features: int = setting(784, "float32 features per row")
+    classes: int = setting(10, "classes of the synthetic teacher")
+    members: int = setting(1, "members of the synthetic teacher (one output [batch, members, classes])")
+    hidden: int = setting(0, "tanh units before each member's linear layer (0: linear features -> classes)")
+    top_k: int = setting(0, "the cache's --top-k (0 = every class)")
+    logits_dtype: str = setting("float16", "the cache's --logits-dtype")
+    store_soft: bool = setting(False, "the cache's --store-soft")
     batch_size: int = setting(1024, "rows per batch (the stage's default; 10k rows then fill the pipeline too)")
     threads: int = setting(2, "onnxruntime threads")
     device: str = setting("cpu", "cpu, cuda or auto")
@@ -192,9 +217,15 @@ class CacheScaleConfig:
     views: tuple[int, ...] = setting((1, 4, 16, 64), "K views per row of one view_rows-row set of images: time per "
                                                     "view and peak RSS against K (empty = none)")
     view_rows: int = setting(10_000, "transfer rows of the views runs (each run caches view_rows x K views)")
+    view_totals: tuple[int, ...] = setting((), "views cached per views run instead (total / K rows each), one set "
+                                                "of runs per total; empty = view_rows rows for every K")
     view_image: int = setting(28, "side of the views runs' square one-channel images (features = side^2)")
 
     def __post_init__(self) -> None:
-        require(len(self.sizes) > 0 and min(self.sizes) >= 1, "sizes must be >= 1")
+        require(min(self.sizes, default=1) >= 1 and min(self.view_totals, default=1) >= 1,
+                "sizes and view_totals must be >= 1")
+        require(min(self.classes, self.members) >= 1 and self.hidden >= 0, "classes and members must be >= 1")
+        require(0 <= self.top_k < self.classes, "top_k must lie in [0, classes)")
+        require(self.logits_dtype in ("float32", "float16"), "logits_dtype must be float32 or float16")
         require(min(self.views, default=1) >= 1 and self.view_rows >= 1 and self.view_image >= 5,
                 "views and view_rows must be >= 1, view_image >= 5")

@@ -12,23 +12,22 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from pipeline import provenance
 from pipeline.artifacts import atomic_output, check_outputs
 from pipeline.config import to_dict
 from pipeline.errors import DataError, IntegrityError
-from pipeline.formats.cache import CacheInfo, CacheWriter, open_cache, open_part, predicted_size
+from pipeline.formats.cache import SCHEMA, CacheInfo, CacheLayout, open_cache, open_part
+from pipeline.formats.cache_writer import CacheWriter
 from pipeline.resources import require_space
 from stages.cache.recorded import same
-from stages.cache.settings import DIAG_BLOCK, MergeConfig
+from stages.cache.settings import MergeConfig, diag_block
 from stages.cache.stage import format_diagnostics
 from stages.cache.stream import blocks, diagnostics_in_blocks, member_accuracy_in_blocks
 
 # Attributes every part of one sharded run must share (besides the identity without its "part").
 _SHARED = ("schema", "members", "classes", "temperatures", "combine", "teacher_sha256", "transfer_sha256",
            "transfer_split", "settings", "teacher_probabilities", "classes_names", "teacher_inputs", "member_weights",
-           "views", "source_rows")
+           "views", "source_rows", "layout", "top_k", "logits_dtype", "soft_temperatures")
 
 
 def _check_parts(read: list[CacheInfo]) -> int:
@@ -63,28 +62,32 @@ def merge(cfg: MergeConfig, parts: list[Path], out: Path, log: Callable[[str], N
     if missing:
         raise DataError(f"parts not found: {', '.join(missing)} (run those shards first)")
     read = [open_part(Path(p)) for p in parts]
+    old = [str(c.path) for c in read if c.version != 2]
+    if old:
+        raise DataError(f"{old[0]}: a part of an older schema than {SCHEMA}; rebuild the parts with this version")
     total = _check_parts(read)
     p0 = read[0]
     base = {k: v for k, v in p0.identity.items() if k != "part"}
-    temps = p0.temperatures
     providers = sorted({str(c.attrs["provider"]) for c in read})
-    logits_dtype = np.dtype(p0.read("logits", 0, 1).dtype)
-    require_space(Path(out), *predicted_size(total, p0.members, p0.classes, len(temps),
-                                             logit_bytes=logits_dtype.itemsize, views=p0.views is not None))
+    lay = p0.layout
+    layout = CacheLayout(total, lay.members, lay.classes, lay.logits_dtype, lay.top_k, lay.soft_temperatures, lay.k,
+                         lay.views, 0)
+    require_space(Path(out), *layout.size())
+    names = [n for n in layout.datasets() if n != "labels"]
     with atomic_output(Path(out)) as tmp:
-        w = CacheWriter.create(tmp, base, total, p0.members, p0.classes, temps, views=p0.views,
-                               source_rows=p0.source_rows if p0.views else None,
-                               logits_dtype=str(logits_dtype))
+        w = CacheWriter.create(tmp, base, layout, views=p0.views, source_rows=p0.source_rows)
         try:
             for c in read:
                 off = c.part["rows"][0]
-                for lo, hi in blocks(0, c.rows, cfg.block_rows):
-                    w.put(off + lo, c.read("logits", lo, hi), {T: c.soft(T, lo, hi) for T in temps},
-                          c.read("labels", lo, hi), c.read("view_params", lo, hi) if c.views else None)
-            for T, d in diagnostics_in_blocks(w.read, temps, total, DIAG_BLOCK).items():
+                with c.rows_reader() as r:
+                    for lo, hi in blocks(0, c.rows, cfg.block_rows):
+                        w.put(off + lo, {n: r.read(n, lo, hi) for n in names}, r.labels(lo, hi))
+            reader = w.reader(p0.combine, p0.weights)
+            block = diag_block(lay.classes, lay.members)
+            for T, d in diagnostics_in_blocks(reader, p0.temperatures, total, block).items():
                 w.write_diagnostics(T, d)
             w.finish({**{k: p0.attrs[k] for k in _SHARED if k in p0.attrs and k != "schema"},
-                      "member_accuracy": member_accuracy_in_blocks(w.read, total, DIAG_BLOCK),
+                      "member_accuracy": member_accuracy_in_blocks(reader, total, block),
                       "onnxruntime_version": p0.attrs.get("onnxruntime_version", ""),
                       "package_version": p0.attrs.get("package_version", ""),
                       "provider": ", ".join(providers), "committed_rows": total,

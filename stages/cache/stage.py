@@ -1,10 +1,11 @@
-"""Stage 3, cache: run the teachers once with onnxruntime and store soft targets at several T.
+"""Stage 3, cache: run the teachers once with onnxruntime and store what soft targets at any T derive from.
 
-Writes the soft-target cache (schema ``kd-cache/1``, :mod:`pipeline.formats.cache`, docs/formats.md):
-raw per-member logits, combined soft targets ``p_T`` at each temperature (optionally with member
-weights, :func:`pipeline.soft.combine_soft_targets`), labels, per-temperature diagnostics, each
-member's accuracy and provenance.  Because the raw logits are kept, a new temperature is computed
-from the file without any teacher (``distill cache add-temperature``, :mod:`stages.cache.temperatures`).
+Writes the soft-target cache (schema ``kd-cache/2``, :mod:`pipeline.formats.cache`, docs/formats.md):
+raw per-member logits (float16 by default), or with ``top_k`` only the k classes of highest ensemble
+target and what rebuilds the rest (:mod:`pipeline.topk`); a label per transfer row; per-temperature
+diagnostics, each member's accuracy and provenance.  Soft targets ``p_T`` (optionally with member
+weights) are derived when read, by :func:`pipeline.soft.targets`; ``store_soft`` also stores them at
+every temperature, computed by that same function from the stored (rounded) numbers.
 
 Teachers (docs/teachers.md): each ``--teacher`` is fed under its input contract (command line, then
 the model's metadata, then defaults; :mod:`pipeline.feed`), checked before any row is read, then
@@ -43,14 +44,15 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import contract as ct
-from pipeline import feed, provenance, resources, runtime, sanity_gate, soft
+from pipeline import feed, provenance, resources, runtime, sanity_gate, soft, topk
 from pipeline.artifacts import check_outputs, claim, exclusive, partial_path, publish, release
 from pipeline.config import to_dict
 from pipeline.errors import DataError, PipelineError, UsageError
-from pipeline.formats.cache import CacheWriter, predicted_size, t_key
+from pipeline.formats.cache import CacheLayout, StoredRows, t_key
+from pipeline.formats.cache_writer import CacheWriter
 from pipeline.formats.prepared import Prepared, open_prepared
 from pipeline.resources import human, require_space
-from stages.cache.settings import DIAG_BLOCK, NOT_IN_SETTINGS, CacheConfig
+from stages.cache.settings import NOT_IN_SETTINGS, CacheConfig, diag_block
 from stages.cache.stream import (
     StreamStats,
     diagnostics_in_blocks,
@@ -113,6 +115,8 @@ def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
             spec.check_shape(info.shape)
         except ValueError as e:
             raise UsageError(f"{transfer_set}: {e}") from None
+    if cfg.top_k >= len(info.classes):
+        raise UsageError(f"top_k {cfg.top_k}: keep fewer than the {len(info.classes)} classes (0 keeps every class)")
     total = info.rows[cfg.split] * (spec.count if spec is not None else 1)  # cache rows: views of the rows
     lo, hi = shard_rows(total, cfg.batch_size, index, count)
     if hi <= lo:
@@ -144,7 +148,7 @@ def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
         log(f"cache: shard {index}/{count}, rows [{lo}, {hi}) -> {out}")
     stats = StreamStats()
     try:
-        _require_space(out, hi - lo, teachers.member_count, len(info.classes), cfg)
+        _require_space(out, layout(cfg, hi - lo, teachers.member_count, len(info.classes), lo))
     except BaseException:
         release(out)
         raise
@@ -160,11 +164,16 @@ def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
                  "io_binding": teachers.io_binding, **dataclasses.asdict(stats)}
 
 
-def _require_space(out: Path, rows: int, members: int, classes: int, cfg: CacheConfig) -> None:
+def layout(cfg: CacheConfig, rows: int, members: int, classes: int, first_row: int = 0) -> CacheLayout:
+    """The datasets ``cfg`` writes for cache rows ``[first_row, first_row + rows)``."""
+    return CacheLayout(rows, members, classes, cfg.logits_dtype, cfg.top_k,
+                       tuple(cfg.temperatures) if cfg.store_soft else (), max(1, cfg.views), cfg.views > 0, first_row)
+
+
+def _require_space(out: Path, lay: CacheLayout) -> None:
     """Refuse (exit 7) before any row runs, and before the partial file is created, when the disk
     cannot hold the finished file; a partial being resumed or replaced already holds part of that space."""
-    need, figure = predicted_size(rows, members, classes, len(cfg.temperatures),
-                                  logit_bytes=2 if cfg.logits_dtype == "float16" else 4, views=cfg.views > 0)
+    need, figure = lay.size()
     tmp = partial_path(out)
     have = tmp.stat().st_size if tmp.exists() else 0
     require_space(out, need - have, figure + (f", less the {human(have)} of {tmp.name}" if have else ""))
@@ -195,9 +204,8 @@ def _write_cache(cfg: CacheConfig, tmp: Path, identity: dict, span: tuple[int, i
         def write(b_lo: int, b_hi: int, logits: np.ndarray, labels_params: tuple) -> None:
             if box["w"] is None:
                 box["w"] = CacheWriter.create(
-                    tmp, identity, hi - lo, logits.shape[1], logits.shape[2], cfg.temperatures,
-                    views=None if spec is None else spec.as_dict(), source_rows=info.rows[cfg.split],
-                    logits_dtype=cfg.logits_dtype)
+                    tmp, identity, layout(cfg, hi - lo, logits.shape[1], logits.shape[2], lo),
+                    views=None if spec is None else spec.as_dict(), source_rows=info.rows[cfg.split])
                 box["w"].attrs["teacher_probabilities"] = json.dumps(teachers.probabilities)
             _write_batch(box["w"], b_lo - lo, logits, *labels_params, cfg, weights, stats)
             box["rows"] = b_hi - lo
@@ -243,13 +251,10 @@ def _close(box: dict) -> None:
 
 
 def used_settings(cfg: CacheConfig) -> dict:
-    """The settings as recorded: the view and storage settings only when used, so a plain float32
-    cache records (and is identified by) what it always was."""
+    """The settings as recorded: the view settings only when used."""
     d = to_dict(cfg)
     if not cfg.views:
         d = {k: v for k, v in d.items() if not k.startswith("view")}
-    if cfg.logits_dtype == "float32":
-        d.pop("logits_dtype")
     return d
 
 
@@ -258,15 +263,38 @@ def content_settings(cfg: CacheConfig) -> dict:
     return {k: v for k, v in used_settings(cfg).items() if k not in NOT_IN_SETTINGS}
 
 
+def compact_rows(logits: np.ndarray, cfg: CacheConfig, weights: np.ndarray | None,
+                 classes: int) -> tuple[dict[str, np.ndarray], StoredRows]:
+    """What the cache stores of a batch of per-member logits (float32 ``[n, M, C]``): the datasets'
+    rows, and the same numbers as :class:`StoredRows` (stored soft targets are derived from those, so
+    the file agrees with itself).  DataError when a logit does not fit ``logits_dtype``."""
+    dt = np.dtype(cfg.logits_dtype)
+    base = StoredRows(classes, cfg.combine, None if weights is None else tuple(weights.tolist()))
+    with np.errstate(over="ignore"):  # a logit beyond the dtype's range becomes inf, refused below
+        if cfg.top_k:
+            ids, kept, tail = topk.compress(logits, cfg.top_k, cfg.combine, weights)
+            kept, tail = kept.astype(dt), tail.astype(dt)
+            rows, stored = {"topk/ids": ids, "topk/logits": kept, "topk/tail": tail}, \
+                dataclasses.replace(base, ids=ids, kept=kept, tail=tail)
+        else:
+            logits = logits.astype(dt, copy=False)
+            rows, stored = {"logits": logits}, dataclasses.replace(base, logits=logits)
+    if not all(np.all(np.isfinite(a)) for a in rows.values() if a.dtype.kind == "f"):
+        raise DataError(f"a teacher's logits exceed the range of {cfg.logits_dtype} (|logit| > "
+                        f"{float(np.finfo(dt).max):g}); build with --logits-dtype float32")
+    return rows, stored
+
+
 def _write_batch(w: CacheWriter, lo: int, logits: np.ndarray, y: np.ndarray, params: np.ndarray | None,
                  cfg: CacheConfig, weights: np.ndarray | None, stats: StreamStats) -> None:
     t = time.perf_counter()
-    if cfg.logits_dtype != "float32":  # targets from the stored (rounded) logits: the file agrees with itself
-        logits = logits.astype(cfg.logits_dtype)
-    f32 = logits.astype(np.float32, copy=False)
-    targets = {T: soft.combine_soft_targets(f32, T, cfg.combine, weights) for T in cfg.temperatures}
+    rows, stored = compact_rows(logits, cfg, weights, logits.shape[2])
+    if cfg.store_soft:
+        rows.update({f"soft/{t_key(T)}": soft.targets(stored, T) for T in cfg.temperatures})
+    if params is not None:
+        rows["view_params"] = params
     t1 = time.perf_counter()
-    w.put(lo, logits, targets, y, params)
+    w.put(lo, rows, y)
     w.commit(lo + len(logits))
     stats.combine_s += t1 - t
     stats.write_s += time.perf_counter() - t1
@@ -295,11 +323,13 @@ def _finish(w: CacheWriter | None, cfg: CacheConfig, teachers: Teachers, identit
     and provenance; complete, sealed."""
     if w is None:
         raise DataError(f"{transfer_set}: the {cfg.split} split has no rows")
-    rows, members = w.f["labels"].shape[0], w.f["logits"].shape[1]
-    diags = {} if part else diagnostics_in_blocks(w.read, cfg.temperatures, rows, DIAG_BLOCK)
+    rows, members = w.layout.rows, w.layout.members
+    reader = w.reader(cfg.combine, weights)
+    block = diag_block(w.layout.classes, members)
+    diags = {} if part else diagnostics_in_blocks(reader, cfg.temperatures, rows, block)
     for T, d in diags.items():
         w.write_diagnostics(T, d)
-    extra = {} if part else {"member_accuracy": member_accuracy_in_blocks(w.read, rows, DIAG_BLOCK)}
+    extra = {} if part else {"member_accuracy": member_accuracy_in_blocks(reader, rows, block)}
     w.finish({**content_attrs(cfg, identity, teachers.probabilities, info, records, weights, members),
               **extra, "provider": teachers.provider,
               "provenance": json.dumps(provenance.record("cache", used_settings(cfg), {

@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.formats.cache import t_key
+from pipeline import soft
+from pipeline.formats.cache import RowReader
 from pipeline.soft import DiagnosticSums
 from stages.cache.settings import parse_shard
 
@@ -160,14 +161,14 @@ def blocks(lo: int, hi: int, block: int) -> list[tuple[int, int]]:
     return out
 
 
-def member_accuracy_in_blocks(read: Callable[[str, int, int], Any], rows: int, block: int) -> list[float]:
-    """Each member's accuracy (argmax of its logits against the labels >= 0; NaN without labels) over
-    a cache's ``rows`` rows, ``block`` rows at a time."""
+def member_accuracy_in_blocks(rows: RowReader, n: int, block: int) -> list[float]:
+    """Each member's accuracy (its argmax, :func:`pipeline.soft.member_predictions`, against the labels
+    >= 0; NaN without labels) over a cache's ``n`` rows, ``block`` rows at a time."""
     correct, labelled = None, 0
-    for lo, hi in blocks(0, rows, block):
-        logits, labels = read("logits", lo, hi), read("labels", lo, hi)
+    for lo, hi in blocks(0, n, block):
+        pred, labels = soft.member_predictions(rows.stored(lo, hi)), rows.labels(lo, hi)
         keep = labels >= 0
-        hits = (logits[keep].argmax(axis=2) == labels[keep][:, None]).sum(axis=0)
+        hits = (pred[keep] == labels[keep][:, None]).sum(axis=0)
         correct = hits if correct is None else correct + hits
         labelled += int(keep.sum())
     if correct is None:
@@ -175,14 +176,14 @@ def member_accuracy_in_blocks(read: Callable[[str, int, int], Any], rows: int, b
     return [float(c) / labelled if labelled else float("nan") for c in correct]
 
 
-def diagnostics_in_blocks(read: Callable[[str, int, int], Any], temperatures: Iterable[float], rows: int,
-                          block: int) -> dict[float, dict]:
-    """Per-temperature diagnostics of a cache's ``rows`` rows, ``read(name, lo, hi)`` giving its
-    datasets' rows, ``block`` rows at a time."""
+def diagnostics_in_blocks(rows: RowReader, temperatures: Iterable[float], n: int, block: int) -> dict[float, dict]:
+    """Per-temperature diagnostics of a cache's ``n`` rows, ``block`` rows at a time: of the targets
+    :func:`pipeline.soft.targets` derives from the stored rows (what a student is given)."""
     temperatures = list(temperatures)
     sums = {T: DiagnosticSums() for T in temperatures}
-    for lo, hi in blocks(0, rows, block):
-        logits, labels = read("logits", lo, hi), read("labels", lo, hi)
+    for lo, hi in blocks(0, n, block):
+        stored, labels = rows.stored(lo, hi), rows.labels(lo, hi)
+        pred = soft.member_predictions(stored)
         for T in temperatures:
-            sums[T].add(logits, read(f"soft/{t_key(T)}", lo, hi), labels)
+            sums[T].add(pred, soft.targets(stored, T), labels)
     return {T: s.result() for T, s in sums.items()}

@@ -3,8 +3,13 @@
 The recorded sha256 of the teachers and transfer set are compared with the files given (the
 cache's teachers given in another order is a usage error that names the order); random
 contiguous windows of rows (never row-by-row h5py indexing) are re-run, fed as the recorded input
-contracts say, and the largest difference from the stored logits is reported; the stored soft
-targets are recomputed from them.  Any difference beyond the tolerance is an IntegrityError (exit 4).
+contracts say, and the largest difference from the stored logits is reported; stored soft targets
+are recomputed from the stored logits by :func:`pipeline.soft.targets`, the function every reader
+derives them with.  A top-k cache (:mod:`pipeline.topk`): its kept logits and the log-sum-exp of
+the rest are compared with the re-run ones at its stored classes, the stored classes must be a top k
+of the re-run ensemble, and at every recorded temperature the rebuilt targets must lie within the
+module's bound of the re-run full targets (plus the slack of the storage's rounding).  Any difference
+beyond the tolerance is an IntegrityError (exit 4).
 """
 from __future__ import annotations
 
@@ -15,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import contract as ct
-from pipeline import provenance, soft, views
+from pipeline import provenance, soft, topk, views
 from pipeline.errors import DataError, IntegrityError, UsageError
-from pipeline.formats.cache import open_cache
+from pipeline.formats.cache import open_cache, t_key
 from pipeline.formats.onnx_model import InputContract
 from pipeline.formats.prepared import open_prepared
 from stages.cache.recorded import recorded_contracts, recorded_weights
@@ -46,6 +51,36 @@ def _check_order(cache: Path, specs: list, given: list[str], recorded: list[str]
     order = " ".join(f"--teacher {by_sha[sha].pop(0)}" for sha in recorded)
     raise UsageError(f"{cache}: these are the cache's teachers in another order (the order makes the ensemble's "
                      f"members); give them in the order it was built with: {order}")
+
+
+def _check_topk(c, stored, got: np.ndarray, weights, d: dict) -> None:
+    """A top-k window against the re-run logits ``got``: values at the stored classes, the classes a
+    top k, and the bound of :mod:`pipeline.topk` at every recorded temperature (into ``d``)."""
+    ids = stored.ids.astype(np.int64)
+    rest = np.ones(got.shape[::2], bool)
+    np.put_along_axis(rest, ids, False, 1)
+    kept = np.take_along_axis(got, ids[:, None, :], 2)
+    masked = np.where(rest[:, None, :], got.astype(np.float64), -np.inf)
+    mx = masked.max(axis=2, keepdims=True)
+    tail = (mx + np.log(np.exp(masked - mx).sum(axis=2, keepdims=True)))[..., 0]
+    dt = stored.kept.dtype
+    eta = 0.0  # how far the stored numbers are from the re-run ones: rounding, and any difference
+    for mine, theirs in ((kept, stored.kept), (tail, stored.tail)):
+        as_stored = mine.astype(np.float32).astype(dt).astype(np.float32)  # rounded as the stage rounds them
+        d["logit"] = max(d["logit"], float(np.max(np.abs(as_stored - theirs))))
+        d["scale"] = max(d["scale"], float(np.max(np.abs(theirs.astype(np.float32)))))
+        eta = max(eta, float(np.max(np.abs(mine - theirs.astype(np.float64)))))
+    p1 = soft.combine_soft_targets(got, 1.0, c.combine, weights).astype(np.float64)
+    low = np.take_along_axis(p1, ids, 1).min(axis=1)
+    high = np.where(rest, p1, -np.inf).max(axis=1)
+    d["ids"] += int(np.sum(high > low + 1e-6))  # a tail class above a kept one beyond float32 noise
+    for T in c.temperatures:
+        full = soft.combine_soft_targets(got, T, c.combine, weights).astype(np.float64)
+        tv = 0.5 * np.abs(full - soft.targets(stored, T, use_stored=False)).sum(axis=1)
+        eps = topk.bound(stored.kept, stored.tail, c.classes, T, c.combine, weights)
+        margin = eps + topk.rounding_slack(eta, T) + 1e-6 - tv
+        d["tv"], d["bound"] = max(d["tv"], float(tv.max())), max(d["bound"], float(eps.max()))
+        d["margin"] = min(d["margin"], float(margin.min()))
 
 
 def verify(cfg: VerifyConfig, cache: Path, teacher: list[Path], transfer_set: Path,
@@ -83,34 +118,46 @@ def verify(cfg: VerifyConfig, cache: Path, teacher: list[Path], transfer_set: Pa
     teachers.probabilities = json.loads(c.attrs["teacher_probabilities"])
     weights = recorded_weights(c)
     spec = views.spec_of(c.views, cache)  # a views cache: its views are re-made from their parameters
-    logit_diff, scale, soft_diff, label_bad, param_bad = 0.0, 1.0, 0.0, 0, 0
-    stored_dtype = c.read("logits", 0, 1).dtype
-    with info.rows_reader(c.transfer_split) as raw:
+    d = {"logit": 0.0, "scale": 1.0, "soft": 0.0, "labels": 0, "params": 0, "ids": 0, "tv": 0.0, "bound": 0.0,
+         "margin": float("inf")}
+    with info.rows_reader(c.transfer_split) as raw, c.rows_reader() as rows:
         source = RowSource(info, c.transfer_split, spec, raw)
         for lo, hi in windows:
-            stored = c.read("logits", lo, hi).astype(np.float32)
             x, (y, params) = source.read(lo, hi)
-            got = teachers(teachers.adapt(x), lo).astype(stored_dtype).astype(np.float32)  # as stored
-            logit_diff = max(logit_diff, float(np.max(np.abs(got - stored))))
-            scale = max(scale, float(np.max(np.abs(stored))))
-            for T in c.temperatures:
-                ref = soft.combine_soft_targets(stored, T, c.combine, weights)
-                soft_diff = max(soft_diff, float(np.max(np.abs(ref - c.soft(T, lo, hi)))))
-            label_bad += int(np.sum(c.read("labels", lo, hi) != y))
+            got = teachers(teachers.adapt(x), lo)  # float32, as the stage computed them
+            stored = rows.stored(lo, hi)
+            if c.top_k:
+                _check_topk(c, stored, got, weights, d)
+            else:
+                ref = stored.logits.astype(np.float32)
+                as_stored = got.astype(stored.logits.dtype).astype(np.float32)
+                d["logit"] = max(d["logit"], float(np.max(np.abs(as_stored - ref))))
+                d["scale"] = max(d["scale"], float(np.max(np.abs(ref))))
+            for T in c.soft_temperatures:
+                derived = soft.targets(stored, T, use_stored=False)
+                d["soft"] = max(d["soft"], float(np.max(np.abs(derived - rows.read(f"soft/{t_key(T)}", lo, hi)))))
+            d["labels"] += int(np.sum(rows.labels(lo, hi) != y))
             if params is not None:  # the stored parameters are the ones the recorded seed draws
-                param_bad += int(np.sum(np.any(c.read("view_params", lo, hi) != params, axis=1)))
+                d["params"] += int(np.sum(np.any(rows.read("view_params", lo, hi) != params, axis=1)))
     n = sum(hi - lo for lo, hi in windows)
-    report = {"rows_checked": n, "windows": windows, "max_abs_logit_diff": logit_diff,
-              "logit_tolerance": cfg.tolerance * scale, "max_abs_soft_diff": soft_diff,
-              "label_mismatches": label_bad, "view_param_mismatches": param_bad, "hashes": "match",
-              "provider": teachers.provider}
+    tol = cfg.tolerance * d["scale"]
+    report = {"rows_checked": n, "windows": windows, "max_abs_logit_diff": d["logit"], "logit_tolerance": tol,
+              "max_abs_soft_diff": d["soft"], "label_mismatches": d["labels"], "view_param_mismatches": d["params"],
+              "hashes": "match", "provider": teachers.provider}
+    if c.top_k:
+        report.update(top_k=c.top_k, not_a_top_k=d["ids"], max_tv_from_full=d["tv"], max_bound=d["bound"],
+                      min_bound_margin=d["margin"])
     log(f"verify: {n} rows in {len(windows)} windows on {teachers.provider}: max |logit diff| "
-        f"{logit_diff:.3g} (tolerance {cfg.tolerance * scale:.3g}), max |soft diff| {soft_diff:.3g}, "
-        f"{label_bad} label mismatches" + (f", {param_bad} view parameter mismatches" if spec else "")
+        f"{d['logit']:.3g} (tolerance {tol:.3g}), max |soft diff| {d['soft']:.3g}, "
+        f"{d['labels']} label mismatches" + (f", {d['params']} view parameter mismatches" if spec else "")
+        + (f"; top-{c.top_k}: max TV from the full targets {d['tv']:.3g} (bound up to {d['bound']:.3g}, least "
+           f"margin {d['margin']:.3g}), {d['ids']} rows whose kept classes are not a top {c.top_k}" if c.top_k else "")
         + "; hashes match")
     log(format_diagnostics(c.diagnostics(), c.member_accuracy))
-    if logit_diff > cfg.tolerance * scale or soft_diff > 1e-6 or label_bad or param_bad:
-        raise IntegrityError(f"{cache}: stored targets differ from the teachers (max |logit diff| {logit_diff:.3g}, "
-                             f"max |soft diff| {soft_diff:.3g}, {label_bad} label mismatches, {param_bad} view "
-                             f"parameter mismatches); rebuild with `make cache`")
+    if d["logit"] > tol or d["soft"] > 1e-6 or d["labels"] or d["params"] or d["ids"] or d["margin"] < 0:
+        raise IntegrityError(f"{cache}: stored targets differ from the teachers (max |logit diff| {d['logit']:.3g}, "
+                             f"max |soft diff| {d['soft']:.3g}, {d['labels']} label mismatches, {d['params']} view "
+                             f"parameter mismatches" + (f", {d['ids']} rows not a top {c.top_k}, bound margin "
+                                                        f"{d['margin']:.3g}" if c.top_k else "")
+                             + "); rebuild with `make cache`")
     return report

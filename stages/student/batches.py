@@ -16,6 +16,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from pipeline import soft
+from pipeline.formats.cache import StoredRows
+
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """``(x, target, y)``: float32 inputs as the student takes them, float32 targets ``[rows, classes]`` (the
 soft targets at T, the members' mean logits, or zeros never read) and int64 labels (-1: unlabelled)."""
@@ -43,3 +46,13 @@ class StudentLoader(Protocol):
     def epoch(self, gen: torch.Generator, batch_size: int) -> Iterator[Batch]:
         """One pass over the selected rows in a random order drawn from ``gen``."""
         ...
+
+
+def batch_targets(stored: StoredRows | None, target: str, T: float, n: int, classes: int) -> torch.Tensor:
+    """A batch's float32 targets ``[n, classes]`` from its stored rows: ``soft`` (p_T,
+    :func:`pipeline.soft.targets`), ``logits`` (the members' mean logits) or ``none`` (zeros, never read)."""
+    if target == "soft":
+        return torch.from_numpy(soft.targets(stored, T))
+    if target == "logits":
+        return torch.from_numpy(soft.member_outputs(stored).mean(axis=1))
+    return torch.zeros(n, classes)

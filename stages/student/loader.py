@@ -1,10 +1,13 @@
 """The student's data: rows of the soft-target cache joined with x of the prepared transfer set.
 
 docs/formats.md: readers never index rows one by one through h5py (fancy indexing is slow and
-needs sorted indices).  Every read here is a contiguous slice ``[lo, hi)`` of the cache (targets,
-labels) and of the prepared file (x, normalised as in :meth:`Prepared.normalise`).
+needs sorted indices).  Every read here is a contiguous slice ``[lo, hi)`` of the cache (what it
+stores, labels) and of the prepared file (x, normalised as in :meth:`Prepared.normalise`).  The
+rows are held as the cache stores them (float16 logits, or the top k of many classes, or targets
+stored at T) and each batch's targets are derived when it is drawn, by :func:`stages.student.batches.batch_targets`.
 
-Two modes, chosen by a memory budget (MiB) against the bytes the selected rows need as float32:
+Two modes, chosen by a memory budget (MiB) against the bytes the selected rows need (float32 x, the
+stored numbers, an int64 label):
 
 - resident: the rows fit; they are read block by block once into preallocated arrays, and every
   epoch permutes them in memory (the same as training from arrays handed in).
@@ -31,10 +34,10 @@ import numpy as np
 import torch
 
 from pipeline.errors import DataError, ResourceError
-from pipeline.formats.cache import CacheInfo, t_key
+from pipeline.formats.cache import CacheInfo, StoredRows
 from pipeline.formats.prepared import Prepared
 from pipeline.resources import human, memory_headroom
-from stages.student.batches import Batch
+from stages.student.batches import Batch, batch_targets
 
 MiB = 1 << 20
 TARGETS = ("soft", "logits", "none")
@@ -57,17 +60,18 @@ class TransferLoader:
             raise DataError(f"{cache.path}: {cache.rows} rows, but the {cache.transfer_split} split of "
                             f"{prepared.path} has {prepared.rows[cache.transfer_split]}; rebuild with `make cache`")
         if target == "soft":
-            cache.soft(temperature)  # UsageError naming the stored temperatures when T is absent
+            cache.require_temperature(temperature)  # UsageError when targets at T can be neither read nor derived
         self.cache, self.prepared, self.target, self.T = cache, prepared, target, float(temperature)
         self.split = cache.transfer_split
         self.block_rows = max(1, int(block_rows))
-        self.labels_all = cache.read("labels")
+        self.labels_all = cache.labels()
         self.rows = np.arange(cache.rows) if rows is None else np.asarray(rows, dtype=np.int64)
         if len(self.rows) and (np.any(np.diff(self.rows) <= 0) or self.rows[0] < 0 or self.rows[-1] >= cache.rows):
             raise ValueError("rows must be sorted, distinct cache row indices")
         self.n = len(self.rows)
-        # float32 x + float32 target + int64 label per row (what a resident copy holds).
-        self.row_bytes = 4 * math.prod(prepared.shape) + 4 * cache.classes + 8
+        # float32 x + the stored numbers + int64 label per row (what a resident copy holds).
+        stored_bytes = self._stored(0, min(1, cache.rows)).nbytes if target != "none" and cache.rows else 0
+        self.row_bytes = 4 * math.prod(prepared.shape) + stored_bytes + 8
         self.budget_bytes = int(budget_mib * MiB)
         self.resident = self.n * self.row_bytes <= self.budget_bytes
         self.peak_buffer_rows = 0  # largest number of rows held at once (what the memory test checks)
@@ -82,11 +86,22 @@ class TransferLoader:
             self.block_rows = max(1, min(self.block_rows, half // (MIN_BLOCKS * self.row_bytes)))
             self.buffer_blocks = max(1, half // (self.block_rows * self.row_bytes))
 
+    def _stored(self, lo: int, hi: int, reader=None) -> StoredRows | None:
+        """What the cache stores of rows [lo, hi) for this loader's targets (None: targets never read)."""
+        if self.target == "none":
+            return None
+        T = self.T if self.target == "soft" else None
+        return reader.stored(lo, hi, T) if reader is not None else self.cache.stored(lo, hi, T)
+
+    def targets(self, stored: StoredRows | None, n: int) -> torch.Tensor:
+        return batch_targets(stored, self.target, self.T, n, self.cache.classes)
+
     def arrays(self) -> Batch:
-        """The resident (x, target, y) tensors (resident mode only)."""
+        """The resident (x, target, y) tensors, every target derived (resident mode only)."""
         if not self.resident:
             raise ValueError("a streaming loader holds no arrays")
-        return self._all
+        x, stored, y = self._all
+        return x, self.targets(stored, len(y)), y
 
     def labels(self) -> np.ndarray:
         """Labels of the selected rows (-1 where unlabelled)."""
@@ -95,12 +110,13 @@ class TransferLoader:
     def steps(self, batch_size: int) -> int:
         return -(-self.n // batch_size)
 
-    def _read(self, lo: int, hi: int) -> Batch:
-        """Selected rows within cache rows [lo, hi), read block by block as contiguous slices."""
+    def _read(self, lo: int, hi: int) -> tuple[torch.Tensor, StoredRows | None, torch.Tensor]:
+        """Selected rows within cache rows [lo, hi), read block by block as contiguous slices: x, the
+        stored numbers their targets derive from, y."""
         a, b = np.searchsorted(self.rows, [lo, hi])
         n = int(b - a)
         x = np.empty((n, *self.prepared.shape), np.float32)
-        t = np.zeros((n, self.cache.classes), np.float32)
+        parts: list[StoredRows] = []
         y = np.empty(n, np.int64)
         done = 0
         with self.cache.rows_reader() as fc, self.prepared.rows_reader(self.split) as fp:
@@ -115,21 +131,20 @@ class TransferLoader:
                 k = done + len(keep)
                 x[done:k] = self.prepared.normalise(fp(first, last)[0][keep])
                 y[done:k] = self.labels_all[first:last][keep]
-                if self.target == "soft":
-                    t[done:k] = fc(f"soft/{t_key(self.T)}", first, last)[keep]
-                elif self.target == "logits":
-                    t[done:k] = fc("logits", first, last)[keep].mean(axis=1)
+                if self.target != "none":
+                    parts.append(self._stored(first, last, fc).take(keep))
                 done = k
-        return torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)
+        stored = StoredRows.concat(parts) if parts else (None if self.target == "none" else self._stored(lo, lo))
+        return torch.from_numpy(x), stored, torch.from_numpy(y)
 
     def epoch(self, gen: torch.Generator, batch_size: int) -> Iterator[Batch]:
         """One pass over the selected rows in a random order drawn from ``gen``."""
         if self.resident:
-            x, t, y = self._all
+            x, stored, y = self._all
             order = torch.randperm(self.n, generator=gen)
             for i in range(0, self.n, batch_size):
                 idx = order[i:i + batch_size]
-                yield x[idx], t[idx], y[idx]
+                yield x[idx], self.targets(None if stored is None else stored.take(idx.numpy()), len(idx)), y[idx]
             return
         starts = list(range(0, self.cache.rows, self.block_rows))
         block_order = torch.randperm(len(starts), generator=gen).tolist()
@@ -139,16 +154,19 @@ class TransferLoader:
                      for b in block_order[g:g + self.buffer_blocks]]
             if carry is not None:
                 parts.insert(0, carry)
-            x, t, y = (torch.cat(p) for p in zip(*parts))
+            x, y = torch.cat([p[0] for p in parts]), torch.cat([p[2] for p in parts])
+            t = None if self.target == "none" else StoredRows.concat([p[1] for p in parts])
             perm = torch.randperm(len(y), generator=gen)
-            x, t, y = x[perm], t[perm], y[perm]
+            x, y = x[perm], y[perm]
+            t = None if t is None else t.take(perm.numpy())
             self.peak_buffer_rows = max(self.peak_buffer_rows, len(y))
             full = len(y) - len(y) % batch_size
             for i in range(0, full, batch_size):
-                yield x[i:i + batch_size], t[i:i + batch_size], y[i:i + batch_size]
-            carry = (x[full:], t[full:], y[full:])
+                sl = slice(i, i + batch_size)
+                yield x[sl], self.targets(None if t is None else t.take(sl), batch_size), y[sl]
+            carry = (x[full:], None if t is None else t.take(slice(full, None)), y[full:])
         if carry is not None and len(carry[2]):
-            yield carry
+            yield carry[0], self.targets(carry[1], len(carry[2])), carry[2]
 
 
 def _require_memory(need: int, rows: int, budget_mib: float) -> None:

@@ -24,7 +24,8 @@ class StudentConfig:
     arch: str = setting("mlp:128", "student architecture spec (pipeline/specs.py): mlp:64 is 784-64-10, mlp:800-800 "
                                    "Hinton's; conv:16-32/2-64/2 plain and dws:16-32/2-64/2-128/2 depthwise-separable "
                                    "CNNs (C/2: stride 2)")
-    temperature: float = setting(2.0, "distillation temperature T; the cache must hold soft targets at T")
+    temperature: float = setting(2.0, "distillation temperature T (targets at any T are derived from the cache's "
+                                           "logits; a cache without logits must store them at T)")
     alpha: float = setting(0.5, "weight of the soft term; 0 = hard labels only, 1 = soft targets only")
     objective: str = setting("kd", "kd (tempered soft targets) or logits (match zero-meaned mean logits)")
     epochs: int = setting(30, "training epochs")
@@ -66,7 +67,8 @@ class SweepConfig:
     FOOTPRINT: ClassVar[str] = ("lower --jobs (now {jobs}) or --memory-budget-mib (now "
                                 "{memory_budget_mib}): each job holds its own rows")
 
-    temperatures: tuple[float, ...] = setting((1.0, 2.0, 4.0, 8.0, 20.0), "temperatures (each must be in the cache)")
+    temperatures: tuple[float, ...] = setting((1.0, 2.0, 4.0, 8.0, 20.0), "temperatures (targets derived from the "
+                                                                          "cache's logits)")
     alphas: tuple[float, ...] = setting((0.5, 0.9), "soft-term weights > 0 (alpha 0, hard labels, is always added)")
     archs: tuple[str, ...] = setting(("mlp:128", "mlp:800-800"), "student sizes (architecture specs)")
     seeds: tuple[int, ...] = setting((0, 1, 2), "seeds; the table reports mean and spread over them")
@@ -122,7 +124,7 @@ class ExperimentConfig:
 
     name: str = setting("small-transfer", "small-transfer or omitted-class")
     arch: str = setting("mlp:800-800", "student architecture (Hinton's 784-800-800-10 by default)")
-    temperature: float = setting(4.0, "distillation temperature (must be in the cache)")
+    temperature: float = setting(4.0, "distillation temperature (derived from the cache's logits)")
     alpha: float = setting(0.5, "soft-term weight of the distilled students (their hard twins use 0)")
     train_fraction: float = setting(0.03, "small-transfer: fraction of the transfer rows kept")
     drop_class: int = setting(3, "omitted-class: the class left out of the transfer set")
@@ -153,7 +155,7 @@ class StudentBenchConfig:
     FOOTPRINT: ClassVar[str] = "lower --rows (now {rows}; 0 = all)"
 
     arch: str = setting("mlp:128", "student architecture")
-    temperature: float = setting(4.0, "temperature (must be in the cache)")
+    temperature: float = setting(4.0, "temperature (derived from the cache's logits)")
     alpha: float = setting(0.5, "soft-term weight")
     rows: int = setting(0, "use the first this many transfer rows (0 = all)")
     epochs: int = setting(3, "timed epochs per mode (interleaved); the median is reported")

@@ -61,7 +61,7 @@ def make_loader(cfg: StudentConfig, c: CacheInfo, info: Prepared) -> StudentLoad
         raise UsageError(f"drop_class {cfg.drop_class} is not a class of {c.path} ({c.classes} classes)")
     rows = None
     if cfg.train_fraction < 1 or cfg.drop_class >= 0:
-        labels = view_row_labels(c) if c.views is not None else c.read("labels")
+        labels = view_row_labels(c) if c.views is not None else c.labels()
         rows = select_rows(labels, cfg.train_fraction, cfg.drop_class, cfg.subset_seed)
     if c.views is not None:
         return ViewLoader(c, info, _target_kind(cfg), cfg.temperature, rows, cfg.memory_budget_mib, cfg.views_used)

@@ -9,8 +9,10 @@ teacher's input was.  Over E epochs a row is seen through E views drawn from K: 
 different functions values the student can match, the epochs how many it does (Beyer et al. 2022:
 consistent views, and patience).
 
-Resident only: the raw rows (uint8 for images), the targets of every view at T and the parameters
-must fit ``memory_budget_mib``; a views cache that does not is refused with the figure to set.
+Resident only: the raw rows (uint8 for images), what the cache stores of every view (float16
+logits, the top k, or targets stored at T; each batch's targets are derived when it is drawn,
+:func:`stages.student.batches.batch_targets`) and the parameters must fit ``memory_budget_mib``; a
+views cache that does not is refused with the figure to set.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pipeline import views
 from pipeline.errors import DataError, UsageError
 from pipeline.formats.cache import CacheInfo
 from pipeline.formats.prepared import Prepared
-from stages.student.batches import Batch
+from stages.student.batches import Batch, batch_targets
 
 MiB = 1 << 20
 
@@ -54,8 +56,10 @@ class ViewLoader:
             cache.require_temperature(temperature)
         self.rows = np.arange(self.n_all) if rows is None else np.asarray(rows, dtype=np.int64)
         self.n = len(self.rows)
+        self.target, self.T, self.classes = target, float(temperature), cache.classes
+        T = self.T if target == "soft" else None
         pixel_bytes = math.prod(prepared.shape) * np.dtype(prepared.dtype).itemsize
-        per_view = views.PARAM_BYTES + (4 * cache.classes if target != "none" else 0)
+        per_view = views.PARAM_BYTES + (cache.stored(0, 1, T).nbytes if target != "none" else 0)
         need = self.n_all * (pixel_bytes * (2 if self.spec.flip else 1) + 8) + cache.rows * per_view
         if need > budget_mib * MiB:
             raise UsageError(f"{cache.path}: a views cache is read into memory: it needs {need / MiB:.0f} MiB "
@@ -66,12 +70,7 @@ class ViewLoader:
         self.maker = views.Maker(x, self.spec.max_shift, self.spec.flip > 0)  # the rows, padded once
         self.labels_all = labels.astype(np.int64)
         self.params = cache.read("view_params")
-        if target == "soft":
-            self.targets = cache.soft(temperature)
-        elif target == "logits":
-            self.targets = cache.read("logits").astype(np.float32).mean(axis=1)
-        else:
-            self.targets = np.zeros((cache.rows, cache.classes), np.float32)
+        self.stored = cache.stored(T=T) if target != "none" else None  # every view, as stored
         self.peak_buffer_rows = self.n
 
     def labels(self) -> np.ndarray:
@@ -85,7 +84,9 @@ class ViewLoader:
         """View ``view[i]`` of transfer row ``src[i]``: its normalised pixels, target and label."""
         vr = src * self.k + view
         x = self.prepared.normalise(self.maker(src, self.params[vr]))
-        return torch.from_numpy(x), torch.from_numpy(self.targets[vr]), torch.from_numpy(self.labels_all[src])
+        t = batch_targets(None if self.stored is None else self.stored.take(vr), self.target, self.T, len(vr),
+                          self.classes)
+        return torch.from_numpy(x), t, torch.from_numpy(self.labels_all[src])
 
     def epoch(self, gen: torch.Generator, batch_size: int) -> Iterator[Batch]:
         """One pass over the selected rows in a random order, each through one uniformly drawn view."""
@@ -96,6 +97,6 @@ class ViewLoader:
 
 
 def view_row_labels(cache: CacheInfo) -> np.ndarray:
-    """Labels per transfer row of a views cache (its rows' labels, taken at view 0)."""
-    return cache.read("labels")[::views.spec_of(cache.views, cache.path).count]
+    """Labels per transfer row of a views cache."""
+    return cache.source_labels()
 

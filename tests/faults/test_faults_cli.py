@@ -72,9 +72,9 @@ def test_add_temperature_with_nothing_new_or_a_temperature_twice(tiny_cache, tmp
 
     cache = Path(shutil.copy(tiny_cache, tmp_path / "c.h5"))
     before = cache.read_bytes()
-    for temps, out, match in [((2.0,), None, r"nothing to add: T=2 already stored"),
-                              ((2.0,), tmp_path / "o.h5", r"nothing to add: T=2 already stored"),
-                              ((2.0000001,), None, r"T=2.0000001 would be stored as T=2, which the cache holds")]:
+    for temps, out, match in [((2.0,), None, r"nothing to add: T=2 already recorded"),
+                              ((2.0,), tmp_path / "o.h5", r"nothing to add: T=2 already recorded"),
+                              ((2.0000001,), None, r"T=2.0000001 would be recorded as T=2, which the cache holds")]:
         with pytest.raises(UsageError, match=match):
             add_temperature(AddTemperatureConfig(temperatures=temps), cache, out, **QUIET)
     for temps in ((3.0, 3.0), (3.0, 3.0000001)):

@@ -162,7 +162,9 @@ def test_sweep_retrains_a_student_whose_metrics_describe_another_checkpoint(two_
 
 
 # --------------------------------------------------------------------------------------- cache resume
-def test_cache_resume_recomputes_a_partial_edited_after_a_kill(tiny_teacher, tiny_prepared, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["logits", "labels"])
+def test_cache_resume_recomputes_a_partial_edited_after_a_kill(name, tiny_teacher, tiny_prepared, tmp_path,
+                                                               monkeypatch):
     from stages.cache import CacheConfig, cache_soft_targets
     from stages.cache import stage as cache_stage
 
@@ -177,14 +179,14 @@ def test_cache_resume_recomputes_a_partial_edited_after_a_kill(tiny_teacher, tin
         with pytest.raises(KeyboardInterrupt):
             cache_soft_targets(cfg, [tiny_teacher], tiny_prepared, out, **QUIET)
     partial = tmp_path / "c.h5.partial"
-    with h5py.File(partial, "r+") as f:  # one committed row changed after the kill
+    with h5py.File(partial, "r+") as f:  # one committed row (its logits, or its label) changed after the kill
         assert int(f.attrs["committed_rows"]) == 1200
-        f["soft/2"][17] = np.roll(f["soft/2"][17], 1)
+        f[name][17] = np.roll(f["logits"][17], 1, axis=-1) if name == "logits" else (f["labels"][17] + 1) % 10
     logs = []
     cache_soft_targets(cfg, [tiny_teacher], tiny_prepared, out, log=logs.append)
     assert any("no longer match their checksums" in line and "restarting from row 0" in line for line in logs), logs
     fresh = cache_soft_targets(cfg, [tiny_teacher], tiny_prepared, tmp_path / "fresh.h5", **QUIET)
-    assert np.array_equal(open_cache(out).read("soft/2"), open_cache(fresh).read("soft/2"))
+    assert np.array_equal(open_cache(out).read(name), open_cache(fresh).read(name))
     with h5py.File(out, "r") as f:
         assert "committed_sha256" not in f.attrs  # resume state, not content
 

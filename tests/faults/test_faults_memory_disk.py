@@ -24,7 +24,8 @@ from pipeline.artifacts import partial_path
 from tests.conftest import BIG_ROWS
 from tests.faultkit import address_space, content_digest, exit7, run_limited, start_cli, unpublished
 
-BIG_CACHE = ["--temperatures", "1,2,4", "--batch-size", "1024", "--device", "cpu", "--threads", "1"]  # as big_transfer
+BIG_CACHE = ["--temperatures", "1,2,4", "--batch-size", "1024", "--device", "cpu", "--threads", "1", "--store-soft",
+             "--logits-dtype", "float32"]  # as big_transfer
 
 
 # ---------------------------------------------------------------------------------------- in process
@@ -33,14 +34,15 @@ def test_a_failed_write_never_lets_committed_rows_advance(tmp_path, monkeypatch)
     before the counter, and every write after it is dropped: the file on disk keeps the batches
     committed before the fault, readable, which is what a resume trusts."""
     from pipeline.formats import h5write
-    from pipeline.formats.cache import CacheWriter
+    from pipeline.formats.cache import CacheLayout
+    from pipeline.formats.cache_writer import CacheWriter
 
     path = tmp_path / "c.h5.partial"
     rng = np.random.default_rng(0)
     batch = [(rng.standard_normal((10000, 2, 10), dtype=np.float32), rng.random((10000, 10), dtype=np.float32),
               rng.integers(0, 10, 10000)) for _ in range(2)]
-    w = CacheWriter.create(path, {"test": 1}, 40000, 2, 10, (1.0,))
-    w.put(0, batch[0][0], {1.0: batch[0][1]}, batch[0][2])
+    w = CacheWriter.create(path, {"test": 1}, CacheLayout(40000, 2, 10, "float32", soft_temperatures=(1.0,)))
+    w.put(0, {"logits": batch[0][0], "soft/1": batch[0][1]}, batch[0][2])
     w.commit(10000)
 
     def disk_full(self, view, at):
@@ -48,7 +50,7 @@ def test_a_failed_write_never_lets_committed_rows_advance(tmp_path, monkeypatch)
 
     monkeypatch.setattr(h5write.GuardedFile, "_pwrite_all", disk_full)
     with pytest.raises(OSError) as failed:
-        w.put(10000, batch[1][0], {1.0: batch[1][1]}, batch[1][2])
+        w.put(10000, {"logits": batch[1][0], "soft/1": batch[1][1]}, batch[1][2])
         w.commit(20000)
     assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(path)
     w.close()  # no second exception: HDF5 closed a file whose every write "succeeded"
@@ -128,13 +130,14 @@ def test_cache_out_of_memory_names_the_batch_size(big_transfer, tiny_teacher, tm
 @pytest.mark.slow
 def test_student_out_of_memory_names_the_memory_budget(big_transfer, tmp_path):
     """The ceiling leaves half of what the resident rows need (181 MiB) beyond the address space the
-    command holds when it loads them, measured by a run that stops right there (T absent: exit 2).
+    command holds when it loads them, measured by a run that stops right there (a class the cache does
+    not have: exit 2).
     Not from a run's peak: later peaks are elastic (thread arenas and stacks that fail to map are
     done without), so a resident run completes under a ceiling of its streamed twin's peak + 64 MiB."""
     base = ["student", "--cache", big_transfer.cache, "--transfer-set", big_transfer.prepared, "--arch", "mlp:16",
             "--epochs", "1"]
-    pilot = run_limited(*base, "--temperature", "3", "--out", tmp_path / "a.ckpt", vmpeak=True)
-    assert pilot.returncode == 2 and "no soft targets at T=3" in pilot.stderr, pilot.stderr
+    pilot = run_limited(*base, "--drop-class", "10", "--out", tmp_path / "a.ckpt", vmpeak=True)
+    assert pilot.returncode == 2 and "drop_class 10 is not a class" in pilot.stderr, pilot.stderr
     ceiling = address_space(pilot)[1] + (90 << 20)
     out = tmp_path / "s.ckpt"
     exit7(run_limited(*base, "--out", out, vmem=ceiling), "out of memory: the 59800 training rows need 181.",
@@ -188,7 +191,7 @@ def test_cache_on_a_full_disk_is_refused_then_resumed(big_transfer, tiny_teacher
     args = ["cache", "--teacher", tiny_teacher, "--transfer-set", big_transfer.prepared, "--out", out, *BIG_CACHE]
     filler = _fill(small_disk, leave=4 << 20)
     line = exit7(run_limited(*args), f"{out}: needs ", f"only 4.0 MiB free on {small_disk}")
-    assert re.search(r"needs 1\d\.\d MiB \(59800 rows x 2 members x 10 classes x 4 bytes", line), line
+    assert re.search(r"needs 1\d\.\d MiB \(59800 rows x \(80 \(logits\) \+ 3 x 10 x 4 \(soft targets\)\)", line), line
     unpublished(out)  # refused before the partial file was created
     filler.unlink()
     proc = start_cli(*args)  # a disk with room, filled by another writer once the first batch is committed

@@ -24,7 +24,8 @@ from tests.conftest import BIG_ROWS
 from tests.faultkit import content_digest, exit7, linear_model, run_limited, unpublished
 
 EFBIG = "file too large for this process's file-size limit (EFBIG"
-BIG_CACHE = ["--temperatures", "1,2,4", "--batch-size", "1024", "--device", "cpu", "--threads", "1"]  # as big_transfer
+BIG_CACHE = ["--temperatures", "1,2,4", "--batch-size", "1024", "--device", "cpu", "--threads", "1", "--store-soft",
+             "--logits-dtype", "float32"]  # as big_transfer
 TEACHER = ["--members", "2", "--arch", "mlp:32", "--epochs", "2", "--threads", "1", "--max-shift",
            "1"]  # tiny_teacher's
 
@@ -90,9 +91,13 @@ def test_cache_under_file_size_limit_resumes_after_committed_rows(big_transfer, 
     assert content_digest(out) == content_digest(big_transfer.cache)
 
 
-def test_add_temperature_under_file_size_limit(tiny_cache, tmp_path):
-    from stages.cache import AddTemperatureConfig, add_temperature
+def test_add_temperature_under_file_size_limit(tiny_teacher, tiny_prepared, tmp_path):
+    from stages.cache import AddTemperatureConfig, CacheConfig, add_temperature, cache_soft_targets
 
+    # a cache that stores its targets (and float32 logits: kd-cache/1's content), so a new T adds 48 KB
+    cfg = CacheConfig(temperatures=(1.0, 2.0, 4.0), batch_size=256, device="cpu", threads=1, store_soft=True,
+                      logits_dtype="float32")
+    tiny_cache = cache_soft_targets(cfg, [tiny_teacher], tiny_prepared, tmp_path / "c.h5", log=quiet)
     out = tmp_path / "c3.h5"
     args = ["cache", "add-temperature", tiny_cache, "--out", out, "--temperatures", "3"]
     assert 250_000 < tiny_cache.stat().st_size < 300_000  # the copy fits; the new soft targets do not
@@ -106,7 +111,8 @@ def test_add_temperature_under_file_size_limit(tiny_cache, tmp_path):
 def test_merge_under_file_size_limit(tiny_teacher, tiny_prepared, tmp_path):
     from stages.cache import CacheConfig, MergeConfig, cache_soft_targets, merge
 
-    cfg = CacheConfig(temperatures=(1.0, 2.0, 4.0), batch_size=256, device="cpu", threads=1)
+    cfg = CacheConfig(temperatures=(1.0, 2.0, 4.0), batch_size=256, device="cpu", threads=1, store_soft=True,
+                      logits_dtype="float32")  # kd-cache/1's content: a merge of 276 KB
     parts = [cache_soft_targets(dataclasses.replace(cfg, shard=f"{i}/2"), [tiny_teacher], tiny_prepared,
                                 tmp_path / "c.h5", log=quiet) for i in range(2)]
     out = tmp_path / "m.h5"

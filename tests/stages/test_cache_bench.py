@@ -91,3 +91,24 @@ def test_cache_bench_cli_writes_the_same_report(tmp_path):
     r = json.loads(out.read_text())
     assert r["rows"] == 128 and r["stage"]["batches"] == 2 and len(r["trial_s"]["onnxruntime"]) == 1
     assert r["rows_per_s"]["onnxruntime"] == pytest.approx(128 / r["trial_s"]["onnxruntime"][0], rel=1e-12)
+
+
+@pytest.mark.slow
+def test_bench_scale_of_a_many_class_top_k_teacher_by_totals_of_views(tmp_path):
+    """The many-class runs: a synthetic teacher of 2 members x 50 classes, a top-5 cache, and for each total of
+    views one run per K of total / K rows; ratios against the fewest views and across totals."""
+    cfg = CacheScaleConfig(sizes=(), features=16, classes=50, members=2, hidden=4, top_k=5, batch_size=128,
+                           threads=1, device="cpu", views=(1, 4), view_totals=(400, 800), view_image=8)
+    r = bench_scale(cfg, tmp_path / "work", tmp_path / "scale.json", **QUIET)
+    assert r["runs"] == [] and r["teacher"] == "2 x (tanh 4 then linear) 16->50"
+    g = r["view_groups"]
+    assert [[(x["views"], x["rows"], x["cache_rows"]) for x in grp["views"]] for grp in g] == [
+        [(1, 400, 400), (4, 100, 400)], [(1, 800, 800), (4, 200, 800)]]
+    for grp in g:
+        v = grp["views"]
+        assert grp["rss_ratio_vs_fewest"] == pytest.approx([x["peak_rss_mib"] / v[0]["peak_rss_mib"] for x in v])
+        assert all(x["rows_per_s"] == pytest.approx(x["cache_rows"] / x["stage_s"], rel=1e-12) for x in v)
+        # a top-5 row of 50 classes, 2 members, float16: 5 ids (uint8), 2 x 5 logits, 2 tails, and more per file
+        assert all(x["cache_bytes_per_row"] >= 5 + 2 * 5 * 2 + 2 * 2 + 8 for x in v)
+    for i, ratios in enumerate(r["views_rss_ratio_across_totals"]):  # at K = 1, then 4: each total against the first
+        assert ratios == pytest.approx([x["views"][i]["peak_rss_mib"] / g[0]["views"][i]["peak_rss_mib"] for x in g])

@@ -17,8 +17,10 @@ from stages.cache import CacheConfig, cache_soft_targets
 from stages.export import ExportConfig, export_student
 from stages.student import StudentConfig, distill_student
 from tests import foreign
+from tests.cache_helpers import targets
 
-CPU = ("--device", "cpu", "--threads", "1", "--batch-size", "256", "--temperatures", "1,2")
+# float32 logits: these tests compare the cached logits and targets with onnxruntime by hand, to 1e-6
+CPU = ("--device", "cpu", "--threads", "1", "--batch-size", "256", "--temperatures", "1,2", "--logits-dtype", "float32")
 
 
 def cli(*args):
@@ -72,7 +74,7 @@ def test_hflip_caches_the_mean_logits_of_each_image_and_its_mirror(data, grey, t
     assert np.max(np.abs(plain - mirror)) > 0.1  # the teacher is not symmetric: the mirror changes its logits
     c = open_cache(out)
     np.testing.assert_allclose(c.read("logits")[:, 0], (plain + mirror) / 2, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(c.soft(2.0), softmax((plain + mirror) / 4), rtol=0, atol=1e-6)  # T=2 of the mean
+    np.testing.assert_allclose(targets(c, 2.0), softmax((plain + mirror) / 4), rtol=0, atol=1e-6)  # T=2 of the mean
     assert c.teacher_inputs[0]["input"]["tta"] == "hflip" and c.teacher_inputs[0]["sources"]["tta"] == "command line"
     assert c.identity["teacher_inputs"][0]["tta"] == "hflip"  # a partial made without it restarts
     code, err = cli("cache", "verify", out, "--teacher", teacher, "--transfer-set", info.path)
@@ -112,7 +114,7 @@ def test_output_names_with_colons_and_slashes_are_declared_quoted(output, scale,
 
 def test_verify_names_the_order_of_teachers_given_in_another(grey, teachers, tmp_path):
     out = tmp_path / "c.h5"
-    cfg = CacheConfig(temperatures=(1.0,), device="cpu", threads=1, batch_size=256, gate=False)
+    cfg = CacheConfig(temperatures=(1.0,), device="cpu", threads=1, batch_size=256, logits_dtype="float32", gate=False)
     cache_soft_targets(cfg, [f"{teachers['flat']}:input=unit", teachers["nhwc"]], grey.path, out, log=lambda m: None)
     code, err = cli("cache", "verify", out, "--teacher", teachers["nhwc"], "--teacher", teachers["flat"],
                     "--transfer-set", grey.path)
@@ -128,7 +130,7 @@ def test_verify_names_the_order_of_teachers_given_in_another(grey, teachers, tmp
 def student(grey, teachers, tmp_path_factory):
     """The fp32 ONNX student distilled from the [0, 1] flat teacher, and its test logits by hand."""
     d = tmp_path_factory.mktemp("student")
-    cfg = CacheConfig(temperatures=(2.0,), device="cpu", threads=1, batch_size=256)
+    cfg = CacheConfig(temperatures=(2.0,), device="cpu", threads=1, batch_size=256, logits_dtype="float32")
     cache = cache_soft_targets(cfg, [f"{teachers['flat']}:input=unit"], grey.path, d / "c.h5", log=lambda m: None)
     ckpt = distill_student(StudentConfig(arch="mlp:16", epochs=2, temperature=2.0, alpha=0.5), cache, grey.path,
                            d / "s.ckpt", d / "s.json", log=lambda m: None)
@@ -218,7 +220,8 @@ def test_a_missing_model_file_is_one_line_and_exit_3(command, grey, teachers, st
             "verify": ["cache", "verify", tmp_path / "c.h5", "--teacher", missing, "--transfer-set", grey.path],
             }[command]
     if command == "verify":
-        cfg = CacheConfig(temperatures=(1.0,), device="cpu", threads=1, batch_size=256, gate=False)
+        cfg = CacheConfig(temperatures=(1.0,), device="cpu", threads=1, batch_size=256, logits_dtype="float32",
+                          gate=False)
         cache_soft_targets(cfg, [teachers["nhwc"]], grey.path, tmp_path / "c.h5", log=lambda m: None)
     code, err = cli(*args)
     assert code == 3 and len(err.splitlines()) == 1 and f"{missing}: no such ONNX file" in err, err

@@ -16,8 +16,10 @@ from pipeline.formats.cache import open_cache
 from pipeline.formats.prepared import open_prepared
 from stages.cache import settings as cache_settings
 from tests import foreign
+from tests.cache_helpers import targets
 
-CPU = ("--device", "cpu", "--threads", "1", "--batch-size", "256", "--temperatures", "1,2")
+# float32 logits: these tests compare the cached logits and targets with onnxruntime by hand, to 1e-6
+CPU = ("--device", "cpu", "--threads", "1", "--batch-size", "256", "--temperatures", "1,2", "--logits-dtype", "float32")
 
 
 def cli(*args):
@@ -78,7 +80,7 @@ def test_an_explicit_raw_range_on_a_unit_mlp_is_refused_on_its_soft_targets(data
     code, err = cli("cache", "--teacher", f"{data['unit_mlp']}:input=unit", "--transfer-set", info.path, "--out", out,
                     *CPU)
     assert code == 0, err
-    assert np.max(np.abs(open_cache(out).soft(1.0) - softmax(unit))) <= 1e-6
+    assert np.max(np.abs(targets(open_cache(out), 1.0) - softmax(unit))) <= 1e-6
 
 
 def test_an_undeclared_minus_one_to_one_colour_teacher_is_given_its_range(data, tmp_path):
@@ -96,7 +98,7 @@ def test_an_undeclared_minus_one_to_one_colour_teacher_is_given_its_range(data, 
     assert rec["input"]["range"] == "normalised" and rec["input"]["mean"] == 0.5 and rec["input"]["std"] == 0.5, rec
     assert rec["sources"]["mean"] == rec["sources"]["std"] == "gate", rec  # the range was normalised already
     assert "no declaration of" in err and "taking input=normalised,layout=nhwc,mean=0.5,std=0.5" in err, err
-    assert np.max(np.abs(c.soft(1.0) - softmax(right))) <= 1e-6
+    assert np.max(np.abs(targets(c, 1.0) - softmax(right))) <= 1e-6
 
 
 def test_a_semi_supervised_set_is_judged_on_its_labelled_rows_anywhere(data, tmp_path):
@@ -113,7 +115,7 @@ def test_a_semi_supervised_set_is_judged_on_its_labelled_rows_anywhere(data, tmp
     assert c.teacher_inputs[0]["input"]["range"] == "unit" and c.teacher_inputs[0]["sources"]["range"] == "gate"
     x, y = info.load_raw("train")
     want = softmax(by_hand(data["flat_unit"], foreign.by_hand(x, "unit", "flat")))
-    assert np.max(np.abs(c.soft(1.0) - want)) <= 1e-6
+    assert np.max(np.abs(targets(c, 1.0) - want)) <= 1e-6
     rows = sanity_gate.draw(y, 500, 3)  # the rows drawn: labelled, anywhere after the unlabelled head, seeded
     assert len(rows) == 500 and rows.min() >= 2048 and np.all(np.diff(rows) > 0)
     assert not np.array_equal(rows, sanity_gate.draw(y, 500, 4)) and np.array_equal(rows, sanity_gate.draw(y, 500, 3))

@@ -150,7 +150,8 @@ def test_teacher_refuses_to_shift_rows_that_are_not_images(tmp_path, monkeypatch
     proc = run_cli("teacher", "--prepared", src, "--out", tmp_path / "t" / "e.onnx", "--arch", "mlp:4",
                    "--members", "1", "--epochs", "1")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "rows of shape [12] are not images and cannot be shifted; train with --max-shift 0" in proc.stderr
+    assert ("rows of shape [12] are not images and cannot be shifted, flipped or erased; "
+            "train with --max-shift 0 --flip 0 --erase 0") in proc.stderr
     assert not (tmp_path / "t" / "e.onnx").exists() and not (tmp_path / "t" / "e.onnx.partial").exists()
     cfg = TeacherConfig(members=1, arch="mlp:4", epochs=1, threads=1, max_shift=0)
     _stop_before_export(monkeypatch, stage)

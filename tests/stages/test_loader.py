@@ -24,6 +24,7 @@ from stages.student import StudentConfig, distill_student
 from stages.student.batches import StudentLoader
 from stages.student.loader import TransferLoader, select_rows
 from stages.student.viewloader import ViewLoader
+from tests.cache_helpers import targets
 from tests.conftest import ROOT, synthetic_images
 
 
@@ -43,7 +44,7 @@ def _epoch_rows(loader, seed, batch):
 @pytest.mark.parametrize("budget_mib", [1024.0, 0.5])  # resident; streaming (1200 rows x 3.2 KB > 0.5 MiB)
 def test_every_selected_row_once_per_epoch_and_aligned(tiny_cache, tiny_prepared, budget_mib):
     c, info = open_cache(tiny_cache), open_prepared(tiny_prepared)
-    soft, labels = c.soft(2.0), c.read("labels")
+    soft, labels = targets(c, 2.0), c.labels()
     sel = select_rows(labels, 0.5, drop_class=3, seed=1)
     loader = TransferLoader(c, info, "soft", 2.0, sel, budget_mib=budget_mib, block_rows=100)
     assert loader.resident == (budget_mib > 1)
@@ -91,7 +92,7 @@ def test_subset_settings(tiny_cache, tiny_prepared, tmp_path):
     cfg = StudentConfig(arch="mlp:16", epochs=1, temperature=2.0, train_fraction=0.25, drop_class=3)
     distill_student(cfg, tiny_cache, tiny_prepared, tmp_path / "s.ckpt", tmp_path / "s.json", log=lambda m: None)
     m = json.loads((tmp_path / "s.json").read_text())
-    labels = open_cache(tiny_cache).read("labels")
+    labels = open_cache(tiny_cache).labels()
     assert m["train_rows"] == round(0.25 * int((labels != 3).sum()))
     with pytest.raises(UsageError, match="drop_class 10"):
         distill_student(dataclass_replace(cfg, drop_class=10), tiny_cache, tiny_prepared, tmp_path / "b.ckpt",

@@ -16,9 +16,11 @@ from pipeline.formats.cache import open_cache
 from pipeline.formats.prepared import open_prepared
 from stages.cache import CacheConfig, cache_soft_targets
 from tests import foreign
+from tests.cache_helpers import targets
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-CPU = ("--device", "cpu", "--threads", "1", "--batch-size", "256", "--temperatures", "1,2")
+# float32 logits: these tests compare the cached logits and targets with onnxruntime by hand, to 1e-6
+CPU = ("--device", "cpu", "--threads", "1", "--batch-size", "256", "--temperatures", "1,2", "--logits-dtype", "float32")
 
 # name -> (transfer set, how the teacher was fitted: range, layout, stats; its input shape, dtype,
 # outputs, metadata contract, what the command line declares, the output read by hand)
@@ -94,7 +96,7 @@ def test_cached_soft_targets_equal_onnxruntime_by_hand(case, sets, teachers, tmp
     assert code == 0, err
     c = open_cache(tmp_path / "c.h5")
     want = by_hand(teachers[case], info, case)
-    assert np.max(np.abs(c.soft(1.0).astype(np.float64) - want)) <= 1e-6
+    assert np.max(np.abs(targets(c, 1.0).astype(np.float64) - want)) <= 1e-6
     rec = c.teacher_inputs[0]
     _, y = info.load_raw("train")
     hand_acc = float(np.mean(want.argmax(1) == y))
@@ -137,13 +139,13 @@ def test_no_gate_keeps_a_declaration_the_gate_refuses(sets, teachers, tmp_path):
 def test_an_undeclared_clear_winner_is_taken_and_said(sets, teachers, tmp_path):
     """No declaration at all: the default (normalised) loses clearly to [0, 1]; taken, logged, recorded."""
     logs = []
-    cfg = CacheConfig(temperatures=(1.0,), device="cpu", threads=1, batch_size=256)
+    cfg = CacheConfig(temperatures=(1.0,), device="cpu", threads=1, batch_size=256, logits_dtype="float32")
     out = cache_soft_targets(cfg, [teachers["flat-unit"]], sets["grey"], tmp_path / "c.h5", log=logs.append)
     assert any("no declaration of range; input=unit,layout=flat scores" in m and "taking input=unit" in m
                for m in logs), logs
     c = open_cache(out)
     assert c.teacher_inputs[0]["sources"]["range"] == "gate" and c.teacher_inputs[0]["input"]["range"] == "unit"
-    assert np.max(np.abs(c.soft(1.0) - by_hand(teachers["flat-unit"], open_prepared(sets["grey"]),
+    assert np.max(np.abs(targets(c, 1.0) - by_hand(teachers["flat-unit"], open_prepared(sets["grey"]),
                                                "flat-unit"))) <= 1e-6
 
 

@@ -43,7 +43,7 @@ def test_one_view_is_the_plain_cache(tiny_teacher, tiny_prepared, tiny_cache, tm
     one = open_cache(cache_soft_targets(CacheConfig(**BASE, views=1), [tiny_teacher], tiny_prepared,
                                         tmp_path / "k1.h5", **QUIET))
     plain = open_cache(tiny_cache)  # built with temperatures 1, 2, 4 and the same batch size
-    for name in ("logits", "labels", "soft/1", "soft/2"):
+    for name in ("logits", "labels"):
         assert np.array_equal(one.read(name), plain.read(name)), name
     assert one.views["count"] == 1 and (one.read("view_params") == 0).all()
 
@@ -54,15 +54,16 @@ def test_layout_and_what_the_teacher_saw(views_cache, tiny_teacher, tiny_prepare
     assert (c.rows, c.source_rows, c.views["count"], c.views["version"]) == (4 * n, n, 4, views.VERSION)
     spec = views.spec_of(c.views, views_cache)
     assert np.array_equal(c.read("view_params"), views.params(spec, 0, n, n))  # the recorded seed's draw
-    assert np.array_equal(c.read("labels"), np.repeat(info.load("train")[1], 4))
+    assert np.array_equal(c.labels(), np.repeat(info.load("train")[1], 4))
+    assert c.read("labels").dtype == np.int8 and np.array_equal(c.read("labels"), info.load("train")[1])  # once a row
     # The student's batch of views, run through the teacher by hand, gives the stored logits bit for bit.
     loader = ViewLoader(c, info, "soft", 2.0)
     src, view = np.array([0, 5, 17, n - 1]), np.array([1, 3, 2, 0])
     x, t, y = loader.batch(src, view)
     sess = ort.InferenceSession(str(tiny_teacher), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert np.array_equal(got, c.read("logits")[src * 4 + view])
-    assert np.array_equal(t.numpy(), sm.combine_soft_targets(got, 2.0)) and np.array_equal(y.numpy(),
+    assert np.array_equal(got.astype(np.float16), c.read("logits")[src * 4 + view])  # as stored: float16
+    assert np.array_equal(t.numpy(), sm.combine_soft_targets(got.astype(np.float16), 2.0)) and np.array_equal(y.numpy(),
                                                                                            info.load("train")[1][src])
 
 
@@ -78,16 +79,19 @@ def test_verify_rebuilds_views_and_catches_edited_parameters(views_cache, tiny_t
         verify(VerifyConfig(sample_rows=400), bad, [tiny_teacher], tiny_prepared, **QUIET)
 
 
-def test_float16_logits_and_add_temperature(tiny_teacher, tiny_prepared, tmp_path):
-    out = cache_soft_targets(CacheConfig(**BASE, views=2, logits_dtype="float16"), [tiny_teacher], tiny_prepared,
+def test_float16_logits_stored_targets_and_add_temperature(tiny_teacher, tiny_prepared, tmp_path):
+    """Targets stored beside float16 logits are computed from the rounded logits: the file agrees with
+    itself, add-temperature stores the new T the same way, and verify recomputes them."""
+    out = cache_soft_targets(CacheConfig(**BASE, views=2, store_soft=True), [tiny_teacher], tiny_prepared,
                              tmp_path / "h.h5", **QUIET)
     c = open_cache(out)
     logits = c.read("logits")
-    assert logits.dtype == np.float16 and np.array_equal(c.soft(1.0),
+    assert logits.dtype == np.float16 and np.array_equal(c.stored_soft(1.0),
                                                          sm.combine_soft_targets(logits.astype(np.float32), 1.0))
     add_temperature(AddTemperatureConfig(temperatures=(4.0,)), out, **QUIET)
     c = open_cache(out)
-    assert np.array_equal(c.soft(4.0), sm.combine_soft_targets(logits.astype(np.float32), 4.0))
+    assert c.soft_temperatures == (1.0, 2.0, 4.0)
+    assert np.array_equal(c.stored_soft(4.0), sm.combine_soft_targets(logits.astype(np.float32), 4.0))
     assert c.views["count"] == 2 and verify(VerifyConfig(), out, [tiny_teacher], tiny_prepared, **QUIET)
 
 
@@ -103,7 +107,7 @@ def test_merged_view_shards_equal_one_run(views_cache, tiny_teacher, tiny_prepar
                                 tmp_path / "s.h5", **QUIET) for i in range(2)]
     merged = open_cache(merge(MergeConfig(), parts, tmp_path / "m.h5", **QUIET))
     whole = open_cache(views_cache)
-    for name in ("logits", "labels", "soft/1", "soft/2", "view_params"):
+    for name in ("logits", "labels", "view_params"):
         assert np.array_equal(merged.read(name), whole.read(name)), name
     assert merged.views == whole.views and merged.source_rows == whole.source_rows
 

@@ -1,0 +1,171 @@
+"""Top-k soft targets for many classes: what a top-k cache stores, how targets at any T are rebuilt, and the bound.
+
+**Stored, per row** (an ensemble of M members with logits ``v_m`` over C classes, member weights
+``w_m`` summing to 1, equal by default): the ids ``K`` of the k classes (k < C) with the highest
+ensemble target at T = 1 (:func:`pipeline.soft.combine_soft_targets`; the members share the ids),
+each member's logits at them, ``a_m = v_m[K]``, and each member's log-sum-exp of the rest at T = 1,
+``s_m = log sum_{j in R} exp(v_mj)``, where ``R`` is the other ``n = C - k`` classes.  At 1000 classes,
+3 members and k = 10 in float16: 10 x 2 bytes of ids + 3 x 10 x 2 of logits + 3 x 2 of log-sum-exp
+= 86 bytes a row, against 6,000 for every logit.  Ids shared by the members cost k ids a row, where
+ids per member would cost M k: at the same bytes a shared selection keeps more classes.
+
+**Rebuilt at temperature T** (:func:`rebuild`): each member's tail classes get the one logit
+``u_m = s_m - log n``, which spreads the member's tail mass at T = 1 evenly over the n classes (as
+apple/ml-dr's smoothing of its top-k probabilities, but per member and exact at T = 1); then the
+members are combined as the cache says::
+
+    q_m(T) = softmax([a_m, u_m, ..., u_m] / T)                  (each member, tail logits even)
+    arithmetic: p(T) = sum_m w_m q_m(T)          geometric: p(T) = softmax(sum_m w_m [a_m, u_m ...] / T)
+
+At T = 1 the rebuilt target equals the full one on K, and the tail's total mass is exact (arithmetic);
+only how the mass is shared inside the tail is lost.  At other T the tail's tempered mass is unknown.
+
+**The bound** (:func:`bound`): with ``TV(p, p') = 1/2 sum_c |p_c - p'_c|`` (total variation: the most
+that any set of classes can gain or lose), the full target ``p(T)`` and the rebuilt ``p^(T)`` satisfy,
+for every row, every T > 0 and any choice of K::
+
+    TV(p(T), p^(T)) <= sum_m w_m eps(a_m, s_m)   (arithmetic),    eps(sum_m w_m a_m, sum_m w_m s_m)   (geometric)
+    eps(a, s) = B / (A + B),   A = sum_{i in K} exp(a_i / T),   B = n^max(0, 1 - 1/T) exp(s / T)
+
+so the error is at most the tail's share of the rebuilt target, taken at its largest possible value:
+it is small when the kept classes hold the mass at that T, and it grows with T as the tail does.
+
+*Proof.*  (1) One distribution, true tail logits ``v_j`` (j in R), ``b = sum_R exp(v_j / T)``, rebuilt
+``b^ = n exp(u / T)``.  On K both are ``exp(a_i / T)`` over their own normaliser, so
+``sum_K |p_i - p^_i| = A |1/(A + b) - 1/(A + b^)| = |P - P^|`` with the tail shares ``P = b/(A + b)``,
+``P^ = b^/(A + b^)``; on R, ``|p_j - p^_j| <= p_j + p^_j`` sums to ``P + P^``.  So
+``2 TV <= |P - P^| + P + P^ = 2 max(P, P^)``.  (2) ``x_j = exp(v_j) > 0`` sum to ``S = exp(s)``: for
+T >= 1, ``t -> t^(1/T)`` is concave and ``b = sum x_j^(1/T) <= n (S/n)^(1/T)`` (Jensen), which is
+``b^``; for T < 1, ``sum x_j^(1/T) <= (sum x_j)^(1/T) = S^(1/T)`` (an l_p norm is at most the l_1 norm)
+and ``b^ = n^(1 - 1/T) S^(1/T) <= S^(1/T)``.  Both are at most B, and ``x -> x/(A + x)`` grows, so
+``max(P, P^) <= eps``.  (3) Arithmetic: TV is convex, ``TV(sum w_m q_m, sum w_m q^_m) <= sum w_m TV(q_m,
+q^_m)``.  Geometric: the combined logits ``g = sum_m w_m v_m`` are exact on K and rebuilt as
+``sum_m w_m u_m`` on R; by Hoelder, ``sum_R prod_m exp(v_mj)^w_m <= prod_m (sum_R exp(v_mj))^w_m``, so
+``sum_m w_m s_m`` bounds g's tail log-sum-exp and (1)-(2) apply to g with it (the rebuilt tail value
+is ``(sum_m w_m s_m - log n)``, as (2) needs).  QED.
+
+The bound holds for the numbers stored; float16 storage rounds the logits first (its effect is
+measured in docs/results.md, and ``distill cache verify`` allows for the difference it finds between
+the stored and re-run values: :func:`rounding_slack`).  ``tests/unit/test_topk.py`` checks the bound
+on random logits (hypothesis) and that k = C - 1 and T = 1 behave as stated.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pipeline import soft
+from pipeline.formats.cache_layout import id_dtype
+
+
+def _weights(weights, members: int) -> np.ndarray:
+    w = soft.normalise_weights(weights, members)
+    return np.full(members, 1.0 / members) if w is None else w
+
+
+def compress(member_logits: np.ndarray, k: int, combine: str = "arithmetic",
+             weights=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids [n, k], kept [n, M, k] float32, tail [n, M] float32)`` of per-member logits ``[n, M, C]``.
+
+    ids: the k classes of highest ensemble target at T = 1, highest first (ties: lower id first);
+    kept: each member's logits at them; tail: each member's log-sum-exp over the other classes.
+    """
+    v = np.asarray(member_logits, dtype=np.float64)
+    n, members, classes = v.shape
+    if not 1 <= k < classes:
+        raise ValueError(f"top-k: k must lie in [1, {classes - 1}] for {classes} classes, got {k}")
+    if not np.all(np.isfinite(v)):
+        raise ValueError("logits contain NaN or infinity")
+    mx = v.max(axis=2, keepdims=True)
+    q = np.exp(v - mx)  # each member's softmax at T = 1, once: the ranking and the tail both use it
+    z = q.sum(axis=2, keepdims=True)
+    q /= z
+    if combine == "arithmetic":
+        w = soft.normalise_weights(weights, members)
+        p = q.mean(axis=1) if w is None else np.einsum("nmc,m->nc", q, w)
+    else:
+        p = soft.combine_soft_targets(v, 1.0, combine, weights).astype(np.float64)
+    part = np.argpartition(-p, k - 1, axis=1)[:, :k]
+    # order the k by target, then id: one answer for equal inputs, whatever argpartition returned
+    order = np.lexsort((part, -np.take_along_axis(p, part, 1)), axis=1)
+    ids = np.take_along_axis(part, order, 1)
+    kept = np.take_along_axis(v, ids[:, None, :], 2)
+    rest = np.ones(p.shape, bool)
+    np.put_along_axis(rest, ids, False, 1)
+    # log-sum-exp of the rest: log z + max + log(the rest's share of the softmax), a sum of positive
+    # terms (no cancellation); where that share underflows, shifted by the rest's own largest logit
+    share = (q * rest[:, None, :]).sum(axis=2)
+    tiny = share < 1e-250
+    with np.errstate(divide="ignore"):
+        tail = (mx + np.log(z))[..., 0] + np.log(share)
+    if tiny.any():
+        r, m = np.nonzero(tiny)
+        vt = np.where(rest[r], v[r, m], -np.inf)
+        mt = vt.max(axis=1, keepdims=True)
+        tail[r, m] = (mt + np.log(np.exp(np.minimum(vt - mt, 0.0)).sum(axis=1, keepdims=True)))[:, 0]
+    return ids.astype(id_dtype(classes)), kept.astype(np.float32), tail.astype(np.float32)
+
+
+def _member_terms(kept: np.ndarray, tail: np.ndarray, classes: int, combine: str,
+                  weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(kept logits [n, G, k], even tail logit [n, G], mixing weights [G]) of the G distributions
+    that are mixed: the M members (arithmetic), or their weighted mean logits (geometric, G = 1)."""
+    a = np.asarray(kept, dtype=np.float64)
+    s = np.asarray(tail, dtype=np.float64)
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(s))):
+        raise ValueError("top-k logits contain NaN or infinity")
+    w = _weights(weights, a.shape[1])
+    n_tail = classes - a.shape[2]
+    if combine == "arithmetic":
+        return a, s - math.log(n_tail), w
+    if combine == "geometric":
+        return np.einsum("nmk,m->nk", a, w)[:, None], (s @ w - math.log(n_tail))[:, None], np.ones(1)
+    raise ValueError(f"combine must be one of {soft.COMBINES}, got {combine!r}")
+
+
+def rebuild(ids: np.ndarray, kept: np.ndarray, tail: np.ndarray, classes: int, T: float,
+            combine: str = "arithmetic", weights=None) -> np.ndarray:
+    """Soft targets ``[n, classes]`` float32 at T from a top-k row (the module's rule, float64 inside)."""
+    T = soft.check_temperature(T)
+    a, u, w = _member_terms(kept, tail, classes, combine, weights)
+    n_tail = classes - a.shape[2]
+    mx = np.maximum(a.max(axis=2), u)[..., None]  # [n, G, 1]: exp never overflows
+    ea, eu = np.exp((a - mx) / T), np.exp((u[..., None] - mx) / T)
+    z = ea.sum(axis=2, keepdims=True) + n_tail * eu
+    p_kept = np.einsum("ngk,g->nk", ea / z, w)
+    p_tail = np.einsum("ng,g->n", (eu / z)[..., 0], w)
+    out = np.repeat(p_tail[:, None], classes, axis=1)
+    np.put_along_axis(out, np.asarray(ids, dtype=np.int64), p_kept, 1)
+    return out.astype(np.float32)
+
+
+def bound(kept: np.ndarray, tail: np.ndarray, classes: int, T: float, combine: str = "arithmetic",
+          weights=None) -> np.ndarray:
+    """Per row, the module's bound on ``TV(full target, rebuilt target)`` at T (float64 ``[n]``)."""
+    T = soft.check_temperature(T)
+    a, u, w = _member_terms(kept, tail, classes, combine, weights)
+    n_tail = classes - a.shape[2]
+    s = u + math.log(n_tail)  # the tail log-sum-exp (the geometric one: sum_m w_m s_m)
+    mx = a.max(axis=2)
+    log_a = mx / T + np.log(np.exp((a - mx[..., None]) / T).sum(axis=2))
+    log_b = max(0.0, 1.0 - 1.0 / T) * math.log(n_tail) + s / T
+    eps = 1.0 / (1.0 + np.exp(np.clip(log_a - log_b, -745.0, 745.0)))  # B / (A + B), no overflow
+    return eps @ w
+
+
+def member_logits(ids: np.ndarray, kept: np.ndarray, tail: np.ndarray, classes: int) -> np.ndarray:
+    """Each member's rebuilt logits ``[n, M, classes]`` float32: kept at K, ``u_m`` elsewhere."""
+    u = np.asarray(tail, dtype=np.float64) - math.log(classes - kept.shape[2])
+    out = np.repeat(u[..., None], classes, axis=2)
+    idx = np.broadcast_to(np.asarray(ids, dtype=np.int64)[:, None, :], kept.shape)
+    np.put_along_axis(out, idx, np.asarray(kept, dtype=np.float64), 2)
+    return out.astype(np.float32)
+
+
+def rounding_slack(eta: float, T: float) -> float:
+    """How much rounding the stored values by at most ``eta`` (logits and log-sum-exp) may move both
+    sides of the bound at T: every rebuilt probability moves by a factor within ``exp(+-2 eta / T)``,
+    so the rebuilt target by at most ``exp(2 eta / T) - 1`` in TV, and eps (a logistic function of
+    ``log B - log A``, each moved by at most ``eta / T``) by at most ``eta / (2 T)``."""
+    return math.expm1(2.0 * eta / T) + eta / (2.0 * T)
