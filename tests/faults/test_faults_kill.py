@@ -72,6 +72,7 @@ def _rerun(args):
     return proc
 
 
+@pytest.mark.slow
 def test_kill_teacher_then_resume(tiny_prepared, tmp_path):
     out = tmp_path / "t" / "ensemble.onnx"
     members = [out.with_name(f"member{i}.ckpt") for i in range(2)]
@@ -91,6 +92,7 @@ def test_kill_teacher_then_resume(tiny_prepared, tmp_path):
     _valid(out)
 
 
+@pytest.mark.slow
 def test_kill_cache_never_publishes_a_partial(tiny_teacher, tiny_prepared, tmp_path):
     out = tmp_path / "c.h5"
     args = ["cache", "--teacher", tiny_teacher, "--transfer-set", tiny_prepared, "--out", out, "--device", "cpu",
@@ -118,6 +120,7 @@ def test_kill_cache_never_publishes_a_partial(tiny_teacher, tiny_prepared, tmp_p
     assert open_cache(out).rows == 1200 and not partial.exists()
 
 
+@pytest.mark.slow
 def test_kill_student_keeps_previous_checkpoint_and_metrics(tiny_cache, tiny_prepared, tmp_path):
     out, metrics = tmp_path / "s.ckpt", tmp_path / "s.metrics.json"
     base = ["student", "--cache", tiny_cache, "--transfer-set", tiny_prepared, "--out", out, "--temperature", "2",
@@ -137,6 +140,7 @@ def test_kill_student_keeps_previous_checkpoint_and_metrics(tiny_cache, tiny_pre
     _valid(out), _valid(metrics)
 
 
+@pytest.mark.slow
 def test_kill_bench_then_rerun(tiny_teacher, tiny_prepared, tmp_path):
     out = tmp_path / "b.json"
     student = linear_model(tmp_path / "s.onnx")
