@@ -14,7 +14,9 @@ command line gave: what is being tested is that the failed run left nothing in t
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import resource
 import shutil
 
 import numpy as np
@@ -35,6 +37,39 @@ def quiet(_: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- RLIMIT_FSIZE
+def test_git_revision_under_file_size_limit_leaves_the_repository_alone(tmp_path):
+    """Every stage records the code's git revision.  Under a file-size limit smaller than the index, a
+    ``git status`` that refreshes a stale index is killed mid-write (SIGXFSZ) and leaves ``index.lock``,
+    which blocks every later git command in the checkout.  The revision is read from a copy of
+    pipeline/provenance.py in a throwaway repository whose index is made stale."""
+    import subprocess
+    import sys
+
+    from tests.faultkit import ROOT
+
+    repo = tmp_path / "repo"
+    (repo / "pipeline").mkdir(parents=True)
+    shutil.copy(ROOT / "pipeline" / "provenance.py", repo / "pipeline" / "provenance.py")
+    for name in range(20):  # an index of ~2 KB, past the limit below
+        (repo / f"f{name}.txt").write_text(str(name))
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "c"]):
+        subprocess.run([*git, *cmd], check=True)
+    stamp = (repo / "f0.txt").stat().st_mtime_ns + 10**9
+    for name in range(20):  # same content, newer mtimes: git status would refresh the index
+        os.utime(repo / f"f{name}.txt", ns=(stamp, stamp))
+    code = ("import importlib.util as u, sys; s = u.spec_from_file_location('p', sys.argv[1]); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.git_revision())")
+    proc = subprocess.run([sys.executable, "-c", code, str(repo / "pipeline" / "provenance.py")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
+                                                               "PYTHONPATH": str(ROOT)},
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)))
+    assert proc.returncode == 0, proc.stderr
+    assert not (repo / ".git" / "index.lock").exists()
+    rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == rev.stdout.strip()  # and no file differs: not -dirty
+
+
 def test_prepare_under_file_size_limit(tiny_npz, tiny_prepared, tmp_path):
     out = tmp_path / "p.h5"
     args = ["prepare", "--npz", tiny_npz, "--out", out, "--val-rows", "200"]  # tiny_prepared's settings
