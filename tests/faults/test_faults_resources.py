@@ -201,24 +201,37 @@ def test_export_under_file_size_limit(tiny_student, tiny_prepared, tmp_path):
 
 @pytest.mark.slow
 def test_bench_reports_under_file_size_limit(tmp_path):
-    """4x4 images, so that the bench's pools (5 KB) and its CSV fit under the limit and a report does not."""
+    """4x4 images, so that the bench's pools (8 KB) and its CSV fit under the limit and a report does not.
+
+    The teacher declares no contract, so the bench's sanity gate judges the one it guesses (normalised
+    rows) on the test split: that split needs MIN_LABELLED labelled rows (840 rows give 120) and labels
+    the teacher predicts, else the bench stops (exit 3) before it writes anything.  The labels are the
+    teacher's own on rows normalised with all rows' statistics (the train split's differ a little)."""
+    import onnxruntime as ort
+
+    from pipeline.sanity_gate import MIN_LABELLED
     from stages.prepare import PrepareConfig, prepare_dataset
 
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "small.npz", x=rng.integers(0, 256, (600, 4, 4), dtype=np.uint8), y=rng.integers(0, 10, 600))
-    prepared = prepare_dataset(PrepareConfig(val_rows=100), tmp_path / "small.h5", npz=tmp_path / "small.npz")
+    x = np.random.default_rng(0).integers(0, 256, (840, 4, 4), dtype=np.uint8)
     teacher = linear_model(tmp_path / "t.onnx", in_shape=(4, 4), members=2)
+    u = x.astype(np.float32) / 255
+    logits = ort.InferenceSession(teacher).run(None, {"x": (u - u.mean()) / u.std()})[0]  # [rows, members, classes]
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    y = (p / p.sum(-1, keepdims=True)).mean(1).argmax(1)
+    np.savez(tmp_path / "small.npz", x=x, y=y)
+    prepared = prepare_dataset(PrepareConfig(val_rows=100), tmp_path / "small.h5", npz=tmp_path / "small.npz")
+    assert int(len(x) / 7) >= MIN_LABELLED  # the test split: a seeded 1/7 of the rows
     student = linear_model(tmp_path / "s.onnx", in_shape=(4, 4), seed=1)
     d = tmp_path / "bench"
     reports = {"out": d / "b.json", "plot-accuracy": d / "acc.png", "plot-throughput": d / "tp.png"}
-    # the contract declared: the test split's 85 rows are too few for the sanity gate to guess a range from
-    args = ["bench", "--teacher", f"{teacher}:input=normalised,layout=same", "--candidate", f"s={student}",
-            "--prepared", prepared, "--threads", "1",
+    args = ["bench", "--teacher", teacher, "--candidate", f"s={student}", "--prepared", prepared, "--threads", "1",
             "--batches", "1", "--warmup-count", "2", "--warmup-s", "0", "--min-count", "10", "--min-s", "0",
             "--trials", "2", "--no-iobinding", *[a for k, p in reports.items() for a in (f"--{k}", p)]]
     exit7(run_limited(*args, fsize=20_000), str(reports["plot-accuracy"]), EFBIG, "nothing was published")
     unpublished(*reports.values(), d / "b.md", d / "b.csv")  # one set: none of it, the complete CSV included
     proc = run_limited(*args)
     assert proc.returncode == 0, proc.stderr
-    assert set(read_bench_report(reports["out"])["models"]) == {"teacher-ensemble", "s", "identity-floor"}
+    models = read_bench_report(reports["out"])["models"]
+    assert set(models) == {"teacher-ensemble", "s", "identity-floor"}
+    assert models["teacher-ensemble"]["input_contract"]["gate"]["rows"] >= MIN_LABELLED  # judged, and kept
     assert (d / "b.md").read_text().startswith("# Edge benchmark")
