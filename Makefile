@@ -142,11 +142,16 @@ smoke: ## the same pipeline shrunk (a few thousand rows, tiny models), under two
 
 setup: $(INSTALLED) $(FASHION) ## create .venv (CPU torch without a GPU) and install the dataset
 
-test: setup lint ## the linter, then the test suite (unit, formats, stages, faults, end to end: what CI runs)
-	$(PY) -m pytest -q --durations=15
+# the suite on TEST_WORKERS processes (pytest-xdist), each test file on one of them so that a module's
+# fixtures are built once; TEST_WORKERS=0 runs it in this process (docs/design.md, "Tests")
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
-test-fast: setup lint ## the linter, then the tests that run no pipeline in a subprocess (not marked slow)
-	$(PY) -m pytest -q -m "not slow"
+test: setup lint ## the linter, then the test suite (unit, formats, stages, faults, end to end: what CI runs)
+	$(PYTEST) --durations=15
+
+test-fast: setup lint ## the linter, then the tests that run no command line in a subprocess (not marked slow)
+	$(PYTEST) -m "not slow"
 
 lint: setup ## ruff check . (the rules: pyproject.toml [tool.ruff]; zero findings)
 	$(VENV)/bin/ruff check .

@@ -54,8 +54,11 @@ def git_revision() -> str:
         root = Path(__file__).resolve().parent.parent
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
+        # --no-optional-locks: reading the revision never writes the repository.  A plain status refreshes
+        # the index through index.lock, and under a file-size limit (ulimit -f) git dies mid-write and leaves
+        # that lock behind, which blocks every later git command in the checkout.
+        dirty = subprocess.run(["git", "--no-optional-locks", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True, timeout=5)
         return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -239,6 +239,18 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float 
     raise AssertionError(f"{proc.args}: nothing to kill at after {timeout} s")
 
 
+def committed_rows(partial: Path) -> int | None:
+    """``committed_rows`` of a cache being written, read from outside while the writer runs (None while
+    the file is unreadable or the attribute not yet written)."""
+    import h5py
+
+    try:
+        with h5py.File(partial, "r", locking=False) as f:
+            return int(f.attrs["committed_rows"])
+    except (OSError, KeyError):
+        return None
+
+
 def run_limited(*args, fsize: int | None = None, vmem: int | None = None, vmpeak: bool = False,
                 timeout: float = 600) -> subprocess.CompletedProcess:
     """``distill ARGS`` in a subprocess under ``RLIMIT_FSIZE`` (bytes per file) and/or ``RLIMIT_AS``

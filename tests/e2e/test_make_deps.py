@@ -2,6 +2,7 @@
 reads the import graph), ``make -n -W FILE`` reruns the first stage that imports it and what follows, and
 nothing before it.  No artifact is built: a tree of empty, correctly ordered files stands in for the
 pipeline's outputs, and ``-W`` pretends the one code file is newer than everything."""
+import functools
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from tests.conftest import ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 import code_deps
 
-pytestmark = pytest.mark.slow  # ~60 make -n runs in subprocesses
+pytestmark = pytest.mark.slow  # ~60 make -n runs in subprocesses (a few seconds in all)
 
 CHAIN = ["prepare", "teacher", "cache", "student", "export", "bench"]  # the stages of `make all`, in order
 DS = "fashion-mnist"
@@ -23,7 +24,13 @@ OUTPUTS = [f"prepared/{DS}.h5", f"teachers/{DS}/ensemble.onnx", f"cache/{DS}.h5"
            f"students/{DS}-kd.raw.onnx", f"bench/{DS}.md"]
 
 
-def make_n(data, *args):
+def make_n(data, *args, regenerate=False):
+    """The stages ``make -n`` would run.  Under ``-W FILE`` make would first rewrite the code prerequisites
+    (.make/code.mk: scripts/code_deps.py reads every module's imports) and restart, about a second each
+    time; ``-o`` keeps the ones the fixture wrote, which ``-W`` cannot change (it edits no file), unless
+    ``regenerate`` asks for the full path a real edit takes."""
+    if "-W" in args and not regenerate:
+        args = ("-o", ".make/code.mk", *args)
     proc = subprocess.run(["make", "-n", "--no-print-directory", f"DATA={data}", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -45,13 +52,19 @@ def data(tmp_path_factory):
     return d
 
 
+@functools.cache
+def code_of(stage: str) -> frozenset[str]:
+    """The files ``stage`` runs, from the import graph (read once per stage: each read parses every module)."""
+    return frozenset(str(p.relative_to(ROOT)) for p in code_deps.stage_code(stage))
+
+
 def expected(path: str) -> set[str]:
-    importers = [s for s in CHAIN if path in {str(p.relative_to(ROOT)) for p in code_deps.stage_code(s)}]
+    importers = [s for s in CHAIN if path in code_of(s)]
     return set(CHAIN[CHAIN.index(importers[0]):]) if importers else set()
 
 
 def files_of_the_chain() -> list[str]:
-    return sorted({str(p.relative_to(ROOT)) for s in CHAIN for p in code_deps.stage_code(s)})
+    return sorted({p for s in CHAIN for p in code_of(s)})
 
 
 @pytest.mark.parametrize("path", files_of_the_chain())
@@ -71,6 +84,8 @@ def test_the_command_line_reruns_everything_its_own_command_only_what_follows(da
 
 def test_a_student_only_module_spares_the_cache(data):
     """The case that motivated the per-stage prerequisites: code only the student runs must not rebuild the cache."""
-    assert "pipeline/losses.py" not in {str(p.relative_to(ROOT)) for p in code_deps.stage_code("cache")}
+    assert "pipeline/losses.py" not in code_of("cache")
     assert make_n(data, "-W", "pipeline/losses.py", "all") == {"student", "export", "bench"}
     assert make_n(data, "-W", "stages/cache/stream.py", "all") == {"cache", "student", "export", "bench"}
+    # the same through make's own path for an edited file: code.mk regenerated, make restarted
+    assert make_n(data, "-W", "pipeline/losses.py", "all", regenerate=True) == {"student", "export", "bench"}

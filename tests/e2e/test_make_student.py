@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_student_targets_at_tiny_size(tiny_cache, tiny_prepared, tiny_teacher, tmp_path):
     venv = Path(sys.executable).parent.parent  # the running interpreter's environment, already set up
-    files = {"CACHE": tiny_cache, "PREPARED": tiny_prepared, "TEACHER": tiny_teacher}
+    files = {"CACHE": tiny_cache, "PREPARED": tiny_prepared, "TEACHER_ONNX": tiny_teacher}
     args = ["make", "--no-print-directory", f"DATA={tmp_path}", f"VENV={venv}", "EPOCHS=1", "JOBS=2", "VIEWS_K=2",
             "SWEEP_ARGS=--temperatures 2 --alphas 0.5 --archs mlp:8 --seeds 0,1",
             "EXP_ARGS=--arch mlp:8 --temperature 2 --seeds 0", "EXP_T_ARCHS=mlp:8,mlp:16",

@@ -12,6 +12,7 @@ import pytest
 
 from tests.cache_helpers import digest
 from tests.conftest import ROOT, run_cli
+from tests.faultkit import committed_rows
 
 pytestmark = pytest.mark.slow
 ARGS = ("--device", "cpu", "--threads", "1", "--batch-size", "64", "--temperatures", "1,2,4")  # 1200 rows: 19 batches
@@ -29,15 +30,6 @@ def reference(tiny_teacher, tiny_prepared, tmp_path_factory):
     return out
 
 
-def _committed(partial):
-    """committed_rows read from outside while the writer runs (None while it is unreadable)."""
-    try:
-        with h5py.File(partial, "r", locking=False) as f:
-            return int(f.attrs["committed_rows"])
-    except (OSError, KeyError):
-        return None
-
-
 @pytest.mark.parametrize("batches", [0, 1, 7, 15])
 def test_sigkill_then_resume_gives_identical_content(batches, reference, tiny_teacher, tiny_prepared, tmp_path):
     out = tmp_path / "c.h5"
@@ -49,7 +41,7 @@ def test_sigkill_then_resume_gives_identical_content(batches, reference, tiny_te
     proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        done = _committed(partial) if partial.exists() else None
+        done = committed_rows(partial) if partial.exists() else None
         if (batches == 0 and partial.exists()) or (done is not None and done >= batches * 64 and batches):
             break
         time.sleep(0.01)
@@ -57,7 +49,7 @@ def test_sigkill_then_resume_gives_identical_content(batches, reference, tiny_te
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists() and partial.exists()
-    done = _committed(partial) or 0
+    done = committed_rows(partial) or 0
     assert done <= 1200 and done % 64 == 0  # only whole batches are ever committed
     rerun = _build(tiny_teacher, tiny_prepared, out)
     if done:
@@ -81,12 +73,12 @@ def test_killed_views_cache_resumes_to_the_identical_content(tiny_teacher, tiny_
     proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None and (_committed(partial) or 0) < 20 * 64:
+    while time.monotonic() < deadline and proc.poll() is None and (committed_rows(partial) or 0) < 20 * 64:
         time.sleep(0.01)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = _committed(partial)
+    done = committed_rows(partial)
     assert done and 20 * 64 <= done < 4800 and not out.exists()
     rerun = _build(tiny_teacher, tiny_prepared, out, *VIEWS)
     assert f"resuming {partial} at row {done}" in rerun.stderr

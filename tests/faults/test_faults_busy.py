@@ -29,6 +29,7 @@ def _stage_args(name, tiny_prepared, tiny_teacher, tiny_cache, tiny_student, tmp
     return out, args
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["teacher", "cache", "student", "export", "bench"])
 def test_second_writer_fails_at_once(stage, tiny_prepared, tiny_teacher, tiny_cache, tiny_student, tmp_path):
     out, args = _stage_args(stage, tiny_prepared, tiny_teacher, tiny_cache, tiny_student, tmp_path)

@@ -52,6 +52,7 @@ def test_flip_in_data_is_caught_by_checksum(tiny_prepared, tmp_path):
         open_prepared(bad)
 
 
+@pytest.mark.slow
 def test_cli_truncated_prepared_and_cache(tiny_prepared, tiny_cache, tmp_path):
     p, c = tmp_path / "p.h5", tmp_path / "c.h5"
     p.write_bytes(tiny_prepared.read_bytes()[:len(tiny_prepared.read_bytes()) // 2])

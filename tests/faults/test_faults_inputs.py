@@ -47,6 +47,7 @@ def _evil_checkpoint(path, marker):
 
 
 # ------------------------------------------------------------------------------- 5. checkpoints
+@pytest.mark.slow
 def test_malicious_student_checkpoint_is_refused(tiny_prepared, tmp_path):
     marker = tmp_path / "pwned"
     evil = _evil_checkpoint(tmp_path / "evil.ckpt", marker)
@@ -59,6 +60,7 @@ def test_malicious_student_checkpoint_is_refused(tiny_prepared, tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_malicious_member_checkpoint_is_refused_not_retrained(tiny_prepared, tmp_path):
     """A member checkpoint that cannot be read is exit 3 naming it: never unpickled, never silently replaced."""
     out = tmp_path / "t" / "ensemble.onnx"
@@ -72,6 +74,7 @@ def test_malicious_member_checkpoint_is_refused_not_retrained(tiny_prepared, tmp
     assert not marker.exists() and not out.exists() and member.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_corrupt_member_checkpoint_is_refused_not_retrained(tiny_prepared, tiny_teacher, tmp_path):
     """The other unreadable member: one of our own HDF5 checkpoints, cut short (a full disk, a copy
     interrupted).  Exit 3 naming it; not retrained over, not replaced."""
@@ -161,6 +164,7 @@ def unlabelled(tmp_path_factory):
     return prepared, cache
 
 
+@pytest.mark.slow
 def test_unlabelled_transfer_set(unlabelled, tmp_path):
     prepared, cache = unlabelled
     assert (open_cache(cache).read("labels") == -1).all()
@@ -191,6 +195,7 @@ def _student(cache, prepared, out):
                    "--epochs", "1", "--arch", "mlp:8")
 
 
+@pytest.mark.slow
 def test_teacher_changed_since_cache(chain, tmp_path):
     prepared, teacher, cache = chain
     linear_model(teacher, seed=1)  # retrained in place
@@ -199,6 +204,7 @@ def test_teacher_changed_since_cache(chain, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "s.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_transfer_set_changed_since_cache(chain, tmp_path, tiny_npz):
     prepared, teacher, cache = chain
     prepared.unlink()

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
@@ -23,7 +22,7 @@ from pipeline import inference
 from pipeline.formats.cache import open_cache
 from pipeline.formats.checkpoint import read_checkpoint, write_checkpoint
 from tests.conftest import ROOT, run_cli
-from tests.faultkit import kill_when, linear_model, start_cli
+from tests.faultkit import committed_rows, kill_when, linear_model, start_cli
 
 
 def _size(path: Path) -> int:
@@ -73,6 +72,7 @@ def _rerun(args):
     return proc
 
 
+@pytest.mark.slow
 def test_kill_teacher_then_resume(tiny_prepared, tmp_path):
     out = tmp_path / "t" / "ensemble.onnx"
     members = [out.with_name(f"member{i}.ckpt") for i in range(2)]
@@ -92,15 +92,7 @@ def test_kill_teacher_then_resume(tiny_prepared, tmp_path):
     _valid(out)
 
 
-def _committed(partial: Path) -> int | None:
-    """``committed_rows`` of a cache being written, read from outside (None while unreadable)."""
-    try:
-        with h5py.File(partial, "r", locking=False) as f:
-            return int(f.attrs["committed_rows"])
-    except (OSError, KeyError):
-        return None
-
-
+@pytest.mark.slow
 def test_kill_cache_never_publishes_a_partial(tiny_teacher, tiny_prepared, tmp_path):
     out = tmp_path / "c.h5"
     args = ["cache", "--teacher", tiny_teacher, "--transfer-set", tiny_prepared, "--out", out, "--device", "cpu",
@@ -110,11 +102,11 @@ def test_kill_cache_never_publishes_a_partial(tiny_teacher, tiny_prepared, tmp_p
     # allocates the datasets up front, so bytes say nothing about rows).  0.05 s per batch
     # (tests/throttled_cli.py) lets a 10 ms poll stop it within a batch of its mark.
     points = [("as soon as the partial exists", lambda: partial.exists()),
-              ("half way, by committed rows", lambda: (_committed(partial) or 0) >= 600)]
+              ("half way, by committed rows", lambda: (committed_rows(partial) or 0) >= 600)]
     for what, ready in points:
         assert kill_when(start_cli(*args, throttle_s=0.05), ready, poll=0.01), f"finished before {what}"
         assert not out.exists()
-    done = _committed(partial)
+    done = committed_rows(partial)
     assert done is not None and 600 <= done < 1200 and done % 64 == 0, done  # really mid-file
     ran = tmp_path / "rows.txt"  # the first row of each batch the rerun's teachers run (tests/throttled_cli.py)
     rerun = start_cli(*args, throttle_s=0, env={"THROTTLED_CLI_ROWS": str(ran)})
@@ -128,6 +120,7 @@ def test_kill_cache_never_publishes_a_partial(tiny_teacher, tiny_prepared, tmp_p
     assert open_cache(out).rows == 1200 and not partial.exists()
 
 
+@pytest.mark.slow
 def test_kill_student_keeps_previous_checkpoint_and_metrics(tiny_cache, tiny_prepared, tmp_path):
     out, metrics = tmp_path / "s.ckpt", tmp_path / "s.metrics.json"
     base = ["student", "--cache", tiny_cache, "--transfer-set", tiny_prepared, "--out", out, "--temperature", "2",
@@ -147,6 +140,7 @@ def test_kill_student_keeps_previous_checkpoint_and_metrics(tiny_cache, tiny_pre
     _valid(out), _valid(metrics)
 
 
+@pytest.mark.slow
 def test_kill_bench_then_rerun(tiny_teacher, tiny_prepared, tmp_path):
     out = tmp_path / "b.json"
     student = linear_model(tmp_path / "s.onnx")

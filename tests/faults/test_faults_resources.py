@@ -14,7 +14,10 @@ command line gave: what is being tested is that the failed run left nothing in t
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import resource
+import shutil
 
 import numpy as np
 import pytest
@@ -35,6 +38,39 @@ def quiet(_: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- RLIMIT_FSIZE
+def test_git_revision_under_file_size_limit_leaves_the_repository_alone(tmp_path):
+    """Every stage records the code's git revision.  Under a file-size limit smaller than the index, a
+    ``git status`` that refreshes a stale index is killed mid-write (SIGXFSZ) and leaves ``index.lock``,
+    which blocks every later git command in the checkout.  The revision is read from a copy of
+    pipeline/provenance.py in a throwaway repository whose index is made stale."""
+    import subprocess
+    import sys
+
+    from tests.faultkit import ROOT
+
+    repo = tmp_path / "repo"
+    (repo / "pipeline").mkdir(parents=True)
+    shutil.copy(ROOT / "pipeline" / "provenance.py", repo / "pipeline" / "provenance.py")
+    for name in range(20):  # an index of ~2 KB, past the limit below
+        (repo / f"f{name}.txt").write_text(str(name))
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "c"]):
+        subprocess.run([*git, *cmd], check=True)
+    stamp = (repo / "f0.txt").stat().st_mtime_ns + 10**9
+    for name in range(20):  # same content, newer mtimes: git status would refresh the index
+        os.utime(repo / f"f{name}.txt", ns=(stamp, stamp))
+    code = ("import importlib.util as u, sys; s = u.spec_from_file_location('p', sys.argv[1]); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.git_revision())")
+    proc = subprocess.run([sys.executable, "-c", code, str(repo / "pipeline" / "provenance.py")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
+                                                               "PYTHONPATH": str(ROOT)},
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)))
+    assert proc.returncode == 0, proc.stderr
+    assert not (repo / ".git" / "index.lock").exists()
+    rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == rev.stdout.strip()  # and no file differs: not -dirty
+
+
 def test_prepare_under_file_size_limit(tiny_npz, tiny_prepared, tmp_path):
     out = tmp_path / "p.h5"
     args = ["prepare", "--npz", tiny_npz, "--out", out, "--val-rows", "200"]  # tiny_prepared's settings
@@ -67,8 +103,19 @@ def test_teacher_member_and_ensemble_under_file_size_limit(tiny_prepared, tiny_t
                        "--epochs", "1", "--threads", "1", fsize=50_000)  # a member checkpoint is 110 KB
     exit7(proc, str(members[0]), EFBIG, "nothing was published")
     unpublished(members[0], out)
-    # both members fit under 150 KB; the ensemble graph (217 KB) does not
-    exit7(run_limited("teacher", "--prepared", tiny_prepared, "--out", out, *TEACHER, fsize=150_000), str(out), EFBIG)
+    # a member's training state, written after every epoch but its last, is larger than a member (weights,
+    # Adam's two moments and the best weights so far): under 150 KB it cannot be written
+    state = out.with_name("member0.state")
+    exit7(run_limited("teacher", "--prepared", tiny_prepared, "--out", out, *TEACHER, fsize=150_000), str(state),
+          EFBIG, "nothing was published")
+    unpublished(state, members[0], out)
+    # and it outweighs the ensemble graph (217 KB), so the ensemble's own limit is met with finished members
+    # (tiny_teacher's, trained with these settings): both are reused, the ensemble does not fit under 150 KB
+    for m in members:
+        shutil.copyfile(tiny_teacher.with_name(m.name), m)
+    proc = run_limited("teacher", "--prepared", tiny_prepared, "--out", out, *TEACHER, fsize=150_000)
+    exit7(proc, str(out), EFBIG)
+    assert proc.stderr.count("reusing") == 2
     unpublished(out)
     assert all(m.is_file() for m in members)  # finished members stay: the rerun starts from them
     log = []
@@ -160,13 +207,26 @@ def test_export_under_file_size_limit(tiny_student, tiny_prepared, tmp_path):
 
 @pytest.mark.slow
 def test_bench_reports_under_file_size_limit(tmp_path):
-    """4x4 images, so that the bench's pools (5 KB) and its CSV fit under the limit and a report does not."""
+    """4x4 images, so that the bench's pools (8 KB) and its CSV fit under the limit and a report does not.
+
+    The teacher declares no contract, so the bench's sanity gate judges the one it guesses (normalised
+    rows) on the test split: that split needs MIN_LABELLED labelled rows (840 rows give 120) and labels
+    the teacher predicts, else the bench stops (exit 3) before it writes anything.  The labels are the
+    teacher's own on rows normalised with all rows' statistics (the train split's differ a little)."""
+    import onnxruntime as ort
+
+    from pipeline.sanity_gate import MIN_LABELLED
     from stages.prepare import PrepareConfig, prepare_dataset
 
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "small.npz", x=rng.integers(0, 256, (600, 4, 4), dtype=np.uint8), y=rng.integers(0, 10, 600))
-    prepared = prepare_dataset(PrepareConfig(val_rows=100), tmp_path / "small.h5", npz=tmp_path / "small.npz")
+    x = np.random.default_rng(0).integers(0, 256, (840, 4, 4), dtype=np.uint8)
     teacher = linear_model(tmp_path / "t.onnx", in_shape=(4, 4), members=2)
+    u = x.astype(np.float32) / 255
+    logits = ort.InferenceSession(teacher).run(None, {"x": (u - u.mean()) / u.std()})[0]  # [rows, members, classes]
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    y = (p / p.sum(-1, keepdims=True)).mean(1).argmax(1)
+    np.savez(tmp_path / "small.npz", x=x, y=y)
+    prepared = prepare_dataset(PrepareConfig(val_rows=100), tmp_path / "small.h5", npz=tmp_path / "small.npz")
+    assert int(len(x) / 7) >= MIN_LABELLED  # the test split: a seeded 1/7 of the rows
     student = linear_model(tmp_path / "s.onnx", in_shape=(4, 4), seed=1)
     d = tmp_path / "bench"
     reports = {"out": d / "b.json", "plot-accuracy": d / "acc.png", "plot-throughput": d / "tp.png"}
@@ -177,5 +237,7 @@ def test_bench_reports_under_file_size_limit(tmp_path):
     unpublished(*reports.values(), d / "b.md", d / "b.csv")  # one set: none of it, the complete CSV included
     proc = run_limited(*args)
     assert proc.returncode == 0, proc.stderr
-    assert set(read_bench_report(reports["out"])["models"]) == {"teacher-ensemble", "s", "identity-floor"}
+    models = read_bench_report(reports["out"])["models"]
+    assert set(models) == {"teacher-ensemble", "s", "identity-floor"}
+    assert models["teacher-ensemble"]["input_contract"]["gate"]["rows"] >= MIN_LABELLED  # judged, and kept
     assert (d / "b.md").read_text().startswith("# Edge benchmark")

@@ -66,6 +66,7 @@ def test_truncated_corrupt_and_edited_are_told_apart(reader, fixture, request, t
         reader(edited)
 
 
+@pytest.mark.slow
 def test_truncated_prepared_is_corrupt_not_stale_at_every_stage(tiny_prepared, tiny_cache, tiny_teacher,
                                                                  tiny_student, tmp_path):
     """A truncated transfer set given to the student was once called 'changed, rebuild

@@ -43,6 +43,7 @@ def student_onnx(tiny_student, tiny_prepared, tmp_path_factory):
     return d / "s.onnx", d / "s.int8.onnx"
 
 
+@pytest.mark.slow
 def test_bench_report_sections_csv_and_plots(student_onnx, tiny_teacher, tiny_prepared, tiny_student, tmp_path):
     fp32, int8 = student_onnx
     cfg = bench.BenchConfig(threads=(1,), batches=(1, 4), **TINY)  # each (model, batch) is a fresh process
@@ -209,6 +210,7 @@ def test_fidelity_verdicts_on_both_sides_of_each_threshold(p50s, ok):
     assert v["int8_vs_teacher"]["ceiling_teacher_over_floor"] == pytest.approx(p["teacher"] / p["identity-floor"])
 
 
+@pytest.mark.slow
 def test_fidelity_report(student_onnx, raw_int8, tiny_teacher, tiny_prepared, tmp_path):
     fp32, int8 = student_onnx[0], raw_int8  # the int8 candidate takes raw pixels: fed from its own pool
     cfg = fidelity.FidelityConfig(warmup_count=2, warmup_s=0, min_count=20, min_s=0, trials=3, profile_runs=30,

@@ -59,6 +59,7 @@ def test_jitter_config_refuses_bad_settings(bad):
         JitterConfig(**bad)
 
 
+@pytest.mark.slow
 def test_jitter_cli(tiny_prepared, tmp_path):
     out = tmp_path / "j.h5"
     ok = run_cli("jitter", "--prepared", tiny_prepared, "--out", out, "--copies", "1", check=True)
@@ -137,6 +138,7 @@ def test_teacher_jitters_colour_rows_with_each_channels_black(tmp_path, monkeypa
     assert len(seen) == -(-info.rows["train"] // 32) and all(seen)  # every batch of the one epoch
 
 
+@pytest.mark.slow
 def test_teacher_refuses_to_shift_rows_that_are_not_images(tmp_path, monkeypatch):
     from pipeline.errors import UsageError
     from stages.prepare import PrepareConfig, prepare_dataset

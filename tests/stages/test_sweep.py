@@ -98,6 +98,7 @@ def _running(pid: int) -> bool:
     return not any(line.startswith("State:") and "Z" in line.split()[1] for line in status.splitlines())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 def test_a_killed_sweep_leaves_no_student_training(tiny_cache, tiny_prepared, tmp_path):
     """SIGKILL the sweep (no handler can run): its two training workers must die with it, not go on
