@@ -274,14 +274,20 @@ def _full_report(report: dict) -> dict:
     return full
 
 
-@pytest.mark.parametrize("at", range(5))
-def test_bench_fails_at_each_file_and_publishes_nothing(bench_report, tmp_path, monkeypatch, at):
+def _old_set_and_newer(bench_report, folder: Path) -> tuple[dict, dict]:
+    """A published bench set copied into ``folder`` (its bytes returned) and a newer report that
+    differs in every text file."""
     report, src = bench_report
     for p in _bench_files(src):
-        (tmp_path / p.name).write_bytes(p.read_bytes())
-    before = _bytes(_bench_files(tmp_path))
+        (folder / p.name).write_bytes(p.read_bytes())
     newer = _full_report(report)
     newer["settings"]["trials"] = 99  # something that shows in every text file
+    return _bytes(_bench_files(folder)), newer
+
+
+@pytest.mark.parametrize("at", range(5))
+def test_bench_fails_at_each_file_and_publishes_nothing(bench_report, tmp_path, monkeypatch, at):
+    before, newer = _old_set_and_newer(bench_report, tmp_path)
     _fail_staging_at(monkeypatch, at)
     with pytest.raises(ResourceError, match=r"no space left on device .*nothing was published"):
         _publish_bench(newer, tmp_path)
@@ -290,12 +296,7 @@ def test_bench_fails_at_each_file_and_publishes_nothing(bench_report, tmp_path, 
 
 @pytest.mark.parametrize("at", [3, 7])  # the old files half removed; two new files renamed
 def test_bench_killed_between_its_renames(bench_report, tmp_path, monkeypatch, at):
-    report, src = bench_report
-    for p in _bench_files(src):
-        (tmp_path / p.name).write_bytes(p.read_bytes())
-    old = _bytes(_bench_files(tmp_path))
-    newer = _full_report(report)
-    newer["settings"]["trials"] = 99
+    old, newer = _old_set_and_newer(bench_report, tmp_path)
     with monkeypatch.context() as m:
         m.setattr(artifacts, "_apply", publication_steps(at))
         with pytest.raises(Killed):
