@@ -184,7 +184,8 @@ def targets(stored, T: float, use_stored: bool = True) -> np.ndarray:
     if stored.ids is not None:
         from pipeline import topk
 
-        return topk.rebuild(stored.ids, stored.kept, stored.tail, stored.classes, T, stored.combine, stored.weights)
+        return topk.rebuild(stored.ids, stored.kept, stored.tail, stored.classes, T, stored.combine, stored.weights,
+                            stored.spread)
     raise ValueError(f"no logits, no top-k and no soft targets at T={T:g} to take targets from")
 
 

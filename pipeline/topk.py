@@ -4,21 +4,36 @@
 ``w_m`` summing to 1, equal by default): the ids ``K`` of the k classes (k < C) with the highest
 ensemble target at T = 1 (:func:`pipeline.soft.combine_soft_targets`; the members share the ids),
 each member's logits at them, ``a_m = v_m[K]``, and each member's log-sum-exp of the rest at T = 1,
-``s_m = log sum_{j in R} exp(v_mj)``, where ``R`` is the other ``n = C - k`` classes.  At 1000 classes,
-3 members and k = 10 in float16: 10 x 2 bytes of ids + 3 x 10 x 2 of logits + 3 x 2 of log-sum-exp
-= 86 bytes a row, against 6,000 for every logit.  Ids shared by the members cost k ids a row, where
-ids per member would cost M k: at the same bytes a shared selection keeps more classes.
+``s_m = log sum_{j in R} exp(v_mj)``, where ``R`` is the other ``n = C - k`` classes, and the row's
+tail spread ``d`` (below).  At 1000 classes, 3 members and k = 10 in float16: 10 x 2 bytes of ids +
+3 x 10 x 2 of logits + 3 x 2 of log-sum-exp + 2 of spread = 88 bytes a row, against 6,000 for
+every logit.  Ids shared by the members cost k ids a row, where ids per member would cost M k: at
+the same bytes a shared selection keeps more classes.
 
-**Rebuilt at temperature T** (:func:`rebuild`): each member's tail classes get the one logit
-``u_m = s_m - log n``, which spreads the member's tail mass at T = 1 evenly over the n classes (as
-apple/ml-dr's smoothing of its top-k probabilities, but per member and exact at T = 1); then the
-members are combined as the cache says::
+**Rebuilt at temperature T** (:func:`rebuild`): each member's tail classes get one logit; the members
+are then combined as the cache says::
 
-    q_m(T) = softmax([a_m, u_m, ..., u_m] / T)                  (each member, tail logits even)
-    arithmetic: p(T) = sum_m w_m q_m(T)          geometric: p(T) = softmax(sum_m w_m [a_m, u_m ...] / T)
+    q_m(T) = softmax([a_m, u_m(T), ..., u_m(T)] / T)            (each member, tail logits even)
+    arithmetic: p(T) = sum_m w_m q_m(T)          geometric: p(T) = softmax(sum_m w_m [a_m, u_m(T) ...] / T)
 
-At T = 1 the rebuilt target equals the full one on K, and the tail's total mass is exact (arithmetic);
-only how the mass is shared inside the tail is lost.  At other T the tail's tempered mass is unknown.
+The *spread rule* (the default since the tail's spread is stored, 2 bytes a row): with the row's
+spread ``d = sum_m w_m d_m``, ``d_m = s_m - log n - mean_{j in R} v_mj >= 0`` (Jensen's gap between the
+tail's log-sum-exp and its mean logit; ``sigma^2 / 2`` when the tail logits are normal with variance
+``sigma^2``), ::
+
+    u_m(T) = s_m - log n - d (1 - 1 / max(T, 1))
+
+At T = 1 this is the *even rule*, ``u_m = s_m - log n``, which spreads the member's tail mass at T = 1
+evenly over the n classes (as apple/ml-dr's smoothing of its top-k probabilities, but per member and
+exact at T = 1); it is what a cache without a stored spread (built before it was) is rebuilt with.
+For T > 1 the even rule over-states the tail's tempered mass (Jensen: ``sum_R exp(v_j / T) <= n
+exp(u / T)``), more the wider the tail is spread: on the 100-class pairs task at T = 4 and k = 10 it
+gives the tail 50% of the target where the full one has 28%.  For one member (``d = d_1``) the
+spread rule's tempered tail mass is ``n exp(m / T + d / T^2)`` (``m`` the tail's mean logit), the
+normal model's: exact at T = 1, and tending to the true ``log n + m / T`` in the log as T grows.  On
+the pairs task at T = 4 and k = 10 it halves the even rule's total-variation error (0.30 -> 0.14, mean
+of 5,000 rows; docs/results.md, "Caches that scale").  Only how the mass is shared inside the tail
+is lost, by either rule.  For T < 1 both rules are the even one.
 
 **The bound** (:func:`bound`): with ``TV(p, p') = 1/2 sum_c |p_c - p'_c|`` (total variation: the most
 that any set of classes can gain or lose), the full target ``p(T)`` and the rebuilt ``p^(T)`` satisfy,
@@ -42,12 +57,14 @@ and ``b^ = n^(1 - 1/T) S^(1/T) <= S^(1/T)``.  Both are at most B, and ``x -> x/(
 q^_m)``.  Geometric: the combined logits ``g = sum_m w_m v_m`` are exact on K and rebuilt as
 ``sum_m w_m u_m`` on R; by Hoelder, ``sum_R prod_m exp(v_mj)^w_m <= prod_m (sum_R exp(v_mj))^w_m``, so
 ``sum_m w_m s_m`` bounds g's tail log-sum-exp and (1)-(2) apply to g with it (the rebuilt tail value
-is ``(sum_m w_m s_m - log n)``, as (2) needs).  QED.
+is at most ``(sum_m w_m s_m - log n)``, as (2) needs).  QED.
 
-The bound holds for the numbers stored; float16 storage rounds the logits first (its effect is
-measured in docs/results.md, and ``distill cache verify`` allows for the difference it finds between
-the stored and re-run values: :func:`rounding_slack`).  ``tests/unit/test_topk.py`` checks the bound
-on random logits (hypothesis) and that k = C - 1 and T = 1 behave as stated.
+The bound holds for the numbers stored, by either rule (a stored spread is clipped at 0, so it never
+raises ``u``); float16 storage rounds them first (its effect is measured in docs/results.md, and
+``distill cache verify`` allows for the difference it finds between the stored and re-run values,
+the tail's and the spread's added for a tail logit: :func:`rounding_slack`).  ``tests/unit/test_topk.py``
+checks the bound on random logits (hypothesis) for both rules, that k = C - 1 and T = 1 behave as
+stated, and that the spread rule never gives the tail more than the even one.
 """
 from __future__ import annotations
 
@@ -107,16 +124,37 @@ def compress(member_logits: np.ndarray, k: int, combine: str = "arithmetic",
     return ids.astype(id_dtype(classes)), kept.astype(np.float32), tail.astype(np.float32)
 
 
-def _member_terms(kept: np.ndarray, tail: np.ndarray, classes: int, combine: str,
-                  weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(kept logits [n, G, k], even tail logit [n, G], mixing weights [G]) of the G distributions
-    that are mixed: the M members (arithmetic), or their weighted mean logits (geometric, G = 1)."""
+def tail_spread(member_logits: np.ndarray, ids: np.ndarray, weights=None) -> np.ndarray:
+    """The spread rule's ``d`` of each row (float32 ``[n]``): ``sum_m w_m (s_m - log n - mean_R v_m)``,
+    the members' Jensen gaps between the log-sum-exp and the mean of their logits outside ``ids``."""
+    v = np.asarray(member_logits, dtype=np.float64)
+    n, members, classes = v.shape
+    rest = np.ones((n, classes), bool)
+    np.put_along_axis(rest, np.asarray(ids, dtype=np.int64), False, 1)
+    masked = np.where(rest[:, None, :], v, -np.inf)
+    mx = masked.max(axis=2, keepdims=True)
+    lse = (mx + np.log(np.exp(masked - mx).sum(axis=2, keepdims=True)))[..., 0]
+    n_tail = int(rest[0].sum())
+    gap = lse - math.log(n_tail) - np.where(rest[:, None, :], v, 0.0).sum(axis=2) / n_tail
+    return np.maximum(gap @ _weights(weights, members), 0.0).astype(np.float32)
+
+
+def _member_terms(kept: np.ndarray, tail: np.ndarray, classes: int, combine: str, weights, spread=None,
+                  T: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(kept logits [n, G, k], tail logit ``u(T)`` [n, G], mixing weights [G]) of the G distributions
+    that are mixed: the M members (arithmetic), or their weighted mean logits (geometric, G = 1); the
+    even rule without ``spread``, the spread rule with it."""
     a = np.asarray(kept, dtype=np.float64)
     s = np.asarray(tail, dtype=np.float64)
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(s))):
         raise ValueError("top-k logits contain NaN or infinity")
     w = _weights(weights, a.shape[1])
     n_tail = classes - a.shape[2]
+    if spread is not None:  # the spread rule; clipped at 0 so that rounding never raises u above the even rule
+        d = np.maximum(np.asarray(spread, dtype=np.float64), 0.0)
+        if not np.all(np.isfinite(d)):
+            raise ValueError("top-k spread contains NaN or infinity")
+        s = s - (d * (1.0 - 1.0 / max(T, 1.0)))[:, None]
     if combine == "arithmetic":
         return a, s - math.log(n_tail), w
     if combine == "geometric":
@@ -125,10 +163,11 @@ def _member_terms(kept: np.ndarray, tail: np.ndarray, classes: int, combine: str
 
 
 def rebuild(ids: np.ndarray, kept: np.ndarray, tail: np.ndarray, classes: int, T: float,
-            combine: str = "arithmetic", weights=None) -> np.ndarray:
-    """Soft targets ``[n, classes]`` float32 at T from a top-k row (the module's rule, float64 inside)."""
+            combine: str = "arithmetic", weights=None, spread=None) -> np.ndarray:
+    """Soft targets ``[n, classes]`` float32 at T from a top-k row (float64 inside): the spread rule
+    when the row's ``spread`` is given, else the even rule."""
     T = soft.check_temperature(T)
-    a, u, w = _member_terms(kept, tail, classes, combine, weights)
+    a, u, w = _member_terms(kept, tail, classes, combine, weights, spread, T)
     n_tail = classes - a.shape[2]
     mx = np.maximum(a.max(axis=2), u)[..., None]  # [n, G, 1]: exp never overflows
     ea, eu = np.exp((a - mx) / T), np.exp((u[..., None] - mx) / T)

@@ -3,11 +3,13 @@
 Layout of ``kd-cache/2`` (docs/formats.md, "kd-cache"; the writer is :mod:`pipeline.formats.cache_writer`)::
 
     /                 attrs: schema, rows, members, classes, temperatures, soft_temperatures, layout, top_k,
+                             tail_rule (top-k: "spread", or "even" and no /topk/spread),
                              logits_dtype, source_rows, combine, committed_rows, complete, identity, ...
     /logits           float16|32 [rows, members, classes]  layout "full": raw per-member logits
     /topk/ids         uint8|16|32 [rows, k]                layout "topk": the k classes kept (pipeline/topk.py)
     /topk/logits      float16|32 [rows, members, k]        ... each member's logits at them
     /topk/tail        float16|32 [rows, members]           ... each member's log-sum-exp of the rest (T = 1)
+    /topk/spread      float16|32 [rows]                    ... the tail's spread (absent in older top-k caches)
     /labels           int8|16|32 [transfer rows]           one per transfer row (-1: unlabelled)
     /view_params      uint8 [rows, 8]                      a views cache only
     /soft/<T>         float32 [rows, classes]              only the temperatures stored (--store-soft)
@@ -199,7 +201,8 @@ def layout_of(f: h5py.File, version: int | None = None) -> CacheLayout:
         return CacheLayout(rows, members, classes, dt, 0, tuple(float(t) for t in a.get("temperatures", [])),
                            k, views, first, label_per_row=True)
     return CacheLayout(rows, members, classes, str(a["logits_dtype"]), int(a["top_k"]),
-                       tuple(float(t) for t in json.loads(a["soft_temperatures"])), k, views, first)
+                       tuple(float(t) for t in json.loads(a["soft_temperatures"])), k, views, first,
+                       tail_spread=a.get("tail_rule", "even") == "spread")
 
 
 def _fail(path: Path, why: str) -> DataError:

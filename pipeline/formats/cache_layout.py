@@ -76,6 +76,8 @@ class CacheLayout:
     views: bool = False                       # a views cache (view parameters stored)
     first_row: int = 0                        # a part: its first row in the whole cache
     label_per_row: bool = False               # kd-cache/1: a label per cache row, not per transfer row
+    tail_spread: bool = True                  # top-k: the row's tail spread stored (pipeline/topk.py's
+                                              # spread rule); False in top-k caches built before it was
 
     @property
     def label_step(self) -> int:
@@ -103,6 +105,8 @@ class CacheLayout:
         if self.top_k:
             out.update({"topk/ids": ((r, self.top_k), id_dtype(c)), "topk/logits": ((r, m, self.top_k), dt),
                         "topk/tail": ((r, m), dt)})
+            if self.tail_spread:
+                out["topk/spread"] = ((r,), dt)
         else:
             out["logits"] = ((r, m, c), dt)
         out["labels"] = ((self.label_rows,), label_dtype(c))
@@ -141,7 +145,8 @@ class CacheLayout:
 class StoredRows:
     """Rows of a cache as stored: what :func:`pipeline.soft.targets` turns into soft targets at any T.
 
-    Either ``logits`` (layout full) or ``ids``, ``kept``, ``tail`` (layout topk), in their stored dtypes,
+    Either ``logits`` (layout full) or ``ids``, ``kept``, ``tail`` and ``spread`` (layout topk; ``spread``
+    None in a top-k cache built before it was stored), in their stored dtypes,
     and ``soft``: stored targets at ``soft_T`` (read instead when that T is asked for), or None.
     """
 
@@ -152,10 +157,11 @@ class StoredRows:
     ids: np.ndarray | None = None
     kept: np.ndarray | None = None
     tail: np.ndarray | None = None
+    spread: np.ndarray | None = None
     soft: np.ndarray | None = None
     soft_T: float | None = None
 
-    _ARRAYS = ("logits", "ids", "kept", "tail", "soft")
+    _ARRAYS = ("logits", "ids", "kept", "tail", "spread", "soft")
 
     def __len__(self) -> int:
         return next(len(getattr(self, a)) for a in self._ARRAYS if getattr(self, a) is not None)
@@ -209,7 +215,8 @@ class RowReader:
             return dataclasses.replace(base, soft=self.read(f"soft/{t_key(T)}", lo, hi), soft_T=float(T))
         if lay.top_k:
             return dataclasses.replace(base, ids=self.read("topk/ids", lo, hi), kept=self.read("topk/logits", lo, hi),
-                                       tail=self.read("topk/tail", lo, hi))
+                                       tail=self.read("topk/tail", lo, hi),
+                                       spread=self.read("topk/spread", lo, hi) if lay.tail_spread else None)
         if "logits" not in self.f:
             raise DataError(f"{self.path}: the cache stores no logits and no soft targets at T={t_key(T or 1)}; "
                             f"it has {', '.join(map(t_key, lay.soft_temperatures))}")

@@ -62,6 +62,8 @@ class CacheWriter:
                        committed_rows=0, complete=False, identity=json.dumps(identity))
         if views is not None:
             f.attrs["views"] = json.dumps(views)
+        if layout.top_k:
+            f.attrs["tail_rule"] = "spread" if layout.tail_spread else "even"
         return cls(out, layout)
 
     @classmethod
@@ -79,7 +81,8 @@ class CacheWriter:
         f = out.f
         try:
             if (f.attrs.get("schema") != SCHEMA or json.loads(f.attrs["identity"]) != identity
-                    or "teacher_probabilities" not in f.attrs):
+                    or "teacher_probabilities" not in f.attrs
+                    or (int(f.attrs["top_k"]) and f.attrs.get("tail_rule") != "spread")):  # older top-k rows
                 log(f"{path}: made from other inputs or settings; restarting from row 0")
             else:
                 w = cls(out, layout_of(f))

@@ -27,7 +27,8 @@ from stages.cache.stream import blocks, diagnostics_in_blocks, member_accuracy_i
 # Attributes every part of one sharded run must share (besides the identity without its "part").
 _SHARED = ("schema", "members", "classes", "temperatures", "combine", "teacher_sha256", "transfer_sha256",
            "transfer_split", "settings", "teacher_probabilities", "classes_names", "teacher_inputs", "member_weights",
-           "views", "source_rows", "layout", "top_k", "logits_dtype", "soft_temperatures")
+           "views", "source_rows", "layout", "top_k", "logits_dtype", "soft_temperatures",
+           "tail_rule")
 
 
 def _check_parts(read: list[CacheInfo]) -> int:
@@ -71,7 +72,7 @@ def merge(cfg: MergeConfig, parts: list[Path], out: Path, log: Callable[[str], N
     providers = sorted({str(c.attrs["provider"]) for c in read})
     lay = p0.layout
     layout = CacheLayout(total, lay.members, lay.classes, lay.logits_dtype, lay.top_k, lay.soft_temperatures, lay.k,
-                         lay.views, 0)
+                         lay.views, 0, tail_spread=lay.tail_spread)
     require_space(Path(out), *layout.size())
     names = [n for n in layout.datasets() if n != "labels"]
     with atomic_output(Path(out)) as tmp:

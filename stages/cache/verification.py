@@ -64,12 +64,18 @@ def _check_topk(c, stored, got: np.ndarray, weights, d: dict) -> None:
     mx = masked.max(axis=2, keepdims=True)
     tail = (mx + np.log(np.exp(masked - mx).sum(axis=2, keepdims=True)))[..., 0]
     dt = stored.kept.dtype
-    eta = 0.0  # how far the stored numbers are from the re-run ones: rounding, and any difference
-    for mine, theirs in ((kept, stored.kept), (tail, stored.tail)):
+    pairs = [(kept, stored.kept), (tail, stored.tail)]
+    if stored.spread is not None:
+        pairs.append((topk.tail_spread(got, ids, weights).astype(np.float64), stored.spread))
+    gaps = []  # how far the stored numbers are from the re-run ones: rounding, and any difference
+    for mine, theirs in pairs:
         as_stored = mine.astype(np.float32).astype(dt).astype(np.float32)  # rounded as the stage rounds them
         d["logit"] = max(d["logit"], float(np.max(np.abs(as_stored - theirs))))
         d["scale"] = max(d["scale"], float(np.max(np.abs(theirs.astype(np.float32)))))
-        eta = max(eta, float(np.max(np.abs(mine - theirs.astype(np.float64)))))
+        gaps.append(float(np.max(np.abs(mine - theirs.astype(np.float64)))))
+    # every rebuilt logit moves by at most eta: a kept one by its own gap, a tail one by the tail's and
+    # (the spread rule) the spread's
+    eta = max(gaps[0], sum(gaps[1:]))
     p1 = soft.combine_soft_targets(got, 1.0, c.combine, weights).astype(np.float64)
     low = np.take_along_axis(p1, ids, 1).min(axis=1)
     high = np.where(rest, p1, -np.inf).max(axis=1)

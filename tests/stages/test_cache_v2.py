@@ -61,20 +61,37 @@ def test_full32_with_stored_targets_is_version_1_content(caches):
 def test_top_k_layout_rebuild_and_bound(caches, tiny_teacher, tiny_prepared):
     c, full = open_cache(caches["top3"]), open_cache(caches["full32"])
     with h5py.File(caches["top3"]) as f:
-        assert {k: (f[k].shape, f[k].dtype) for k in ("topk/ids", "topk/logits", "topk/tail")} == {
+        names = ("topk/ids", "topk/logits", "topk/tail", "topk/spread")
+        assert {k: (f[k].shape, f[k].dtype) for k in names} == {
             "topk/ids": ((c.rows, 3), np.uint8), "topk/logits": ((c.rows, 2, 3), np.float16),
-            "topk/tail": ((c.rows, 2), np.float16)} and "logits" not in f
-    assert c.layout.bytes_per_row() == 3 + 2 * 3 * 2 + 2 * 2 + 1
+            "topk/tail": ((c.rows, 2), np.float16), "topk/spread": ((c.rows,), np.float16)} and "logits" not in f
+        assert f.attrs["tail_rule"] == "spread"
+    assert c.layout.bytes_per_row() == 3 + 2 * 3 * 2 + 2 * 2 + 2 + 1
     s = c.stored()
+    assert s.spread is not None and np.all(s.spread >= 0)
     for T in (1.0, 4.0, 20.0):
         tv = 0.5 * np.abs(targets(c, T).astype(np.float64) - full.stored_soft(T)).sum(1)
         eps = topk.bound(s.kept, s.tail, 10, T)
-        assert np.all(tv <= eps + topk.rounding_slack(2 ** -8 * 8, T) + 1e-6)  # float16 of logits below 8
+        # float16 of values below 8: tail logits move by the tail's rounding and the spread's
+        assert np.all(tv <= eps + topk.rounding_slack(2 * 2 ** -8 * 8, T) + 1e-6)
     r = verify(VerifyConfig(sample_rows=256), caches["top3"], [tiny_teacher], tiny_prepared, **QUIET)
     assert r["top_k"] == 3 and r["not_a_top_k"] == 0 and r["min_bound_margin"] > 0
     assert r["max_tv_from_full"] <= r["max_bound"] and r["max_abs_logit_diff"] == 0.0
     with pytest.raises(UsageError, match="a top-k cache keeps"):
         c.logits()
+
+
+def test_a_top_k_cache_from_before_the_spread_is_read_with_the_even_rule(caches, tiny_teacher, tiny_prepared,
+                                                                         tmp_path):
+    def older(f):  # what the writer made before the spread was stored
+        del f["topk/spread"]
+        f.attrs["tail_rule"] = "even"
+    old = open_cache(_tampered(caches["top3"], tmp_path / "old.h5", older))
+    s, new = old.stored(), open_cache(caches["top3"]).stored()
+    assert s.spread is None and old.layout.bytes_per_row() == 3 + 2 * 3 * 2 + 2 * 2 + 1
+    np.testing.assert_array_equal(soft.targets(s, 4.0), topk.rebuild(s.ids, s.kept, s.tail, 10, 4.0))
+    np.testing.assert_array_equal(soft.targets(s, 1.0), soft.targets(new, 1.0))  # the rules agree at T = 1
+    assert verify(VerifyConfig(sample_rows=256), old.path, [tiny_teacher], tiny_prepared, **QUIET)["top_k"] == 3
 
 
 def _tampered(src, dst, edit):
@@ -89,6 +106,7 @@ def _tampered(src, dst, edit):
     (lambda f: f["topk/logits"].__setitem__((slice(0, 64), 0, 0), f["topk/logits"][:64, 0, 0] + 0.25),
      "max \\|logit diff\\| 0.25"),
     (lambda f: f["topk/tail"].__setitem__((slice(0, 64), 1), f["topk/tail"][:64, 1] - 3), "max \\|logit diff\\| 3"),
+    (lambda f: f["topk/spread"].__setitem__(slice(0, 64), f["topk/spread"][:64] + 2), "max \\|logit diff\\| 2"),
     # a kept class swapped for the least likely one: the rest is no longer below the kept classes
     (lambda f: f["topk/ids"].__setitem__((slice(None), 2), 9 - f["topk/ids"][:, 0]), "rows not a top 3"),
 ])
@@ -149,4 +167,4 @@ def test_labels_take_the_smallest_signed_type_and_views_share_theirs():
     # 3 members x 10 classes x 2 bytes + 8 bytes of view parameters + a 1-byte label shared by 4 views
     assert lay.bytes_per_row() == 68.25
     one = json.loads(json.dumps(CacheLayout(1000, 3, 1000, top_k=10, k=64, views=True).bytes_per_row()))
-    assert one == 10 * 2 + 3 * 10 * 2 + 3 * 2 + 8 + 2 / 64  # ids uint16, labels int16
+    assert one == 10 * 2 + 3 * 10 * 2 + 3 * 2 + 2 + 8 + 2 / 64  # ids uint16, tails, the spread, labels int16
