@@ -168,3 +168,23 @@ def test_labels_take_the_smallest_signed_type_and_views_share_theirs():
     assert lay.bytes_per_row() == 68.25
     one = json.loads(json.dumps(CacheLayout(1000, 3, 1000, top_k=10, k=64, views=True).bytes_per_row()))
     assert one == 10 * 2 + 3 * 10 * 2 + 3 * 2 + 2 + 8 + 2 / 64  # ids uint16, tails, the spread, labels int16
+
+
+def test_merged_top_k_shards_keep_the_spread_and_refuse_parts_of_another_rule(caches, tiny_teacher, tiny_prepared,
+                                                                             tmp_path):
+    from stages.cache import MergeConfig, merge
+
+    parts = [cache_soft_targets(CacheConfig(**CPU, top_k=3, shard=f"{i}/2"), [tiny_teacher], tiny_prepared,
+                                tmp_path / "s.h5", **QUIET) for i in range(2)]
+    merged = open_cache(merge(MergeConfig(), parts, tmp_path / "m.h5", **QUIET))
+    whole = open_cache(caches["top3"])
+    assert merged.layout.tail_spread and merged.attrs["tail_rule"] == "spread"
+    for name in ("topk/ids", "topk/logits", "topk/tail", "topk/spread"):
+        assert np.array_equal(merged.read(name), whole.read(name)), name
+
+    def older(f):
+        del f["topk/spread"]
+        f.attrs["tail_rule"] = "even"
+    mixed = [parts[0], _tampered(parts[1], tmp_path / "old-part.h5", older)]
+    with pytest.raises(IntegrityError, match="tail_rule"):
+        merge(MergeConfig(), mixed, tmp_path / "m2.h5", **QUIET)
