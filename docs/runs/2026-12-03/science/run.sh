@@ -2,7 +2,9 @@
 # The science table of docs/results.md ("A teacher worth distilling"): students of three sizes, hard
 # labels against distilled from the default and the strong teacher, seeds 0-2, one torch thread each.
 # Usage (from a clone where `make all` and `make TEACHER=strong cache` have run):
-#   docs/runs/2026-12-03/science/run.sh TEACHER ARCH SEED...    TEACHER: hard | default | strong | strong-tta
+#   docs/runs/2026-12-03/science/run.sh TEACHER ARCH SEED...
+#   TEACHER: hard | default | strong | strong-tta | strong-compact (the strong teacher's kd-cache/2, float16
+#   logits, docs/runs/2026-12-03/cache/strong-compact.sh; the others are float32 caches)
 # Each run writes data/science/<teacher>-<arch>-s<seed>.{ckpt,metrics.json} and keeps its metrics and log
 # under docs/runs/2026-12-03/science/. A run whose metrics exist is skipped.
 set -euo pipefail
@@ -12,6 +14,7 @@ P=data/prepared/fashion-mnist.h5
 case $teacher in
   hard|strong) C=data/cache/fashion-mnist-strong.h5 ;;   # hard labels do not read the targets
   strong-tta) C=data/cache/fashion-mnist-strong-tta.h5 ;;
+  strong-compact) C=data/cache/fashion-mnist-strong-compact.h5 ;;
   default) C=data/cache/fashion-mnist.h5 ;;
 esac
 alpha=0.5; [ "$teacher" = hard ] && alpha=0
