@@ -48,6 +48,18 @@ class StudentLoader(Protocol):
         ...
 
 
+CHUNK_BYTES = 4 << 20
+"""About how many bytes of float32 targets a loader derives in one call (4 MiB: 1,024 rows at 1000 classes)."""
+
+
+def chunk_rows(batch_size: int, classes: int) -> int:
+    """Rows a loader draws at once: whole batches whose targets take about :data:`CHUNK_BYTES` (at least one
+    batch, at most 32).  Targets are derived a chunk at a time, not a batch at a time: the same numbers
+    (the derivation is row by row), a thirty-second of the calls at 10 classes, and memory that does not
+    grow with the rows."""
+    return batch_size * max(1, min(32, CHUNK_BYTES // (4 * classes * batch_size)))
+
+
 def batch_targets(stored: StoredRows | None, target: str, T: float, n: int, classes: int) -> torch.Tensor:
     """A batch's float32 targets ``[n, classes]`` from its stored rows: ``soft`` (p_T,
     :func:`pipeline.soft.targets`), ``logits`` (the members' mean logits) or ``none`` (zeros, never read)."""

@@ -37,7 +37,7 @@ from pipeline.errors import DataError, ResourceError
 from pipeline.formats.cache import CacheInfo, StoredRows
 from pipeline.formats.prepared import Prepared
 from pipeline.resources import human, memory_headroom
-from stages.student.batches import Batch, batch_targets
+from stages.student.batches import Batch, batch_targets, chunk_rows
 
 MiB = 1 << 20
 TARGETS = ("soft", "logits", "none")
@@ -139,12 +139,16 @@ class TransferLoader:
 
     def epoch(self, gen: torch.Generator, batch_size: int) -> Iterator[Batch]:
         """One pass over the selected rows in a random order drawn from ``gen``."""
+        step = chunk_rows(batch_size, self.cache.classes)
         if self.resident:
             x, stored, y = self._all
             order = torch.randperm(self.n, generator=gen)
-            for i in range(0, self.n, batch_size):
-                idx = order[i:i + batch_size]
-                yield x[idx], self.targets(None if stored is None else stored.take(idx.numpy()), len(idx)), y[idx]
+            for lo in range(0, self.n, step):
+                idx = order[lo:lo + step]
+                xs, ys = x[idx], y[idx]
+                ts = self.targets(None if stored is None else stored.take(idx.numpy()), len(idx))
+                for i in range(0, len(idx), batch_size):
+                    yield xs[i:i + batch_size], ts[i:i + batch_size], ys[i:i + batch_size]
             return
         starts = list(range(0, self.cache.rows, self.block_rows))
         block_order = torch.randperm(len(starts), generator=gen).tolist()
@@ -161,9 +165,11 @@ class TransferLoader:
             t = None if t is None else t.take(perm.numpy())
             self.peak_buffer_rows = max(self.peak_buffer_rows, len(y))
             full = len(y) - len(y) % batch_size
-            for i in range(0, full, batch_size):
-                sl = slice(i, i + batch_size)
-                yield x[sl], self.targets(None if t is None else t.take(sl), batch_size), y[sl]
+            for lo in range(0, full, step):
+                hi = min(full, lo + step)
+                ts = self.targets(None if t is None else t.take(slice(lo, hi)), hi - lo)
+                for i in range(lo, hi, batch_size):
+                    yield x[i:i + batch_size], ts[i - lo:i - lo + batch_size], y[i:i + batch_size]
             carry = (x[full:], None if t is None else t.take(slice(full, None)), y[full:])
         if carry is not None and len(carry[2]):
             yield carry[0], self.targets(carry[1], len(carry[2])), carry[2]

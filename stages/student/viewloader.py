@@ -26,7 +26,7 @@ from pipeline import views
 from pipeline.errors import DataError, UsageError
 from pipeline.formats.cache import CacheInfo
 from pipeline.formats.prepared import Prepared
-from stages.student.batches import Batch, batch_targets
+from stages.student.batches import Batch, batch_targets, chunk_rows
 
 MiB = 1 << 20
 
@@ -92,8 +92,11 @@ class ViewLoader:
         """One pass over the selected rows in a random order, each through one uniformly drawn view."""
         order = torch.randperm(self.n, generator=gen).numpy()
         view = torch.randint(0, self.used, (self.n,), generator=gen).numpy()
-        for i in range(0, self.n, batch_size):
-            yield self.batch(self.rows[order[i:i + batch_size]], view[i:i + batch_size])
+        step = chunk_rows(batch_size, self.classes)
+        for lo in range(0, self.n, step):
+            x, t, y = self.batch(self.rows[order[lo:lo + step]], view[lo:lo + step])
+            for i in range(0, len(y), batch_size):
+                yield x[i:i + batch_size], t[i:i + batch_size], y[i:i + batch_size]
 
 
 def view_row_labels(cache: CacheInfo) -> np.ndarray:

@@ -20,7 +20,7 @@ from pipeline.formats.cache import open_cache
 from pipeline.formats.prepared import open_prepared
 from stages.cache import CacheConfig, cache_soft_targets
 from stages.prepare import PrepareConfig, prepare_dataset
-from stages.student import StudentConfig, distill_student
+from stages.student import StudentConfig, batches, distill_student
 from stages.student.batches import StudentLoader
 from stages.student.loader import TransferLoader, select_rows
 from stages.student.viewloader import ViewLoader
@@ -42,7 +42,12 @@ def _epoch_rows(loader, seed, batch):
 
 
 @pytest.mark.parametrize("budget_mib", [1024.0, 0.5])  # resident; streaming (1200 rows x 3.2 KB > 0.5 MiB)
-def test_every_selected_row_once_per_epoch_and_aligned(tiny_cache, tiny_prepared, budget_mib):
+@pytest.mark.parametrize("chunk_bytes", [None, 4 * 10 * 32 * 3])  # one chunk of targets; chunks of 3 batches
+def test_every_selected_row_once_per_epoch_and_aligned(tiny_cache, tiny_prepared, budget_mib, chunk_bytes,
+                                                       monkeypatch):
+    if chunk_bytes:
+        monkeypatch.setattr("stages.student.batches.CHUNK_BYTES", chunk_bytes)
+        assert batches.chunk_rows(32, 10) == 96
     c, info = open_cache(tiny_cache), open_prepared(tiny_prepared)
     soft, labels = targets(c, 2.0), c.labels()
     sel = select_rows(labels, 0.5, drop_class=3, seed=1)

@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 
 from pipeline import soft as sm
 from pipeline import views
@@ -138,3 +139,16 @@ def test_views_of_another_function_version_are_refused(views_cache, tiny_prepare
     proc = run_cli("student", "--cache", other, "--transfer-set", tiny_prepared, "--out", tmp_path / "s.ckpt",
                    "--epochs", "1", "--temperature", "2")
     assert proc.returncode == 3 and "view function version 99" in proc.stderr and not (tmp_path / "s.ckpt").exists()
+
+
+def test_an_epoch_derived_in_chunks_is_its_batches_made_one_by_one(views_cache, tiny_prepared, monkeypatch):
+    monkeypatch.setattr("stages.student.batches.CHUNK_BYTES", 4 * 10 * 16 * 2)  # chunks of 2 batches of 16
+    loader = ViewLoader(open_cache(views_cache), open_prepared(tiny_prepared), "soft", 2.0)
+    gen = torch.Generator().manual_seed(3)  # the epoch's draws, as the loader makes them
+    order = torch.randperm(loader.n, generator=gen).numpy()
+    view = torch.randint(0, loader.used, (loader.n,), generator=gen).numpy()
+    got = list(loader.epoch(torch.Generator().manual_seed(3), 16))
+    assert len(got) == loader.steps(16)
+    for b, (x, t, y) in enumerate(got):
+        want = loader.batch(loader.rows[order[16 * b:16 * b + 16]], view[16 * b:16 * b + 16])
+        assert all(torch.equal(g, w) for g, w in zip((x, t, y), want)), b
