@@ -145,10 +145,10 @@ class TransferLoader:
             order = torch.randperm(self.n, generator=gen)
             for lo in range(0, self.n, step):
                 idx = order[lo:lo + step]
-                xs, ys = x[idx], y[idx]
                 ts = self.targets(None if stored is None else stored.take(idx.numpy()), len(idx))
-                for i in range(0, len(idx), batch_size):
-                    yield xs[i:i + batch_size], ts[i:i + batch_size], ys[i:i + batch_size]
+                for i in range(0, len(idx), batch_size):  # x gathered a batch at a time: it stays in cache
+                    b = idx[i:i + batch_size]
+                    yield x[b], ts[i:i + batch_size], y[b]
             return
         starts = list(range(0, self.cache.rows, self.block_rows))
         block_order = torch.randperm(len(starts), generator=gen).tolist()
