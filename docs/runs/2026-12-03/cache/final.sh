@@ -1,6 +1,6 @@
 #!/bin/sh
 # The Fashion-MNIST caches again with the final code (chunks as even as the rows allow) for their bytes; a merge of
-# two shards of a 1000-class top-10 cache, timed; the edge CNN from the full and the compact cache (1 seed each).
+# two shards of a 1000-class top-10 cache, timed; float16 against float32 logits.
 # Run from the repository root, niced, one thread, one at a time.
 set -e
 D=${D:-distill}
@@ -39,10 +39,4 @@ for t in 1 4 20; do
     --cache16 $C/fm-compact.h5 --student32 $C/students/mlp-full32-T4-s0.ckpt \
     --student16 $C/students/mlp-compact-T4-s0.ckpt --temperature $t --out $R/fp16-logits-T$t.json > /dev/null
 done
-# the edge CNN, one seed from each (make student-edge's settings)
-for c in full32 compact; do
-  [ -f $C/students/conv-$c-T4-s0.ckpt ] || nice -n 10 $D student --cache $C/fm-$c.h5 --transfer-set $P \
-    --out $C/students/conv-$c-T4-s0.ckpt --metrics $R/students/conv-$c-T4-s0.metrics.json --threads 1 \
-    --arch conv:32/2-64/2-128/2 --temperature 4 --alpha 0.5 --epochs 20 --lr 0.003 --seed 0 \
-    2> $R/students/conv-$c-T4-s0.log
-done
+# the edge CNN from the full and the compact cache: strong-compact.sh (3 seeds, the strong teacher)
