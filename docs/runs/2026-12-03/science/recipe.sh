@@ -4,7 +4,8 @@
 # row itself), built with
 #   distill cache --teacher data/teachers/fashion-mnist-strong/ensemble.onnx --transfer-set data/prepared/fashion-mnist.h5 \
 #     --out data/cache/fashion-mnist-strong-views-sf8.h5 --views 8 --view-max-shift 2 --view-flip 0.5 --temperatures 1,2,4 --threads 1
-# Usage: recipe.sh NAME SEED STUDENT-ARGS...   (writes docs/runs/2026-12-03/science/recipe-NAME-s<seed>.*)
+# Usage: recipe.sh NAME SEED STUDENT-ARGS...   (writes docs/runs/2026-12-03/science/recipe-NAME-s<seed>.*;
+# an --arch among the ARGS replaces the CNN: the last one given wins)
 set -euo pipefail
 name=$1; seed=$2; shift 2
 R=docs/runs/2026-12-03/science
