@@ -2,7 +2,7 @@
 # The 100-class task with a stronger teacher than pairs.sh's (the same 2 x cnn:32-64-128, 15 epochs instead
 # of 5): its full cache, top-k caches (spread rule), each verified, and mlp:128 students from each.
 # Run from the repository root after pairs.sh (its prepared set), niced, one thread.
-# Usage: pairs15.sh T SEEDS
+# Usage: pairs15.sh T SEEDS [CACHES]   (CACHES: which students, default "full32 top10 top5 top20")
 set -e
 D=${D:-distill}
 P=data/prepared/fashion-pairs.h5
@@ -21,7 +21,7 @@ cache() {  # name, extra options
 cache full32 --logits-dtype float32
 for k in 5 10 20; do cache top$k --top-k $k; done
 for s in $2; do
-  for c in full32 top10 top5 top20; do
+  for c in ${3:-full32 top10 top5 top20}; do
     name=$c-T$1-s$s
     [ -f $R/students/$name.metrics.json ] || nice -n 10 $D student --cache $C/$c.h5 --transfer-set $P \
       --out $C/students/$name.ckpt --metrics $R/students/$name.metrics.json --threads 1 --alpha 0.5 \
