@@ -124,18 +124,17 @@ def compress(member_logits: np.ndarray, k: int, combine: str = "arithmetic",
     return ids.astype(id_dtype(classes)), kept.astype(np.float32), tail.astype(np.float32)
 
 
-def tail_spread(member_logits: np.ndarray, ids: np.ndarray, weights=None) -> np.ndarray:
+def tail_spread(member_logits: np.ndarray, ids: np.ndarray, tail: np.ndarray, weights=None) -> np.ndarray:
     """The spread rule's ``d`` of each row (float32 ``[n]``): ``sum_m w_m (s_m - log n - mean_R v_m)``,
-    the members' Jensen gaps between the log-sum-exp and the mean of their logits outside ``ids``."""
+    the members' Jensen gaps between the log-sum-exp ``tail`` of their logits outside ``ids`` (as
+    :func:`compress` returns it) and the mean of those logits."""
     v = np.asarray(member_logits, dtype=np.float64)
     n, members, classes = v.shape
+    n_tail = classes - np.shape(ids)[1]
     rest = np.ones((n, classes), bool)
     np.put_along_axis(rest, np.asarray(ids, dtype=np.int64), False, 1)
-    masked = np.where(rest[:, None, :], v, -np.inf)
-    mx = masked.max(axis=2, keepdims=True)
-    lse = (mx + np.log(np.exp(masked - mx).sum(axis=2, keepdims=True)))[..., 0]
-    n_tail = int(rest[0].sum())
-    gap = lse - math.log(n_tail) - np.where(rest[:, None, :], v, 0.0).sum(axis=2) / n_tail
+    mean_rest = np.where(rest[:, None, :], v, 0.0).sum(axis=2) / n_tail
+    gap = np.asarray(tail, dtype=np.float64) - math.log(n_tail) - mean_rest
     return np.maximum(gap @ _weights(weights, members), 0.0).astype(np.float32)
 
 

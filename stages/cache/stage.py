@@ -273,7 +273,7 @@ def compact_rows(logits: np.ndarray, cfg: CacheConfig, weights: np.ndarray | Non
     with np.errstate(over="ignore"):  # a logit beyond the dtype's range becomes inf, refused below
         if cfg.top_k:
             ids, kept, tail = topk.compress(logits, cfg.top_k, cfg.combine, weights)
-            spread = topk.tail_spread(logits, ids, weights).astype(dt)
+            spread = topk.tail_spread(logits, ids, tail, weights).astype(dt)
             kept, tail = kept.astype(dt), tail.astype(dt)
             rows = {"topk/ids": ids, "topk/logits": kept, "topk/tail": tail, "topk/spread": spread}
             stored = dataclasses.replace(base, ids=ids, kept=kept, tail=tail, spread=spread)

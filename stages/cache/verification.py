@@ -66,7 +66,7 @@ def _check_topk(c, stored, got: np.ndarray, weights, d: dict) -> None:
     dt = stored.kept.dtype
     pairs = [(kept, stored.kept), (tail, stored.tail)]
     if stored.spread is not None:
-        pairs.append((topk.tail_spread(got, ids, weights).astype(np.float64), stored.spread))
+        pairs.append((topk.tail_spread(got, ids, tail, weights).astype(np.float64), stored.spread))
     gaps = []  # how far the stored numbers are from the re-run ones: rounding, and any difference
     for mine, theirs in pairs:
         as_stored = mine.astype(np.float32).astype(dt).astype(np.float32)  # rounded as the stage rounds them

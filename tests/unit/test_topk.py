@@ -37,7 +37,7 @@ def test_the_bound_holds(n, members, classes, k_frac, scale, T, combine, weighte
     weights = rng.random(members) + 0.05 if weighted else None
     k = 1 + int(k_frac * (classes - 2))
     ids, kept, tail = topk.compress(logits, k, combine, weights)
-    spread = topk.tail_spread(logits, ids, weights) if rule == "spread" else None
+    spread = topk.tail_spread(logits, ids, tail, weights) if rule == "spread" else None
     got = topk.rebuild(ids, kept, tail, classes, T, combine, weights, spread)
     eps = topk.bound(kept, tail, classes, T, combine, weights)
     # float32 storage of kept and tail moves both sides a little: the slack for that rounding
@@ -175,7 +175,7 @@ def test_the_spread_rule_is_the_even_one_at_T1_and_never_gives_the_tail_more(n, 
     logits = rng.normal(0, 3, (n, members, classes))
     k = 1 + int(k_frac * (classes - 2))
     ids, kept, tail = topk.compress(logits, k)
-    spread = topk.tail_spread(logits, ids)
+    spread = topk.tail_spread(logits, ids, tail)
     assert np.all(spread >= 0)
     np.testing.assert_allclose(topk.rebuild(ids, kept, tail, classes, 1.0, spread=spread),
                                topk.rebuild(ids, kept, tail, classes, 1.0), atol=1e-7)
@@ -191,7 +191,7 @@ def test_the_spread_rule_is_closer_than_the_even_one_on_a_spread_tail():
     logits = rng.normal(0, 2.0, (64, 1, 200))
     logits[:, 0, :10] += 8.0
     ids, kept, tail = topk.compress(logits, 10)
-    spread = topk.tail_spread(logits, ids)
+    spread = topk.tail_spread(logits, ids, tail)
     full = exact(logits, 4.0, "arithmetic")
     even, spr = (topk.rebuild(ids, kept, tail, 200, 4.0, spread=s) for s in (None, spread))
     np.testing.assert_allclose(_tail_mass(spr, ids), _tail_mass(full, ids), rtol=0.02)
@@ -205,6 +205,6 @@ def test_the_spread_rule_is_closer_than_the_even_one_on_a_spread_tail():
 
 def test_spread_is_the_jensen_gap_of_the_rest():
     v = np.array([[[3.0, 1.0, 0.0, -1.0, 2.0]]])
-    ids, _, _ = topk.compress(v, 2)  # keeps 0 and 4; the rest 1, 0, -1
+    ids, _, tail = topk.compress(v, 2)  # keeps 0 and 4; the rest 1, 0, -1
     want = math.log(math.exp(1) + 1 + math.exp(-1)) - math.log(3) - 0.0
-    assert topk.tail_spread(v, ids)[0] == pytest.approx(want, rel=1e-6)
+    assert topk.tail_spread(v, ids, tail)[0] == pytest.approx(want, rel=1e-6)
