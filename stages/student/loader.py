@@ -12,9 +12,10 @@ stored numbers, an int64 label):
 - resident: the rows fit; they are read block by block once into preallocated arrays, and every
   epoch permutes them in memory (the same as training from arrays handed in).
 - streaming: they do not fit; every epoch visits the blocks in a seeded random order, gathers as
-  many blocks (at least MIN_BLOCKS) as half the budget holds into a buffer (the other half covers the permuted copy),
-  permutes the buffer's rows (so rows mix *within and across* blocks) and yields full batches,
-  carrying the remainder into the next buffer.  Resident memory is bounded by the budget, whatever
+  many blocks (at least MIN_BLOCKS) as half the budget holds into a buffer (x as stored, counted as
+  float32: the other half covers the chunks gathered from it), draws the buffer's rows in a random
+  order (so rows mix *within and across* blocks) and yields full batches, carrying the remainder
+  into the next buffer.  The two files are opened once an epoch.  Resident memory is bounded by the budget, whatever
   the cache's size; the number of steps per epoch is the same as in resident mode.
 
 Under a hard memory ceiling (``ulimit -v``, a cgroup's memory.max) a resident copy that would not fit
@@ -40,7 +41,7 @@ from pipeline.resources import human, memory_headroom
 from stages.student.batches import Batch, batch_targets, chunk_rows
 
 MiB = 1 << 20
-TARGETS = ("soft", "logits", "none")
+TARGETS = ("soft", "bucket", "logits", "none")
 MIN_BLOCKS = 4  # blocks a streaming buffer mixes at least
 
 
@@ -59,7 +60,7 @@ class TransferLoader:
         if prepared.rows[cache.transfer_split] != cache.rows:
             raise DataError(f"{cache.path}: {cache.rows} rows, but the {cache.transfer_split} split of "
                             f"{prepared.path} has {prepared.rows[cache.transfer_split]}; rebuild with `make cache`")
-        if target == "soft":
+        if target in ("soft", "bucket"):
             cache.require_temperature(temperature)  # UsageError when targets at T can be neither read nor derived
         self.cache, self.prepared, self.target, self.T = cache, prepared, target, float(temperature)
         self.split = cache.transfer_split
@@ -77,7 +78,8 @@ class TransferLoader:
         self.peak_buffer_rows = 0  # largest number of rows held at once (what the memory test checks)
         if self.resident:
             _require_memory(self.n * self.row_bytes, self.n, budget_mib)
-            self._all = self._read(0, cache.rows)
+            x, stored, y = self._read(0, cache.rows)
+            self._all = torch.from_numpy(x), stored, torch.from_numpy(y)
             self.peak_buffer_rows = self.n
         else:
             # Half the budget for the buffer, half for its permuted copy; blocks shrink so that the
@@ -90,7 +92,7 @@ class TransferLoader:
         """What the cache stores of rows [lo, hi) for this loader's targets (None: targets never read)."""
         if self.target == "none":
             return None
-        T = self.T if self.target == "soft" else None
+        T = self.T if self.target in ("soft", "bucket") else None
         return reader.stored(lo, hi, T) if reader is not None else self.cache.stored(lo, hi, T)
 
     def targets(self, stored: StoredRows | None, n: int) -> torch.Tensor:
@@ -110,32 +112,38 @@ class TransferLoader:
     def steps(self, batch_size: int) -> int:
         return -(-self.n // batch_size)
 
-    def _read(self, lo: int, hi: int) -> tuple[torch.Tensor, StoredRows | None, torch.Tensor]:
-        """Selected rows within cache rows [lo, hi), read block by block as contiguous slices: x, the
-        stored numbers their targets derive from, y."""
+    def _read(self, lo: int, hi: int, readers=None, raw: bool = False
+              ) -> tuple[np.ndarray, StoredRows | None, np.ndarray]:
+        """Selected rows within cache rows [lo, hi), read block by block as contiguous slices: x
+        (normalised float32, or as stored when ``raw``), the stored numbers their targets derive from, y.
+        ``readers``: the cache's and the prepared file's open row readers (opened here when None)."""
+        if readers is None:
+            with self.cache.rows_reader() as fc, self.prepared.rows_reader(self.split) as fp:
+                return self._read(lo, hi, (fc, fp), raw)
+        fc, fp = readers
         a, b = np.searchsorted(self.rows, [lo, hi])
         n = int(b - a)
-        x = np.empty((n, *self.prepared.shape), np.float32)
+        x = np.empty((n, *self.prepared.shape), self.prepared.dtype if raw else np.float32)
         parts: list[StoredRows] = []
         y = np.empty(n, np.int64)
         done = 0
-        with self.cache.rows_reader() as fc, self.prepared.rows_reader(self.split) as fp:
-            for blo in range(lo, hi, self.block_rows):
-                bhi = min(hi, blo + self.block_rows)
-                i, j = np.searchsorted(self.rows, [blo, bhi])
-                if i == j:
-                    continue
-                # Slice the covering span [first selected, last selected] only: one contiguous read.
-                first, last = int(self.rows[i]), int(self.rows[j - 1]) + 1
-                keep = self.rows[i:j] - first
-                k = done + len(keep)
-                x[done:k] = self.prepared.normalise(fp(first, last)[0][keep])
-                y[done:k] = self.labels_all[first:last][keep]
-                if self.target != "none":
-                    parts.append(self._stored(first, last, fc).take(keep))
-                done = k
-        stored = StoredRows.concat(parts) if parts else (None if self.target == "none" else self._stored(lo, lo))
-        return torch.from_numpy(x), stored, torch.from_numpy(y)
+        for blo in range(lo, hi, self.block_rows):
+            bhi = min(hi, blo + self.block_rows)
+            i, j = np.searchsorted(self.rows, [blo, bhi])
+            if i == j:
+                continue
+            # Slice the covering span [first selected, last selected] only: one contiguous read.
+            first, last = int(self.rows[i]), int(self.rows[j - 1]) + 1
+            keep = self.rows[i:j] - first
+            k = done + len(keep)
+            xb = fp(first, last)[0][keep]
+            x[done:k] = xb if raw else self.prepared.normalise(xb)
+            y[done:k] = self.labels_all[first:last][keep]
+            if self.target != "none":
+                parts.append(self._stored(first, last, fc).take(keep))
+            done = k
+        stored = StoredRows.concat(parts) if parts else (None if self.target == "none" else self._stored(lo, lo, fc))
+        return x, stored, y
 
     def epoch(self, gen: torch.Generator, batch_size: int) -> Iterator[Batch]:
         """One pass over the selected rows in a random order drawn from ``gen``."""
@@ -150,29 +158,38 @@ class TransferLoader:
                     b = idx[i:i + batch_size]
                     yield x[b], ts[i:i + batch_size], y[b]
             return
+        with self.cache.rows_reader() as fc, self.prepared.rows_reader(self.split) as fp:  # open once an epoch
+            yield from self._stream(gen, batch_size, step, (fc, fp))
+
+    def _stream(self, gen: torch.Generator, batch_size: int, step: int, readers) -> Iterator[Batch]:
+        """The streaming epoch: buffers of whole blocks in a random block order, each buffer's rows (and
+        the previous buffer's remainder) in a random order.  The buffer holds x as stored (raw bytes for
+        images); a chunk of whole batches is gathered in the buffer's permuted order, then normalised and
+        its targets derived: the same numbers as permuting normalised rows, without copying the buffer."""
         starts = list(range(0, self.cache.rows, self.block_rows))
         block_order = torch.randperm(len(starts), generator=gen).tolist()
         carry = None
         for g in range(0, len(block_order), self.buffer_blocks):
-            parts = [self._read(starts[b], min(self.cache.rows, starts[b] + self.block_rows))
+            parts = [self._read(starts[b], min(self.cache.rows, starts[b] + self.block_rows), readers, raw=True)
                      for b in block_order[g:g + self.buffer_blocks]]
             if carry is not None:
                 parts.insert(0, carry)
-            x, y = torch.cat([p[0] for p in parts]), torch.cat([p[2] for p in parts])
+            x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[2] for p in parts])
             t = None if self.target == "none" else StoredRows.concat([p[1] for p in parts])
-            perm = torch.randperm(len(y), generator=gen)
-            x, y = x[perm], y[perm]
-            t = None if t is None else t.take(perm.numpy())
+            perm = torch.randperm(len(y), generator=gen).numpy()
             self.peak_buffer_rows = max(self.peak_buffer_rows, len(y))
             full = len(y) - len(y) % batch_size
             for lo in range(0, full, step):
-                hi = min(full, lo + step)
-                ts = self.targets(None if t is None else t.take(slice(lo, hi)), hi - lo)
-                for i in range(lo, hi, batch_size):
-                    yield x[i:i + batch_size], ts[i - lo:i - lo + batch_size], y[i:i + batch_size]
-            carry = (x[full:], None if t is None else t.take(slice(full, None)), y[full:])
+                idx = perm[lo:min(full, lo + step)]
+                xs, ys = torch.from_numpy(self.prepared.normalise(x[idx])), torch.from_numpy(y[idx])
+                ts = self.targets(None if t is None else t.take(idx), len(idx))
+                for i in range(0, len(idx), batch_size):
+                    yield xs[i:i + batch_size], ts[i:i + batch_size], ys[i:i + batch_size]
+            rest = perm[full:]
+            carry = (x[rest], None if t is None else t.take(rest), y[rest])
         if carry is not None and len(carry[2]):
-            yield carry[0], self.targets(carry[1], len(carry[2])), carry[2]
+            yield (torch.from_numpy(self.prepared.normalise(carry[0])), self.targets(carry[1], len(carry[2])),
+                   torch.from_numpy(carry[2]))
 
 
 def _require_memory(need: int, rows: int, budget_mib: float) -> None:
