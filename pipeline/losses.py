@@ -1,6 +1,7 @@
 """The student's losses in torch (Hinton, Vinyals & Dean 2015, section 2; docs/design.md, the maths).
 
-``kd_loss``: ``alpha * T^2 * KL(p_T || softmax(z / T)) + (1 - alpha) * CE(y, softmax(z))``;
+``kd_loss``: ``alpha * T^2 * KL(p_T || softmax(z / T)) + (1 - alpha) * CE(y, softmax(z))``, or with a
+top-k cache's tail classes given, the KL over the kept classes and one bucket of the tail;
 ``logit_matching_loss``: its high-temperature limit (Caruana).  The numpy side (soft targets,
 diagnostics, the gradient formulas these losses are checked against) is :mod:`pipeline.soft`.
 """
@@ -35,7 +36,7 @@ def _check_shapes(student_logits: torch.Tensor, other: torch.Tensor, labels: tor
 
 
 def kd_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, labels: torch.Tensor,
-            T: float, alpha: float) -> torch.Tensor:
+            T: float, alpha: float, tail: torch.Tensor | None = None) -> torch.Tensor:
     """``alpha * T^2 * KL(p_T || softmax(z/T)) + (1 - alpha) * CE(labels, softmax(z))``, a scalar.
 
     KL uses "batchmean" semantics: sum over classes, mean over rows (PyTorch's ``"mean"`` would also
@@ -48,6 +49,16 @@ def kd_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, labels: to
     row of the batch is labelled, the hard term is 0 (the batch teaches through soft targets only).
     alpha == 1 skips the hard term, alpha == 0 skips the soft term (so soft_targets may be anything
     of the right shape).
+
+    ``tail`` (bool ``[n, classes]``, a top-k cache's classes outside each row's kept k): the soft term
+    becomes the *tail bucket*'s KL, over k + 1 outcomes, the kept classes and the tail as one::
+
+        KL_bucket = sum_{i in K} p_i log(p_i / q_i) + P log(P / Q),   P = sum_{j in R} p_j,  Q = sum_{j in R} q_j
+
+    Only the tail's total mass is taught, not how it is shared (which the cache does not hold): the
+    gradient in ``z_i / T`` is ``q_i - p_i`` on K, as in the full KL, and ``q_j (1 - P / Q)`` on R,
+    which moves the tail's mass towards P and leaves its shares the student's own.  With one tail
+    class (k = C - 1) it is the full KL.
     """
     T = check_temperature(T)
     alpha = check_alpha(alpha)
@@ -56,12 +67,27 @@ def kd_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, labels: to
     if alpha > 0:
         log_q = F.log_softmax(student_logits / T, dim=-1)
         p = soft_targets.to(dtype=student_logits.dtype, device=student_logits.device)
-        # kl_div computes xlogy(p, p) - p * log_q, so p = 0 contributes 0, not NaN.
-        soft = F.kl_div(log_q, p, reduction="batchmean")
+        if tail is None:
+            # kl_div computes xlogy(p, p) - p * log_q, so p = 0 contributes 0, not NaN.
+            soft = F.kl_div(log_q, p, reduction="batchmean")
+        else:
+            soft = _bucket_kl(log_q, p, tail.to(device=p.device, dtype=torch.bool))
         loss = loss + alpha * (T * T) * soft
     if alpha < 1:
         loss = loss + (1.0 - alpha) * _hard_term(student_logits, labels)
     return loss
+
+
+def _bucket_kl(log_q: torch.Tensor, p: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """``KL_bucket`` (:func:`kd_loss`) averaged over rows; a row with no tail class is its full KL."""
+    if tuple(tail.shape) != tuple(p.shape):
+        raise ValueError(f"tail {tuple(tail.shape)} must be [n, classes] = {tuple(p.shape)}")
+    kept = F.kl_div(torch.where(tail, 0.0, log_q), torch.where(tail, 0.0, p), reduction="sum")
+    big_p = (p * tail).sum(dim=-1)
+    log_big_q = torch.logsumexp(log_q.masked_fill(~tail, float("-inf")), dim=-1)
+    # P log(P / Q) as xlogy(P, P) - P log Q; a row without tail (log Q = -inf, P = 0) adds 0, not NaN
+    bucket = torch.xlogy(big_p, big_p) - big_p * torch.where(tail.any(dim=-1), log_big_q, 0.0)
+    return (kept + bucket.sum()) / p.shape[0]
 
 
 def logit_matching_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,

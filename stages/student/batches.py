@@ -21,7 +21,8 @@ from pipeline.formats.cache import StoredRows
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """``(x, target, y)``: float32 inputs as the student takes them, float32 targets ``[rows, classes]`` (the
-soft targets at T, the members' mean logits, or zeros never read) and int64 labels (-1: unlabelled)."""
+soft targets at T, the members' mean logits, or zeros never read) and int64 labels (-1: unlabelled).
+Targets of kind ``bucket`` carry a top-k cache's tail classes negated (:func:`split_tail`)."""
 
 
 @runtime_checkable
@@ -62,9 +63,23 @@ def chunk_rows(batch_size: int, classes: int) -> int:
 
 def batch_targets(stored: StoredRows | None, target: str, T: float, n: int, classes: int) -> torch.Tensor:
     """A batch's float32 targets ``[n, classes]`` from its stored rows: ``soft`` (p_T,
-    :func:`pipeline.soft.targets`), ``logits`` (the members' mean logits) or ``none`` (zeros, never read)."""
-    if target == "soft":
-        return torch.from_numpy(soft.targets(stored, T))
+    :func:`pipeline.soft.targets`), ``bucket`` (the same, with a top-k row's tail classes negated: the
+    tail-bucket loss, :func:`pipeline.losses.kd_loss`, needs to know them), ``logits`` (the members'
+    mean logits) or ``none`` (zeros, never read)."""
+    if target in ("soft", "bucket"):
+        p = soft.targets(stored, T)
+        if target == "bucket" and stored.ids is not None:
+            tail = np.ones(p.shape, bool)
+            np.put_along_axis(tail, np.asarray(stored.ids, dtype=np.int64), False, 1)
+            np.negative(p, out=p, where=tail)  # -0.0 too: the sign bit marks the class, whatever its mass
+        return torch.from_numpy(p)
     if target == "logits":
         return torch.from_numpy(soft.member_outputs(stored).mean(axis=1))
     return torch.zeros(n, classes)
+
+
+def split_tail(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, tail)`` of ``bucket`` targets: the soft targets and the bool mask of the tail classes (the
+    negated entries, sign bit set; ``-0.0`` included)."""
+    tail = torch.signbit(target)
+    return target.abs(), tail

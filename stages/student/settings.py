@@ -10,6 +10,7 @@ from pipeline.runtime import PRECISIONS
 from pipeline.specs import parse_spec
 
 OBJECTIVES = ("kd", "logits")
+TOPK_TAILS = ("rebuilt", "bucket")
 EXPERIMENTS = ("small-transfer", "omitted-class")
 
 
@@ -28,6 +29,10 @@ class StudentConfig:
                                            "logits; a cache without logits must store them at T)")
     alpha: float = setting(0.5, "weight of the soft term; 0 = hard labels only, 1 = soft targets only")
     objective: str = setting("kd", "kd (tempered soft targets) or logits (match zero-meaned mean logits)")
+    topk_tail: str = setting("rebuilt", "a top-k cache (objective kd): rebuilt (learn the targets its rule rebuilds, "
+                                        "the tail's mass spread over the other classes) or bucket (learn the kept "
+                                        "classes and the tail's total mass only: KL over k + 1 outcomes, "
+                                        "pipeline/losses.py)")
     epochs: int = setting(30, "training epochs")
     batch_size: int = setting(128, "minibatch rows")
     lr: float = setting(1e-3, "AdamW's peak learning rate of the one-cycle schedule: warm-up from lr/25 over the first "
@@ -50,6 +55,7 @@ class StudentConfig:
         require_temperatures(self.temperature)
         require(0.0 <= self.alpha <= 1.0, f"alpha must lie in [0, 1], got {self.alpha}")
         require(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}")
+        require(self.topk_tail in TOPK_TAILS, f"topk_tail must be one of {', '.join(TOPK_TAILS)}")
         require(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
         require(self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight_decay >= 0")
         require(self.memory_budget_mib > 0 and self.block_rows >= 1, "memory_budget_mib and block_rows must be > 0")

@@ -39,7 +39,9 @@ from stages.student.viewloader import ViewLoader, view_row_labels
 def _target_kind(cfg: StudentConfig) -> str:
     if cfg.alpha == 0:
         return "none"  # the hard-label loss never reads a target
-    return "logits" if cfg.objective == "logits" else "soft"
+    if cfg.objective == "logits":
+        return "logits"
+    return "bucket" if cfg.topk_tail == "bucket" else "soft"
 
 
 def distributed() -> tuple[int, int]:

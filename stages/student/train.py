@@ -15,13 +15,16 @@ import torch
 
 from pipeline import losses
 from pipeline.errors import UsageError
-from stages.student.batches import Batch
+from stages.student.batches import Batch, split_tail
 from stages.student.settings import StudentConfig
 
 
 def _loss(cfg: StudentConfig, z: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if cfg.objective == "logits":
         return losses.logit_matching_loss(z, target, y, cfg.alpha)
+    if cfg.topk_tail == "bucket" and cfg.alpha > 0:
+        p, tail = split_tail(target)
+        return losses.kd_loss(z, p, y, cfg.temperature, cfg.alpha, tail=tail)
     return losses.kd_loss(z, target, y, cfg.temperature, cfg.alpha)
 
 

@@ -52,12 +52,12 @@ class ViewLoader:
         if prepared.rows[split] != self.n_all:
             raise DataError(f"{cache.path}: views of {self.n_all} rows, but the {split} split of {prepared.path} "
                             f"has {prepared.rows[split]}; rebuild with `make cache`")
-        if target == "soft":
+        if target in ("soft", "bucket"):
             cache.require_temperature(temperature)
         self.rows = np.arange(self.n_all) if rows is None else np.asarray(rows, dtype=np.int64)
         self.n = len(self.rows)
         self.target, self.T, self.classes = target, float(temperature), cache.classes
-        T = self.T if target == "soft" else None
+        T = self.T if target in ("soft", "bucket") else None
         pixel_bytes = math.prod(prepared.shape) * np.dtype(prepared.dtype).itemsize
         per_view = views.PARAM_BYTES + (cache.stored(0, 1, T).nbytes if target != "none" else 0)
         need = self.n_all * (pixel_bytes * (2 if self.spec.flip else 1) + 8) + cache.rows * per_view

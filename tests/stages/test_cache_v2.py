@@ -188,3 +188,21 @@ def test_merged_top_k_shards_keep_the_spread_and_refuse_parts_of_another_rule(ca
     mixed = [parts[0], _tampered(parts[1], tmp_path / "old-part.h5", older)]
     with pytest.raises(IntegrityError, match="tail_rule"):
         merge(MergeConfig(), mixed, tmp_path / "m2.h5", **QUIET)
+
+
+def test_bucket_targets_mark_exactly_the_tail_classes(caches, tiny_prepared):
+    from stages.student.batches import batch_targets, split_tail
+
+    info = open_prepared(tiny_prepared)
+    c = open_cache(caches["top3"])
+    s = c.stored(0, 64)
+    p, tail = split_tail(batch_targets(s, "bucket", 4.0, 64, 10))
+    want = np.ones((64, 10), bool)
+    np.put_along_axis(want, s.ids.astype(np.int64), False, 1)
+    assert np.array_equal(tail.numpy(), want)
+    np.testing.assert_array_equal(p.numpy(), soft.targets(s, 4.0))
+    g = torch.Generator().manual_seed(0)
+    x, t, y = next(TransferLoader(c, info, "bucket", 4.0).epoch(g, 32))
+    assert torch.signbit(t).sum(1).tolist() == [7] * 32  # 10 classes, 3 kept
+    full = open_cache(caches["compact"]).stored(0, 64)  # a cache that keeps every class: no tail, plain targets
+    np.testing.assert_array_equal(batch_targets(full, "bucket", 4.0, 64, 10).numpy(), soft.targets(full, 4.0))

@@ -379,3 +379,52 @@ def test_diagnostics_ranges(logits, T, data):
         assert 0.0 <= d["teacher_accuracy"] <= 1.0
     else:
         assert math.isnan(d["ece"]) and math.isnan(d["teacher_accuracy"])
+
+
+# ----------------------------------------------------------------- the tail bucket (top-k caches)
+
+def _bucket_reference(z, p, tail, T):
+    """KL over the kept classes and the tail as one outcome, in float64 numpy (no torch)."""
+    q = np.exp(z / T) / np.exp(z / T).sum(1, keepdims=True)
+    out = 0.0
+    for pr, qr, tr in zip(p, q, tail):
+        kl = sum(a * math.log(a / b) for a, b in zip(pr[~tr], qr[~tr]) if a > 0)
+        P, Q = pr[tr].sum(), qr[tr].sum()
+        out += kl + (P * math.log(P / Q) if P > 0 else 0.0)
+    return out / len(p)
+
+
+def test_tail_bucket_loss_hand_computed_and_its_gradient():
+    z = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.3, 0.1, 1.2, -0.4]], dtype=torch.float64, requires_grad=True)
+    p = torch.tensor([[0.6, 0.2, 0.1, 0.1], [0.25, 0.05, 0.5, 0.2]], dtype=torch.float64)
+    tail = torch.tensor([[False, False, True, True], [True, False, False, True]])
+    y = torch.tensor([0, 2])
+    T = 2.0
+    loss = losses.kd_loss(z, p, y, T=T, alpha=1.0, tail=tail)
+    want = _bucket_reference(z.detach().numpy(), p.numpy(), tail.numpy(), T)
+    assert abs(loss.item() - T * T * want) < 1e-12  # float64 throughout
+    loss.backward()
+    # d/dz_i of T^2 KL_bucket / n = (T / n) (q_i - p_i) on kept, (T / n) q_j (1 - P / Q) on the tail
+    q = torch.softmax(z.detach() / T, dim=-1)
+    P = (p * tail).sum(1, keepdim=True)
+    Q = (q * tail).sum(1, keepdim=True)
+    g = torch.where(tail, q * (1 - P / Q), q - p) * T / len(p)
+    torch.testing.assert_close(z.grad, g, rtol=0, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_kd_batch(), st.floats(0.5, 20), st.data())
+def test_tail_bucket_is_at_most_the_full_kl_and_equal_with_one_tail_class(batch, T, data):
+    z, v, y = (torch.from_numpy(a) for a in batch)
+    p = torch.softmax(v / T, dim=-1)
+    n, C = p.shape
+    tail = torch.from_numpy(data.draw(arrays(np.bool_, (n, C))))
+    full = losses.kd_loss(z, p, y, T=T, alpha=1.0).item()
+    bucket = losses.kd_loss(z, p, y, T=T, alpha=1.0, tail=tail).item()
+    # merging outcomes never raises a KL (the data-processing inequality); float64 rounding x T^2 <= 400
+    assert -1e-9 <= bucket <= full + 1e-9 * max(1.0, full)
+    one = torch.zeros(n, C, dtype=torch.bool)
+    one[:, -1] = True  # k = C - 1: the bucket is one class
+    assert abs(losses.kd_loss(z, p, y, T=T, alpha=1.0, tail=one).item() - full) <= 1e-9 * max(1.0, full)
+    none = torch.zeros(n, C, dtype=torch.bool)  # no tail: the full KL
+    assert abs(losses.kd_loss(z, p, y, T=T, alpha=1.0, tail=none).item() - full) <= 1e-9 * max(1.0, full)
