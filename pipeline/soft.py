@@ -185,18 +185,18 @@ def targets(stored, T: float, use_stored: bool = True) -> np.ndarray:
         from pipeline import topk
 
         return topk.rebuild(stored.ids, stored.kept, stored.tail, stored.classes, T, stored.combine, stored.weights,
-                            stored.spread)
+                            stored.spread, stored.prior)
     raise ValueError(f"no logits, no top-k and no soft targets at T={T:g} to take targets from")
 
 
 def member_outputs(stored) -> np.ndarray:
     """Each member's logits ``[n, members, classes]`` float32 as stored (a top-k row: rebuilt, the tail
-    classes at its even value, :func:`pipeline.topk.member_logits`)."""
+    classes at its even value, or as the cache's class prior shares them: :func:`pipeline.topk.member_logits`)."""
     if stored.logits is not None:
         return np.asarray(stored.logits, dtype=np.float32)
     from pipeline import topk
 
-    return topk.member_logits(stored.ids, stored.kept, stored.tail, stored.classes)
+    return topk.member_logits(stored.ids, stored.kept, stored.tail, stored.classes, stored.prior)
 
 
 def member_predictions(stored) -> np.ndarray:

@@ -3,7 +3,7 @@
 Layout of ``kd-cache/2`` (docs/formats.md, "kd-cache"; the writer is :mod:`pipeline.formats.cache_writer`)::
 
     /                 attrs: schema, rows, members, classes, temperatures, soft_temperatures, layout, top_k,
-                             tail_rule (top-k: "spread", or "even" and no /topk/spread),
+                             tail_rule (top-k: "spread", "prior" with /topk/prior, or "even" and no /topk/spread),
                              logits_dtype, source_rows, combine, committed_rows, complete, identity, ...
     /logits           float16|32 [rows, members, classes]  layout "full": raw per-member logits
     /topk/ids         uint8|16|32 [rows, k]                layout "topk": the k classes kept (pipeline/topk.py)
@@ -175,6 +175,11 @@ class CacheInfo:
         with self.rows_reader() as r:
             return r.stored(lo, hi, T)
 
+    def prior(self) -> np.ndarray | None:
+        """The class prior ``[classes, classes]`` float32 of a top-k cache with the prior rule, else None."""
+        with self.rows_reader() as r:
+            return r.prior
+
     @contextlib.contextmanager
     def rows_reader(self) -> Iterator[RowReader]:
         with h5py.File(self.path, "r") as f:
@@ -202,7 +207,8 @@ def layout_of(f: h5py.File, version: int | None = None) -> CacheLayout:
                            k, views, first, label_per_row=True)
     return CacheLayout(rows, members, classes, str(a["logits_dtype"]), int(a["top_k"]),
                        tuple(float(t) for t in json.loads(a["soft_temperatures"])), k, views, first,
-                       tail_spread=a.get("tail_rule", "even") == "spread")
+                       tail_spread=a.get("tail_rule", "even") in ("spread", "prior"),
+                       tail_prior=a.get("tail_rule") == "prior")
 
 
 def _fail(path: Path, why: str) -> DataError:
@@ -248,7 +254,7 @@ def _check_datasets(path: Path, f: h5py.File, info: CacheInfo, part: bool) -> No
         want = {"logits": ((info.rows, info.members, info.classes), None), "labels": ((info.rows,), None),
                 **{f"soft/{t_key(T)}": ((info.rows, info.classes), None) for T in info.temperatures}}
     else:
-        want = lay.datasets()
+        want = {**lay.datasets(), **lay.shared()}
     for name, (shape, dt) in want.items():
         if name == "logits" and info.version == 1 and name not in f:
             continue  # soft targets alone still train a student; tools that need logits say so

@@ -78,6 +78,7 @@ class CacheLayout:
     label_per_row: bool = False               # kd-cache/1: a label per cache row, not per transfer row
     tail_spread: bool = True                  # top-k: the row's tail spread stored (pipeline/topk.py's
                                               # spread rule); False in top-k caches built before it was
+    tail_prior: bool = False                  # top-k: the class prior stored (the prior rule, tail_rule "prior")
 
     @property
     def label_step(self) -> int:
@@ -116,6 +117,17 @@ class CacheLayout:
             out[f"soft/{t_key(T)}"] = ((r, c), np.dtype(np.float32))
         return out
 
+    def shared(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Datasets of the whole file, not of its rows: name -> (shape, dtype) (the class prior, in the
+        logits' dtype)."""
+        c = self.classes
+        return {"topk/prior": ((c, c), np.dtype(self.logits_dtype))} if self.top_k and self.tail_prior else {}
+
+    @property
+    def tail_rule(self) -> str:
+        """How a top-k row's tail is rebuilt (pipeline/topk.py): prior, spread or even."""
+        return "prior" if self.tail_prior else "spread" if self.tail_spread else "even"
+
     def size(self) -> tuple[int, str]:
         """Bytes of the finished file (every dataset in whole chunks, plus :data:`METADATA_BYTES`) and
         the per-row figure as a formula a user can check."""
@@ -129,7 +141,12 @@ class CacheLayout:
         if soft:
             terms.append(f"{soft} x {self.classes} x 4 (soft targets)")
         labels = f" + {self.label_rows} labels x {label_dtype(self.classes).itemsize} bytes"
-        return total, (f"{self.rows} rows x ({' + '.join(terms)}) bytes{labels}, in whole chunks, "
+        shared = ""
+        for name, (shape, dt) in self.shared().items():
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            total += nbytes
+            shared += f" + {nbytes} ({name})"
+        return total, (f"{self.rows} rows x ({' + '.join(terms)}) bytes{labels}, in whole chunks{shared}, "
                        f"+ {METADATA_BYTES >> 10} KiB")
 
     def bytes_per_row(self) -> float:
@@ -148,6 +165,7 @@ class StoredRows:
     Either ``logits`` (layout full) or ``ids``, ``kept``, ``tail`` and ``spread`` (layout topk; ``spread``
     None in a top-k cache built before it was stored), in their stored dtypes,
     and ``soft``: stored targets at ``soft_T`` (read instead when that T is asked for), or None.
+    ``prior``: a top-k cache's class prior ``[classes, classes]`` (the file's, not a row's), or None.
     """
 
     classes: int
@@ -160,6 +178,7 @@ class StoredRows:
     spread: np.ndarray | None = None
     soft: np.ndarray | None = None
     soft_T: float | None = None
+    prior: np.ndarray | None = None
 
     _ARRAYS = ("logits", "ids", "kept", "tail", "spread", "soft")
 
@@ -189,6 +208,14 @@ class RowReader:
     def __init__(self, f: h5py.File, layout: CacheLayout, combine: str, weights: tuple[float, ...] | None,
                  path: Path):
         self.f, self.layout, self.combine, self.weights, self.path = f, layout, combine, weights, path
+        self._prior = None  # the class prior, read once a handle (4 MB at 1000 classes)
+
+    @property
+    def prior(self) -> np.ndarray | None:
+        """The file's class prior (a top-k cache built with one), or None."""
+        if self._prior is None and self.layout.tail_prior:
+            self._prior = self.f["topk/prior"][...]
+        return self._prior
 
     def read(self, name: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """Rows ``[lo, hi)`` of dataset ``name`` as stored: one contiguous read."""
@@ -216,7 +243,8 @@ class RowReader:
         if lay.top_k:
             return dataclasses.replace(base, ids=self.read("topk/ids", lo, hi), kept=self.read("topk/logits", lo, hi),
                                        tail=self.read("topk/tail", lo, hi),
-                                       spread=self.read("topk/spread", lo, hi) if lay.tail_spread else None)
+                                       spread=self.read("topk/spread", lo, hi) if lay.tail_spread else None,
+                                       prior=self.prior)
         if "logits" not in self.f:
             raise DataError(f"{self.path}: the cache stores no logits and no soft targets at T={t_key(T or 1)}; "
                             f"it has {', '.join(map(t_key, lay.soft_temperatures))}")

@@ -47,9 +47,10 @@ class CacheWriter:
     # ---- opening
     @classmethod
     def create(cls, path: Path, identity: dict, layout: CacheLayout, views: dict | None = None,
-               source_rows: int | None = None) -> CacheWriter:
+               source_rows: int | None = None, prior: np.ndarray | None = None) -> CacheWriter:
         """A new, empty ``kd-cache/2`` file at ``path`` (truncated if it exists) with the datasets of
-        ``layout``; ``views`` (the view function's settings, with ``count`` K) makes it a views cache."""
+        ``layout``; ``views`` (the view function's settings, with ``count`` K) makes it a views cache;
+        ``prior``: the class prior a layout with ``tail_prior`` stores (written now, whole)."""
         out = H5Output(path, "w")
         f = out.f
         for name, (shape, dt) in layout.datasets().items():
@@ -63,7 +64,15 @@ class CacheWriter:
         if views is not None:
             f.attrs["views"] = json.dumps(views)
         if layout.top_k:
-            f.attrs["tail_rule"] = "spread" if layout.tail_spread else "even"
+            f.attrs["tail_rule"] = layout.tail_rule
+        for name, (shape, dt) in layout.shared().items():
+            if prior is None or np.shape(prior) != shape or not np.all(np.isfinite(prior)):
+                raise ValueError(f"{name}: a finite array of shape {shape} is needed")
+            with np.errstate(over="ignore"):
+                stored = np.asarray(prior, dtype=dt)
+            if not np.all(np.isfinite(stored)):
+                raise ValueError(f"{name}: beyond the range of {dt}; build with --logits-dtype float32")
+            f.create_dataset(name, data=stored)
         return cls(out, layout)
 
     @classmethod
@@ -82,7 +91,7 @@ class CacheWriter:
         try:
             if (f.attrs.get("schema") != SCHEMA or json.loads(f.attrs["identity"]) != identity
                     or "teacher_probabilities" not in f.attrs
-                    or (int(f.attrs["top_k"]) and f.attrs.get("tail_rule") != "spread")):  # older top-k rows
+                    or (int(f.attrs["top_k"]) and f.attrs.get("tail_rule") not in ("spread", "prior"))):  # older
                 log(f"{path}: made from other inputs or settings; restarting from row 0")
             else:
                 w = cls(out, layout_of(f))
@@ -160,6 +169,10 @@ class CacheWriter:
                 rows.update(np.ascontiguousarray(self.f[name][x:y]).tobytes())
             chain = hashlib.sha256(chain + rows.digest()).digest()
         return chain.hex()
+
+    def prior(self) -> np.ndarray | None:
+        """The class prior the file holds (a prior-rule top-k cache), else None."""
+        return self.f["topk/prior"][...] if self.layout.tail_prior else None
 
     def read(self, name: str, lo: int, hi: int) -> np.ndarray:
         return self.f[name][lo:hi]

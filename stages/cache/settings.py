@@ -91,6 +91,10 @@ class CacheConfig:
                             "each member's logits at them and each member's log-sum-exp of the rest; targets at "
                             "any T are rebuilt with the rest spread evenly, within a bound (pipeline/topk.py); "
                             "0 = every class")
+    tail_prior_rows: int = setting(0, "a top-k cache: share each row's tail as the class prior says (the mean "
+                                      "log-probabilities of the sampled rows with the same top class, stored once: "
+                                      "C x C float32), from this many seeded transfer rows; 0 = the spread rule "
+                                      "(the tail's mass spread evenly; pipeline/topk.py)")
 
     def __post_init__(self) -> None:
         require(len(self.temperatures) > 0, "give at least one temperature")
@@ -109,6 +113,8 @@ class CacheConfig:
         require(self.views >= 0, f"views must be >= 0 (K views per row; 0 = none), got {self.views}")
         require(self.logits_dtype in ("float32", "float16"), "logits_dtype must be float32 or float16")
         require(self.top_k >= 0, f"top_k must be >= 0 (0 = every class), got {self.top_k}")
+        require(self.tail_prior_rows >= 0, f"tail_prior_rows must be >= 0, got {self.tail_prior_rows}")
+        require(self.tail_prior_rows == 0 or self.top_k > 0, "tail_prior_rows needs --top-k (a prior shares a tail)")
         try:
             self.view_spec()
         except ValueError as e:

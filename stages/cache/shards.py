@@ -12,6 +12,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from pipeline import provenance
 from pipeline.artifacts import atomic_output, check_outputs
 from pipeline.config import to_dict
@@ -24,6 +26,7 @@ from stages.cache.settings import MergeConfig, diag_block
 from stages.cache.stage import format_diagnostics
 from stages.cache.stream import blocks, diagnostics_in_blocks, member_accuracy_in_blocks
 
+PRIOR_ATOL = 1e-3  # class priors (mean log-probabilities, nats) of parts or re-runs: device rounding only
 # Attributes every part of one sharded run must share (besides the identity without its "part").
 _SHARED = ("schema", "members", "classes", "temperatures", "combine", "teacher_sha256", "transfer_sha256",
            "transfer_split", "settings", "teacher_probabilities", "classes_names", "teacher_inputs", "member_weights",
@@ -54,6 +57,27 @@ def _check_parts(read: list[CacheInfo]) -> int:
     return total
 
 
+def _prior(read: list[CacheInfo]):
+    """The parts' class prior (a top-k cache with the prior rule), the same in every part: each shard
+    computed it from the same seeded sample of rows, so parts on other devices differ by rounding only."""
+    if not read[0].layout.tail_prior:
+        return None
+    priors = [c.prior() for c in read]
+    for c, p in zip(read[1:], priors[1:]):
+        gap = prior_gap(p, priors[0])
+        if gap > PRIOR_ATOL:
+            raise IntegrityError(f"{c.path}: its class prior differs from {read[0].path}'s by {gap:.3g} beyond "
+                                 f"the storage's rounding (> {PRIOR_ATOL:g}); rebuild the parts from one set of inputs")
+    return priors[0]
+
+
+def prior_gap(got: np.ndarray, stored: np.ndarray) -> float:
+    """How far a class prior ``got`` is from a ``stored`` one beyond one step of the stored dtype (nats):
+    two runs whose float32 priors differ by device rounding may round to adjacent float16 values."""
+    step = np.spacing(np.abs(stored)).astype(np.float64)
+    return float(np.max(np.abs(got.astype(stored.dtype).astype(np.float64) - stored) - step, initial=0.0))
+
+
 def merge(cfg: MergeConfig, parts: list[Path], out: Path, log: Callable[[str], None] = print) -> Path:
     """Check and join shard ``parts`` into the cache ``out``; every part's seal is verified first."""
     if not parts:
@@ -72,11 +96,11 @@ def merge(cfg: MergeConfig, parts: list[Path], out: Path, log: Callable[[str], N
     providers = sorted({str(c.attrs["provider"]) for c in read})
     lay = p0.layout
     layout = CacheLayout(total, lay.members, lay.classes, lay.logits_dtype, lay.top_k, lay.soft_temperatures, lay.k,
-                         lay.views, 0, tail_spread=lay.tail_spread)
+                         lay.views, 0, tail_spread=lay.tail_spread, tail_prior=lay.tail_prior)
     require_space(Path(out), *layout.size())
     names = [n for n in layout.datasets() if n != "labels"]
     with atomic_output(Path(out)) as tmp:
-        w = CacheWriter.create(tmp, base, layout, views=p0.views, source_rows=p0.source_rows)
+        w = CacheWriter.create(tmp, base, layout, views=p0.views, source_rows=p0.source_rows, prior=_prior(read))
         try:
             for c in read:
                 off = c.part["rows"][0]

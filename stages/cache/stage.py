@@ -52,6 +52,7 @@ from pipeline.formats.cache import CacheLayout, StoredRows, t_key
 from pipeline.formats.cache_writer import CacheWriter
 from pipeline.formats.prepared import Prepared, open_prepared
 from pipeline.resources import human, require_space
+from stages.cache import prior as class_prior
 from stages.cache.settings import NOT_IN_SETTINGS, CacheConfig, diag_block
 from stages.cache.stream import (
     StreamStats,
@@ -167,7 +168,8 @@ def build_cache(cfg: CacheConfig, teacher: list, transfer_set: Path, out: Path,
 def layout(cfg: CacheConfig, rows: int, members: int, classes: int, first_row: int = 0) -> CacheLayout:
     """The datasets ``cfg`` writes for cache rows ``[first_row, first_row + rows)``."""
     return CacheLayout(rows, members, classes, cfg.logits_dtype, cfg.top_k,
-                       tuple(cfg.temperatures) if cfg.store_soft else (), max(1, cfg.views), cfg.views > 0, first_row)
+                       tuple(cfg.temperatures) if cfg.store_soft else (), max(1, cfg.views), cfg.views > 0, first_row,
+                       tail_prior=cfg.tail_prior_rows > 0)
 
 
 def _require_space(out: Path, lay: CacheLayout) -> None:
@@ -193,10 +195,15 @@ def _write_cache(cfg: CacheConfig, tmp: Path, identity: dict, span: tuple[int, i
     box = {"w": CacheWriter.resume(tmp, identity, log, cfg.batch_size), "rows": 0}
     try:
         start = lo
+        prior = None
         if box["w"] is not None:
             start = lo + box["w"].committed_rows
             box["rows"] = start - lo
             teachers.probabilities = json.loads(box["w"].attrs["teacher_probabilities"])
+            prior = box["w"].prior()
+        elif cfg.tail_prior_rows:  # before any row: the sample's rows are the prior's, not the cache's
+            prior = class_prior.compute(teachers, info, cfg.split, cfg.tail_prior_rows, cfg.top_k, cfg.combine,
+                                        weights, cfg.batch_size, log)
         bar = runtime.progress(total=hi - lo, initial=start - lo, desc="cache", unit="row")
 
         spec = cfg.view_spec()
@@ -205,9 +212,9 @@ def _write_cache(cfg: CacheConfig, tmp: Path, identity: dict, span: tuple[int, i
             if box["w"] is None:
                 box["w"] = CacheWriter.create(
                     tmp, identity, layout(cfg, hi - lo, logits.shape[1], logits.shape[2], lo),
-                    views=None if spec is None else spec.as_dict(), source_rows=info.rows[cfg.split])
+                    views=None if spec is None else spec.as_dict(), source_rows=info.rows[cfg.split], prior=prior)
                 box["w"].attrs["teacher_probabilities"] = json.dumps(teachers.probabilities)
-            _write_batch(box["w"], b_lo - lo, logits, *labels_params, cfg, weights, stats)
+            _write_batch(box["w"], b_lo - lo, logits, *labels_params, cfg, weights, stats, prior)
             box["rows"] = b_hi - lo
             bar.update(b_hi - b_lo)
 
@@ -255,6 +262,8 @@ def used_settings(cfg: CacheConfig) -> dict:
     d = to_dict(cfg)
     if not cfg.views:
         d = {k: v for k, v in d.items() if not k.startswith("view")}
+    if not cfg.tail_prior_rows:  # caches from before the prior rule keep their identity
+        d.pop("tail_prior_rows")
     return d
 
 
@@ -264,12 +273,12 @@ def content_settings(cfg: CacheConfig) -> dict:
 
 
 def compact_rows(logits: np.ndarray, cfg: CacheConfig, weights: np.ndarray | None,
-                 classes: int) -> tuple[dict[str, np.ndarray], StoredRows]:
+                 classes: int, prior: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], StoredRows]:
     """What the cache stores of a batch of per-member logits (float32 ``[n, M, C]``): the datasets'
     rows, and the same numbers as :class:`StoredRows` (stored soft targets are derived from those, so
     the file agrees with itself).  DataError when a logit does not fit ``logits_dtype``."""
     dt = np.dtype(cfg.logits_dtype)
-    base = StoredRows(classes, cfg.combine, None if weights is None else tuple(weights.tolist()))
+    base = StoredRows(classes, cfg.combine, None if weights is None else tuple(weights.tolist()), prior=prior)
     with np.errstate(over="ignore"):  # a logit beyond the dtype's range becomes inf, refused below
         if cfg.top_k:
             ids, kept, tail = topk.compress(logits, cfg.top_k, cfg.combine, weights)
@@ -287,9 +296,10 @@ def compact_rows(logits: np.ndarray, cfg: CacheConfig, weights: np.ndarray | Non
 
 
 def _write_batch(w: CacheWriter, lo: int, logits: np.ndarray, y: np.ndarray, params: np.ndarray | None,
-                 cfg: CacheConfig, weights: np.ndarray | None, stats: StreamStats) -> None:
+                 cfg: CacheConfig, weights: np.ndarray | None, stats: StreamStats,
+                 prior: np.ndarray | None = None) -> None:
     t = time.perf_counter()
-    rows, stored = compact_rows(logits, cfg, weights, logits.shape[2])
+    rows, stored = compact_rows(logits, cfg, weights, logits.shape[2], prior)
     if cfg.store_soft:
         rows.update({f"soft/{t_key(T)}": soft.targets(stored, T) for T in cfg.temperatures})
     if params is not None:

@@ -8,7 +8,8 @@ are recomputed from the stored logits by :func:`pipeline.soft.targets`, the func
 derives them with.  A top-k cache (:mod:`pipeline.topk`): its kept logits and the log-sum-exp of
 the rest are compared with the re-run ones at its stored classes, the stored classes must be a top k
 of the re-run ensemble, and at every recorded temperature the rebuilt targets must lie within the
-module's bound of the re-run full targets (plus the slack of the storage's rounding).  Any difference
+module's bound of the re-run full targets (plus the slack of the storage's rounding); a prior-rule
+cache's class prior is computed again from its sample of rows.  Any difference
 beyond the tolerance is an IntegrityError (exit 4).
 """
 from __future__ import annotations
@@ -25,8 +26,10 @@ from pipeline.errors import DataError, IntegrityError, UsageError
 from pipeline.formats.cache import open_cache, t_key
 from pipeline.formats.onnx_model import InputContract
 from pipeline.formats.prepared import open_prepared
+from stages.cache import prior as class_prior
 from stages.cache.recorded import recorded_contracts, recorded_weights
 from stages.cache.settings import VerifyConfig
+from stages.cache.shards import PRIOR_ATOL, prior_gap
 from stages.cache.stage import format_diagnostics
 from stages.cache.teachers import Teachers
 from stages.cache.viewsource import RowSource
@@ -89,6 +92,16 @@ def _check_topk(c, stored, got: np.ndarray, weights, d: dict) -> None:
         d["margin"] = min(d["margin"], float(margin.min()))
 
 
+def _check_prior(c, teachers, info, weights, batch: int, log: Callable[[str], None]) -> float:
+    """The largest difference between a prior-rule cache's class prior and the one its teachers give on
+    the same seeded sample of rows (0.0 for any other cache)."""
+    if not c.layout.tail_prior:
+        return 0.0
+    count = int(c.identity["settings"]["tail_prior_rows"])
+    again = class_prior.compute(teachers, info, c.transfer_split, count, c.top_k, c.combine, weights, batch, log)
+    return prior_gap(again, c.prior())
+
+
 def verify(cfg: VerifyConfig, cache: Path, teacher: list[Path], transfer_set: Path,
            log: Callable[[str], None] = print) -> dict:
     """Check hashes, re-run a sample of rows; returns the report, IntegrityError when anything differs."""
@@ -145,6 +158,7 @@ def verify(cfg: VerifyConfig, cache: Path, teacher: list[Path], transfer_set: Pa
             d["labels"] += int(np.sum(rows.labels(lo, hi) != y))
             if params is not None:  # the stored parameters are the ones the recorded seed draws
                 d["params"] += int(np.sum(np.any(rows.read("view_params", lo, hi) != params, axis=1)))
+    prior_diff = _check_prior(c, teachers, info, weights, windows[0][1] - windows[0][0], log)
     n = sum(hi - lo for lo, hi in windows)
     tol = cfg.tolerance * d["scale"]
     report = {"rows_checked": n, "windows": windows, "max_abs_logit_diff": d["logit"], "logit_tolerance": tol,
@@ -152,14 +166,18 @@ def verify(cfg: VerifyConfig, cache: Path, teacher: list[Path], transfer_set: Pa
               "hashes": "match", "provider": teachers.provider}
     if c.top_k:
         report.update(top_k=c.top_k, not_a_top_k=d["ids"], max_tv_from_full=d["tv"], max_bound=d["bound"],
-                      min_bound_margin=d["margin"])
+                      min_bound_margin=d["margin"], tail_rule=c.layout.tail_rule, prior_gap=prior_diff)
     log(f"verify: {n} rows in {len(windows)} windows on {teachers.provider}: max |logit diff| "
         f"{d['logit']:.3g} (tolerance {tol:.3g}), max |soft diff| {d['soft']:.3g}, "
         f"{d['labels']} label mismatches" + (f", {d['params']} view parameter mismatches" if spec else "")
         + (f"; top-{c.top_k}: max TV from the full targets {d['tv']:.3g} (bound up to {d['bound']:.3g}, least "
            f"margin {d['margin']:.3g}), {d['ids']} rows whose kept classes are not a top {c.top_k}" if c.top_k else "")
+        + (f"; class prior within {prior_diff:.3g} of the teachers' on its sample" if c.layout.tail_prior else "")
         + "; hashes match")
     log(format_diagnostics(c.diagnostics(), c.member_accuracy))
+    if prior_diff > PRIOR_ATOL:
+        raise IntegrityError(f"{cache}: its class prior differs from the one its teachers give on its sample of "
+                             f"rows by {prior_diff:.3g} (> {PRIOR_ATOL:g}); rebuild with `make cache`")
     if d["logit"] > tol or d["soft"] > 1e-6 or d["labels"] or d["params"] or d["ids"] or d["margin"] < 0:
         raise IntegrityError(f"{cache}: stored targets differ from the teachers (max |logit diff| {d['logit']:.3g}, "
                              f"max |soft diff| {d['soft']:.3g}, {d['labels']} label mismatches, {d['params']} view "

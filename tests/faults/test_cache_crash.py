@@ -85,6 +85,34 @@ def test_killed_views_cache_resumes_to_the_identical_content(tiny_teacher, tiny_
     assert digest(out) == digest(ref)
 
 
+PRIOR = ("--top-k", "3", "--tail-prior-rows", "500")
+
+
+def test_killed_prior_rule_cache_resumes_to_the_identical_content(tiny_teacher, tiny_prepared, tmp_path):
+    """A top-k cache with the prior rule killed after 5 batches: the rerun reads the class prior from the
+    partial (it does not run the sample again) and ends equal to an uninterrupted run, prior included."""
+    ref = tmp_path / "ref.h5"
+    _build(tiny_teacher, tiny_prepared, ref, *PRIOR)
+    out, partial = tmp_path / "c.h5", tmp_path / "c.h5.partial"
+    cmd = [sys.executable, "-m", "tests.throttled_cli", "0.05", "cache", "--teacher", tiny_teacher,
+           "--transfer-set", tiny_prepared, "--out", out, *ARGS, *PRIOR]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and (committed_rows(partial) or 0) < 5 * 64:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = committed_rows(partial)
+    assert done and 5 * 64 <= done < 1200 and not out.exists()
+    rerun = _build(tiny_teacher, tiny_prepared, out, *PRIOR)
+    assert f"resuming {partial} at row {done}" in rerun.stderr and "class prior from" not in rerun.stderr
+    assert digest(out) == digest(ref)
+    with h5py.File(out) as f:
+        assert f.attrs["tail_rule"] == "prior" and f["topk/prior"].shape == (10, 10)
+
+
 def test_unreadable_partial_restarts_from_zero(reference, tiny_teacher, tiny_prepared, tmp_path):
     out = tmp_path / "c.h5"
     (tmp_path / "c.h5.partial").write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(4096))  # a torn HDF5 header

@@ -206,3 +206,40 @@ def test_bucket_targets_mark_exactly_the_tail_classes(caches, tiny_prepared):
     assert torch.signbit(t).sum(1).tolist() == [7] * 32  # 10 classes, 3 kept
     full = open_cache(caches["compact"]).stored(0, 64)  # a cache that keeps every class: no tail, plain targets
     np.testing.assert_array_equal(batch_targets(full, "bucket", 4.0, 64, 10).numpy(), soft.targets(full, 4.0))
+
+
+def test_a_prior_rule_cache_stores_its_prior_verifies_and_merges(caches, tiny_teacher, tiny_prepared, tmp_path):
+    from stages.cache import MergeConfig, merge
+
+    def build(path, **kw):
+        return cache_soft_targets(CacheConfig(**CPU, top_k=3, tail_prior_rows=400, **kw), [tiny_teacher],
+                                  tiny_prepared, path, **QUIET)
+    c = open_cache(build(tmp_path / "p.h5"))
+    prior = c.prior()
+    assert c.layout.tail_rule == "prior" and c.attrs["tail_rule"] == "prior" and prior.shape == (10, 10)
+    assert prior.dtype == np.float16 and np.all(prior <= 0) and c.layout.size()[0] >= 10 * 10 * 2
+    assert c.identity["settings"]["tail_prior_rows"] == 400
+    s, spread = c.stored(), open_cache(caches["top3"]).stored()
+    np.testing.assert_array_equal(s.ids, spread.ids)  # the same rows as the spread rule's cache...
+    want = topk.rebuild(s.ids, s.kept, s.tail, 10, 4.0, prior=prior)
+    np.testing.assert_array_equal(soft.targets(s, 4.0), want)  # ...rebuilt with the prior
+    assert not np.array_equal(want, soft.targets(spread, 4.0))
+    r = verify(VerifyConfig(sample_rows=256), c.path, [tiny_teacher], tiny_prepared, **QUIET)
+    assert r["tail_rule"] == "prior" and r["prior_gap"] == 0 and r["min_bound_margin"] > 0
+
+    def shifted(f):  # another prior, resealed: the file reads, verify re-derives the prior and refuses it
+        f["topk/prior"][...] = f["topk/prior"][...] - 0.5
+        h5seal.seal(f)
+    with pytest.raises(IntegrityError, match="class prior"):
+        verify(VerifyConfig(sample_rows=256), _tampered(c.path, tmp_path / "t.h5", shifted), [tiny_teacher],
+               tiny_prepared, **QUIET)
+    parts = [build(tmp_path / "s.h5", shard=f"{i}/2") for i in range(2)]
+    merged = open_cache(merge(MergeConfig(), parts, tmp_path / "m.h5", **QUIET))
+    assert merged.layout.tail_rule == "prior"
+    np.testing.assert_array_equal(merged.prior(), prior)
+    for name in ("topk/ids", "topk/logits", "topk/tail", "topk/spread"):
+        assert np.array_equal(merged.read(name), c.read(name)), name
+    with pytest.raises(IntegrityError, match="class prior"):
+        merge(MergeConfig(), [parts[0], _tampered(parts[1], tmp_path / "o.h5", shifted)], tmp_path / "m2.h5", **QUIET)
+    with pytest.raises(UsageError, match="needs --top-k"):
+        CacheConfig(tail_prior_rows=10)

@@ -30,7 +30,7 @@ def exact(logits, T, combine, weights=None):
 @given(n=st.integers(1, 12), members=st.integers(1, 4), classes=st.integers(2, 60), k_frac=st.floats(0, 1),
        scale=st.sampled_from([0.1, 1.0, 4.0, 15.0]), T=st.sampled_from([0.25, 0.5, 1.0, 2.0, 4.0, 20.0, 100.0]),
        combine=st.sampled_from(["arithmetic", "geometric"]), weighted=st.booleans(), seed=st.integers(0, 2**31),
-       rule=st.sampled_from(["even", "spread"]))
+       rule=st.sampled_from(["even", "spread", "prior"]))
 def test_the_bound_holds(n, members, classes, k_frac, scale, T, combine, weighted, seed, rule):
     rng = np.random.default_rng(seed)
     logits = rng.normal(0, scale, (n, members, classes)) * rng.exponential(1, (n, members, 1))
@@ -38,7 +38,8 @@ def test_the_bound_holds(n, members, classes, k_frac, scale, T, combine, weighte
     k = 1 + int(k_frac * (classes - 2))
     ids, kept, tail = topk.compress(logits, k, combine, weights)
     spread = topk.tail_spread(logits, ids, tail, weights) if rule == "spread" else None
-    got = topk.rebuild(ids, kept, tail, classes, T, combine, weights, spread)
+    prior = rng.normal(0, 2 * scale, (classes, classes)).astype(np.float32) if rule == "prior" else None
+    got = topk.rebuild(ids, kept, tail, classes, T, combine, weights, spread, prior)
     eps = topk.bound(kept, tail, classes, T, combine, weights)
     # float32 storage of kept and tail moves both sides a little: the slack for that rounding
     eta = max(np.max(np.abs(kept - np.take_along_axis(logits, ids[:, None, :].astype(int), 2))), 1e-7 * scale)
@@ -208,3 +209,51 @@ def test_spread_is_the_jensen_gap_of_the_rest():
     ids, _, tail = topk.compress(v, 2)  # keeps 0 and 4; the rest 1, 0, -1
     want = math.log(math.exp(1) + 1 + math.exp(-1)) - math.log(3) - 0.0
     assert topk.tail_spread(v, ids, tail)[0] == pytest.approx(want, rel=1e-6)
+
+
+def test_the_prior_rule_is_exact_at_T1_shares_the_tail_as_the_prior_and_a_zero_prior_is_the_even_rule():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 3, (40, 2, 12))
+    ids, kept, tail = topk.compress(logits, 4)
+    prior = rng.normal(0, 2, (12, 12)).astype(np.float32)
+    m = topk.member_logits(ids, kept, tail, 12, prior).astype(np.float64)
+    rest = np.ones((40, 12), bool)
+    np.put_along_axis(rest, ids.astype(np.int64), False, 1)
+    lse = np.log(np.where(rest[:, None, :], np.exp(m), 0).sum(2))
+    np.testing.assert_allclose(lse, tail, atol=1e-5)  # each member's tail log-sum-exp at T = 1, exact
+    top = ids[:, 0].astype(np.int64)
+    for r in range(40):  # within the tail, the logits differ as the top class's prior row does
+        d = m[r, :, rest[r]] - prior[top[r], rest[r]][:, None]
+        np.testing.assert_allclose(d - d[0], 0, atol=1e-5)
+    p1 = topk.rebuild(ids, kept, tail, 12, 1.0, prior=prior)
+    np.testing.assert_allclose(np.where(rest, p1, 0).sum(1), np.where(rest, exact(logits, 1.0, "arithmetic"), 0).sum(1),
+                               atol=1e-6)
+    for T in (0.5, 1.0, 4.0):
+        np.testing.assert_allclose(topk.rebuild(ids, kept, tail, 12, T, prior=np.zeros((12, 12), np.float32)),
+                                   topk.rebuild(ids, kept, tail, 12, T), atol=1e-6)
+
+
+def test_the_class_prior_is_the_mean_log_probability_of_the_rows_each_class_tops():
+    v = np.array([[[2.0, 0.0, 1.0]], [[3.0, 1.0, 0.0]], [[0.0, 0.5, 2.0]]])
+    ids, _, _ = topk.compress(v, 1)
+    got = topk.class_prior(v, ids, 3)
+    ls = v[:, 0] - np.log(np.exp(v[:, 0]).sum(1, keepdims=True))
+    np.testing.assert_allclose(got, [(ls[0] + ls[1]) / 2, [0, 0, 0], ls[2]], atol=1e-6)  # class 1 tops no row
+    assert got.dtype == np.float32
+
+
+def test_the_prior_rule_recovers_a_tail_the_prior_predicts():
+    """Rows whose tail has the same shape for each top class: the prior rule rebuilds it, the spread rule cannot."""
+    rng = np.random.default_rng(1)
+    shape = rng.normal(0, 2, (10, 10))
+    top = rng.integers(0, 10, 500)
+    logits = shape[top][:, None, :].copy()
+    logits[np.arange(500), 0, top] = 12.0  # the top class well above the rest
+    logits += rng.normal(0, 0.1, logits.shape)
+    ids, kept, tail = topk.compress(logits, 2)
+    prior = topk.class_prior(logits, ids, 10)
+    spread = topk.tail_spread(logits, ids, tail)
+    full = exact(logits, 4.0, "arithmetic")
+    by_prior = tv(full, topk.rebuild(ids, kept, tail, 10, 4.0, prior=prior)).mean()
+    by_spread = tv(full, topk.rebuild(ids, kept, tail, 10, 4.0, spread=spread)).mean()
+    assert by_prior < 0.25 * by_spread
