@@ -204,6 +204,8 @@ def _write_cache(cfg: CacheConfig, tmp: Path, identity: dict, span: tuple[int, i
         elif cfg.tail_prior_rows:  # before any row: the sample's rows are the prior's, not the cache's
             prior = class_prior.compute(teachers, info, cfg.split, cfg.tail_prior_rows, cfg.top_k, cfg.combine,
                                         weights, cfg.batch_size, log)
+            with np.errstate(over="ignore"):  # as stored (the writer refuses what the dtype cannot hold), so
+                prior = prior.astype(cfg.logits_dtype)  # a fresh run derives what a resumed one reads
         bar = runtime.progress(total=hi - lo, initial=start - lo, desc="cache", unit="row")
 
         spec = cfg.view_spec()

@@ -243,3 +243,6 @@ def test_a_prior_rule_cache_stores_its_prior_verifies_and_merges(caches, tiny_te
         merge(MergeConfig(), [parts[0], _tampered(parts[1], tmp_path / "o.h5", shifted)], tmp_path / "m2.h5", **QUIET)
     with pytest.raises(UsageError, match="needs --top-k"):
         CacheConfig(tail_prior_rows=10)
+    stored = open_cache(build(tmp_path / "st.h5", store_soft=True))  # stored targets from the stored prior
+    np.testing.assert_array_equal(stored.stored_soft(4.0), soft.targets(stored.stored(), 4.0, use_stored=False))
+    assert verify(VerifyConfig(sample_rows=256), stored.path, [tiny_teacher], tiny_prepared, **QUIET)["prior_gap"] == 0
