@@ -3,7 +3,8 @@
 # strong teacher's were (docs/runs/2026-12-03/science/recipe.sh res8-v1-T4-a05-e40-bf16). Seed 0 came from
 #   make bench-edge EDGE_ARCHS=res:16x1-32x1-64x1 EDGE_EPOCHS=40 'EDGE_STUDENT_ARGS=--precision auto'
 # on the fresh clone after make all (its int8 export and benchmark: fashion-mnist-edge.md); this runs the
-# same student at other seeds. Run from a clone's root after make all. Usage: res8.sh SEEDS
+# same student at other seeds (default-res8-e60-s*: the same with --epochs 60 and names default-res8-e60-s<seed>).
+# Run from a clone's root after make all. Usage: res8.sh SEEDS
 set -e
 R=docs/runs/2026-12-04/science
 for s in $1; do
