@@ -59,55 +59,45 @@ def test_sigkill_then_resume_gives_identical_content(batches, reference, tiny_te
 
 
 VIEWS = ("--views", "4", "--view-flip", "0.5", "--view-mixup", "0.5")
+PRIOR = ("--top-k", "3", "--tail-prior-rows", "500")
+
+
+def _kill_and_resume(teacher, prepared, tmp_path, extra, batches, rows, timeout):
+    """An uninterrupted run and one SIGKILLed once ``batches`` batches of 64 are committed, then rerun:
+    (the reference, the rerun's output, the rerun's process, the rows committed when killed)."""
+    ref = tmp_path / "ref.h5"
+    _build(teacher, prepared, ref, *extra)
+    out, partial = tmp_path / "c.h5", tmp_path / "c.h5.partial"
+    cmd = [sys.executable, "-m", "tests.throttled_cli", "0.05", "cache", "--teacher", teacher,
+           "--transfer-set", prepared, "--out", out, *ARGS, *extra]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and (committed_rows(partial) or 0) < batches * 64:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = committed_rows(partial)
+    assert done and batches * 64 <= done < rows and not out.exists()
+    rerun = _build(teacher, prepared, out, *extra)
+    assert f"resuming {partial} at row {done}" in rerun.stderr
+    return ref, out, rerun, done
 
 
 def test_killed_views_cache_resumes_to_the_identical_content(tiny_teacher, tiny_prepared, tmp_path):
     """K views (4800 cache rows, 75 batches of 64): killed once 20 batches are committed, rerun, the
     content equals an uninterrupted views cache (each view's parameters are drawn per block of rows,
     not per run, so a resumed run draws the same)."""
-    ref = tmp_path / "ref.h5"
-    _build(tiny_teacher, tiny_prepared, ref, *VIEWS)
-    out, partial = tmp_path / "c.h5", tmp_path / "c.h5.partial"
-    cmd = [sys.executable, "-m", "tests.throttled_cli", "0.05", "cache", "--teacher", tiny_teacher,
-           "--transfer-set", tiny_prepared, "--out", out, *ARGS, *VIEWS]
-    proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None and (committed_rows(partial) or 0) < 20 * 64:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = committed_rows(partial)
-    assert done and 20 * 64 <= done < 4800 and not out.exists()
-    rerun = _build(tiny_teacher, tiny_prepared, out, *VIEWS)
-    assert f"resuming {partial} at row {done}" in rerun.stderr
+    ref, out, _, _ = _kill_and_resume(tiny_teacher, tiny_prepared, tmp_path, VIEWS, 20, 4800, 180)
     assert digest(out) == digest(ref)
-
-
-PRIOR = ("--top-k", "3", "--tail-prior-rows", "500")
 
 
 def test_killed_prior_rule_cache_resumes_to_the_identical_content(tiny_teacher, tiny_prepared, tmp_path):
     """A top-k cache with the prior rule killed after 5 batches: the rerun reads the class prior from the
     partial (it does not run the sample again) and ends equal to an uninterrupted run, prior included."""
-    ref = tmp_path / "ref.h5"
-    _build(tiny_teacher, tiny_prepared, ref, *PRIOR)
-    out, partial = tmp_path / "c.h5", tmp_path / "c.h5.partial"
-    cmd = [sys.executable, "-m", "tests.throttled_cli", "0.05", "cache", "--teacher", tiny_teacher,
-           "--transfer-set", tiny_prepared, "--out", out, *ARGS, *PRIOR]
-    proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and (committed_rows(partial) or 0) < 5 * 64:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = committed_rows(partial)
-    assert done and 5 * 64 <= done < 1200 and not out.exists()
-    rerun = _build(tiny_teacher, tiny_prepared, out, *PRIOR)
-    assert f"resuming {partial} at row {done}" in rerun.stderr and "class prior from" not in rerun.stderr
+    ref, out, rerun, _ = _kill_and_resume(tiny_teacher, tiny_prepared, tmp_path, PRIOR, 5, 1200, 120)
+    assert "class prior from" not in rerun.stderr
     assert digest(out) == digest(ref)
     with h5py.File(out) as f:
         assert f.attrs["tail_rule"] == "prior" and f["topk/prior"].shape == (10, 10)
