@@ -108,7 +108,8 @@ def run_cli(*args: str, check: bool = False, env: dict | None = None,
 
 
 # ---- channel-first images [n, 1, 28, 28]: the convolutional students' chain --------------------------
-CNN_SPECS = ("cnn:8-16-16", "conv:8/2-16/2", "dws:8-16/2-32/2")  # the teacher's kind and both student kinds
+CNN_SPECS = ("cnn:8-16-16", "conv:8/2-16/2", "dws:8-16/2-32/2",  # the teacher's kind and both student kinds
+             "res:4x1-8x1")  # residual: an Add between quantised tensors
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from typing import ClassVar
 from pipeline.config import require, setting
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+INT8_ACTIVATIONS = ("uint8", "int8")
 WEIGHT_SCALES = {"auto": ("tensor", "channel"), "tensor": ("tensor",), "channel": ("channel",)}  # tried in order
 
 
@@ -25,6 +26,9 @@ class ExportConfig:
                                         "or auto (tensor, and channel where tensor fails the gate); onnxruntime's "
                                         "QGemm requantises per-tensor faster (5.1 vs 5.8 us per batch-1 run of "
                                         "mlp:128)")
+    int8_activations: str = setting("uint8", "int8 activation type: uint8 (asymmetric, onnxruntime's U8S8 kernels) "
+                                             "or int8 (S8S8, which onnxruntime's x86 CPU build leaves partly in "
+                                             "float for a residual CNN: docs/results.md, 'int8 activations')")
     rtol: float = setting(1e-5, "fp32 parity tolerance, relative to the largest |logit| of a batch")
     seed: int = setting(0, "seed choosing the calibration rows")
     raw_input: bool = setting(False, "bake the input normalisation into the graph: the model takes raw uint8 pixels")
@@ -40,4 +44,6 @@ class ExportConfig:
                 f"calibration_method must be one of {', '.join(CALIBRATION_METHODS)}")
         require(self.rtol > 0, "rtol must be > 0")
         require(self.max_accuracy_drop >= 0, "max_accuracy_drop must be >= 0")
+        require(self.int8_activations in INT8_ACTIVATIONS,
+                f"int8_activations must be one of {', '.join(INT8_ACTIVATIONS)}")
         require(self.weight_scales in WEIGHT_SCALES, f"weight_scales must be one of {', '.join(WEIGHT_SCALES)}")

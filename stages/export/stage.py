@@ -116,7 +116,8 @@ def _stamp(path: Path, meta: dict[str, str], precision: str) -> None:
 def _make_variant(kind: str, fp32: Path, out: Path, calib: np.ndarray, cfg: ExportConfig,
                   scales: str = "tensor") -> Path:
     if kind == "int8":
-        return quantize.static_int8(fp32, out, calib, cfg.calibration_method, scales == "channel")
+        return quantize.static_int8(fp32, out, calib, cfg.calibration_method, scales == "channel",
+                                    cfg.int8_activations)
     if kind == "dynamic":
         return quantize.dynamic_int8(fp32, out, scales == "channel")
     return quantize.fp16(fp32, out)

@@ -22,7 +22,7 @@ from tests.conftest import CNN_SPECS
 pytestmark = pytest.mark.slow  # trains three CNN students and exports each twice (about a minute)
 
 QUIET = dict(log=lambda m: None)
-INTEGER_KERNELS = {"QLinearConv", "QGemm", "QLinearAveragePool", "NhwcMaxPool", "MaxPool"}
+INTEGER_KERNELS = {"QLinearConv", "QLinearAdd", "QGemm", "QLinearAveragePool", "NhwcMaxPool", "MaxPool"}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_report_counts_parameters_and_macs(cnn_exports, tiny_cnn_students, spec)
     for name in ("s.onnx", "s.int8.onnx"):  # the graph counts the same multiply-accumulates
         assert onnx_macs(cnn_exports[spec, True] / name) == report["macs_per_image"]
     assert report["graph"]["input"] == "shifted"  # scale in the first conv, the mean a Sub before it
-    assert report["graph"]["batchnorm_folded"] == {"cnn": 0, "conv": 2, "dws": 5}[spec.split(":")[0]]
+    assert report["graph"]["batchnorm_folded"] == {"cnn": 0, "conv": 2, "dws": 5, "res": 6}[spec.split(":")[0]]
     assert report["fp32"]["max_abs_diff_vs_torch"] < 1e-4  # checked against the unfolded network
     metrics = json.loads(tiny_cnn_students[spec].with_suffix(".json").read_text())
     assert metrics["macs_per_image"] == report["macs_per_image"] and metrics["parameters"] == report["parameters"]
@@ -90,6 +90,25 @@ def test_int8_runs_integer_kernels_only(cnn_exports, spec, tmp_path):
     assert "DequantizeLinear" not in ops and ops[-1] == "QGemm", ops
     assert ops.count("Transpose") == 1, ops  # the flatten is channels-last: no Transpose back to NCHW
     assert set(ops) - {"QuantizeLinear", "Transpose", "Reshape"} <= INTEGER_KERNELS, ops
+
+
+@pytest.mark.parametrize("activations", ["uint8", "int8"])
+def test_int8_activation_type_reaches_the_graph(tiny_cnn_students, tiny_chw_prepared, activations, tmp_path):
+    """--int8-activations sets the type of every quantised activation (weights stay int8); the
+    raw pixels stay uint8 either way, and the residual student still runs integer kernels only."""
+    cfg = ex.ExportConfig(raw_input=True, calibration_rows=200, max_accuracy_drop=5.0, mobile=False,
+                          int8_activations=activations)
+    ex.export_student(cfg, tiny_cnn_students["res:4x1-8x1"], tiny_chw_prepared, tmp_path / "s.onnx",
+                      tmp_path / "s.int8.onnx", tmp_path / "s.json", **QUIET)
+    g = onnx.load(str(tmp_path / "s.int8.onnx")).graph
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
+    acts = {inits[n.input[2]].dtype for n in g.node if n.op_type == "QuantizeLinear"}
+    assert acts == {np.dtype(activations)}, acts
+    assert g.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    ops = optimised_ops(tmp_path / "s.int8.onnx", tmp_path)
+    if activations == "uint8":  # U8S8: onnxruntime fuses every group, the Add included
+        assert not {"QuantizeLinear", "DequantizeLinear"} & set(ops) and "QLinearAdd" in ops, ops
+    assert json.loads((tmp_path / "s.json").read_text())["settings"]["int8_activations"] == activations
 
 
 @pytest.mark.parametrize("spec", CNN_SPECS)
