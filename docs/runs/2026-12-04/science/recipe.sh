@@ -1,0 +1,18 @@
+#!/bin/sh
+# ResNet-8 (res:16x1-32x1-64x1) recipe runs from make all's default teacher, one thread each, niced.
+# Run from a clone's root after make all and the views cache:
+#   distill cache --teacher data/teachers/fashion-mnist/ensemble.onnx --transfer-set data/prepared/fashion-mnist.h5 \
+#     --out data/cache/fashion-mnist-views-sf8.h5 --views 8 --view-max-shift 2 --view-flip 0.5 --temperatures 1,2,4 --threads 1
+# (its log: views-sf8.cache.log). Usage: CACHE=<cache> recipe.sh NAME SEED [extra student args]
+# The base recipe is res8.sh's (T 4, alpha 0.5, lr 0.003, bf16 autocast); extra args override it
+# (later options win), e.g. --epochs 60, --alpha 0 for the hard-label twin on the same views.
+set -e
+R=docs/runs/2026-12-04/science
+NAME=$1; SEED=$2; shift 2
+CACHE=${CACHE:-data/cache/fashion-mnist.h5}
+[ -f $R/recipe-$NAME-s$SEED.metrics.json ] && exit 0
+echo "# cache $CACHE; args: $*" > $R/recipe-$NAME-s$SEED.log
+nice -n 5 .venv/bin/distill student train --cache $CACHE --transfer-set data/prepared/fashion-mnist.h5 \
+  --out data/students/recipe-$NAME-s$SEED.ckpt --metrics $R/recipe-$NAME-s$SEED.metrics.json \
+  --arch res:16x1-32x1-64x1 --alpha 0.5 --temperature 4 --epochs 40 --lr 0.003 --precision auto --seed $SEED \
+  --threads 1 "$@" 2>> $R/recipe-$NAME-s$SEED.log
