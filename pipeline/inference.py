@@ -216,3 +216,20 @@ def _try_session(ort: Any, path: Path, opts: Any, providers: list[str], raise_er
 def provider_name(sess: Any) -> str:
     """The execution provider that actually runs the graph (the first one the session kept)."""
     return sess.get_providers()[0]
+
+
+def optimised_ops(path: Path) -> list[str]:
+    """Operator types, in order, of the graph onnxruntime's CPU provider actually runs for ``path``:
+    the graph after its fusions (a ``DequantizeLinear -> op -> QuantizeLinear`` group becomes one
+    integer kernel; a float op left in an int8 graph runs between a stray pair)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(Path(tmp) / "optimised.onnx")
+        so.log_severity_level = 3  # it warns that the saved graph is specific to this machine
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]

@@ -105,14 +105,6 @@ def build(args, tmp: Path) -> dict[str, Path]:
         test, normalise
 
 
-def optimised_ops(path: Path, tmp: Path) -> list[str]:
-    import onnx
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp / f"{path.stem}.optimised.onnx")
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -127,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", help="JSON to write (default: print only)")
     args = p.parse_args(argv)
 
+    from pipeline.inference import optimised_ops
     from stages.bench import runners
     from stages.bench.worker import timed_loop
 
@@ -149,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         report = {"settings": vars(args), "source": "scripts/int8_graph_steps.py",
                   "steps": {s: {"us_per_run_p50": statistics.median(rounds[s]), "round_p50s_us": rounds[s],
                                 "size_bytes": graphs[s].stat().st_size,
-                                "onnxruntime_ops": optimised_ops(graphs[s], tmp)} for s in STEPS}}
+                                "onnxruntime_ops": optimised_ops(graphs[s])} for s in STEPS}}
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,7 @@ def static_int8(fp32: Path, out: Path, calib: np.ndarray, method: str = "minmax"
     Activations asymmetric (ReLU outputs are non-negative: a symmetric range would waste a bit),
     ``activations`` uint8 (U8S8: onnxruntime's x86 kernels for QLinearConv, QGemm and QLinearAdd take a
     uint8 input; with int8 activations its CPU build ran 6 of the 9 convolutions of a ResNet-8 in
-    float between Dequantize / Quantize pairs, 0.71x the speed of fp32 instead of 1.58x, docs/results.md)
+    float between Dequantize / Quantize pairs, 0.77x the speed of fp32 instead of 1.77x, docs/results.md)
     or int8, weights symmetric, per output channel when ``per_channel``.  Logits stay float32
     (:func:`stages.export.rewrites.float_logits`).  A raw uint8 model whose first layer takes the
     pixels unchanged (MLP: normalisation folded into its weights) or shifted by a constant (CNN: the

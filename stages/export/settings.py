@@ -28,7 +28,8 @@ class ExportConfig:
                                         "mlp:128)")
     int8_activations: str = setting("uint8", "int8 activation type: uint8 (asymmetric, onnxruntime's U8S8 kernels) "
                                              "or int8 (S8S8, which onnxruntime's x86 CPU build leaves partly in "
-                                             "float for a residual CNN: docs/results.md, 'int8 activations')")
+                                             "float for a residual CNN: docs/results.md, 'ResNet-8 from the views "
+                                             "cache, and int8 activations')")
     rtol: float = setting(1e-5, "fp32 parity tolerance, relative to the largest |logit| of a batch")
     seed: int = setting(0, "seed choosing the calibration rows")
     raw_input: bool = setting(False, "bake the input normalisation into the graph: the model takes raw uint8 pixels")

@@ -16,6 +16,7 @@ from pipeline import onnxio
 from pipeline.errors import IntegrityError
 from pipeline.formats.checkpoint import read_checkpoint
 from pipeline.formats.prepared import open_prepared
+from pipeline.inference import optimised_ops
 from stages.export import mobile, quantize
 from stages.export import stage as ex
 from tests.cache_helpers import targets
@@ -253,12 +254,6 @@ def test_raw_uint8_input_reproduces_the_normalised_model(exported, tiny_student,
     np.testing.assert_allclose(soft[0], soft[1], atol=1e-5)
 
 
-def _optimised_ops(path, tmp_path) -> list[str]:
-    """Operator types of the graph onnxruntime actually runs (after its fusions), in order."""
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "optimised.onnx")
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
 
 
 def test_int8_logits_stay_float_one_kernel_fewer(exported, tmp_path):
@@ -266,7 +261,7 @@ def test_int8_logits_stay_float_one_kernel_fewer(exported, tmp_path):
     model = onnx.load(str(d / "s.int8.onnx"))
     last = next(n for n in model.graph.node if n.output[0] == model.graph.output[0].name)
     assert last.op_type == "Gemm"  # no QuantizeLinear -> DequantizeLinear pair rounds the logits
-    ops = _optimised_ops(d / "s.int8.onnx", tmp_path)
+    ops = optimised_ops(d / "s.int8.onnx")
     assert ops[-1] == "QGemm" and "DequantizeLinear" not in ops
     assert report["variants"]["int8"]["passed"]
 
@@ -280,7 +275,7 @@ def test_raw_int8_takes_the_pixels_into_its_first_qgemm(exported, tiny_student, 
     # by a single row; agreement with fp32 is what this test checks
     ex.export_student(ex.ExportConfig(raw_input=True, mobile=False, calibration_rows=200, max_accuracy_drop=2.0),
                       tiny_student, tiny_prepared, out, out8, tmp_path / "raw.json", **QUIET)
-    assert _optimised_ops(out8, tmp_path) == ["Reshape", "QGemm", "QGemm"]
+    assert optimised_ops(out8) == ["Reshape", "QGemm", "QGemm"]
     info = open_prepared(tiny_prepared)
     raw = ex._raw(info, "test")
     ref = ort.InferenceSession(str(d / "s.onnx")).run(None, {"x": info.normalise(raw)})[0]

@@ -16,10 +16,11 @@ import pytest
 from pipeline import macs, models
 from pipeline.formats.onnx_model import onnx_macs
 from pipeline.formats.prepared import open_prepared
+from pipeline.inference import optimised_ops
 from stages.export import stage as ex
 from tests.conftest import CNN_SPECS
 
-pytestmark = pytest.mark.slow  # trains three CNN students and exports each twice (about a minute)
+pytestmark = pytest.mark.slow  # trains four CNN students and exports each twice (about a minute)
 
 QUIET = dict(log=lambda m: None)
 INTEGER_KERNELS = {"QLinearConv", "QLinearAdd", "QGemm", "QLinearAveragePool", "NhwcMaxPool", "MaxPool"}
@@ -57,13 +58,6 @@ def exported_mlps(tiny_student, tiny_prepared, tiny_teacher, tmp_path_factory):
     return out
 
 
-def optimised_ops(path, tmp_path) -> list[str]:
-    """Operator types of the graph onnxruntime actually runs (after its fusions), in order."""
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "optimised.onnx")
-    so.log_severity_level = 3  # it warns that the saved graph is specific to this machine
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
 
 
 @pytest.mark.parametrize("spec", CNN_SPECS)
@@ -85,7 +79,7 @@ def test_report_counts_parameters_and_macs(cnn_exports, tiny_cnn_students, spec)
 def test_int8_runs_integer_kernels_only(cnn_exports, spec, tmp_path):
     """Normalised float input: one QuantizeLinear of the input, then integer kernels to the float
     logits; no DequantizeLinear anywhere, so no float kernel between a stray pair."""
-    ops = optimised_ops(cnn_exports[spec, False] / "s.int8.onnx", tmp_path)
+    ops = optimised_ops(cnn_exports[spec, False] / "s.int8.onnx")
     assert ops[:2] == ["QuantizeLinear", "Transpose"] and ops.count("QuantizeLinear") == 1, ops
     assert "DequantizeLinear" not in ops and ops[-1] == "QGemm", ops
     assert ops.count("Transpose") == 1, ops  # the flatten is channels-last: no Transpose back to NCHW
@@ -105,7 +99,7 @@ def test_int8_activation_type_reaches_the_graph(tiny_cnn_students, tiny_chw_prep
     acts = {inits[n.input[2]].dtype for n in g.node if n.op_type == "QuantizeLinear"}
     assert acts == {np.dtype(activations)}, acts
     assert g.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    ops = optimised_ops(tmp_path / "s.int8.onnx", tmp_path)
+    ops = optimised_ops(tmp_path / "s.int8.onnx")
     if activations == "uint8":  # U8S8: onnxruntime fuses every group, the Add included
         assert not {"QuantizeLinear", "DequantizeLinear"} & set(ops) and "QLinearAdd" in ops, ops
     assert json.loads((tmp_path / "s.json").read_text())["settings"]["int8_activations"] == activations
@@ -114,7 +108,7 @@ def test_int8_activation_type_reaches_the_graph(tiny_cnn_students, tiny_chw_prep
 @pytest.mark.parametrize("spec", CNN_SPECS)
 def test_raw_int8_takes_the_pixels_into_its_first_qlinearconv(cnn_exports, tiny_chw_prepared, spec, tmp_path):
     d = cnn_exports[spec, True]
-    ops = optimised_ops(d / "s.int8.onnx", tmp_path)
+    ops = optimised_ops(d / "s.int8.onnx")
     assert ops[:2] == ["Transpose", "QLinearConv"], ops  # NCHW -> NHWC of the uint8 pixels, nothing else
     assert not {"QuantizeLinear", "DequantizeLinear", "Cast", "Sub"} & set(ops), ops
     if spec.startswith("dws"):
@@ -126,7 +120,7 @@ def test_raw_int8_takes_the_pixels_into_its_first_qlinearconv(cnn_exports, tiny_
     np.testing.assert_allclose(fp32_raw, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
     got = ort.InferenceSession(str(d / "s.int8.onnx")).run(None, {"x": raw})[0]
     assert got.dtype == np.float32 and np.mean(got.argmax(1) == ref.argmax(1)) >= 0.9  # int8 vs fp32
-    fp32_ops = optimised_ops(d / "s.onnx", tmp_path)
+    fp32_ops = optimised_ops(d / "s.onnx")
     assert fp32_ops[:2] == ["Cast", "Sub"] and "Div" not in fp32_ops, fp32_ops  # the scale is in the conv
 
 
