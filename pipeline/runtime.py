@@ -53,5 +53,11 @@ def progress(iterable: Iterable | None = None, **kw: Any):
 
     disable = kw.pop("disable", None)
     if disable is None:
-        disable = not sys.stderr.isatty() and not os.environ.get("DISTILL_PROGRESS")
+        disable = not bars_shown()
     return tqdm(iterable, disable=disable, dynamic_ncols=True, **kw)
+
+
+def bars_shown() -> bool:
+    """Whether progress() draws its bars: on a terminal, or when DISTILL_PROGRESS is set. Where it
+    does not (a log file, a background run), a long stage logs a line per epoch instead."""
+    return sys.stderr.isatty() or bool(os.environ.get("DISTILL_PROGRESS"))

@@ -108,7 +108,9 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
                                                 total_steps=cfg.epochs * loader.steps(cfg.batch_size))
     history, best = [], (-1.0, 0, None)
     t0 = time.perf_counter()
+    epoch_lines = rank == 0 and not runtime.bars_shown()  # a log file gets a line an epoch, a terminal the bar
     for epoch in runtime.progress(range(cfg.epochs), desc="student", unit="epoch", disable=rank > 0 or None):
+        t_epoch = time.perf_counter()
         loss = train_epoch(cfg, model, opt, sched, loader.epoch(gen, cfg.batch_size), rank, world, precision, conv)
         if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):  # the last step of an epoch
             raise diverged(cfg, f"weights that are not finite after epoch {epoch + 1}")
@@ -116,6 +118,10 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
         history.append({"epoch": epoch + 1, "val_accuracy": acc, "loss": loss})
         if acc > best[0]:
             best = (acc, epoch + 1, {k: v.clone() for k, v in net.state_dict().items()})
+        if epoch_lines:
+            took = time.perf_counter() - t_epoch  # seconds
+            log(f"student {cfg.arch}: epoch {epoch + 1}/{cfg.epochs} val accuracy {acc:.4f} ({took:.0f} s; "
+                f"done in ~{took * (cfg.epochs - epoch - 1) / 60:.0f} min)")
     seconds = time.perf_counter() - t0
     xtest, ytest = info.load("test")
     # Test accuracy of the last epoch's weights too: what training without early stopping gives.

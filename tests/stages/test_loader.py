@@ -93,6 +93,21 @@ def dataclass_replace(cfg, **kw):
     return dataclasses.replace(cfg, **kw)
 
 
+@pytest.mark.parametrize("bars", [False, True])
+def test_a_log_gets_a_line_an_epoch_where_no_bar_is_drawn(tiny_cache, tiny_prepared, tmp_path, monkeypatch, bars):
+    """Under pytest stderr is no terminal: a background run's log shows each epoch, a terminal the bar."""
+    if bars:
+        monkeypatch.setenv("DISTILL_PROGRESS", "1")
+    else:
+        monkeypatch.delenv("DISTILL_PROGRESS", raising=False)
+    lines = []
+    distill_student(StudentConfig(arch="mlp:16", epochs=3), tiny_cache, tiny_prepared, tmp_path / "s.ckpt",
+                    tmp_path / "s.json", log=lines.append)
+    epochs = [m for m in lines if ": epoch " in m]
+    assert len(epochs) == (0 if bars else 3), lines
+    assert bars or (epochs[0].startswith("student mlp:16: epoch 1/3 val accuracy ") and "done in ~" in epochs[0])
+
+
 def test_subset_settings(tiny_cache, tiny_prepared, tmp_path):
     cfg = StudentConfig(arch="mlp:16", epochs=1, temperature=2.0, train_fraction=0.25, drop_class=3)
     distill_student(cfg, tiny_cache, tiny_prepared, tmp_path / "s.ckpt", tmp_path / "s.json", log=lambda m: None)
