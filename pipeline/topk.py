@@ -209,7 +209,8 @@ def bound(kept: np.ndarray, tail: np.ndarray, classes: int, T: float, combine: s
     mx = a.max(axis=2)
     log_a = mx / T + np.log(np.exp((a - mx[..., None]) / T).sum(axis=2))
     log_b = max(0.0, 1.0 - 1.0 / T) * math.log(n_tail) + s / T
-    eps = 1.0 / (1.0 + np.exp(np.clip(log_a - log_b, -745.0, 745.0)))  # B / (A + B), no overflow
+    # B / (A + B) = 1 / (1 + e^(log A - log B)) = exp(-log(1 + e^(log A - log B))): no overflow, no clip
+    eps = np.exp(-np.logaddexp(0.0, log_a - log_b))
     return eps @ w
 
 
