@@ -105,8 +105,6 @@ def build(args, tmp: Path) -> dict[str, Path]:
         test, normalise
 
 
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="student .ckpt (default: a random-weight --arch)")

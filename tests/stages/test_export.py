@@ -254,9 +254,7 @@ def test_raw_uint8_input_reproduces_the_normalised_model(exported, tiny_student,
     np.testing.assert_allclose(soft[0], soft[1], atol=1e-5)
 
 
-
-
-def test_int8_logits_stay_float_one_kernel_fewer(exported, tmp_path):
+def test_int8_logits_stay_float_one_kernel_fewer(exported):
     d, report = exported
     model = onnx.load(str(d / "s.int8.onnx"))
     last = next(n for n in model.graph.node if n.output[0] == model.graph.output[0].name)

@@ -58,8 +58,6 @@ def exported_mlps(tiny_student, tiny_prepared, tiny_teacher, tmp_path_factory):
     return out
 
 
-
-
 @pytest.mark.parametrize("spec", CNN_SPECS)
 def test_report_counts_parameters_and_macs(cnn_exports, tiny_cnn_students, spec):
     report = json.loads((cnn_exports[spec, True] / "s.json").read_text())
@@ -76,7 +74,7 @@ def test_report_counts_parameters_and_macs(cnn_exports, tiny_cnn_students, spec)
 
 
 @pytest.mark.parametrize("spec", CNN_SPECS)
-def test_int8_runs_integer_kernels_only(cnn_exports, spec, tmp_path):
+def test_int8_runs_integer_kernels_only(cnn_exports, spec):
     """Normalised float input: one QuantizeLinear of the input, then integer kernels to the float
     logits; no DequantizeLinear anywhere, so no float kernel between a stray pair."""
     ops = optimised_ops(cnn_exports[spec, False] / "s.int8.onnx")
@@ -106,7 +104,7 @@ def test_int8_activation_type_reaches_the_graph(tiny_cnn_students, tiny_chw_prep
 
 
 @pytest.mark.parametrize("spec", CNN_SPECS)
-def test_raw_int8_takes_the_pixels_into_its_first_qlinearconv(cnn_exports, tiny_chw_prepared, spec, tmp_path):
+def test_raw_int8_takes_the_pixels_into_its_first_qlinearconv(cnn_exports, tiny_chw_prepared, spec):
     d = cnn_exports[spec, True]
     ops = optimised_ops(d / "s.int8.onnx")
     assert ops[:2] == ["Transpose", "QLinearConv"], ops  # NCHW -> NHWC of the uint8 pixels, nothing else

@@ -4,6 +4,12 @@
 #   distill cache --teacher data/teachers/fashion-mnist/ensemble.onnx --transfer-set data/prepared/fashion-mnist.h5 \
 #     --out data/cache/fashion-mnist-views-sf8.h5 --views 8 --view-max-shift 2 --view-flip 0.5 --temperatures 1,2,4 --threads 1
 # (its log: views-sf8.cache.log). Usage: CACHE=<cache> recipe.sh NAME SEED [extra student args]
+# The teacher without label smoothing and its cache (nols-* runs; logs nols-teacher.train.log, nols.cache.log):
+#   distill teacher --members 2 --arch res:16x3-32x3-64x3 --epochs 10 --optimizer sgd --lr 0.1 --weight-decay 5e-4 \
+#     --label-smoothing 0 --max-shift 2 --flip 0.5 --erase 0.5 --precision auto --threads 1 \
+#     --prepared data/prepared/fashion-mnist.h5 --out data/teachers/fashion-mnist-nols/ensemble.onnx
+#   distill cache --teacher data/teachers/fashion-mnist-nols/ensemble.onnx --transfer-set data/prepared/fashion-mnist.h5 \
+#     --out data/cache/fashion-mnist-nols.h5 --temperatures 1,2,4,8,20 --threads 1
 # The base recipe is res8.sh's (T 4, alpha 0.5, lr 0.003, bf16 autocast); extra args override it
 # (later options win), e.g. --epochs 60, --alpha 0 for the hard-label twin on the same views.
 set -e
