@@ -9,6 +9,7 @@ from pipeline.config import require, setting
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 INT8_ACTIVATIONS = ("uint8", "int8")
 WEIGHT_SCALES = {"auto": ("tensor", "channel"), "tensor": ("tensor",), "channel": ("channel",)}  # tried in order
+FIRST_LAYER = {"auto": ("int8", "float"), "int8": ("int8",), "float": ("float",)}  # tried in order, after the scales
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,10 @@ class ExportConfig:
                                              "or int8 (S8S8, which onnxruntime's x86 CPU build leaves partly in "
                                              "float for a residual CNN: docs/results.md, 'ResNet-8 from the views "
                                              "cache, and int8 activations')")
+    int8_first_layer: str = setting("auto", "static int8's first layer (the one that takes the pixels): int8 like the "
+                                            "rest, float (kept float32, the graph quantised from its output on) "
+                                            "or auto (int8, and float where every weight scale fails the gate); "
+                                            "docs/results.md, 'int8 and the first layer'")
     rtol: float = setting(1e-5, "fp32 parity tolerance, relative to the largest |logit| of a batch")
     seed: int = setting(0, "seed choosing the calibration rows")
     raw_input: bool = setting(False, "bake the input normalisation into the graph: the model takes raw uint8 pixels")
@@ -48,3 +53,4 @@ class ExportConfig:
         require(self.int8_activations in INT8_ACTIVATIONS,
                 f"int8_activations must be one of {', '.join(INT8_ACTIVATIONS)}")
         require(self.weight_scales in WEIGHT_SCALES, f"weight_scales must be one of {', '.join(WEIGHT_SCALES)}")
+        require(self.int8_first_layer in FIRST_LAYER, f"int8_first_layer must be one of {', '.join(FIRST_LAYER)}")

@@ -13,7 +13,8 @@ multiply-accumulates per image (:func:`pipeline.macs.count_macs`).
 
 Variants (:mod:`stages.export.quantize`): static QDQ int8, dynamic int8, fp16, each scored against fp32 on
 the whole test split by the quality gate (int8 with per-tensor weight scales first, per-channel
-where that fails, ``weight_scales = auto``); a variant losing more than ``max_accuracy_drop`` points is
+where that fails, ``weight_scales = auto``, then both again with the first layer kept float,
+``int8_first_layer = auto``); a variant losing more than ``max_accuracy_drop`` points is
 not written (and a stale file at its path is removed) unless ``force``; the stage then fails with
 exit 4 after publishing everything else and the report.
 
@@ -42,7 +43,7 @@ from pipeline.formats.onnx_model import set_metadata, student_metadata
 from pipeline.formats.prepared import Prepared, open_prepared
 from stages.export import mobile, quantize
 from stages.export.graph import RawInput, edge_module, fold_normalisation  # noqa: F401 - the stage's API
-from stages.export.settings import WEIGHT_SCALES, ExportConfig
+from stages.export.settings import FIRST_LAYER, WEIGHT_SCALES, ExportConfig
 
 PARITY_BATCHES = (1, 7, 256)
 
@@ -114,29 +115,40 @@ def _stamp(path: Path, meta: dict[str, str], precision: str) -> None:
 
 
 def _make_variant(kind: str, fp32: Path, out: Path, calib: np.ndarray, cfg: ExportConfig,
-                  scales: str = "tensor") -> Path:
+                  scales: str = "tensor", first: str = "int8") -> Path:
     if kind == "int8":
         return quantize.static_int8(fp32, out, calib, cfg.calibration_method, scales == "channel",
-                                    cfg.int8_activations)
+                                    cfg.int8_activations, first == "float")
     if kind == "dynamic":
         return quantize.dynamic_int8(fp32, out, scales == "channel")
     return quantize.fp16(fp32, out)
 
 
+def _attempts(kind: str, cfg: ExportConfig) -> list[tuple[str, str, str]]:
+    """(name, weight scales, first layer) of each build of ``kind`` to try, in order: the weight scales
+    of ``cfg``, with the first layer int8 before float (static int8 only; fp16 is built once)."""
+    if kind == "fp16":
+        return [("-", "-", "-")]
+    firsts = FIRST_LAYER[cfg.int8_first_layer] if kind == "int8" else ("int8",)
+    return [(s if f == "int8" else f"{s}+float-first", s, f) for f in firsts for s in WEIGHT_SCALES[cfg.weight_scales]]
+
+
 def _variant(kind: str, fp32: Path, tmp: Path, calib: np.ndarray, cfg: ExportConfig, meta: dict,
              score: Callable[[Path], dict]) -> tuple[Path, dict]:
-    """Build ``kind`` and gate it (``score``); int8 kinds try the weight scales of ``cfg`` in order and
-    keep the first that passes (else the last), the verdicts of the ones passed over included."""
+    """Build ``kind`` and gate it (``score``); int8 kinds try the weight scales of ``cfg`` in order (static
+    int8 then again with its first layer float, ``int8_first_layer``) and keep the first build that
+    passes (else the last), the verdicts of the ones passed over included."""
     passed_over = {}
-    for scales in WEIGHT_SCALES[cfg.weight_scales] if kind != "fp16" else ("-",):
-        with resources.writing(tmp / f"{kind}-{scales}.onnx"):  # the quantisers name no file
-            path = _make_variant(kind, fp32, tmp / f"{kind}-{scales}.onnx", calib, cfg, scales)
+    for name, scales, first in _attempts(kind, cfg):
+        with resources.writing(tmp / f"{kind}-{name}.onnx"):  # the quantisers name no file
+            path = _make_variant(kind, fp32, tmp / f"{kind}-{name}.onnx", calib, cfg, scales, first)
         _stamp(path, meta, kind)
-        verdict = {**score(path), **({"weight_scales": scales} if kind != "fp16" else {})}
+        verdict = {**score(path), **({"weight_scales": scales} if kind != "fp16" else {}),
+                   **({"first_layer": first} if kind == "int8" else {})}
         if verdict["passed"]:
             break
-        passed_over[scales] = verdict
-    passed_over.pop(verdict.get("weight_scales", "-"), None)
+        passed_over[name] = verdict
+    passed_over.pop(name, None)
     return path, {**verdict, **({"rejected": passed_over} if passed_over else {})}
 
 

@@ -309,7 +309,7 @@ def test_pixels_in_leaves_a_float_input_model_alone(exported):
     assert quantize.pixels_in(model).SerializeToString() == before
 
 
-def _degrading_variant(kind, fp32, out, calib, cfg, scales="tensor"):
+def _degrading_variant(kind, fp32, out, calib, cfg, scales="tensor", first="int8"):
     """A 'quantised' model that always says class 0: fails any gate."""
     model = onnx.load(str(fp32))
     bias = next(t for t in model.graph.initializer if list(t.dims) == [10] and t.data_type == onnx.TensorProto.FLOAT)
@@ -340,8 +340,8 @@ def test_auto_weight_scales_fall_back_to_per_channel_when_per_tensor_fails(tiny_
                                                                           monkeypatch):
     real = ex._make_variant
 
-    def tensor_scales_break(kind, fp32, out, calib, cfg, scales="tensor"):
-        return (_degrading_variant if scales == "tensor" else real)(kind, fp32, out, calib, cfg, scales)
+    def tensor_scales_break(kind, fp32, out, calib, cfg, scales="tensor", first="int8"):
+        return (_degrading_variant if scales == "tensor" else real)(kind, fp32, out, calib, cfg, scales, first)
 
     monkeypatch.setattr(ex, "_make_variant", tensor_scales_break)
     out8, rep = tmp_path / "s.int8.onnx", tmp_path / "s.json"
@@ -352,12 +352,55 @@ def test_auto_weight_scales_fall_back_to_per_channel_when_per_tensor_fails(tiny_
     v = json.loads(rep.read_text())["variants"]["int8"]
     assert v["passed"] and v["written"] and v["weight_scales"] == "channel" and out8.is_file()
     assert v["rejected"]["tensor"]["passed"] is False  # the per-tensor attempt is reported, not hidden
-    ex.export_student(ex.ExportConfig(calibration_rows=100, mobile=False, weight_scales="tensor", force=True),
+    ex.export_student(ex.ExportConfig(calibration_rows=100, mobile=False, weight_scales="tensor", force=True,
+                                      int8_first_layer="int8"),
                       tiny_student, tiny_prepared, tmp_path / "s.onnx", out8, rep, **QUIET)
     v = json.loads(rep.read_text())["variants"]["int8"]
     assert v["weight_scales"] == "tensor" and not v["passed"] and "rejected" not in v
     with pytest.raises(Exception, match="weight_scales must be one of"):
         ex.ExportConfig(weight_scales="row")
+
+
+def test_auto_first_layer_falls_back_to_float_when_every_int8_build_fails(tiny_student, tiny_prepared, tmp_path,
+                                                                         monkeypatch):
+    real = ex._make_variant
+
+    def int8_first_breaks(kind, fp32, out, calib, cfg, scales="tensor", first="int8"):
+        return (_degrading_variant if first == "int8" else real)(kind, fp32, out, calib, cfg, scales, first)
+
+    monkeypatch.setattr(ex, "_make_variant", int8_first_breaks)
+    out8, rep = tmp_path / "s.int8.onnx", tmp_path / "s.json"
+    ex.export_student(ex.ExportConfig(calibration_rows=100, mobile=False, max_accuracy_drop=2.0), tiny_student,
+                      tiny_prepared, tmp_path / "s.onnx", out8, rep, **QUIET)
+    v = json.loads(rep.read_text())["variants"]["int8"]
+    assert v["passed"] and v["written"] and (v["weight_scales"], v["first_layer"]) == ("tensor", "float")
+    assert set(v["rejected"]) == {"tensor", "channel"}  # both all-int8 builds tried first, and reported
+    assert all(r["first_layer"] == "int8" and not r["passed"] for r in v["rejected"].values())
+    with pytest.raises(IntegrityError, match="int8 loses"):  # int8 only: no float fallback
+        ex.export_student(ex.ExportConfig(calibration_rows=100, mobile=False, int8_first_layer="int8"),
+                          tiny_student, tiny_prepared, tmp_path / "s.onnx", out8, rep, **QUIET)
+    with pytest.raises(Exception, match="int8_first_layer must be one of"):
+        ex.ExportConfig(int8_first_layer="fp16")
+
+
+def test_a_float_first_layer_takes_the_pixels_in_float_and_quantises_the_rest(tiny_student, tiny_prepared, tmp_path):
+    """int8_first_layer = float: the first Gemm keeps its float32 weights (no DequantizeLinear feeds
+    it), the raw model still takes uint8 pixels, every later layer is quantised, and the logits agree
+    with fp32's."""
+    out, out8, rep = tmp_path / "s.onnx", tmp_path / "s.int8.onnx", tmp_path / "s.json"
+    ex.export_student(ex.ExportConfig(calibration_rows=100, mobile=False, raw_input=True, max_accuracy_drop=5.0,
+                                      int8_first_layer="float"), tiny_student, tiny_prepared, out, out8, rep, **QUIET)
+    g = onnx.load(str(out8)).graph
+    first = quantize.first_layer(g)
+    producer = {o: n for n in g.node for o in n.output}
+    node = next(n for n in g.node if n.name == first)
+    assert {t.name for t in g.initializer} >= {node.input[1]}  # float weights, read directly
+    assert all(producer[t].op_type != "DequantizeLinear" for t in node.input if t in producer)
+    later = [n for n in g.node if n.op_type in ("Gemm", "MatMul") and n.name != first]
+    assert later and all(producer[n.input[1]].op_type == "DequantizeLinear" for n in later)
+    assert g.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    v = json.loads(rep.read_text())["variants"]["int8"]
+    assert v["first_layer"] == "float" and v["agreement_with_fp32"] >= 0.95
 
 
 def test_exports_carry_no_paths_or_module_names(tmp_path):

@@ -179,3 +179,19 @@ def test_the_log_check_sees_a_warning(tmp_path):
     onnx.save(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=10),
               str(tmp_path / "m.onnx"))
     assert any("logits_scale" in line and WARNING.search(line) for line in load_log([tmp_path / "m.onnx"]).splitlines())
+
+
+def test_a_float_first_conv_quantises_from_its_output_on(tiny_cnn_students, tiny_chw_prepared, tmp_path):
+    """int8_first_layer = float on a raw residual CNN: the pixels are cast and shifted for one float
+    convolution, quantised once after it, and every later layer runs an integer kernel."""
+    cfg = ex.ExportConfig(raw_input=True, calibration_rows=200, max_accuracy_drop=5.0, mobile=False,
+                          int8_first_layer="float")
+    ex.export_student(cfg, tiny_cnn_students["res:4x1-8x1"], tiny_chw_prepared, tmp_path / "s.onnx",
+                      tmp_path / "s.int8.onnx", tmp_path / "s.json", **QUIET)
+    ops = optimised_ops(tmp_path / "s.int8.onnx")
+    q = ops.index("QuantizeLinear")
+    assert ops.count("QuantizeLinear") == 1 and "DequantizeLinear" not in ops, ops
+    assert {"Cast", "Sub"} <= set(ops[:q]) and {"Conv", "FusedConv"} & set(ops[:q]), ops
+    assert set(ops[q + 1:]) - {"Transpose", "Reshape"} <= INTEGER_KERNELS, ops
+    v = json.loads((tmp_path / "s.json").read_text())["variants"]["int8"]
+    assert v["first_layer"] == "float" and v["agreement_with_fp32"] >= 0.9
