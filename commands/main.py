@@ -18,8 +18,9 @@ command imports its stage's code when it runs, inside :func:`importing`, so ``di
 memory ceiling hit while torch or onnxruntime loads is one line (exit 7).
 
 One line, whatever happens: click's own usage errors (exit 2), and Ctrl-C at any moment (exit 130:
-the first SIGINT sets a flag and raises KeyboardInterrupt, later ones are ignored while the command
-cleans up, and any error raised on the way out of an interrupted command is reported as the interrupt).
+the first SIGINT sets a flag and raises KeyboardInterrupt, held while a stage's libraries load
+(:func:`importing`), later ones are ignored while the command cleans up, and any error raised on the
+way out of an interrupted command is reported as the interrupt).
 """
 from __future__ import annotations
 
@@ -123,6 +124,8 @@ def _name(where: str) -> str:
 
 
 _interrupted = False  # set by the first Ctrl-C
+_loading = 0  # how many :func:`importing` blocks are open
+_held = False  # a Ctrl-C that came while one was open, raised when it closes
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
@@ -133,11 +136,14 @@ def _on_sigint(signum: int, frame: Any) -> None:
     its threads, which happens under a memory ceiling (measured: ``ulimit -v 150000``).  A SIGINT that
     lands while a module is being imported with less than :data:`THREAD_HEADROOM` left under a hard
     ceiling is taken for that, and is the out-of-memory error it stands for."""
-    global _interrupted
+    global _interrupted, _held
     if _importing(frame) and (left := resources.memory_headroom()) is not None and left[0] < THREAD_HEADROOM:
         raise MemoryError("a library's threads could not start while loading (SIGINT from OpenBLAS)")
     _interrupted = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if _loading:  # held: see :func:`importing`
+        _held = True
+        return
     raise KeyboardInterrupt
 
 
@@ -185,13 +191,25 @@ def _interrupted_exit(where: str) -> None:
 def importing(what: str) -> Iterator[None]:
     """Around a command's lazy import of its stage's code (where torch, onnx and onnxruntime load): a
     memory ceiling hit there (a shared library that cannot be mapped, a MemoryError) is one
-    ResourceError (exit 7) saying that no setting helps, only a higher ceiling."""
+    ResourceError (exit 7) saying that no setting helps, only a higher ceiling.
+
+    A Ctrl-C while the block runs is held and raised as it closes: a KeyboardInterrupt raised in Python
+    code that a native module's initialisation calls (onnx's pybind11 enums) escapes as a C++ exception,
+    and the process aborts with ``terminate called`` and a traceback instead of one line (seen once in CI
+    of ``tests/faults/test_faults_cli.py::test_ctrl_c_at_random_moments_of_a_cache``)."""
+    global _loading, _held
+    _loading += 1
     try:
         yield
     except Exception as e:  # ImportError, OSError (a library that cannot be mapped), MemoryError
         if not resources.is_memory_error(e):
             raise
         raise resources.memory_failure(e, IMPORT_HINT.replace("the command's", f"{what} and its")) from None
+    finally:
+        _loading -= 1
+    if _held and not _loading:
+        _held = False
+        raise KeyboardInterrupt
 
 
 def _footprint(settings: type, cfg: Any) -> str:
