@@ -336,14 +336,19 @@ def test_gate_failure_is_not_written_unless_forced(tiny_student, tiny_prepared, 
     assert out8.is_file() and v["written"] and not v["passed"]
 
 
-def test_auto_weight_scales_fall_back_to_per_channel_when_per_tensor_fails(tiny_student, tiny_prepared, tmp_path,
-                                                                          monkeypatch):
+def _break_builds(monkeypatch, broken):
+    """Make the export's builds for which ``broken(scales, first)`` holds fail any gate; the others real."""
     real = ex._make_variant
 
-    def tensor_scales_break(kind, fp32, out, calib, cfg, scales="tensor", first="int8"):
-        return (_degrading_variant if scales == "tensor" else real)(kind, fp32, out, calib, cfg, scales, first)
+    def variant(kind, fp32, out, calib, cfg, scales="tensor", first="int8"):
+        return (_degrading_variant if broken(scales, first) else real)(kind, fp32, out, calib, cfg, scales, first)
 
-    monkeypatch.setattr(ex, "_make_variant", tensor_scales_break)
+    monkeypatch.setattr(ex, "_make_variant", variant)
+
+
+def test_auto_weight_scales_fall_back_to_per_channel_when_per_tensor_fails(tiny_student, tiny_prepared, tmp_path,
+                                                                          monkeypatch):
+    _break_builds(monkeypatch, lambda scales, first: scales == "tensor")
     out8, rep = tmp_path / "s.int8.onnx", tmp_path / "s.json"
     # a 2-point gate: the real per-channel model of this tiny student may lose a row or two of 300
     # (0.33 points each); the broken per-tensor one loses ~90 points
@@ -363,12 +368,7 @@ def test_auto_weight_scales_fall_back_to_per_channel_when_per_tensor_fails(tiny_
 
 def test_auto_first_layer_falls_back_to_float_when_every_int8_build_fails(tiny_student, tiny_prepared, tmp_path,
                                                                          monkeypatch):
-    real = ex._make_variant
-
-    def int8_first_breaks(kind, fp32, out, calib, cfg, scales="tensor", first="int8"):
-        return (_degrading_variant if first == "int8" else real)(kind, fp32, out, calib, cfg, scales, first)
-
-    monkeypatch.setattr(ex, "_make_variant", int8_first_breaks)
+    _break_builds(monkeypatch, lambda scales, first: first == "int8")
     out8, rep = tmp_path / "s.int8.onnx", tmp_path / "s.json"
     ex.export_student(ex.ExportConfig(calibration_rows=100, mobile=False, max_accuracy_drop=2.0), tiny_student,
                       tiny_prepared, tmp_path / "s.onnx", out8, rep, **QUIET)
@@ -394,7 +394,7 @@ def test_a_float_first_layer_takes_the_pixels_in_float_and_quantises_the_rest(ti
     first = quantize.first_layer(g)
     producer = {o: n for n in g.node for o in n.output}
     node = next(n for n in g.node if n.name == first)
-    assert {t.name for t in g.initializer} >= {node.input[1]}  # float weights, read directly
+    assert node.input[1] in {t.name for t in g.initializer}  # float weights, read directly
     assert all(producer[t].op_type != "DequantizeLinear" for t in node.input if t in producer)
     later = [n for n in g.node if n.op_type in ("Gemm", "MatMul") and n.name != first]
     assert later and all(producer[n.input[1]].op_type == "DequantizeLinear" for n in later)
