@@ -173,7 +173,7 @@ def gate(fp32_logits: np.ndarray, logits: np.ndarray, y: np.ndarray, teacher_pre
     ref, got = fp32_logits.argmax(1), logits.argmax(1)
     acc32, acc = float(np.mean(ref == y)), float(np.mean(got == y))
     change = (acc - acc32) * 100.0
-    return {"test_accuracy": acc, "fp32_test_accuracy": acc32, "accuracy_change_points": change,
+    return {"accuracy": acc, "fp32_accuracy": acc32, "accuracy_change_points": change,
             "agreement_with_fp32": float(np.mean(got == ref)),
             "agreement_with_teacher": None if teacher_pred is None else float(np.mean(got == teacher_pred)),
             "mean_kl_vs_fp32_nats": mean_kl(fp32_logits, logits),

@@ -161,6 +161,8 @@ def test_report_gates_every_variant(exported):
     for kind, v in report["variants"].items():
         assert v["passed"] and v["written"] and 0 <= v["agreement_with_fp32"] <= 1, kind
         assert v["mean_kl_vs_fp32_nats"] >= -1e-12 and v["agreement_with_teacher"] is not None
+        assert (v["gate"]["split"], v["gate"]["rows"]) == ("val", 200), kind  # tiny_prepared's val_rows
+    assert report["fp32"]["gate"]["split"] == "val" and 0 < report["fp32"]["gate"]["accuracy"] <= 1
     assert report["variants"]["fp16"]["agreement_with_fp32"] > 0.98
     ops = {n.op_type for n in onnx.load(str(d / "s.int8.onnx")).graph.node}
     assert "QuantizeLinear" in ops
@@ -295,6 +297,42 @@ def test_folded_normalisation_matches_the_explicit_one(scale, mean, std, seed):
         ref = ex.RawInput(net, scale, mean, std)(pixels)
         # the tolerance the export applies to this very graph (docs/design.md): 1e-5 x max(1, max |logit|)
         torch.testing.assert_close(folded(pixels), ref, rtol=0, atol=1e-5 * max(1.0, float(ref.abs().max())))
+
+
+class _Identity:
+    """A stand-in onnxruntime session whose 'logits' are its input rows; ``wrong_class`` rows answer 0."""
+
+    def __init__(self, wrong_class: int | None = None):
+        self.wrong_class = wrong_class
+
+    def get_inputs(self):
+        return [type("Input", (), {"name": "x"})()]
+
+    def run(self, names, feed):
+        x = feed["x"].copy()
+        if self.wrong_class is not None:
+            x[x.argmax(1) == self.wrong_class] = np.eye(10)[0] * 5.0
+        return [x]
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_the_gate_judges_on_its_split_and_the_report_gives_test_beside(split, monkeypatch):
+    # a variant wrong on every row of class 9, which only the test split holds: the validation split
+    # cannot see the loss, so gating there passes it and the report still shows the 10 test points lost
+    ytest, yval = np.arange(200) % 10, np.arange(100) % 9
+    xtest, xval = np.eye(10)[ytest] * 5.0, np.eye(10)[yval] * 5.0
+    monkeypatch.setattr(ex.inference, "session", lambda path, *a, **k: _Identity(wrong_class=9))
+    record, score = ex._scorer(_Identity(), (xtest, ytest), (xval, yval), None, ex.ExportConfig(gate_split=split))
+    v = score("variant.onnx")
+    assert v["accuracy_change_points"] == pytest.approx(-10.0) and v["test_accuracy"] == pytest.approx(0.9)
+    assert v["gate"]["split"] == split and record["gate"]["accuracy"] == 1.0
+    if split == "val":
+        assert v["passed"] and v["gate"]["accuracy_change_points"] == 0.0 and v["gate"]["rows"] == 100
+    else:
+        assert not v["passed"] and v["gate"]["accuracy_change_points"] == pytest.approx(-10.0)
+        assert v["gate"]["rows"] == 200  # the test rows, whatever else was passed
+    with pytest.raises(Exception, match="gate_split must be one of"):
+        ex.ExportConfig(gate_split="train")
 
 
 def test_normalisation_is_not_folded_into_a_convolution():
