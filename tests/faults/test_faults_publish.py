@@ -22,6 +22,7 @@ import pytest
 from pipeline import artifacts
 from pipeline.errors import ResourceError
 from tests.conftest import ROOT
+from tests.export_helpers import degrading_variant
 from tests.faultkit import Killed, publication_steps, publish_generation
 
 NAMES = ("a.txt", "b.txt", "t.txt")  # t.txt: make's target
@@ -211,19 +212,22 @@ def test_export_killed_between_its_renames(two_students, tiny_prepared, tmp_path
     assert {_generation(p) for p in labelled} == {artifacts._sha256(two_students[1])}
 
 
-def test_export_removes_files_of_the_previous_generation_it_does_not_replace(two_students, tiny_prepared, tmp_path):
+def test_export_removes_files_of_the_previous_generation_it_does_not_replace(two_students, tiny_prepared, tmp_path,
+                                                                             monkeypatch):
     """A variant not asked for again, and a variant that fails its gate (with their .ort files), are
     removed as the new export is published: no file of another checkpoint stays beside it."""
     out = tmp_path / "s.onnx"
     fp16, dyn = out.with_suffix(".fp16.onnx"), out.with_suffix(".dyn.onnx")
     from stages.export import ExportConfig, export_student
+    from stages.export import stage as ex
 
     export_student(ExportConfig(calibration_rows=100, max_accuracy_drop=100), two_students[0], tiny_prepared, out,
                    out.with_suffix(".int8.onnx"), out.with_suffix(".export.json"), log=lambda m: None,
                    out_fp16=fp16, out_dynamic=dyn, mobile_dir=out.with_suffix(".mobile"))
     mob = out.with_suffix(".mobile")
     assert fp16.exists() and (mob / "s.fp16.ort").exists() and (mob / "s.int8.ort").exists()
-    # the second export: no --fp16, the dynamic variant asked again, and a gate no int8 can pass
+    # the second export: no --fp16, the dynamic variant asked again, and variants no gate passes
+    monkeypatch.setattr(ex, "_make_variant", degrading_variant)
     with pytest.raises(Exception, match="quality gate"):
         export_student(ExportConfig(calibration_rows=100, max_accuracy_drop=0, weight_scales="tensor"),
                        two_students[1], tiny_prepared, out, out.with_suffix(".int8.onnx"),

@@ -21,6 +21,7 @@ from stages.export import mobile, quantize
 from stages.export import stage as ex
 from tests.cache_helpers import targets
 from tests.conftest import ROOT
+from tests.export_helpers import degrading_variant
 
 QUIET = dict(log=lambda m: None)
 
@@ -347,19 +348,8 @@ def test_pixels_in_leaves_a_float_input_model_alone(exported):
     assert quantize.pixels_in(model).SerializeToString() == before
 
 
-def _degrading_variant(kind, fp32, out, calib, cfg, scales="tensor", first="int8"):
-    """A 'quantised' model that always says class 0: fails any gate."""
-    model = onnx.load(str(fp32))
-    bias = next(t for t in model.graph.initializer if list(t.dims) == [10] and t.data_type == onnx.TensorProto.FLOAT)
-    b = onnx.numpy_helper.to_array(bias).copy()
-    b[0] += 1e4
-    bias.CopyFrom(onnx.numpy_helper.from_array(b, bias.name))
-    onnx.save(model, str(out))
-    return out
-
-
 def test_gate_failure_is_not_written_unless_forced(tiny_student, tiny_prepared, tmp_path, monkeypatch):
-    monkeypatch.setattr(ex, "_make_variant", _degrading_variant)
+    monkeypatch.setattr(ex, "_make_variant", degrading_variant)
     out, out8, rep = tmp_path / "s.onnx", tmp_path / "s.int8.onnx", tmp_path / "s.json"
     out8.write_bytes(b"stale")
     with pytest.raises(IntegrityError, match=r"int8 loses .* points .*--force"):
@@ -379,7 +369,7 @@ def _break_builds(monkeypatch, broken):
     real = ex._make_variant
 
     def variant(kind, fp32, out, calib, cfg, scales="tensor", first="int8"):
-        return (_degrading_variant if broken(scales, first) else real)(kind, fp32, out, calib, cfg, scales, first)
+        return (degrading_variant if broken(scales, first) else real)(kind, fp32, out, calib, cfg, scales, first)
 
     monkeypatch.setattr(ex, "_make_variant", variant)
 
