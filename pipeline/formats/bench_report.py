@@ -13,7 +13,8 @@ reads the JSON, so its keys are declared here and checked both ways (docs/format
     pareto            (optional) [FRONT]: the Pareto-optimal models per thread count and call path
 
     MODEL   path, engine ("onnxruntime" | "iobinding" | "torch"), input_dtype, runs: [RUN];
-            scored models add test_accuracy, agreement_with_teacher, sha256; files models add
+            scored models add test_accuracy, agreement_with_teacher, sha256 and (optional)
+            val_accuracy (the validation split's, which choices rank on); files models add
             files {name: bytes}, size_bytes, parameters and (optional) macs_per_image;
             IOBinding rows add same_model_as; the teacher adds input_contract (CONTRACT)
     CONTRACT input {range, layout, mean, std, dtype, output, tta: the resolved input contract,
@@ -43,6 +44,7 @@ SCHEMA = "kd-bench/1"
 TOP = {"settings": dict, "threads_resolved": list, "environment": dict, "provenance": dict, "models": dict}
 MODEL = {"path": str, "engine": str, "input_dtype": str, "runs": list}
 SCORED = {"test_accuracy": float, "agreement_with_teacher": float, "sha256": str}
+OPTIONAL_SCORED = {"val_accuracy": float}  # reports written before it was added lack it
 SIZED = {"files": dict, "size_bytes": int, "parameters": int}
 OPTIONAL_SIZED = {"macs_per_image": int}  # reports written before it was added lack it
 CONTRACT = {"input": dict, "sources": dict}  # the teacher's; reports written before it was added lack it
@@ -91,6 +93,7 @@ def check(report: dict) -> None:
             raise ValueError(f"{where}.engine is {m['engine']!r}, expected one of {ENGINES}")
         if "test_accuracy" in m:
             _need(m, SCORED, where)
+            _need(m, {k: t for k, t in OPTIONAL_SCORED.items() if k in m}, where)
         if "input_contract" in m:
             _need(m["input_contract"], CONTRACT, f"{where}.input_contract")
         if "size_bytes" in m:

@@ -7,7 +7,9 @@ duration, inputs cycled from real test rows, threads explicit, the provider that
 validity flag when the trials' p50s spread more than ``max_spread``).  An Identity model of the same
 input shape is the floor of what one ``run()`` costs; PyTorch eager on the student checkpoints is the
 baseline the ONNX files are compared with.  Accuracy and top-1 agreement with the teacher ensemble
-are measured in this process on the whole test split, multiply-accumulates per image from each
+are measured in this process on the whole test split (and accuracy on the validation split, on which
+``distill bench pick`` and the Pareto fronts rank, so the test figures they report are not those of a
+model picked on them), multiply-accumulates per image from each
 file's graph (:func:`pipeline.formats.onnx_model.onnx_macs`).  The teacher is fed under its input
 contract (``--teacher PATH[:key=value,...]``, else its metadata, else defaults, a guessed contract
 judged by the sanity gate: :mod:`pipeline.feed`, :func:`pipeline.sanity_gate.judge_guess`), for its
@@ -51,16 +53,18 @@ from stages.bench.runners import TORCH_PROVIDER
 from stages.bench.settings import BenchConfig
 
 TEACHER = "teacher-ensemble"
+SPLITS = ("test", "val")  # scored on both: test reported, val ranked on (stages.bench.choice)
 TORCH_SUFFIX = "-torch"
 IOBINDING_SUFFIX = "-iobinding"
 
 
-def _torch_scores(checkpoint: Path, x: np.ndarray) -> tuple[np.ndarray, int, int]:
+def _torch_scores(checkpoint: Path, xs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int, int]:
     from pipeline import macs, models
 
     net, ckpt = models.load(checkpoint)
     weights = sum(p.numel() for p in net.parameters() if p.dim() >= 2)  # as parameter_count counts
-    return models.predict(net, x).numpy(), int(weights), macs.count_macs(net, tuple(ckpt.input_shape))
+    return ({split: models.predict(net, x).numpy() for split, x in xs.items()}, int(weights),
+            macs.count_macs(net, tuple(ckpt.input_shape)))
 
 
 def _time(cfg: BenchConfig, path: Path, pool: Path, log: Callable, engine: str = "onnxruntime") -> list[dict]:
@@ -76,23 +80,25 @@ def _time(cfg: BenchConfig, path: Path, pool: Path, log: Callable, engine: str =
     return runs
 
 
-def score_teacher(teacher: str | Path, info, log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The teacher's soft targets at T = 1 on the whole test split and its first 1024 rows as it takes
-    them (the timing pool), fed under its resolved contract; and the contract's record."""
+def score_teacher(teacher: str | Path, info, log: Callable[[str], None]) -> tuple[dict[str, np.ndarray], np.ndarray,
+                                                                                 dict]:
+    """The teacher's soft targets at T = 1 on the whole test and validation splits (``{split: probs}``)
+    and its first 1024 test rows as it takes them (the timing pool), fed under its resolved contract;
+    and the contract's record."""
     geom = ct.Geometry.of(info)
     sess, plan = feed.open_model(teacher, geom, len(info.classes), "cpu", threads=os.cpu_count() or 1)
     gate = sanity_gate.judge_guess(sess, plan, info, "test", log, "bench")
-    x = info.load_raw("test")[0]
-    probs = soft.combine_soft_targets(feed.run_model(sess, plan, x, geom), 1.0)
-    return probs, ct.adapt(x[:1024], plan.contract, geom), {**plan.record(), "gate": gate}
+    xs = {split: info.load_raw(split)[0] for split in SPLITS}
+    probs = {split: soft.combine_soft_targets(feed.run_model(sess, plan, x, geom), 1.0) for split, x in xs.items()}
+    return probs, ct.adapt(xs["test"][:1024], plan.contract, geom), {**plan.record(), "gate": gate}
 
 
 class _Scoring(NamedTuple):
-    """What every model is scored against: the test rows in each input dtype the models take, the
-    labels and the teacher ensemble's predictions."""
-    rows: dict[str, np.ndarray]
-    labels: np.ndarray
-    teacher_pred: np.ndarray
+    """What every model is scored against, per split (``SPLITS``): the rows in each input dtype the
+    models take (``rows[split][dtype]``), the labels and the teacher ensemble's predictions."""
+    rows: dict[str, dict[str, np.ndarray]]
+    labels: dict[str, np.ndarray]
+    teacher_pred: dict[str, np.ndarray]
 
 
 def benchmark(cfg: BenchConfig, teacher: str | Path, candidates: dict[str, Path], prepared: Path, out: Path,
@@ -113,22 +119,22 @@ def benchmark(cfg: BenchConfig, teacher: str | Path, candidates: dict[str, Path]
                    "--torch": (torch_models or {}).values(), "--prepared": prepared}, reports)
     claim(*(p for p in reports.values() if p is not None))
     info = open_prepared(prepared)
-    xtest, ytest = info.load("test")
     for path in [*candidates.values()]:  # a missing or unreadable file: one line, before any work
         check_onnx_file(Path(path))
     teacher_probs, teacher_pool, contract = score_teacher(teacher, info, log)
     models = {TEACHER: ct.parse_teacher(teacher).path, **{k: Path(v) for k, v in candidates.items()}}
     dtypes = {name: input_dtype(path) for name, path in models.items()}
     _check_lineage(models, torch_models or {}, prepared)
-    rows = _test_rows(info, prepared, xtest, set(dtypes.values()))
+    rows = {split: _rows(info, prepared, split, set(dtypes.values())) for split in SPLITS}
     for name, path in list(models.items())[1:]:  # shape, dtype and class count, before any timing
         inference.check_io(path, inference.session(path, "cpu"), info.shape, len(info.classes), dtype=dtypes[name])
     torch_models = {f"{k}{TORCH_SUFFIX}": Path(v) for k, v in (torch_models or {}).items()}
-    scoring = _Scoring(rows, ytest, teacher_probs.argmax(1))
+    scoring = _Scoring(rows, {split: info.labels(split) for split in SPLITS},
+                       {split: p.argmax(1) for split, p in teacher_probs.items()})
     results = {}
     with resources.temporary_folder() as tmp:  # a full TMPDIR is one line naming it (exit 7)
-        pools, floors = _pools_and_floors(Path(tmp), rows, info.shape)
-        dtypes.update({name: dtype for dtype, name in zip(rows, floors)})
+        pools, floors = _pools_and_floors(Path(tmp), rows["test"], info.shape)
+        dtypes.update({name: dtype for dtype, name in zip(rows["test"], floors)})
         pools[TEACHER] = launcher.save_pool(Path(tmp) / "pool-teacher.npy", teacher_pool)  # as it takes them
         for name, path, engine in runtime.progress(_todo(cfg, models, floors, torch_models), desc="bench",
                                                    unit="model"):
@@ -165,13 +171,13 @@ def _check_lineage(models: dict[str, Path], torch_models: dict[str, Path], prepa
                                  "make student")
 
 
-def _test_rows(info: Prepared, prepared: Path, xtest: np.ndarray, dtypes: set[str]) -> dict[str, np.ndarray]:
-    """The test rows per input dtype: normalised float32, and the stored pixels for a raw-pixel model."""
-    rows = {"float32": xtest}
+def _rows(info: Prepared, prepared: Path, split: str, dtypes: set[str]) -> dict[str, np.ndarray]:
+    """The rows of ``split`` per input dtype: normalised float32, and the stored pixels for a raw-pixel model."""
+    rows = {"float32": info.load(split)[0]}
     if "uint8" in dtypes:  # a raw-pixel model takes the stored pixels, not normalised rows
-        rows["uint8"] = info.load_raw("test")[0]
+        rows["uint8"] = info.load_raw(split)[0]
         if rows["uint8"].dtype != np.uint8:
-            raise DataError(f"{prepared}: a candidate takes uint8 pixels, the prepared test split holds "
+            raise DataError(f"{prepared}: a candidate takes uint8 pixels, the prepared {split} split holds "
                             f"{rows['uint8'].dtype}")
     return rows
 
@@ -199,7 +205,8 @@ def _todo(cfg: BenchConfig, models: dict[str, Path], floors: dict[str, Path],
 
 def _scored(entry: dict, name: str, floor: bool, shape: tuple[int, ...], scoring: _Scoring) -> dict:
     """``entry`` (a timed model) with what it is: a floor's input, the model an IOBinding timing belongs to
-    (scored under that name), or the model's files, size, parameters, MACs and test scores."""
+    (scored under that name), or the model's files, size, parameters, MACs, test scores and validation
+    accuracy."""
     path, engine, dtype = Path(entry["path"]), entry["engine"], entry["input_dtype"]
     if floor:
         entry["path"] = f"(Identity of input [batch, {', '.join(map(str, shape))}] {dtype})"
@@ -209,17 +216,18 @@ def _scored(entry: dict, name: str, floor: bool, shape: tuple[int, ...], scoring
     if floor:
         return entry
     if engine == "torch":
-        scores, params, macs = _torch_scores(path, scoring.rows["float32"])
-        pred = scores.argmax(1)
+        scores, params, macs = _torch_scores(path, {split: scoring.rows[split]["float32"] for split in SPLITS})
+        pred = {split: s.argmax(1) for split, s in scores.items()}
         entry.update(files=model_files(path), size_bytes=model_size(path), parameters=params, macs_per_image=macs,
                      size_note="checkpoint: weights, metadata and provenance (kd-checkpoint/1)")
     else:  # the teacher was scored under its input contract (score_teacher)
         pred = (scoring.teacher_pred if name == TEACHER
-                else inference.predict_proba(path, scoring.rows[dtype]).argmax(1))
+                else {split: inference.predict_proba(path, scoring.rows[split][dtype]).argmax(1) for split in SPLITS})
         entry.update(files=model_files(path), size_bytes=model_size(path), parameters=parameter_count(path),
                      macs_per_image=onnx_macs(path))
-    entry.update(test_accuracy=float(np.mean(pred == scoring.labels)),
-                 agreement_with_teacher=float(np.mean(pred == scoring.teacher_pred)),
+    entry.update(test_accuracy=float(np.mean(pred["test"] == scoring.labels["test"])),
+                 val_accuracy=float(np.mean(pred["val"] == scoring.labels["val"])),
+                 agreement_with_teacher=float(np.mean(pred["test"] == scoring.teacher_pred["test"])),
                  sha256=provenance.sha256_file(path))
     return entry
 
