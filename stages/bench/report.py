@@ -162,11 +162,13 @@ def choice_section(report: dict) -> list[str]:
     models = report["models"]
     fronts = {(f["threads"], f["engine"]): set(f["models"]) for f in report.get("pareto") or choice.fronts(report)}
     lines = ["\n## Choosing an edge model (batch 1)\n",
-             "Pareto-optimal: no other model is at least as accurate, as fast (p50) and as small, and strictly "
+             "Pareto-optimal: no other model is at least as accurate (on the validation split, so that the test "
+             "accuracy reported is not that of a model picked on it), as fast (p50) and as small, and strictly "
              "better in one; marked per call path. `distill bench pick --report <this JSON> --max-latency-us N "
-             "--max-size-kib N` picks the most accurate model within a budget.\n",
-             "| model | threads | test acc | agrees w/ teacher | MACs / image | KiB | p50 `run` us (x floor) | "
-             "p50 IOBinding us (x floor) | Pareto `run` | Pareto IOBinding |", "|---|---:|" + "---:|" * 6 + "---|---|"]
+             "--max-size-kib N` picks the most accurate model within a budget, on the same split.\n",
+             "| model | threads | test acc | val acc | agrees w/ teacher | MACs / image | KiB | "
+             "p50 `run` us (x floor) | p50 IOBinding us (x floor) | Pareto `run` | Pareto IOBinding |",
+             "|---|---:|" + "---:|" * 7 + "---|---|"]
     for t in report["threads_resolved"]:
         per = {}
         for engine in choice.ENGINES:
@@ -183,7 +185,8 @@ def choice_section(report: dict) -> list[str]:
                 cells.append("-" if c is None
                              else f"{c['latency_us']:.1f} ({_fmt(floor and c['latency_us'] / floor, '.2f')})")
             marks = ["yes" if name in fronts.get((t, engine), ()) else "-" for engine in choice.ENGINES]
-            lines.append(f"| {name} | {t} | {e['test_accuracy'] * 100:.2f}% | "
+            val = "-" if e.get("val_accuracy") is None else f"{e['val_accuracy'] * 100:.2f}%"
+            lines.append(f"| {name} | {t} | {e['test_accuracy'] * 100:.2f}% | {val} | "
                          f"{e['agreement_with_teacher'] * 100:.2f}% | {_fmt(e.get('macs_per_image'), ',')} | "
                          f"{e['size_bytes'] / 1024:.1f} | {cells[0]} | {cells[1]} | {marks[0]} | {marks[1]} |")
     return lines

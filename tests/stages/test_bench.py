@@ -90,6 +90,9 @@ def test_bench_report_sections_csv_and_plots(student_onnx, tiny_teacher, tiny_pr
                                           "s-int8-iobinding": bound, "identity-floor-iobinding": bound})
     assert _p50(report["models"][bound]) != _p50(report["models"][run])  # two floors, not one twice
     assert "## Choosing an edge model" in md and "| 12,704 |" in md  # MACs of mlp:16 on 28x28
+    choosing = md.split("## Choosing an edge model")[1]
+    assert f"| s | 1 | {report['models']['s']['test_accuracy'] * 100:.2f}% | " \
+           f"{report['models']['s']['val_accuracy'] * 100:.2f}% |" in choosing  # what the front ranks on, beside test
     for p in plots.values():
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
