@@ -10,6 +10,10 @@
 #     --prepared data/prepared/fashion-mnist.h5 --out data/teachers/fashion-mnist-nols/ensemble.onnx
 #   distill cache --teacher data/teachers/fashion-mnist-nols/ensemble.onnx --transfer-set data/prepared/fashion-mnist.h5 \
 #     --out data/cache/fashion-mnist-nols.h5 --temperatures 1,2,4,8,20 --threads 1
+# Its 32 shifted views, half of them mixed with a partner row (nols-mlp800-mix32-* runs; nols-views-m32.cache.log, 2,317 s):
+#   distill cache build --teacher data/teachers/fashion-mnist-nols/ensemble.onnx --transfer-set data/prepared/fashion-mnist.h5 \
+#     --out data/cache/fashion-mnist-nols-views-m32.h5 --views 32 --view-max-shift 2 --view-flip 0 --view-mixup 0.5 \
+#     --temperatures 1,2,4,8,20 --threads 1
 # The base recipe is res8.sh's (T 4, alpha 0.5, lr 0.003, bf16 autocast); extra args override it
 # (later options win), e.g. --epochs 60, --alpha 0 for the hard-label twin on the same views.
 set -e
