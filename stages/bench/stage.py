@@ -173,9 +173,10 @@ def _check_lineage(models: dict[str, Path], torch_models: dict[str, Path], prepa
 
 def _rows(info: Prepared, prepared: Path, split: str, dtypes: set[str]) -> dict[str, np.ndarray]:
     """The rows of ``split`` per input dtype: normalised float32, and the stored pixels for a raw-pixel model."""
-    rows = {"float32": info.load(split)[0]}
+    raw = info.load_raw(split)[0]  # one read of the split; normalised here for float models
+    rows = {"float32": info.normalise(raw)}
     if "uint8" in dtypes:  # a raw-pixel model takes the stored pixels, not normalised rows
-        rows["uint8"] = info.load_raw(split)[0]
+        rows["uint8"] = raw
         if rows["uint8"].dtype != np.uint8:
             raise DataError(f"{prepared}: a candidate takes uint8 pixels, the prepared {split} split holds "
                             f"{rows['uint8'].dtype}")
