@@ -14,6 +14,10 @@
 #   distill cache build --teacher data/teachers/fashion-mnist-nols/ensemble.onnx --transfer-set data/prepared/fashion-mnist.h5 \
 #     --out data/cache/fashion-mnist-nols-views-m32.h5 --views 32 --view-max-shift 2 --view-flip 0 --view-mixup 0.5 \
 #     --temperatures 1,2,4,8,20 --threads 1
+# Its 64 shifted views, every one mixed (nols-mlp800-mixall64-* runs; nols-views-x64.cache.log, 3,985 s):
+#   distill cache build --teacher data/teachers/fashion-mnist-nols/ensemble.onnx --transfer-set data/prepared/fashion-mnist.h5 \
+#     --out data/cache/fashion-mnist-nols-views-x64.h5 --views 64 --view-max-shift 2 --view-flip 0 --view-mixup 1.0 \
+#     --temperatures 1,2,4,8,20 --threads 1
 # The base recipe is res8.sh's (T 4, alpha 0.5, lr 0.003, bf16 autocast); extra args override it
 # (later options win), e.g. --epochs 60, --alpha 0 for the hard-label twin on the same views.
 set -e
