@@ -94,8 +94,8 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     net = models.build(cfg.arch, info.shape, len(info.classes))
-    conv = parse_spec(cfg.arch).convolutional
-    if conv:
+    channels_last = parse_spec(cfg.arch).convolutional and models.channels_last_safe(net)
+    if channels_last:
         net = net.to(memory_format=torch.channels_last)  # oneDNN's fast layout; the weights are the same numbers
     precision = runtime.resolve_precision(cfg.precision)
     model = net
@@ -111,7 +111,8 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
     epoch_lines = rank == 0 and not runtime.bars_shown()  # a log file gets a line an epoch, a terminal the bar
     for epoch in runtime.progress(range(cfg.epochs), desc="student", unit="epoch", disable=rank > 0 or None):
         t_epoch = time.perf_counter()
-        loss = train_epoch(cfg, model, opt, sched, loader.epoch(gen, cfg.batch_size), rank, world, precision, conv)
+        batches = loader.epoch(gen, cfg.batch_size)
+        loss = train_epoch(cfg, model, opt, sched, batches, rank, world, precision, channels_last)
         if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):  # the last step of an epoch
             raise diverged(cfg, f"weights that are not finite after epoch {epoch + 1}")
         acc = models.accuracy(models.predict(net, xval), yval)

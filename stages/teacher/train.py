@@ -98,8 +98,9 @@ def train_member(cfg: TeacherConfig, index: int, data: dict, shape: tuple, class
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = models.build(arch, shape, classes)
-    fmt = torch.channels_last if parse_spec(arch).convolutional else torch.contiguous_format
-    net = net.to(memory_format=fmt)  # channels-last: oneDNN's fast convolution layout on CPUs
+    channels_last = parse_spec(arch).convolutional and models.channels_last_safe(net)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format  # oneDNN's fast convolution layout
+    net = net.to(memory_format=fmt)
     opt = _optimizer(cfg, net)
     xtr, ytr = data["train"]
     labelled = ytr >= 0

@@ -125,3 +125,21 @@ def test_per_channel_normalisation_folds_into_an_mlp():
     with torch.no_grad():
         ref = graph.RawInput(net, 255.0, mean, std, (3, 2, 2))(pixels)
         torch.testing.assert_close(folded(pixels), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+# ---------------------------------------------------------------- training layout
+@pytest.mark.parametrize("spec, safe", [
+    ("res:4x1-8x1", False),           # its shortcut: 1x1 stride 2 over 4 channels, the crashing kernel
+    ("res:2x1-6x1", False),
+    ("res:8x1-16x1", True),           # 8 input channels ran
+    ("res:16x1-32x1-64x1", True),     # the edge ResNet-8
+    ("res:16x3-32x3-64x3", True),     # the teachers' ResNet-20
+    ("conv:4/2-8/2", True),           # strided 3x3 convolutions only
+    ("dws:4-8/2-16/2", True),         # its 1x1 (pointwise) convolutions have stride 1
+    ("cnn:8-16-16", True),
+])
+def test_channels_last_safe_refuses_only_the_narrow_strided_1x1(spec, safe):
+    """PyTorch 2.13.0 corrupts the heap in the weight gradient of a 1x1 stride-2 convolution over 2-7
+    channels in channels-last float32 on AVX2 CPUs (models.channels_last_safe); such a network trains
+    in the default layout."""
+    assert models.channels_last_safe(models.build(spec, (1, 28, 28), 10)) is safe
