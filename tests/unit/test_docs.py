@@ -132,3 +132,29 @@ def test_sizes_are_those_of_the_copied_files():
     assert "107.6 KiB" not in results.split("**The int8 size.**")[0]  # only in the note that explains it
     metrics = json.loads((SOURCES / "baseline-ref" / "fashion-mnist-kd.metrics.json").read_text())
     assert f"{metrics['parameters']:,} parameters" in results
+
+
+def _table_rows(text: str, first_cell: str) -> list[list[str]]:
+    """The cells of each Markdown table row of ``text`` whose first cell starts with ``first_cell``."""
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("|") and line.strip("| ").startswith(first_cell)]
+
+
+def test_readme_headline_table_is_the_kept_make_all_report():
+    """The README's headline rows are those of the make-all report it names: accuracy and agreement
+    from the report's models table, the batch-1 one-thread p50/p99 (`run`) and IOBinding p50 from its
+    latency table, and the size."""
+    readme = _text("README.md")
+    report_dir = re.search(r"kept as\s+\[(docs/runs/[^]]+/make-all/)\]", readme).group(1)
+    report = _text(report_dir + "fashion-mnist.md")
+    latency = report.split("## Latency at batch 1")[1].split("\n## ")[0]
+    rows = {"teacher ensemble": "teacher-ensemble", "hard-label student": "student-hard",
+            "distilled student (mlp": "student-kd", "distilled student, int8": "student-kd-int8",
+            "**edge model**": "student-kd-int8-raw"}
+    for label, model in rows.items():
+        (mine,) = _table_rows(readme.split("## Results")[1].split("## Using")[0], label)
+        (theirs,) = [r for r in _table_rows(report, model) if r[0] == model and r[1] == "onnxruntime"]
+        assert mine[1:3] == theirs[5:7] and mine[6] == theirs[4].split()[0], (label, mine, theirs)
+        (run,) = [r for r in _table_rows(latency, model) if r[0] == model and r[1] == "1"]
+        (iob,) = [r for r in _table_rows(latency, model + "-iobinding") if r[1] == "1"]
+        assert mine[3:6] == [run[2], run[4], iob[2]], (label, mine, run, iob)
