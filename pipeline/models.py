@@ -159,21 +159,22 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     return folded
 
 
-def channels_last_safe(net: nn.Module) -> bool:
-    """Whether ``net`` may train in the channels-last memory layout (oneDNN's fast layout for
-    convolutions on CPUs; the values are the same, the order of memory differs).
+def trains_channels_last(net: nn.Module) -> bool:
+    """Whether ``net`` trains in the channels-last memory layout (oneDNN's fast layout for convolutions
+    on CPUs; the values are the same, the order of memory differs): a network with convolutions does,
+    unless it holds a 1x1 convolution of stride > 1 over 2 to 7 input channels (a narrow ResNet
+    shortcut, as in ``res:4x1-8x1``).
 
-    False when it holds a 1x1 convolution of stride > 1 over 2 to 7 input channels (a narrow ResNet
-    shortcut, as in ``res:4x1-8x1``): PyTorch 2.13.0's CPU kernel for that convolution's weight
-    gradient in channels-last float32 corrupts the heap on an AVX2-only CPU and the process dies
-    (segmentation fault, bus error, "double free or corruption"; with 2 threads it hangs). Measured
-    2026-12-05 on an AMD EPYC (Zen 2) by docs/runs/2026-12-05/avx2/conv1x1_crash.py: 1 or >= 8 input
-    channels, stride 1, a 3x3 kernel, the default layout and bfloat16 autocast all ran. Such a network
-    trains in the default layout, on every CPU, so that its layout (and its rounding) does not depend
-    on the host.
+    PyTorch 2.13.0's CPU kernel for that convolution's weight gradient in channels-last float32
+    corrupts the heap on an AVX2-only CPU and the process dies (segmentation fault, bus error, "double
+    free or corruption"; with 2 threads it hangs). Measured 2026-12-05 on an AMD EPYC (Zen 2) by
+    docs/runs/2026-12-05/avx2/conv1x1_crash.py: 1 or >= 8 input channels, stride 1, a 3x3 kernel, the
+    default layout and bfloat16 autocast all ran. Such a network trains in the default layout on every
+    CPU, so that its layout (and its rounding) does not depend on the host.
     """
-    return not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
-                   and 2 <= m.in_channels <= 7 for m in net.modules())
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    return bool(convs) and not any(m.kernel_size == (1, 1) and max(m.stride) > 1 and 2 <= m.in_channels <= 7
+                                   for m in convs)
 
 
 def count_parameters(module: nn.Module) -> int:

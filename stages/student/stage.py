@@ -28,7 +28,6 @@ from pipeline.errors import UsageError
 from pipeline.formats.cache import CacheInfo, open_cache
 from pipeline.formats.checkpoint import Checkpoint, write_checkpoint
 from pipeline.formats.prepared import Prepared, open_prepared
-from pipeline.specs import parse_spec
 from stages.student.batches import StudentLoader
 from stages.student.loader import TransferLoader, select_rows
 from stages.student.settings import StudentConfig
@@ -94,7 +93,7 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     net = models.build(cfg.arch, info.shape, len(info.classes))
-    channels_last = parse_spec(cfg.arch).convolutional and models.channels_last_safe(net)
+    channels_last = models.trains_channels_last(net)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)  # oneDNN's fast layout; the weights are the same numbers
     precision = runtime.resolve_precision(cfg.precision)

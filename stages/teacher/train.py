@@ -28,7 +28,6 @@ from pipeline.errors import DataError, UsageError
 from pipeline.formats.prepared import Prepared
 from pipeline.formats.train_state import read_train_state, write_train_state
 from pipeline.jitter import jitter
-from pipeline.specs import parse_spec
 from stages.teacher.settings import TeacherConfig
 
 
@@ -98,7 +97,7 @@ def train_member(cfg: TeacherConfig, index: int, data: dict, shape: tuple, class
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = models.build(arch, shape, classes)
-    channels_last = parse_spec(arch).convolutional and models.channels_last_safe(net)
+    channels_last = models.trains_channels_last(net)
     fmt = torch.channels_last if channels_last else torch.contiguous_format  # oneDNN's fast convolution layout
     net = net.to(memory_format=fmt)
     opt = _optimizer(cfg, net)
