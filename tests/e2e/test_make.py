@@ -1,12 +1,14 @@
 """`make smoke` end to end in a subprocess, and make's rebuild rules (what reruns when T changes)."""
 import json
 import os
+import re
 import subprocess
 
 import h5py
 import pytest
 
 from pipeline.formats.checkpoint import read_checkpoint
+from pipeline.runtime import resolve_precision
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -75,6 +77,17 @@ def test_jitter_cache_builds_from_the_same_teacher(smoke):
     assert "distill" not in make("-n", "smoke", *args).stdout
     dry = make("-n", "smoke", *args[:2], "JITTER_COPIES=2").stdout
     assert "distill jitter" in dry and "distill cache" in dry and "distill teacher" not in dry
+
+
+def test_default_teacher_follows_the_cpu(tmp_path):
+    """The default recipe is 2 members x 10 epochs with erasing where `--precision auto` trains in bfloat16 and 1 x 7
+    without where it trains in float32: make's CPU test must agree with runtime.resolve_precision, or a host gets the
+    other's recipe."""
+    dry = make("-n", "teacher", f"DATA={tmp_path}").stdout
+    line = next(x for x in dry.splitlines() if "distill teacher" in x)
+    members, epochs, erase = (2, 10, 0.5) if resolve_precision("auto") == "bf16" else (1, 7, 0)
+    assert re.search(rf"--members {members} .*--epochs {epochs} --erase {erase} ", line), line
+    assert "--precision auto" in line
 
 
 def test_make_help_lists_targets():
