@@ -22,8 +22,8 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
-from pipeline import models, onnxio  # noqa: E402
-from stages.export.quantize import static_int8  # noqa: E402
+from pipeline import models, onnxio
+from stages.export.quantize import static_int8
 
 OUT = Path(sys.argv[1])
 CALIB = np.random.default_rng(0).normal(size=(256, 1, 28, 28)).astype(np.float32)
