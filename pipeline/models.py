@@ -177,6 +177,25 @@ def trains_channels_last(net: nn.Module) -> bool:
                                    for m in convs)
 
 
+def training_batch(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A batch of images ``x`` [N, C, H, W] in the memory layout its network trains in
+    (:func:`trains_channels_last`), fixed by its strides; other tensors unchanged.
+
+    ``Tensor.contiguous`` alone does not do it for one channel: a [N, 1, H, W] tensor with
+    channels-last strides (the shifts of :func:`pipeline.jitter.jitter` return one) counts as
+    contiguous in both layouts and is returned as it is, and oneDNN then takes the channels-last path
+    from its strides.  A network kept out of that layout because of the crash above took it anyway
+    when no later augmentation copied the batch (``--erase 0``), and the smoke teacher hung or died
+    (2026-12-05, AVX2-only host).  So the default layout is always a fresh copy (one batch: cheap
+    beside a training step).
+    """
+    if x.ndim != 4:
+        return x
+    if channels_last:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

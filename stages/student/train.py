@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
-from pipeline import losses
+from pipeline import losses, models
 from pipeline.errors import UsageError
 from stages.student.batches import Batch, split_tail
 from stages.student.settings import StudentConfig
@@ -55,8 +55,7 @@ def train_epoch(cfg: StudentConfig, model: torch.nn.Module, opt: torch.optim.Opt
                 continue
             lo, hi = n * rank // world, n * (rank + 1) // world
             x, t, y, scale = x[lo:hi], t[lo:hi], y[lo:hi], (hi - lo) * world / n
-        if channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = models.training_batch(x, channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             z = model(x)
         loss = _loss(cfg, z.float(), t, y)

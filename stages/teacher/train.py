@@ -130,7 +130,7 @@ def train_member(cfg: TeacherConfig, index: int, data: dict, shape: tuple, class
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
             x = step_aug(xtr[idx], gen)
-            x = x.contiguous(memory_format=fmt) if x.ndim == 4 else x
+            x = models.training_batch(x, channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), ytr[idx], label_smoothing=cfg.label_smoothing)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from pipeline import macs, models
 from pipeline.errors import UsageError
+from pipeline.jitter import jitter
 from pipeline.specs import parse_spec
 from stages.export import graph
 
@@ -144,3 +145,17 @@ def test_channels_last_except_the_narrow_strided_1x1(spec, safe):
     channels in channels-last float32 on AVX2 CPUs (models.trains_channels_last); such a network
     trains in the default layout, as does one without convolutions."""
     assert models.trains_channels_last(models.build(spec, (1, 28, 28), 10)) is safe
+
+
+def test_training_batch_fixes_the_layout_by_strides():
+    """A one-channel batch with channels-last strides (what the jitter returns) counts as contiguous to
+    Tensor.contiguous; a network that trains in the default layout must get default strides, or oneDNN
+    takes the channels-last path that crashes on AVX2 (models.training_batch)."""
+    x = jitter(torch.randn(8, 1, 28, 28), 2, torch.Generator().manual_seed(0), 0.0)
+    assert x.is_contiguous() and x.stride()[1] == 1  # the ambiguous case: contiguous() would keep it
+    default = models.training_batch(x, channels_last=False)
+    assert default.stride() == (784, 784, 28, 1) and torch.equal(default, x)
+    last = models.training_batch(torch.randn(8, 3, 28, 28), channels_last=True)
+    assert last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous()
+    flat = torch.randn(8, 784)
+    assert models.training_batch(flat, channels_last=False) is flat
