@@ -186,14 +186,15 @@ def training_batch(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     contiguous in both layouts and is returned as it is, and oneDNN then takes the channels-last path
     from its strides.  A network kept out of that layout because of the crash above took it anyway
     when no later augmentation copied the batch (``--erase 0``), and the smoke teacher hung or died
-    (2026-12-05, AVX2-only host).  So the default layout is always a fresh copy (one batch: cheap
-    beside a training step).
+    (2026-12-05, AVX2-only host).  So a batch whose strides are not the default layout's is copied
+    into it (a batch already in it, as most are, is returned as it is).
     """
     if x.ndim != 4:
         return x
     if channels_last:
         return x.contiguous(memory_format=torch.channels_last)
-    return x.clone(memory_format=torch.contiguous_format)
+    default = torch.empty(x.shape, device="meta").stride()  # the row-major strides, nothing allocated
+    return x if x.stride() == default else x.clone(memory_format=torch.contiguous_format)
 
 
 def count_parameters(module: nn.Module) -> int:

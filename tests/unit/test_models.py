@@ -157,5 +157,6 @@ def test_training_batch_fixes_the_layout_by_strides():
     assert default.stride() == (784, 784, 28, 1) and torch.equal(default, x)
     last = models.training_batch(torch.randn(8, 3, 28, 28), channels_last=True)
     assert last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous()
-    flat = torch.randn(8, 784)
+    flat, plain = torch.randn(8, 784), torch.randn(8, 1, 28, 28)
     assert models.training_batch(flat, channels_last=False) is flat
+    assert models.training_batch(plain, channels_last=False) is plain  # already default-strided: no copy
