@@ -1,4 +1,4 @@
-"""Training-time augmentation of image batches for the teacher (torch): flips and random erasing.
+"""Training-time augmentation of batches (torch): flips and random erasing for the teacher, mixing for the student.
 
 Random translations are :func:`pipeline.jitter.jitter`; this module adds the two other parts of the
 strong teachers' recipe, both drawn from the caller's ``torch.Generator`` so that a resumed run
@@ -16,6 +16,11 @@ draws exactly what an uninterrupted one would:
   one batch always consumes the same random numbers).
 
 Both work on ``[B, C, H, W]`` (or ``[B, H, W]``) batches, every channel moved or erased alike.
+
+- :func:`mix_rows`: the student's mixup of a batch's rows *and their soft targets* (Zhang et al., ICLR
+  2018, "mixup"), an approximation of a views cache's mixed views (:mod:`pipeline.views`) that runs no
+  teacher: the mixed row's target is the same mix of the two rows' targets, not the teacher's output
+  for the mixed image.
 """
 from __future__ import annotations
 
@@ -62,3 +67,29 @@ def erase(x: torch.Tensor, p: float, gen: torch.Generator, low: float | torch.Te
     fill = low_t + (high_t - low_t) * torch.rand(x.shape, generator=gen, dtype=x.dtype)
     out = torch.where(inside[:, None], fill, x)
     return out[:, 0] if squeeze else out
+
+
+def mix_rows(x: torch.Tensor, t: torch.Tensor, p: float,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix each row of a batch, with probability ``p``, with a partner row of the same batch::
+
+        x_i' = (1 - lam_i) x_i + lam_i x_j,   t_i' = (1 - lam_i) t_i + lam_i t_j,   j = perm(i)
+
+    ``lam_i = min(b, 1 - b)``, ``b ~ U(0, 1)`` (Beta(1, 1) folded to <= 1/2, as a views cache's
+    ``--view-mixup`` draws it: the row stays the larger part, so its label stays its own), ``perm`` a
+    random permutation of the batch (a row may draw itself: no change).  ``x`` is any ``[B, ...]``
+    batch (normalised pixels: normalising is affine, so mixing them mixes the raw images), ``t`` the
+    ``[B, classes]`` soft targets; a convex mix of distributions is one.  The teacher's output for the
+    mixed image is not known here (that is what a views cache stores): ``t_i'`` is its linear
+    interpolation, exact only where the teacher is linear between the two rows.  ``p = 0`` returns the
+    inputs and draws nothing, so a schedule without mixing is unchanged.
+    """
+    if p <= 0:
+        return x, t
+    n = x.shape[0]
+    partner = torch.randperm(n, generator=gen)
+    b = torch.rand(n, generator=gen)
+    lam = torch.where(torch.rand(n, generator=gen) < p, torch.minimum(b, 1 - b), torch.zeros(()))
+    lx = lam.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    lt = lam.view(-1, 1).to(t.dtype)
+    return (1 - lx) * x + lx * x[partner], (1 - lt) * t + lt * t[partner]

@@ -50,6 +50,9 @@ class StudentConfig:
                                  "(0 = all K; 1 = the rows themselves)")
     precision: str = setting("fp32", "arithmetic of training: fp32, bf16 (autocast, weights stay float32; fast only "
                                      "on CPUs with bfloat16 instructions) or auto (bf16 where the CPU has them)")
+    mixup: float = setting(0.0, "probability that a training row is mixed with a partner row of its batch (weight "
+                                "U(0, 1/2)) and its soft target with the partner's alike: no teacher sees the mixed "
+                                "image, unlike a views cache's --view-mixup; the label stays the row's own (0 = off)")
 
     def __post_init__(self) -> None:
         require_temperatures(self.temperature)
@@ -62,6 +65,9 @@ class StudentConfig:
         require(0 < self.train_fraction <= 1, f"train_fraction must lie in (0, 1], got {self.train_fraction}")
         require(self.views_used >= 0, f"views_used must be >= 0 (0 = all views), got {self.views_used}")
         require(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}")
+        require(0.0 <= self.mixup <= 1.0, f"mixup must lie in [0, 1], got {self.mixup}")
+        require(self.mixup == 0 or (self.objective == "kd" and self.topk_tail == "rebuilt"),
+                "mixup mixes soft targets: it needs objective kd and topk_tail rebuilt")
         parse_spec(self.arch)
 
 

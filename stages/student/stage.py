@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import macs, models, provenance, runtime
+from pipeline import augment, macs, models, provenance, runtime
 from pipeline.artifacts import check_outputs, claim, publish_together, write_json
 from pipeline.config import to_dict
 from pipeline.errors import UsageError
@@ -111,6 +111,8 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
     for epoch in runtime.progress(range(cfg.epochs), desc="student", unit="epoch", disable=rank > 0 or None):
         t_epoch = time.perf_counter()
         batches = loader.epoch(gen, cfg.batch_size)
+        if cfg.mixup > 0:  # the whole batch, before DDP splits it: every rank mixes alike
+            batches = ((*augment.mix_rows(x, t, cfg.mixup, gen), y) for x, t, y in batches)
         loss = train_epoch(cfg, model, opt, sched, batches, rank, world, precision, channels_last)
         if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):  # the last step of an epoch
             raise diverged(cfg, f"weights that are not finite after epoch {epoch + 1}")

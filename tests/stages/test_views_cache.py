@@ -103,6 +103,19 @@ def test_student_trains_from_views(views_cache, tiny_prepared, tmp_path):
     assert out.is_file() and m["train_rows"] == open_prepared(tiny_prepared).rows["train"]  # one view a row
 
 
+def test_student_mixup_is_seeded_and_changes_the_training(views_cache, tiny_prepared, tmp_path):
+    """--mixup mixes the drawn views' rows and targets: the same seed gives the same student, and it is
+    not the student without mixing."""
+    runs = {}
+    for name, mix in (("a", 0.5), ("b", 0.5), ("off", 0.0)):
+        cfg = StudentConfig(arch="mlp:16", epochs=2, temperature=2.0, alpha=0.5, mixup=mix)
+        distill_student(cfg, views_cache, tiny_prepared, tmp_path / f"{name}.ckpt", tmp_path / f"{name}.json", **QUIET)
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert runs["a"]["settings"]["mixup"] == 0.5 and runs["a"]["history"] == runs["b"]["history"]
+    assert runs["a"]["checkpoint_sha256"] == runs["b"]["checkpoint_sha256"]
+    assert [h["loss"] for h in runs["a"]["history"]] != [h["loss"] for h in runs["off"]["history"]]
+
+
 def test_merged_view_shards_equal_one_run(views_cache, tiny_teacher, tiny_prepared, tmp_path):
     parts = [cache_soft_targets(CacheConfig(**BASE, **MIX, shard=f"{i}/2"), [tiny_teacher], tiny_prepared,
                                 tmp_path / "s.h5", **QUIET) for i in range(2)]
