@@ -21,7 +21,8 @@ def test_p_zero_returns_the_batch_and_draws_nothing():
     x, t = _batch(8, 0)
     g = torch.Generator().manual_seed(1)
     before = g.get_state()
-    assert augment.mix_rows(x, t, 0.0, g) == (x, t)
+    xm, tm = augment.mix_rows(x, t, 0.0, g)
+    assert xm is x and tm is t
     assert torch.equal(g.get_state(), before)
 
 
@@ -29,7 +30,7 @@ def test_p_zero_returns_the_batch_and_draws_nothing():
 @given(n=st.integers(1, 40), p=st.floats(0.05, 1.0), seed=st.integers(0, 2**31 - 1))
 def test_rows_and_targets_are_mixed_by_the_same_weight(n, p, seed):
     """Any linear map of the rows commutes with the mixing (one lam and one partner per row for x and
-    t alike), targets stay distributions, and every mixed row is within lam <= 1/2 of its own."""
+    t alike), and targets stay distributions (the weights' range: the test below)."""
     x, _ = _batch(n, seed)
     w = torch.randn(16, 5, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     x = x.double()
