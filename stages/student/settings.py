@@ -88,6 +88,10 @@ class SweepConfig:
     batch_size: int = setting(128, "minibatch rows")
     lr: float = setting(1e-3, "AdamW's peak learning rate of every student's one-cycle schedule (as in "
                               "`distill student --lr`)")
+    weight_decay: float = setting(0.0, "AdamW weight decay of every student (as in `distill student --weight-decay`)")
+    mixup: float = setting(0.0, "every student's `distill student --mixup`: probability that a row is mixed with "
+                                "a partner row of its batch, soft targets alike (the hard baseline's inputs "
+                                "too; 0 = off)")
     objective: str = setting("kd", "kd or logits (logits ignores the temperature)")
     train_fraction: float = setting(1.0, "fraction of the transfer rows every student uses")
     memory_budget_mib: float = setting(1024.0, "memory budget of each job's loader (MiB)")
@@ -108,10 +112,11 @@ class SweepConfig:
                 "view_epochs needs one epoch count per views_used value")
         require(min(self.view_epochs, default=1) >= 1, "view_epochs must be >= 1")
         for arch in self.archs:  # fail before any job starts
-            StudentConfig(arch=arch)
+            StudentConfig(arch=arch, weight_decay=self.weight_decay, mixup=self.mixup, objective=self.objective)
 
     def students(self) -> list[StudentConfig]:
-        base = dict(batch_size=self.batch_size, lr=self.lr, objective=self.objective,
+        base = dict(batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, mixup=self.mixup,
+                    objective=self.objective,
                     train_fraction=self.train_fraction, memory_budget_mib=self.memory_budget_mib, threads=1)
         epochs = self.view_epochs or (self.epochs,) * len(self.views_used)
         out = []

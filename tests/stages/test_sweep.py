@@ -23,6 +23,19 @@ def test_grid_always_holds_the_hard_baseline():
     assert len({sw.job_name(j) for j in jobs}) == len(jobs)  # no two jobs share a checkpoint
 
 
+def test_grid_passes_weight_decay_and_mixup_to_every_student():
+    plain = sw.SweepConfig(temperatures=(4.0,), alphas=(0.5,), archs=("mlp:8",), seeds=(0,))
+    mixed = sw.SweepConfig(temperatures=(4.0,), alphas=(0.5,), archs=("mlp:8",), seeds=(0,), weight_decay=0.02,
+                           mixup=0.5)
+    assert all(j.weight_decay == 0.02 and j.mixup == 0.5 for j in mixed.students())  # the baseline's inputs too
+    assert all(j.weight_decay == 0 and j.mixup == 0 for j in plain.students())
+    # two sweeps sharing a --work-dir never take each other's students for their own
+    names = [sw.job_name(j) for j in plain.students()], [sw.job_name(j) for j in mixed.students()]
+    assert not set(names[0]) & set(names[1]) and names[1][1] == "mlp-8-wd0.02-mix0.5-T4-a0.5-s0"
+    with pytest.raises(sw.UsageError, match="mixup"):  # refused before any worker starts
+        sw.SweepConfig(archs=("mlp:8",), mixup=0.5, objective="logits")
+
+
 def test_summary_and_gap_closed_arithmetic():
     rows = [dict(arch="a", temperature="", alpha=0.0, val_accuracy=v, test_accuracy=v, test_accuracy_last_epoch=v)
             for v in (0.80, 0.82)]
