@@ -40,9 +40,10 @@ FIELDS = ("arch", "temperature", "alpha", "seed", "views_used", "epochs", "val_a
 
 def job_name(cfg: StudentConfig) -> str:
     arch = cfg.arch.replace(":", "-").replace("=", "")
-    extra = (f"-f{cfg.train_fraction:g}" if cfg.train_fraction < 1 else "") + (
-        f"-drop{cfg.drop_class}" if cfg.drop_class >= 0 else "") + (
-        f"-wd{cfg.weight_decay:g}" if cfg.weight_decay else "") + (f"-mix{cfg.mixup:g}" if cfg.mixup else "")
+    extra = "".join(part for part, on in ((f"-f{cfg.train_fraction:g}", cfg.train_fraction < 1),
+                                          (f"-drop{cfg.drop_class}", cfg.drop_class >= 0),
+                                          (f"-wd{cfg.weight_decay:g}", cfg.weight_decay > 0),
+                                          (f"-mix{cfg.mixup:g}", cfg.mixup > 0)) if on)
     soft = "hard" if cfg.alpha == 0 else f"T{cfg.temperature:g}-a{cfg.alpha:g}"
     views = f"-k{cfg.views_used}-e{cfg.epochs}" if cfg.views_used else ""
     return f"{arch}{extra}{views}-{soft}-s{cfg.seed}"
