@@ -8,6 +8,8 @@
 #     --prepared data/prepared/fashion-mnist.h5 --out data/teachers/fashion-mnist-nols/ensemble.onnx
 # Its caches (run.sh cache NAME VIEWS MIXUP): s32 = 32 shifted views, m32 = 32 shifted views, half mixed.
 # Students: run.sh student NAME CACHE SEED [extra args], e.g. run.sh student s32-mix05 s32 0 --mixup 0.5
+# Extra args come last, so they override the defaults below (click keeps an option's last value):
+#   run.sh student s32-mix05-e700 s32 0 --mixup 0.5 --epochs 700
 set -e
 R=docs/runs/2026-12-05/mixup
 T=data/teachers/fashion-mnist-nols/ensemble.onnx
