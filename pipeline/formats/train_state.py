@@ -1,14 +1,15 @@
-"""A training run's resumable state, schema ``kd-train-state/1``: what a killed teacher member resumes from.
+"""A training run's resumable state, schema ``kd-train-state/1``: what a killed teacher member or student resumes from.
 
-Written by the teacher stage after every finished epoch (``member<i>.state`` beside the ensemble),
-read only by it, removed once the member's checkpoint is published.  It holds everything that
-decides the rest of the run, so that a resumed member ends with the same weights as an uninterrupted
-one: the network's and the best epoch's weights, the optimizer's and the scheduler's state, the
+Written after every finished epoch by the teacher stage (``member<i>.state`` beside the ensemble) and
+the student stage (``<out stem>.state`` beside the checkpoint), read only by the stage that wrote it
+(through :mod:`pipeline.resume`), removed once the checkpoint it leads to is published.  It holds
+everything that decides the rest of the run, so that a resumed run ends with the same weights as an
+uninterrupted one: the network's and the best epoch's weights, the optimizer's and the scheduler's state, the
 random generators' states, the epoch count and the history.
 
 Layout (docs/formats.md, "train state")::
 
-    /                 attrs: schema, key (JSON: what determined the run: data, settings, member),
+    /                 attrs: schema, key (JSON: what determined the run: data, settings, member index),
                              tree (JSON: the nested state with every array replaced by a reference),
                              content_sha256 (the seal)
     /arrays/<n>       array n of the tree (float32 weights and buffers, uint8 generator states, ...)
@@ -82,12 +83,13 @@ def write_train_state(path: Path, key: dict[str, Any], state: Any) -> Path:
     return Path(path)
 
 
-def read_train_state(path: Path) -> tuple[dict[str, Any], Any]:
-    """``(key, state)`` of a training state; DataError (exit 3) when it is not a readable, sealed one."""
+def read_train_state(path: Path, rebuild: str = REBUILD) -> tuple[dict[str, Any], Any]:
+    """``(key, state)`` of a training state; DataError (exit 3) when it is not a readable, sealed one
+    (IntegrityError, exit 4, when its seal fails); ``rebuild`` is the command the message offers."""
     path = Path(path)
-    with h5seal.open_untrusted(path, WHAT, REBUILD) as f:
-        h5seal.check_schema(path, f, SCHEMA, WHAT, REBUILD)
-        h5seal.verify(path, f, REBUILD)
+    with h5seal.open_untrusted(path, WHAT, rebuild) as f:
+        h5seal.check_schema(path, f, SCHEMA, WHAT, rebuild)
+        h5seal.verify(path, f, rebuild)
         try:
             key = json.loads(f.attrs["key"])
             arrays = {int(n): np.asarray(ds[()]) for n, ds in f["arrays"].items()}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import augment, macs, models, provenance, runtime
+from pipeline import augment, macs, models, provenance, resume, runtime
 from pipeline.artifacts import check_outputs, claim, publish_together, write_json
 from pipeline.config import to_dict
 from pipeline.errors import UsageError
@@ -71,13 +71,63 @@ def make_loader(cfg: StudentConfig, c: CacheInfo, info: Prepared) -> StudentLoad
     return TransferLoader(c, info, _target_kind(cfg), cfg.temperature, rows, cfg.memory_budget_mib, cfg.block_rows)
 
 
+def state_path(out: Path) -> Path:
+    """Where a student's training state lives while it trains: ``<out stem>.state`` beside the checkpoint."""
+    return out.with_suffix(".state")
+
+
+def _fit(cfg: StudentConfig, model: torch.nn.Module, net: torch.nn.Module, loader: StudentLoader,
+         val: tuple[torch.Tensor, torch.Tensor], state: tuple[Path, dict], log: Callable[[str], None],
+         rank: int, world: int, precision: str, channels_last: bool) -> dict:
+    """The epochs of training, resumed from ``state`` (path, key) when a killed run left one there and
+    saved to it after every epoch but the last (rank 0); returns the run record: ``epoch``, ``best``
+    (validation accuracy), ``best_epoch``, ``best_state``, ``history``, ``seconds`` (summed over resumes)."""
+    gen = torch.Generator().manual_seed(cfg.seed)  # batches, views, mixing; dropout draws from torch's global one
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr,
+                                                total_steps=cfg.epochs * loader.steps(cfg.batch_size))
+    run = resume.restore(*state, net, opt, sched, gen, log, "the student")
+    if run is not None:
+        log(f"student {cfg.arch}: resuming after epoch {run['epoch']}/{cfg.epochs} from {state[0]}")
+    run = run or {"epoch": 0, "best": -1.0, "best_epoch": 0, "best_state": None, "history": [], "seconds": 0.0}
+    epoch_lines = rank == 0 and not runtime.bars_shown()  # a log file gets a line an epoch, a terminal the bar
+    bar = runtime.progress(total=cfg.epochs, initial=run["epoch"], desc="student", unit="epoch",
+                           disable=rank > 0 or None)
+    for epoch in range(run["epoch"], cfg.epochs):
+        t_epoch = time.perf_counter()
+        batches = loader.epoch(gen, cfg.batch_size)
+        if cfg.mixup > 0:  # the whole batch, before DDP splits it: every rank mixes alike
+            batches = ((*augment.mix_rows(x, t, cfg.mixup, gen), y) for x, t, y in batches)
+        loss = train_epoch(cfg, model, opt, sched, batches, rank, world, precision, channels_last)
+        if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):  # the last step of an epoch
+            raise diverged(cfg, f"weights that are not finite after epoch {epoch + 1}")
+        acc = models.accuracy(models.predict(net, val[0]), val[1])
+        run["history"].append({"epoch": epoch + 1, "val_accuracy": acc, "loss": loss})
+        if acc > run["best"]:
+            run.update(best=acc, best_epoch=epoch + 1, best_state={k: v.clone() for k, v in net.state_dict().items()})
+        took = time.perf_counter() - t_epoch  # seconds
+        run.update(epoch=epoch + 1, seconds=run["seconds"] + took)
+        if rank == 0 and epoch + 1 < cfg.epochs:
+            resume.save(*state, net, opt, sched, gen, run)
+        bar.update()
+        if epoch_lines:
+            log(f"student {cfg.arch}: epoch {epoch + 1}/{cfg.epochs} val accuracy {acc:.4f} ({took:.0f} s; "
+                f"done in ~{took * (cfg.epochs - epoch - 1) / 60:.0f} min)")
+    bar.close()
+    return run
+
+
 def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Path, metrics: Path,
                     log: Callable[[str], None] = print) -> Path:
     """Train the student of ``cfg`` from ``cache`` (+ x of ``transfer_set``); write ``out`` and ``metrics``.
 
-    Under torchrun (WORLD_SIZE > 1) trains with DistributedDataParallel; rank 0 writes the files.
+    Under torchrun (WORLD_SIZE > 1) trains with DistributedDataParallel; rank 0 writes the files.  A run
+    killed at any moment resumes, when rerun with the same data and settings, after its last finished
+    epoch (:func:`state_path`, :mod:`pipeline.resume`) and ends with the weights of an uninterrupted run.
     """
-    check_outputs({"--cache": cache, "--transfer-set": transfer_set}, {"--out": out, "--metrics": metrics})
+    state = state_path(out)
+    check_outputs({"--cache": cache, "--transfer-set": transfer_set},
+                  {"--out": out, "--metrics": metrics, "the training state": state})
     rank, world = distributed()
     if rank == 0:
         claim(out, metrics)  # a second writer of these outputs fails now, not after training
@@ -91,7 +141,6 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
         raise UsageError(f"{cache}: the transfer set has no labels; use --alpha 1")
     xval, yval = map(torch.from_numpy, info.load("val"))
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     net = models.build(cfg.arch, info.shape, len(info.classes))
     channels_last = models.trains_channels_last(net)
     if channels_last:
@@ -102,41 +151,34 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(net)  # broadcasts rank 0's weights; all ranks seed alike anyway
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr,
-                                                total_steps=cfg.epochs * loader.steps(cfg.batch_size))
-    history, best = [], (-1.0, 0, None)
-    t0 = time.perf_counter()
-    epoch_lines = rank == 0 and not runtime.bars_shown()  # a log file gets a line an epoch, a terminal the bar
-    for epoch in runtime.progress(range(cfg.epochs), desc="student", unit="epoch", disable=rank > 0 or None):
-        t_epoch = time.perf_counter()
-        batches = loader.epoch(gen, cfg.batch_size)
-        if cfg.mixup > 0:  # the whole batch, before DDP splits it: every rank mixes alike
-            batches = ((*augment.mix_rows(x, t, cfg.mixup, gen), y) for x, t, y in batches)
-        loss = train_epoch(cfg, model, opt, sched, batches, rank, world, precision, channels_last)
-        if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):  # the last step of an epoch
-            raise diverged(cfg, f"weights that are not finite after epoch {epoch + 1}")
-        acc = models.accuracy(models.predict(net, xval), yval)
-        history.append({"epoch": epoch + 1, "val_accuracy": acc, "loss": loss})
-        if acc > best[0]:
-            best = (acc, epoch + 1, {k: v.clone() for k, v in net.state_dict().items()})
-        if epoch_lines:
-            took = time.perf_counter() - t_epoch  # seconds
-            log(f"student {cfg.arch}: epoch {epoch + 1}/{cfg.epochs} val accuracy {acc:.4f} ({took:.0f} s; "
-                f"done in ~{took * (cfg.epochs - epoch - 1) / 60:.0f} min)")
-    seconds = time.perf_counter() - t0
+    # What decides the weights: the data, every setting but the thread count, the arithmetic, the world.
+    key = {"cache_sha256": provenance.sha256_file(cache), "transfer_sha256": c.transfer_sha256,
+           "settings": {**to_dict(cfg), "threads": None, "precision": precision}, "world_size": world}
+    run = _fit(cfg, model, net, loader, (xval, yval), (state, key), log, rank, world, precision, channels_last)
     xtest, ytest = info.load("test")
     # Test accuracy of the last epoch's weights too: what training without early stopping gives.
     test_last = models.accuracy(models.predict(net, xtest), ytest)
-    net.load_state_dict(best[2])
+    net.load_state_dict(run["best_state"])
     test_acc = models.accuracy(models.predict(net, xtest), ytest)
     if rank > 0:
         return out
+    _publish(cfg, net, info, loader, run, world, precision, (test_acc, test_last),
+             {"cache": cache, "transfer_set": transfer_set, "out": out, "metrics": metrics})
+    state.unlink(missing_ok=True)  # the checkpoint supersedes the epoch state
+    log(f"student {cfg.arch} T={cfg.temperature:g} alpha={cfg.alpha:g}: val {run['best']:.4f} "
+        f"(epoch {run['best_epoch']}), test {test_acc:.4f} -> {out}")
+    return out
+
+
+def _publish(cfg: StudentConfig, net: torch.nn.Module, info: Prepared, loader: StudentLoader, run: dict, world: int,
+             precision: str, test: tuple[float, float], paths: dict[str, Path]) -> None:
+    """Write the checkpoint and the metrics as one set."""
+    out, metrics = paths["out"], paths["metrics"]
     source = provenance.splits_source(info.provenance)  # a jittered transfer set: the splits' own file
-    prov = provenance.record("student", to_dict(cfg), {"cache": cache, "transfer_set": transfer_set},
+    prov = provenance.record("student", to_dict(cfg), {"cache": paths["cache"], "transfer_set": paths["transfer_set"]},
                              world_size=world, **({"transfer_source_sha256": source} if source else {}))
     ckpt = Checkpoint("student", cfg.arch, info.shape, info.classes, info.norm.as_dict(), models.state_arrays(net),
-                      {"temperature": cfg.temperature, "alpha": cfg.alpha, "epoch": best[1]}, prov)
+                      {"temperature": cfg.temperature, "alpha": cfg.alpha, "epoch": run["best_epoch"]}, prov)
     # One set (pipeline.artifacts.publish_together): the old checkpoint (make's target) goes first, the
     # new one comes last, so a kill in between never leaves a checkpoint beside another one's metrics.
     with publish_together(out) as s:
@@ -145,12 +187,9 @@ def distill_student(cfg: StudentConfig, cache: Path, transfer_set: Path, out: Pa
         result = {"name": out.stem, "settings": to_dict(cfg), "precision": precision,
                   "parameters": models.count_parameters(net),
                   "macs_per_image": macs.count_macs(net, tuple(info.shape)),
-                  "best_epoch": best[1], "val_accuracy": best[0], "test_accuracy": test_acc,
-                  "test_accuracy_last_epoch": test_last, "train_rows": loader.n,
+                  "best_epoch": run["best_epoch"], "val_accuracy": run["best"], "test_accuracy": test[0],
+                  "test_accuracy_last_epoch": test[1], "train_rows": loader.n,
                   "loader": "resident" if loader.resident else "streaming", "world_size": world,
-                  "train_seconds": seconds, "history": history, "checkpoint_sha256": provenance.sha256_file(tmp),
-                  "provenance": prov}
+                  "train_seconds": run["seconds"], "history": run["history"],
+                  "checkpoint_sha256": provenance.sha256_file(tmp), "provenance": prov}
         write_json(metrics, result, into=s)
-    log(f"student {cfg.arch} T={cfg.temperature:g} alpha={cfg.alpha:g}: val {best[0]:.4f} (epoch {best[1]}), "
-        f"test {test_acc:.4f} -> {out}")
-    return out

@@ -8,13 +8,12 @@ arch ``i mod 2``).  Default members are small CNNs trained with random shifts of
 flips, random erasing and label smoothing, in bfloat16 autocast where the CPU has it.
 
 Inside a member the whole training state (weights, optimizer, scheduler, random generators, best epoch
-so far) is written after every epoch to ``member<i>.state`` (:mod:`pipeline.formats.train_state`): a run
+so far) is written after every epoch to ``member<i>.state`` (:mod:`pipeline.resume`): a run
 killed at any point resumes after the member's last finished epoch and ends with the weights an
 uninterrupted run gives (``tests/stages/test_teacher_resume.py``).
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,11 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline import augment, models, runtime
-from pipeline.artifacts import atomic_output
+from pipeline import augment, models, resume, runtime
 from pipeline.errors import DataError, UsageError
 from pipeline.formats.prepared import Prepared
-from pipeline.formats.train_state import read_train_state, write_train_state
 from pipeline.jitter import jitter
 from stages.teacher.settings import TeacherConfig
 
@@ -61,29 +58,6 @@ class _Augment:
         return augment.erase(x, self.cfg.erase, gen, self.low, self.high)
 
 
-def _to_numpy(tree):
-    """A state dict (nested) with every tensor as a numpy copy (what :mod:`train_state` stores)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().cpu().contiguous().numpy().copy()
-    if isinstance(tree, dict):
-        return {k: _to_numpy(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_numpy(v) for v in tree)
-    return tree
-
-
-def _to_torch(tree):
-    import numpy as np
-
-    if isinstance(tree, np.ndarray):
-        return torch.from_numpy(tree.copy())
-    if isinstance(tree, dict):
-        return {k: _to_torch(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_torch(v) for v in tree)
-    return tree
-
-
 def train_member(cfg: TeacherConfig, index: int, data: dict, shape: tuple, classes: int,
                  pixels: tuple, log: Callable[[str], None], state: tuple[Path, dict] | None = None
                  ) -> tuple[torch.nn.Module, float]:
@@ -108,18 +82,10 @@ def train_member(cfg: TeacherConfig, index: int, data: dict, shape: tuple, class
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * per_epoch,
                                                 pct_start=0.15)
     run = {"epoch": 0, "best": -1.0, "best_state": None, "history": []}
-    if state is not None and state[0].is_file():
-        key, saved = read_train_state(state[0])
-        if key != json.loads(json.dumps(state[1], sort_keys=True)):
-            log(f"{state[0]}: saved from other data or settings; training member {index} from the start")
-        else:
-            net.load_state_dict(_to_torch(saved["net"]))
-            opt.load_state_dict(_to_torch(saved["opt"]))
-            sched.load_state_dict(saved["sched"])
-            gen.set_state(_to_torch(saved["gen"]))
-            torch.set_rng_state(_to_torch(saved["rng"]))
-            run = {**saved["run"], "best_state": _to_torch(saved["run"]["best_state"])}
-            log(f"member {index}: resuming after epoch {run['epoch']}/{cfg.epochs} from {state[0]}")
+    saved = None if state is None else resume.restore(*state, net, opt, sched, gen, log, f"member {index}")
+    if saved is not None:
+        run = saved
+        log(f"member {index}: resuming after epoch {run['epoch']}/{cfg.epochs} from {state[0]}")
     step_aug = _Augment(cfg, *pixels)
     bar = runtime.progress(total=cfg.epochs * per_epoch, initial=run["epoch"] * per_epoch,
                            desc=f"teacher {index + 1}/{cfg.members}", unit="step")
@@ -148,11 +114,7 @@ def train_member(cfg: TeacherConfig, index: int, data: dict, shape: tuple, class
         log(f"member {index}: epoch {epoch + 1}/{cfg.epochs} val accuracy {acc:.4f} ({took:.0f} s; "
             f"this member done in ~{took * (cfg.epochs - epoch - 1) / 60:.0f} min)")
         if state is not None and epoch + 1 < cfg.epochs:
-            with atomic_output(state[0]) as tmp:
-                write_train_state(tmp, state[1], {
-                    "net": _to_numpy(net.state_dict()), "opt": _to_numpy(opt.state_dict()),
-                    "sched": sched.state_dict(), "gen": _to_numpy(gen.get_state()),
-                    "rng": _to_numpy(torch.get_rng_state()), "run": _to_numpy(run)})
+            resume.save(*state, net, opt, sched, gen, run)
     bar.close()
     net.load_state_dict(run["best_state"])
     return net.to(memory_format=torch.contiguous_format).eval(), run["best"]
