@@ -175,10 +175,14 @@ def test_student_under_file_size_limit(tiny_cache, tiny_prepared, tiny_student, 
     from stages.student import StudentConfig, distill_student
 
     out, metrics = tmp_path / "s.ckpt", tmp_path / "s.metrics.json"
-    proc = run_limited("student", "--cache", tiny_cache, "--transfer-set", tiny_prepared, "--out", out,
-                       "--metrics", metrics, "--arch", "mlp:16", "--epochs", "2", "--temperature", "2",
-                       "--alpha", "0.5", fsize=30_000)  # the checkpoint is 59 KB
-    exit7(proc, str(out), EFBIG, "nothing was published")
+    args = ("student", "--cache", tiny_cache, "--transfer-set", tiny_prepared, "--out", out, "--metrics", metrics,
+            "--arch", "mlp:16", "--temperature", "2", "--alpha", "0.5")
+    # Two epochs: the training state after the first (four copies of the weights) is the first file to fail.
+    exit7(run_limited(*args, "--epochs", "2", fsize=30_000), str(out.with_suffix(".state")), EFBIG,
+          "nothing was published")
+    unpublished(out, metrics, out.with_suffix(".state"))
+    # One epoch saves no state: the checkpoint (59 KB) is.
+    exit7(run_limited(*args, "--epochs", "1", fsize=30_000), str(out), EFBIG, "nothing was published")
     unpublished(out, metrics)
     cfg = StudentConfig(arch="mlp:16", epochs=2, temperature=2.0, alpha=0.5)  # tiny_student's
     distill_student(cfg, tiny_cache, tiny_prepared, out, metrics, log=quiet)
