@@ -19,7 +19,8 @@ code  class                  meaning
 
 Code 7 says "nothing is wrong with your inputs or settings; the machine ran out": a script can free
 space (or memory) and rerun the same command, which resumes where the stage can (the cache, the
-teacher's members) and starts over where it cannot, never from a half-written file.
+teacher's members and epochs, a student's epochs) and starts over where it cannot, never from a
+half-written file.
 """
 from __future__ import annotations
 

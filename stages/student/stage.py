@@ -24,7 +24,7 @@ import torch
 from pipeline import augment, macs, models, provenance, resume, runtime
 from pipeline.artifacts import check_outputs, claim, publish_together, write_json
 from pipeline.config import to_dict
-from pipeline.errors import UsageError
+from pipeline.errors import Interrupted, UsageError
 from pipeline.formats.cache import CacheInfo, open_cache
 from pipeline.formats.checkpoint import Checkpoint, write_checkpoint
 from pipeline.formats.prepared import Prepared, open_prepared
@@ -76,12 +76,9 @@ def state_path(out: Path) -> Path:
     return out.with_suffix(".state")
 
 
-def _fit(cfg: StudentConfig, model: torch.nn.Module, net: torch.nn.Module, loader: StudentLoader,
-         val: tuple[torch.Tensor, torch.Tensor], state: tuple[Path, dict], log: Callable[[str], None],
-         rank: int, world: int, precision: str, channels_last: bool) -> dict:
-    """The epochs of training, resumed from ``state`` (path, key) when a killed run left one there and
-    saved to it after every epoch but the last (rank 0); returns the run record: ``epoch``, ``best``
-    (validation accuracy), ``best_epoch``, ``best_state``, ``history``, ``seconds`` (summed over resumes)."""
+def _start(cfg: StudentConfig, net: torch.nn.Module, loader: StudentLoader, state: tuple[Path, dict],
+           log: Callable[[str], None]) -> tuple:
+    """(generator, optimizer, schedule, run record), fresh or restored from ``state`` (path, key)."""
     gen = torch.Generator().manual_seed(cfg.seed)  # batches, views, mixing; dropout draws from torch's global one
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr,
@@ -90,29 +87,49 @@ def _fit(cfg: StudentConfig, model: torch.nn.Module, net: torch.nn.Module, loade
     if run is not None:
         log(f"student {cfg.arch}: resuming after epoch {run['epoch']}/{cfg.epochs} from {state[0]}")
     run = run or {"epoch": 0, "best": -1.0, "best_epoch": 0, "best_state": None, "history": [], "seconds": 0.0}
+    return gen, opt, sched, run
+
+
+def _fit(cfg: StudentConfig, model: torch.nn.Module, net: torch.nn.Module, loader: StudentLoader,
+         val: tuple[torch.Tensor, torch.Tensor], state: tuple[Path, dict], log: Callable[[str], None],
+         rank: int, world: int, precision: str, channels_last: bool) -> dict:
+    """The epochs of training, resumed from ``state`` (path, key) when a killed run left one there and
+    saved to it after every epoch but the last (rank 0); returns the run record: ``epoch``, ``best``
+    (validation accuracy), ``best_epoch``, ``best_state``, ``history``, ``seconds`` (summed over resumes).
+    Ctrl-C after a saved epoch is :class:`Interrupted` (exit 130), saying where a rerun resumes."""
+    gen, opt, sched, run = _start(cfg, net, loader, state, log)
+    kept = run["epoch"]  # the last epoch whose state is on disk
     epoch_lines = rank == 0 and not runtime.bars_shown()  # a log file gets a line an epoch, a terminal the bar
     bar = runtime.progress(total=cfg.epochs, initial=run["epoch"], desc="student", unit="epoch",
                            disable=rank > 0 or None)
-    for epoch in range(run["epoch"], cfg.epochs):
-        t_epoch = time.perf_counter()
-        batches = loader.epoch(gen, cfg.batch_size)
-        if cfg.mixup > 0:  # the whole batch, before DDP splits it: every rank mixes alike
-            batches = ((*augment.mix_rows(x, t, cfg.mixup, gen), y) for x, t, y in batches)
-        loss = train_epoch(cfg, model, opt, sched, batches, rank, world, precision, channels_last)
-        if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):  # the last step of an epoch
-            raise diverged(cfg, f"weights that are not finite after epoch {epoch + 1}")
-        acc = models.accuracy(models.predict(net, val[0]), val[1])
-        run["history"].append({"epoch": epoch + 1, "val_accuracy": acc, "loss": loss})
-        if acc > run["best"]:
-            run.update(best=acc, best_epoch=epoch + 1, best_state={k: v.clone() for k, v in net.state_dict().items()})
-        took = time.perf_counter() - t_epoch  # seconds
-        run.update(epoch=epoch + 1, seconds=run["seconds"] + took)
-        if rank == 0 and epoch + 1 < cfg.epochs:
-            resume.save(*state, net, opt, sched, gen, run)
-        bar.update()
-        if epoch_lines:
-            log(f"student {cfg.arch}: epoch {epoch + 1}/{cfg.epochs} val accuracy {acc:.4f} ({took:.0f} s; "
-                f"done in ~{took * (cfg.epochs - epoch - 1) / 60:.0f} min)")
+    try:
+        for epoch in range(run["epoch"], cfg.epochs):
+            t_epoch = time.perf_counter()
+            batches = loader.epoch(gen, cfg.batch_size)
+            if cfg.mixup > 0:  # the whole batch, before DDP splits it: every rank mixes alike
+                batches = ((*augment.mix_rows(x, t, cfg.mixup, gen), y) for x, t, y in batches)
+            loss = train_epoch(cfg, model, opt, sched, batches, rank, world, precision, channels_last)
+            if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):  # the last step of an epoch
+                raise diverged(cfg, f"weights that are not finite after epoch {epoch + 1}")
+            acc = models.accuracy(models.predict(net, val[0]), val[1])
+            run["history"].append({"epoch": epoch + 1, "val_accuracy": acc, "loss": loss})
+            if acc > run["best"]:
+                run.update(best=acc, best_epoch=epoch + 1,
+                           best_state={k: v.clone() for k, v in net.state_dict().items()})
+            took = time.perf_counter() - t_epoch  # seconds
+            run.update(epoch=epoch + 1, seconds=run["seconds"] + took)
+            if rank == 0 and epoch + 1 < cfg.epochs:
+                resume.save(*state, net, opt, sched, gen, run)
+                kept = epoch + 1
+            bar.update()
+            if epoch_lines:
+                log(f"student {cfg.arch}: epoch {epoch + 1}/{cfg.epochs} val accuracy {acc:.4f} ({took:.0f} s; "
+                    f"done in ~{took * (cfg.epochs - epoch - 1) / 60:.0f} min)")
+    except KeyboardInterrupt:
+        if rank > 0 or kept == 0:
+            raise  # nothing kept: the command line's own line (nothing was published) says it all
+        raise Interrupted(f"interrupted; nothing was published, and {state[0]} keeps the run after epoch "
+                          f"{kept}/{cfg.epochs}: the same command resumes there") from None
     bar.close()
     return run
 

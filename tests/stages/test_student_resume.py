@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.errors import DataError, IntegrityError
+from pipeline.errors import DataError, IntegrityError, Interrupted
 from pipeline.formats.checkpoint import read_checkpoint
 from stages.student import StudentConfig, distill_student
 from stages.student.stage import state_path
@@ -92,6 +92,28 @@ def test_a_state_saved_with_other_settings_is_not_resumed(tiny_cache, tiny_prepa
     assert sum("val accuracy" in m for m in lines) == 3
 
 
+def test_ctrl_c_says_where_a_rerun_resumes(tiny_cache, tiny_prepared, tmp_path):
+    out = tmp_path / "s.ckpt"
+
+    def ctrl_c(msg):
+        if "epoch 2/3 val" in msg:
+            raise KeyboardInterrupt  # as the command line's SIGINT handler raises it
+
+    with pytest.raises(Interrupted) as e:
+        _train(tiny_cache, tiny_prepared, out, ctrl_c)
+    assert str(e.value) == (f"interrupted; nothing was published, and {state_path(out)} keeps the run after "
+                            "epoch 2/3: the same command resumes there")
+    assert e.value.exit_code == 130 and not out.exists()
+
+
+def test_ctrl_c_before_any_saved_epoch_is_the_plain_interrupt(tiny_cache, tiny_prepared, tmp_path):
+    def ctrl_c(msg):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # the command line answers it: "interrupted; nothing was published"
+        _train(tiny_cache, tiny_prepared, tmp_path / "s.ckpt", ctrl_c, epochs=1)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "edit"])
 def test_a_damaged_state_is_refused_not_trained_over(tiny_cache, tiny_prepared, tmp_path, damage):
     out = tmp_path / "s.ckpt"
@@ -134,3 +156,31 @@ def test_sigkill_at_a_random_moment_resumes_to_the_same_result(tiny_cache, tiny_
     assert done.returncode == 0, done.stderr
     assert "resuming after epoch" in done.stderr + done.stdout
     assert _same(_result(out), _result(whole))
+
+
+@pytest.mark.slow
+def test_sigint_to_the_command_is_one_line_and_the_rerun_resumes(tiny_cache, tiny_prepared, tmp_path):
+    """Ctrl-C (SIGINT to the process group) once a state is on disk: exit 130, one line naming the state and
+    its epoch, no traceback, nothing published; the same command then resumes after that epoch."""
+    from tests.faultkit import start_cli
+
+    out = tmp_path / "s.ckpt"
+    args = ("student", "train", "--cache", tiny_cache, "--transfer-set", tiny_prepared, "--out", out,
+            *(f"--{k.replace('_', '-')}={v}" for k, v in {**RECIPE, "epochs": 100}.items()))
+    proc = start_cli(*args)
+    deadline = time.monotonic() + 120
+    while not state_path(out).exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.3)  # past the first save (a Ctrl-C inside it is the plain line: "published <state> before it")
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert last.startswith(f"distill student: interrupted; nothing was published, and {state_path(out)} "
+                           "keeps the run after epoch "), last
+    assert last.endswith("/100: the same command resumes there") and not out.exists()
+    kept = int(last.split("after epoch ")[1].split("/")[0])
+    done = subprocess.run([sys.executable, "-m", "commands", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming after epoch {kept}/100" in done.stderr and not state_path(out).exists()
