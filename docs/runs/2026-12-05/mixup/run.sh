@@ -23,7 +23,10 @@ cache)
 student)
   NAME=$2; CACHE=data/cache/fashion-mnist-nols-$3.h5; SEED=$4; shift 4
   [ -f $R/$NAME-s$SEED.metrics.json ] && exit 0
-  echo "# cache $CACHE; args: $*" > $R/$NAME-s$SEED.log
+  # A killed run leaves data/students/mixup-NAME-sSEED.state (since 50e81b3) and the same command resumes
+  # it: its log is then continued, not restarted.
+  if [ -f data/students/mixup-$NAME-s$SEED.state ]; then echo "# resumed: cache $CACHE; args: $*" >> $R/$NAME-s$SEED.log
+  else echo "# cache $CACHE; args: $*" > $R/$NAME-s$SEED.log; fi
   nice -n 5 .venv/bin/distill student train --cache $CACHE --transfer-set $P \
     --out data/students/mixup-$NAME-s$SEED.ckpt --metrics $R/$NAME-s$SEED.metrics.json \
     --arch mlp:800-800 --alpha 0.5 --temperature 20 --epochs 300 --lr 0.001 --precision fp32 --seed $SEED \
