@@ -62,7 +62,7 @@ def restore(path: Path, key: dict[str, Any], net: torch.nn.Module, opt: torch.op
     message offers ``rm <path>``, after which a rerun starts from the first epoch."""
     if not path.is_file():
         return None
-    saved_key, saved = read_train_state(path, f"rm {path}")
+    saved_key, saved = read_train_state(path)
     if saved_key != json.loads(json.dumps(key, sort_keys=True)):
         log(f"{path}: saved from other data or settings; training {who} from the start")
         return None

@@ -33,7 +33,6 @@ from pipeline.formats.h5write import H5Output
 
 SCHEMA = "kd-train-state/1"
 WHAT = "training state"
-REBUILD = "make teacher"
 
 
 def _encode(obj: Any, arrays: list[np.ndarray]) -> Any:
@@ -83,10 +82,14 @@ def write_train_state(path: Path, key: dict[str, Any], state: Any) -> Path:
     return Path(path)
 
 
-def read_train_state(path: Path, rebuild: str = REBUILD) -> tuple[dict[str, Any], Any]:
+def read_train_state(path: Path) -> tuple[dict[str, Any], Any]:
     """``(key, state)`` of a training state; DataError (exit 3) when it is not a readable, sealed one
-    (IntegrityError, exit 4, when its seal fails); ``rebuild`` is the command the message offers."""
+    (IntegrityError, exit 4, when its seal fails).  The message offers ``rm <path>``: a state is resume
+    data only, so deleting it (and training from the first epoch) is the one remedy, for any stage."""
     path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {WHAT} not found")  # nothing to delete: rebuild's advice would not apply
+    rebuild = f"rm {path}"
     with h5seal.open_untrusted(path, WHAT, rebuild) as f:
         h5seal.check_schema(path, f, SCHEMA, WHAT, rebuild)
         h5seal.verify(path, f, rebuild)
